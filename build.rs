@@ -1,0 +1,7 @@
+// Generates the protobuf types from proto/ with protox, so no system `protoc` is needed.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/multifeed.proto");
+    let descriptors = protox::compile(["proto/multifeed.proto"], ["proto"])?;
+    prost_build::Config::new().compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! The crate's error type.
+
+use std::{io, path::PathBuf};
+
+/// Everything that can go wrong in multifeed.
+///
+/// Variants carry enough context to tell a user what happened and what to do.
+/// Faults caused by a peer are separate variants from local ones.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A key given as text or bytes is not 32 bytes of (hex) data.
+    #[error("invalid key {input:?}: {reason}; expected 32 bytes, written as 64 hex characters")]
+    InvalidKey {
+        /// What was given (truncated for display).
+        input: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// A writer name that cannot be used.
+    #[error("invalid writer name {name:?}: {reason}")]
+    InvalidName {
+        /// The refused name.
+        name: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// The shared key was offered as the key of a member feed.
+    #[error("the shared key cannot be used as a member feed's key; generate a fresh key pair for the writer")]
+    SharedKeyAsFeedKey,
+
+    /// A key pair was passed for a writer name that already exists with another key.
+    #[error("writer {name:?} already exists with key {existing}; open it without a key pair, or pick another name")]
+    WriterKeyMismatch {
+        /// The writer name.
+        name: String,
+        /// Hex key of the existing writer.
+        existing: String,
+    },
+
+    /// A feed with this key is already a member, in a role that conflicts with the request.
+    #[error("feed {key} is already a member ({role}); {hint}")]
+    KeyConflict {
+        /// Hex key of the feed.
+        key: String,
+        /// The role it already has.
+        role: &'static str,
+        /// What to do instead.
+        hint: &'static str,
+    },
+
+    /// An append on a feed this peer cannot write.
+    #[error("feed {key} is read-only here (a remote member); only its owner can append to it")]
+    NotWritable {
+        /// Hex key of the feed.
+        key: String,
+    },
+
+    /// The multifeed was closed.
+    #[error("the multifeed is closed; open it again to keep using it")]
+    Closed,
+
+    /// An I/O error on local storage.
+    #[error("storage I/O error ({context}): {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// An error from the hypercore of one member feed.
+    #[error("feed {key}: {source}")]
+    Core {
+        /// Hex key of the feed (or "index" for the hidden index core).
+        key: String,
+        /// The underlying hypercore error.
+        #[source]
+        source: hypercore::HypercoreError,
+    },
+
+    /// Stored data is damaged: it cannot be decoded or does not match what the index recorded.
+    #[error("damaged storage at {}: {reason}; restore it from a backup or delete it to re-sync from peers", path.display())]
+    Damaged {
+        /// The damaged file or directory.
+        path: PathBuf,
+        /// What was found.
+        reason: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn core(key: impl std::fmt::Display, source: hypercore::HypercoreError) -> Self {
+        Error::Core {
+            key: key.to_string(),
+            source,
+        }
+    }
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,193 @@
+//! The hidden index core: a local-only hypercore whose blocks record, in order of
+//! admission, every member feed's key and local name. It is never listed and never
+//! offered to peers; reopening a multifeed replays it.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use hypercore::{Hypercore, HypercoreBuilder};
+use prost::Message;
+
+use crate::{
+    error::{Error, Result},
+    keys::FeedKey,
+    proto::pb,
+    storage::{self, Durability, StorageConfig, SyncSet},
+};
+
+/// Largest index record we accept; a record is a key, a name and a timestamp.
+const MAX_RECORD_LEN: usize = 64 * 1024;
+pub(crate) const MAX_NAME_LEN: usize = 1024;
+
+/// One admitted member feed, as recorded in the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IndexRecord {
+    pub(crate) key: FeedKey,
+    pub(crate) local_name: Option<String>,
+    pub(crate) admitted_at_ms: u64,
+}
+
+impl IndexRecord {
+    pub(crate) fn new(key: FeedKey, local_name: Option<String>) -> Self {
+        let admitted_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Self {
+            key,
+            local_name,
+            admitted_at_ms,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        pb::IndexRecord {
+            key: self.key.as_bytes().to_vec(),
+            local_name: self.local_name.clone(),
+            admitted_at_ms: self.admitted_at_ms,
+        }
+        .encode_to_vec()
+    }
+
+    fn decode(bytes: &[u8]) -> std::result::Result<Self, String> {
+        if bytes.len() > MAX_RECORD_LEN {
+            return Err(format!("record of {} bytes", bytes.len()));
+        }
+        let record = pb::IndexRecord::decode(bytes).map_err(|e| e.to_string())?;
+        let key = FeedKey::from_slice(&record.key).map_err(|e| e.to_string())?;
+        if record.local_name.as_ref().is_some_and(|n| n.len() > MAX_NAME_LEN) {
+            return Err("local name too long".into());
+        }
+        Ok(Self {
+            key,
+            local_name: record.local_name,
+            admitted_at_ms: record.admitted_at_ms,
+        })
+    }
+}
+
+/// The index core with its storage.
+pub(crate) struct IndexCore {
+    core: Hypercore,
+    sync: Option<Arc<SyncSet>>,
+    durability: Durability,
+    path: PathBuf,
+}
+
+/// A record that could not be read back, reported and skipped.
+pub(crate) struct BadRecord {
+    pub(crate) seq: u64,
+    pub(crate) reason: String,
+}
+
+pub(crate) fn index_dir(root: &Path) -> PathBuf {
+    root.join("index")
+}
+
+impl IndexCore {
+    /// Opens the index of `storage`, creating an empty one if there is none.
+    pub(crate) async fn open(storage: &StorageConfig, durability: Durability) -> Result<Self> {
+        let (core_storage, path, exists) = match storage {
+            StorageConfig::Dir(root) => {
+                let dir = index_dir(root);
+                let exists = std::fs::metadata(dir.join("oplog"))
+                    .map(|m| m.len() > 0)
+                    .unwrap_or(false);
+                (storage::open_dir(&dir, true).await?, dir, exists)
+            }
+            StorageConfig::Memory => (storage::open_memory().await?, PathBuf::from(":memory:"), false),
+        };
+        // The index core's own key pair is random and local: it never leaves this machine.
+        let core = HypercoreBuilder::new(core_storage.storage)
+            .open(exists)
+            .build()
+            .await
+            .map_err(|e| Error::Damaged {
+                path: path.clone(),
+                reason: format!("the member index cannot be opened: {e}"),
+            })?;
+        Ok(Self {
+            core,
+            sync: core_storage.sync,
+            durability,
+            path,
+        })
+    }
+
+    /// Every record in admission order, plus those that could not be decoded.
+    pub(crate) async fn records(&mut self) -> Result<(Vec<IndexRecord>, Vec<BadRecord>)> {
+        let length = self.core.info().length;
+        let mut records = Vec::with_capacity(length.min(1 << 20) as usize);
+        let mut bad = Vec::new();
+        for seq in 0..length {
+            match self.core.get(seq).await {
+                Ok(Some(bytes)) => match IndexRecord::decode(&bytes) {
+                    Ok(record) => records.push(record),
+                    Err(reason) => bad.push(BadRecord { seq, reason }),
+                },
+                Ok(None) => bad.push(BadRecord {
+                    seq,
+                    reason: "record missing".into(),
+                }),
+                Err(e) => bad.push(BadRecord {
+                    seq,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        Ok((records, bad))
+    }
+
+    /// Appends a record; durable as the multifeed's [`Durability`] says.
+    pub(crate) async fn append(&mut self, record: &IndexRecord) -> Result<()> {
+        self.core
+            .append(&record.encode())
+            .await
+            .map_err(|e| Error::core("index", e))?;
+        if self.durability == Durability::PowerLoss {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn flush(&self) -> Result<()> {
+        match &self.sync {
+            Some(sync) => sync.sync().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Syncs and releases the index's files.
+    pub(crate) async fn close(self) -> Result<()> {
+        match &self.sync {
+            Some(sync) => sync.close().await,
+            None => Ok(()),
+        }
+    }
+
+    #[allow(dead_code)]
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips() {
+        let record = IndexRecord::new(FeedKey::from_bytes([7; 32]), Some("sensors".into()));
+        assert_eq!(IndexRecord::decode(&record.encode()).unwrap(), record);
+    }
+
+    #[test]
+    fn garbage_record_is_an_error_not_a_panic() {
+        for bytes in [&b"\xff\xff\xff"[..], b"\x0a\x05abc", b"", &[0x0a, 0x03, 1, 2, 3]] {
+            assert!(IndexRecord::decode(bytes).is_err(), "{bytes:?}");
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Keys: the group's shared key, member feed keys and writer key pairs.
+
+use std::{fmt, str::FromStr};
+
+use hypercore::{PartialKeypair, SigningKey, VerifyingKey};
+
+use crate::error::{Error, Result};
+
+fn parse_32(input: &str) -> Result<[u8; 32]> {
+    let shown: String = input.chars().take(80).collect();
+    let trimmed = input.trim();
+    if trimmed.len() != 64 {
+        return Err(Error::InvalidKey {
+            input: shown,
+            reason: format!("{} characters", trimmed.len()),
+        });
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(trimmed, &mut out).map_err(|e| Error::InvalidKey {
+        input: shown,
+        reason: e.to_string(),
+    })?;
+    Ok(out)
+}
+
+fn from_slice(bytes: &[u8]) -> Result<[u8; 32]> {
+    bytes.try_into().map_err(|_| Error::InvalidKey {
+        input: format!("<{} bytes>", bytes.len()),
+        reason: format!("{} bytes", bytes.len()),
+    })
+}
+
+/// The 32-byte key that defines a group. Peers prove knowledge of it to each other;
+/// it is never written to disk and never used as a member feed's key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SharedKey([u8; 32]);
+
+impl SharedKey {
+    /// A fresh random shared key, for a new group.
+    pub fn generate() -> Self {
+        Self(rand::random())
+    }
+
+    /// The key from its 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The key from a slice that must be 32 bytes long.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self> {
+        from_slice(bytes).map(Self)
+    }
+
+    /// The key from 64 hex characters (either case).
+    pub fn from_hex(text: &str) -> Result<Self> {
+        parse_32(text).map(Self)
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lower-case hex, for printing to the user who owns the group.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for SharedKey {
+    // The key is a secret: never print it by accident.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedKey(<redacted>)")
+    }
+}
+
+impl FromStr for SharedKey {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::from_hex(s)
+    }
+}
+
+/// The public key of a member feed (an ed25519 public key, 32 bytes).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FeedKey([u8; 32]);
+
+impl FeedKey {
+    /// The key from its 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The key from a slice that must be 32 bytes long.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self> {
+        from_slice(bytes).map(Self)
+    }
+
+    /// The key from 64 hex characters (either case).
+    pub fn from_hex(text: &str) -> Result<Self> {
+        parse_32(text).map(Self)
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub(crate) fn verifying_key(&self) -> Result<VerifyingKey> {
+        VerifyingKey::from_bytes(&self.0).map_err(|e| Error::InvalidKey {
+            input: self.to_hex(),
+            reason: format!("not an ed25519 public key ({e})"),
+        })
+    }
+}
+
+impl fmt::Display for FeedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for FeedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FeedKey({})", &hex::encode(&self.0[..6]))
+    }
+}
+
+impl FromStr for FeedKey {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::from_hex(s)
+    }
+}
+
+impl From<[u8; 32]> for FeedKey {
+    fn from(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+}
+
+/// Anything that names a feed: a [`FeedKey`], 32 bytes, or hex text (either case).
+pub trait AsFeedKey {
+    /// The key, or an error saying why the input is not one.
+    fn as_feed_key(&self) -> Result<FeedKey>;
+}
+
+impl AsFeedKey for FeedKey {
+    fn as_feed_key(&self) -> Result<FeedKey> {
+        Ok(*self)
+    }
+}
+impl AsFeedKey for &FeedKey {
+    fn as_feed_key(&self) -> Result<FeedKey> {
+        Ok(**self)
+    }
+}
+impl AsFeedKey for [u8; 32] {
+    fn as_feed_key(&self) -> Result<FeedKey> {
+        Ok(FeedKey(*self))
+    }
+}
+impl AsFeedKey for &[u8] {
+    fn as_feed_key(&self) -> Result<FeedKey> {
+        FeedKey::from_slice(self)
+    }
+}
+impl AsFeedKey for &str {
+    fn as_feed_key(&self) -> Result<FeedKey> {
+        FeedKey::from_hex(self)
+    }
+}
+impl AsFeedKey for String {
+    fn as_feed_key(&self) -> Result<FeedKey> {
+        FeedKey::from_hex(self)
+    }
+}
+
+/// An ed25519 key pair that owns a writable feed.
+#[derive(Clone)]
+pub struct Keypair(SigningKey);
+
+impl Keypair {
+    /// A fresh random key pair.
+    pub fn generate() -> Self {
+        Self(hypercore::generate_signing_key())
+    }
+
+    /// A key pair from its 32-byte secret seed, for deterministic identities.
+    pub fn from_secret_bytes(secret: [u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(&secret))
+    }
+
+    /// The 32-byte secret seed. Keep it secret.
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// The public key, which is the feed's key.
+    pub fn public_key(&self) -> FeedKey {
+        FeedKey(self.0.verifying_key().to_bytes())
+    }
+
+    pub(crate) fn to_partial(&self) -> PartialKeypair {
+        PartialKeypair {
+            public: self.0.verifying_key(),
+            secret: Some(self.0.clone()),
+        }
+    }
+}
+
+impl fmt::Debug for Keypair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Keypair(public={:?})", self.public_key())
+    }
+}

@@ -1,0 +1,69 @@
+//! # multifeed
+//!
+//! A group of hypercores (append-only, signed, Merkle-verified logs) held under one
+//! **shared key**. Every peer writes only its own feeds; replication merges
+//! everyone's feeds, so the group behaves like a multi-writer log.
+//!
+//! ## Layout
+//!
+//! - [`Multifeed`] (`multifeed.rs`): the handle — named local writers, remote
+//!   feeds, events, flush and close.
+//! - [`Feed`] (`feed.rs`): one member hypercore: append, get, length.
+//! - `index.rs`: the hidden, local-only index core that records members so a group
+//!   reopens exactly as it was. Never listed, never replicated.
+//! - `storage.rs`: the plain-file storage backend and group-commit syncs
+//!   ([`Durability`]).
+//! - [`keys`]: [`SharedKey`], [`FeedKey`], [`Keypair`].
+//! - [`Error`] (`error.rs`): one typed error enum.
+//! - `proto/multifeed.proto`: the wire schema of the feed exchange and the index
+//!   record format (generated code stays private).
+//!
+//! ## Storage layout
+//!
+//! ```text
+//! <dir>/index/            the hidden index core (tree, data, bitfield, oplog)
+//! <dir>/feeds/<hex key>/  one directory per member feed
+//! ```
+//!
+//! The shared key is never written to disk.
+//!
+//! ## Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), multifeed::Error> {
+//! use multifeed::{Multifeed, Options, SharedKey, StorageConfig};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let key = SharedKey::generate();
+//! let group = Multifeed::open(StorageConfig::dir(dir.path()), key.clone(), Options::default()).await?;
+//! let temperature = group.writer("temperature").await?;
+//! temperature.append(b"21.5").await?;
+//! group.close().await?;
+//!
+//! // Reopening recomposes the group: same writers, same keys, same data.
+//! let group = Multifeed::open(StorageConfig::dir(dir.path()), key, Options::default()).await?;
+//! let temperature = group.writer("temperature").await?;
+//! assert_eq!(temperature.get(0).await?, Some(b"21.5".to_vec()));
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod error;
+#[allow(dead_code)] // used by replication, which lands next
+mod exchange;
+mod feed;
+mod index;
+pub mod keys;
+mod multifeed;
+mod proto;
+mod storage;
+
+pub use crate::{
+    error::{Error, Result},
+    feed::Feed,
+    keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
+    multifeed::{Event, Multifeed, Options, SkippedFeed},
+    storage::{Durability, StorageConfig},
+};

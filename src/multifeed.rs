@@ -1,0 +1,520 @@
+//! The [`Multifeed`] handle: named local writers, remote feeds, the hidden index,
+//! events and the storage lifecycle.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, RwLock,
+    },
+};
+
+use futures::{FutureExt, Stream, StreamExt};
+use hypercore::{HypercoreBuilder, PartialKeypair};
+use tokio::sync::{broadcast, Mutex};
+
+use crate::{
+    error::{Error, Result},
+    feed::Feed,
+    index::{IndexCore, IndexRecord, MAX_NAME_LEN},
+    keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
+    storage::{self, CoreStorage, Durability, StorageConfig},
+};
+
+/// Options for [`Multifeed::open`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Options {
+    /// What an acknowledged append survives. Default: [`Durability::Process`].
+    pub durability: Durability,
+    /// How many events a slow [`Multifeed::events`] subscriber may fall behind
+    /// before it gets [`Event::Lagged`]. Default: 1024.
+    pub event_capacity: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            durability: Durability::default(),
+            event_capacity: 1024,
+        }
+    }
+}
+
+impl Options {
+    /// Sets [`Options::durability`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+}
+
+/// Something that happened to the multifeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A feed became a member: a new local writer, or a remote feed.
+    FeedAdded {
+        /// The feed's key.
+        key: FeedKey,
+        /// Its local writer name, if it is ours.
+        name: Option<String>,
+        /// Whether it is a local (writable) feed.
+        local: bool,
+    },
+    /// The subscriber fell behind and missed this many events; call
+    /// [`Multifeed::feeds`] to resynchronise.
+    Lagged {
+        /// Number of events dropped.
+        missed: u64,
+    },
+}
+
+/// A member feed that was recorded in the index but could not be loaded at open.
+/// The other feeds load regardless.
+#[derive(Debug, Clone)]
+pub struct SkippedFeed {
+    /// The feed's key, if the index record itself was readable.
+    pub key: Option<FeedKey>,
+    /// Its local writer name, if any.
+    pub name: Option<String>,
+    /// Where its storage was expected.
+    pub path: PathBuf,
+    /// What was wrong.
+    pub reason: String,
+}
+
+#[derive(Default)]
+struct Members {
+    order: Vec<Feed>,
+    by_key: HashMap<FeedKey, usize>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Members {
+    fn insert(&mut self, feed: Feed) {
+        let at = self.order.len();
+        self.by_key.insert(feed.key(), at);
+        if let Some(name) = feed.name() {
+            self.by_name.insert(name.to_owned(), at);
+        }
+        self.order.push(feed);
+    }
+}
+
+struct Inner {
+    storage: StorageConfig,
+    shared_key: SharedKey,
+    options: Options,
+    /// Serialises every change to membership (the writer lock): names are checked
+    /// under the same lock that creates feeds, so concurrent `writer` calls agree.
+    write: Mutex<Option<IndexCore>>,
+    members: RwLock<Members>,
+    events: broadcast::Sender<Event>,
+    skipped: Vec<SkippedFeed>,
+    closed: AtomicBool,
+}
+
+/// A group of hypercores under one shared key. Cheap to clone: clones share one group.
+///
+/// Every peer writes only its own feeds (named local writers); remote feeds are
+/// read-only copies learnt from peers. Membership is kept in a hidden local index
+/// so that reopening recomposes the group exactly, in order of admission.
+#[derive(Clone)]
+pub struct Multifeed {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Multifeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Multifeed")
+            .field("storage", &self.inner.storage)
+            .field("feeds", &self.feeds().len())
+            .finish()
+    }
+}
+
+fn feeds_dir(root: &Path) -> PathBuf {
+    root.join("feeds")
+}
+
+fn feed_dir(root: &Path, key: &FeedKey) -> PathBuf {
+    feeds_dir(root).join(key.to_hex())
+}
+
+impl Multifeed {
+    /// Opens the group stored in `storage` (creating it if empty) under `shared_key`.
+    ///
+    /// Every member recorded in the index is loaded, local writers writable again.
+    /// A member whose storage is missing or damaged is skipped and listed in
+    /// [`Multifeed::skipped`]; the others load. The shared key is kept in memory only.
+    pub async fn open(storage: StorageConfig, shared_key: SharedKey, options: Options) -> Result<Self> {
+        if let StorageConfig::Dir(root) = &storage {
+            std::fs::create_dir_all(feeds_dir(root))
+                .map_err(|e| Error::io(format!("create storage directory {}", root.display()), e))?;
+        }
+        let mut index = IndexCore::open(&storage, options.durability).await?;
+        let (records, bad) = index.records().await?;
+        let mut skipped: Vec<SkippedFeed> = bad
+            .into_iter()
+            .map(|b| SkippedFeed {
+                key: None,
+                name: None,
+                path: match &storage {
+                    StorageConfig::Dir(root) => crate::index::index_dir(root),
+                    StorageConfig::Memory => PathBuf::new(),
+                },
+                reason: format!("index record {} unreadable: {}", b.seq, b.reason),
+            })
+            .collect();
+
+        let mut members = Members::default();
+        for record in records {
+            if members.by_key.contains_key(&record.key)
+                || record.local_name.as_ref().is_some_and(|n| members.by_name.contains_key(n))
+            {
+                continue;
+            }
+            match load_feed(&storage, &record, options.durability).await {
+                Ok(feed) => members.insert(feed),
+                Err(reason) => {
+                    let path = match &storage {
+                        StorageConfig::Dir(root) => feed_dir(root, &record.key),
+                        StorageConfig::Memory => PathBuf::new(),
+                    };
+                    tracing::warn!(key = %record.key, path = %path.display(), %reason, "skipping member feed");
+                    skipped.push(SkippedFeed {
+                        key: Some(record.key),
+                        name: record.local_name.clone(),
+                        path,
+                        reason,
+                    });
+                }
+            }
+        }
+        if let StorageConfig::Dir(root) = &storage {
+            report_orphans(root, &members);
+        }
+
+        let (events, _) = broadcast::channel(options.event_capacity.max(1));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                storage,
+                shared_key,
+                options,
+                write: Mutex::new(Some(index)),
+                members: RwLock::new(members),
+                events,
+                skipped,
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The group's shared key.
+    pub fn shared_key(&self) -> &SharedKey {
+        &self.inner.shared_key
+    }
+
+    /// Where the group is stored.
+    pub fn storage(&self) -> &StorageConfig {
+        &self.inner.storage
+    }
+
+    /// Members that were recorded but could not be loaded at open.
+    pub fn skipped(&self) -> &[SkippedFeed] {
+        &self.inner.skipped
+    }
+
+    /// Every member feed, local and remote, in order of admission. Never includes
+    /// the hidden index core. Empty after [`Multifeed::close`].
+    pub fn feeds(&self) -> Vec<Feed> {
+        self.read_members(|m| m.order.clone())
+    }
+
+    /// The local writers, in order of admission; each has a [`Feed::name`].
+    pub fn writers(&self) -> Vec<Feed> {
+        self.read_members(|m| m.order.iter().filter(|f| f.is_local()).cloned().collect())
+    }
+
+    /// The member feed with this key (a [`FeedKey`], 32 bytes, or hex in either
+    /// case), or `None` if it is not a member or the input is not a key.
+    pub fn feed(&self, key: impl AsFeedKey) -> Option<Feed> {
+        let key = key.as_feed_key().ok()?;
+        self.read_members(|m| m.by_key.get(&key).map(|&i| m.order[i].clone()))
+    }
+
+    /// Whether a feed with this key is a member.
+    pub fn contains(&self, key: &FeedKey) -> bool {
+        self.read_members(|m| m.by_key.contains_key(key))
+    }
+
+    fn read_members<T>(&self, f: impl FnOnce(&Members) -> T) -> T {
+        // A poisoned lock only means a panic elsewhere; the data is still consistent
+        // because every mutation is a single insert.
+        let members = self.inner.members.read().unwrap_or_else(|e| e.into_inner());
+        f(&members)
+    }
+
+    /// The local writer called `name`, created with a fresh key pair on first use.
+    ///
+    /// Concurrent calls with the same name return the same feed. Names are local
+    /// labels, never sent to peers, and never resolve to a remote feed.
+    pub async fn writer(&self, name: &str) -> Result<Feed> {
+        self.writer_inner(name, None).await
+    }
+
+    /// Like [`Multifeed::writer`] but with a given key pair, for deterministic
+    /// identities. Fails if `name` already exists with another key, or if the key
+    /// is already a remote member.
+    pub async fn writer_with_keypair(&self, name: &str, keypair: Keypair) -> Result<Feed> {
+        self.writer_inner(name, Some(keypair)).await
+    }
+
+    async fn writer_inner(&self, name: &str, keypair: Option<Keypair>) -> Result<Feed> {
+        validate_name(name)?;
+        let mut index = self.inner.write.lock().await;
+        let index = index.as_mut().ok_or(Error::Closed)?;
+        if let Some(existing) = self.read_members(|m| m.by_name.get(name).map(|&i| m.order[i].clone())) {
+            if let Some(kp) = &keypair {
+                if kp.public_key() != existing.key() {
+                    return Err(Error::WriterKeyMismatch {
+                        name: name.to_owned(),
+                        existing: existing.key().to_hex(),
+                    });
+                }
+            }
+            return Ok(existing);
+        }
+        let keypair = keypair.unwrap_or_else(Keypair::generate);
+        let key = keypair.public_key();
+        if key.as_bytes() == self.inner.shared_key.as_bytes() {
+            return Err(Error::SharedKeyAsFeedKey);
+        }
+        if self.contains(&key) {
+            return Err(Error::KeyConflict {
+                key: key.to_hex(),
+                role: "a remote feed or another writer",
+                hint: "a key pair can own only one writer; use another key pair",
+            });
+        }
+        let record = IndexRecord::new(key, Some(name.to_owned()));
+        let feed = self.create_feed(&record, keypair.to_partial()).await?;
+        index.append(&record).await?;
+        self.admit(feed.clone());
+        Ok(feed)
+    }
+
+    /// Adds a remote (read-only) feed by key; replication fills it. Returns the
+    /// existing member if the key is one already (local or remote).
+    pub async fn add_remote(&self, key: impl AsFeedKey) -> Result<Feed> {
+        Ok(self.admit_remote(key.as_feed_key()?).await?.0)
+    }
+
+    /// Adds a remote feed; the flag says whether it was new.
+    pub(crate) async fn admit_remote(&self, key: FeedKey) -> Result<(Feed, bool)> {
+        let mut index = self.inner.write.lock().await;
+        let index = index.as_mut().ok_or(Error::Closed)?;
+        if let Some(existing) = self.feed(key) {
+            return Ok((existing, false));
+        }
+        if key.as_bytes() == self.inner.shared_key.as_bytes() {
+            return Err(Error::SharedKeyAsFeedKey);
+        }
+        let public = key.verifying_key()?;
+        let record = IndexRecord::new(key, None);
+        let feed = self
+            .create_feed(&record, PartialKeypair { public, secret: None })
+            .await?;
+        index.append(&record).await?;
+        self.admit(feed.clone());
+        Ok((feed, true))
+    }
+
+    async fn create_feed(&self, record: &IndexRecord, keypair: PartialKeypair) -> Result<Feed> {
+        let CoreStorage { storage, sync } = match &self.inner.storage {
+            StorageConfig::Dir(root) => storage::open_dir(&feed_dir(root, &record.key), true).await?,
+            StorageConfig::Memory => storage::open_memory().await?,
+        };
+        let core = HypercoreBuilder::new(storage)
+            .key_pair(keypair)
+            .build()
+            .await
+            .map_err(|e| Error::core(record.key, e))?;
+        if let (Some(sync), Durability::PowerLoss) = (&sync, self.inner.options.durability) {
+            sync.sync().await?;
+        }
+        Ok(Feed::new(
+            record.key,
+            record.local_name.clone(),
+            core,
+            sync,
+            self.inner.options.durability,
+        ))
+    }
+
+    fn admit(&self, feed: Feed) {
+        let event = Event::FeedAdded {
+            key: feed.key(),
+            name: feed.name().map(str::to_owned),
+            local: feed.is_local(),
+        };
+        self.inner
+            .members
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(feed);
+        // No subscribers is fine.
+        let _ = self.inner.events.send(event);
+    }
+
+    /// A stream of [`Event`]s. It first yields a `FeedAdded` for every feed that is
+    /// already a member (including those loaded at open), then each change as it
+    /// happens, so a subscriber sees every member exactly once. Bounded: a
+    /// subscriber more than [`Options::event_capacity`] events behind gets
+    /// [`Event::Lagged`].
+    pub fn events(&self) -> impl Stream<Item = Event> + Send + Unpin + 'static {
+        // Subscribing under the read lock means no feed is admitted between the
+        // snapshot and the subscription.
+        let (snapshot, receiver) = {
+            let members = self.inner.members.read().unwrap_or_else(|e| e.into_inner());
+            let snapshot: Vec<Event> = members
+                .order
+                .iter()
+                .map(|f| Event::FeedAdded {
+                    key: f.key(),
+                    name: f.name().map(str::to_owned),
+                    local: f.is_local(),
+                })
+                .collect();
+            (snapshot, self.inner.events.subscribe())
+        };
+        let live = futures::stream::unfold(receiver, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(event) => return Some((event, rx)),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        return Some((Event::Lagged { missed }, rx))
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Box::pin(futures::stream::iter(snapshot).chain(live))
+    }
+
+    /// Makes everything written so far, in every feed and the index, survive a
+    /// power loss (one round of fsyncs per feed).
+    pub async fn flush(&self) -> Result<()> {
+        let index = self.inner.write.lock().await;
+        let index = index.as_ref().ok_or(Error::Closed)?;
+        for feed in self.feeds() {
+            feed.flush().await?;
+        }
+        index.flush().await
+    }
+
+    /// Whether [`Multifeed::close`] has completed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Flushes every feed and the index to stable storage and releases every file
+    /// handle: the storage directory can be deleted as soon as this returns.
+    /// Idempotent; concurrent calls all return once the group is closed. Feed
+    /// handles held elsewhere fail with [`Error::Closed`] afterwards.
+    pub async fn close(&self) -> Result<()> {
+        let mut index = self.inner.write.lock().await;
+        let Some(index_core) = index.take() else {
+            return Ok(());
+        };
+        let feeds = std::mem::take(&mut *self.inner.members.write().unwrap_or_else(|e| e.into_inner()));
+        let mut first_error = None;
+        for feed in &feeds.order {
+            if let Err(e) = feed.close().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Err(e) = index_core.close().await {
+            first_error.get_or_insert(e);
+        }
+        self.inner.closed.store(true, Ordering::Release);
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        "it is empty"
+    } else if name.len() > MAX_NAME_LEN {
+        "it is longer than 1024 bytes"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidName {
+        name: name.chars().take(64).collect(),
+        reason,
+    })
+}
+
+/// Opens one recorded member; any failure becomes a reason to skip it.
+async fn load_feed(
+    storage: &StorageConfig,
+    record: &IndexRecord,
+    durability: Durability,
+) -> std::result::Result<Feed, String> {
+    let StorageConfig::Dir(root) = storage else {
+        return Err("in-memory storage does not survive a reopen".into());
+    };
+    let dir = feed_dir(root, &record.key);
+    match std::fs::metadata(dir.join("oplog")) {
+        Ok(m) if m.len() > 0 => {}
+        Ok(_) => return Err("its oplog is empty".into()),
+        Err(_) => return Err("its directory or oplog is missing".into()),
+    }
+    let CoreStorage { storage, sync } = storage::open_dir(&dir, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Damaged files can trip assertions inside hypercore: contain them.
+    let opened = std::panic::AssertUnwindSafe(HypercoreBuilder::new(storage).open(true).build())
+        .catch_unwind()
+        .await;
+    let core = match opened {
+        Ok(Ok(core)) => core,
+        Ok(Err(e)) => return Err(format!("cannot open: {e}")),
+        Err(_) => return Err("cannot open: its files are damaged".into()),
+    };
+    let key_pair = core.key_pair();
+    if key_pair.public.to_bytes() != *record.key.as_bytes() {
+        return Err("its files belong to another feed".into());
+    }
+    if record.local_name.is_some() && key_pair.secret.is_none() {
+        return Err("it is recorded as a local writer but its secret key is missing".into());
+    }
+    Ok(Feed::new(
+        record.key,
+        record.local_name.clone(),
+        core,
+        sync,
+        durability,
+    ))
+}
+
+/// Feed directories that the index does not know: left by a crash between creating
+/// a feed and recording it. Harmless; reported so an operator can remove them.
+fn report_orphans(root: &Path, members: &Members) {
+    let Ok(entries) = std::fs::read_dir(feeds_dir(root)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let known = name
+            .to_str()
+            .and_then(|n| FeedKey::from_hex(n).ok())
+            .is_some_and(|k| members.by_key.contains_key(&k));
+        if !known {
+            tracing::info!(path = %entry.path().display(), "feed directory not in the member index (left by an interrupted writer creation?)");
+        }
+    }
+}
