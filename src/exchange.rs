@@ -108,8 +108,8 @@ impl ExchangeMessage {
             });
         }
         // prost allocates at most what the (already bounded) input holds.
-        let message =
-            pb::ExchangeMessage::decode(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let message = pb::ExchangeMessage::decode(bytes)
+            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
         let check_count = |count: usize| {
             if count > limits.max_feeds_per_message {
                 Err(DecodeError::TooManyFeeds {
@@ -143,7 +143,12 @@ impl ExchangeMessage {
             }
             Body::Request(r) => {
                 check_count(r.keys.len())?;
-                ExchangeMessage::Request(r.keys.iter().map(|k| key_from(k)).collect::<Result<_, _>>()?)
+                ExchangeMessage::Request(
+                    r.keys
+                        .iter()
+                        .map(|k| key_from(k))
+                        .collect::<Result<_, _>>()?,
+                )
             }
             Body::Ping(p) => ExchangeMessage::Ping(p.nonce),
         })
@@ -156,7 +161,10 @@ mod tests {
 
     fn round_trip(message: ExchangeMessage) {
         let bytes = message.encode();
-        assert_eq!(ExchangeMessage::decode(&bytes, &ExchangeLimits::default()).unwrap(), message);
+        assert_eq!(
+            ExchangeMessage::decode(&bytes, &ExchangeLimits::default()).unwrap(),
+            message
+        );
     }
 
     #[test]
@@ -178,8 +186,16 @@ mod tests {
     #[test]
     fn malformed_input_is_an_error_not_a_panic() {
         let limits = ExchangeLimits::default();
-        for bytes in [&b""[..], b"\xff", b"\x12\x05\x0a\x03abc", b"\x0a\xff\xff\xff\xff\x0f"] {
-            assert!(ExchangeMessage::decode(bytes, &limits).is_err(), "{bytes:?}");
+        for bytes in [
+            &b""[..],
+            b"\xff",
+            b"\x12\x05\x0a\x03abc",
+            b"\x0a\xff\xff\xff\xff\x0f",
+        ] {
+            assert!(
+                ExchangeMessage::decode(bytes, &limits).is_err(),
+                "{bytes:?}"
+            );
         }
     }
 
@@ -204,7 +220,9 @@ mod tests {
             Err(DecodeError::TooManyFeeds { count: 3, max: 2 })
         );
         let short_key = pb::ExchangeMessage {
-            body: Some(pb::exchange_message::Body::Request(pb::Request { keys: vec![vec![1; 31]] })),
+            body: Some(pb::exchange_message::Body::Request(pb::Request {
+                keys: vec![vec![1; 31]],
+            })),
         }
         .encode_to_vec();
         assert_eq!(

@@ -58,7 +58,11 @@ impl IndexRecord {
         }
         let record = pb::IndexRecord::decode(bytes).map_err(|e| e.to_string())?;
         let key = FeedKey::from_slice(&record.key).map_err(|e| e.to_string())?;
-        if record.local_name.as_ref().is_some_and(|n| n.len() > MAX_NAME_LEN) {
+        if record
+            .local_name
+            .as_ref()
+            .is_some_and(|n| n.len() > MAX_NAME_LEN)
+        {
             return Err("local name too long".into());
         }
         Ok(Self {
@@ -75,6 +79,18 @@ pub(crate) struct IndexCore {
     sync: Option<Arc<SyncSet>>,
     durability: Durability,
     path: PathBuf,
+}
+
+/// Syncs the files of one core, if it has any.
+pub(crate) struct Flusher(Option<Arc<SyncSet>>);
+
+impl Flusher {
+    pub(crate) async fn flush(self) -> Result<()> {
+        match self.0 {
+            Some(sync) => sync.sync().await,
+            None => Ok(()),
+        }
+    }
 }
 
 /// A record that could not be read back, reported and skipped.
@@ -98,7 +114,11 @@ impl IndexCore {
                     .unwrap_or(false);
                 (storage::open_dir(&dir, true).await?, dir, exists)
             }
-            StorageConfig::Memory => (storage::open_memory().await?, PathBuf::from(":memory:"), false),
+            StorageConfig::Memory => (
+                storage::open_memory().await?,
+                PathBuf::from(":memory:"),
+                false,
+            ),
         };
         // The index core's own key pair is random and local: it never leaves this machine.
         let core = HypercoreBuilder::new(core_storage.storage)
@@ -148,21 +168,22 @@ impl IndexCore {
             .await
             .map_err(|e| Error::core("index", e))?;
         if self.durability == Durability::PowerLoss {
-            self.flush().await?;
+            self.flusher().flush().await?;
         }
         Ok(())
     }
 
-    pub(crate) async fn flush(&self) -> Result<()> {
-        match &self.sync {
-            Some(sync) => sync.sync().await,
-            None => Ok(()),
-        }
+    /// What syncs the index; a separate value because `Hypercore` is not `Sync`,
+    /// so no future may hold `&IndexCore` across an await.
+    pub(crate) fn flusher(&self) -> Flusher {
+        Flusher(self.sync.clone())
     }
 
     /// Syncs and releases the index's files.
     pub(crate) async fn close(self) -> Result<()> {
-        match &self.sync {
+        let sync = self.sync.clone();
+        drop(self);
+        match sync {
             Some(sync) => sync.close().await,
             None => Ok(()),
         }
@@ -186,7 +207,12 @@ mod tests {
 
     #[test]
     fn garbage_record_is_an_error_not_a_panic() {
-        for bytes in [&b"\xff\xff\xff"[..], b"\x0a\x05abc", b"", &[0x0a, 0x03, 1, 2, 3]] {
+        for bytes in [
+            &b"\xff\xff\xff"[..],
+            b"\x0a\x05abc",
+            b"",
+            &[0x0a, 0x03, 1, 2, 3],
+        ] {
             assert!(IndexRecord::decode(bytes).is_err(), "{bytes:?}");
         }
     }

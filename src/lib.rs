@@ -27,7 +27,7 @@
 //!
 //! The shared key is never written to disk.
 //!
-//! ## Example
+//! ## Example (see also the README)
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -59,6 +59,11 @@ pub mod keys;
 mod multifeed;
 mod proto;
 mod storage;
+
+// Compiles and runs the README's example as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 pub use crate::{
     error::{Error, Result},

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use multifeed::{Multifeed, Options, SharedKey, StorageConfig};
 
 #[derive(Parser)]
-#[command(name = "multifeed", version, about = "A multi-writer feed collection over hypercores")]
+#[command(
+    name = "multifeed",
+    version,
+    about = "A multi-writer feed collection over hypercores"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,10 +57,19 @@ async fn demo(dir: Option<PathBuf>) -> anyhow::Result<()> {
     println!("group stored in {}", dir.display());
 
     let group = Multifeed::open(StorageConfig::dir(&dir), key.clone(), Options::default()).await?;
-    for (topic, unit, base) in [("temperature", "C", 20.0), ("humidity", "%", 55.0), ("pressure", "hPa", 1013.0)] {
+    for (topic, unit, base) in [
+        ("temperature", "C", 20.0),
+        ("humidity", "%", 55.0),
+        ("pressure", "hPa", 1013.0),
+    ] {
         let writer = group.writer(topic).await?;
         let readings: Vec<String> = (0..100)
-            .map(|i| format!("{{\"value\":{:.1},\"unit\":\"{unit}\"}}", base + (i as f64 * 0.37).sin() * 2.0))
+            .map(|i| {
+                format!(
+                    "{{\"value\":{:.1},\"unit\":\"{unit}\"}}",
+                    base + (i as f64 * 0.37).sin() * 2.0
+                )
+            })
             .collect();
         writer.append_batch(&readings).await?;
     }
@@ -64,7 +77,10 @@ async fn demo(dir: Option<PathBuf>) -> anyhow::Result<()> {
 
     let group = Multifeed::open(StorageConfig::dir(&dir), key, Options::default()).await?;
     println!("reopened: {} feeds", group.feeds().len());
-    println!("{:<12} {:<64} {:>6} {:>7}  last entry", "writer", "key", "blocks", "bytes");
+    println!(
+        "{:<12} {:<64} {:>6} {:>7}  last entry",
+        "writer", "key", "blocks", "bytes"
+    );
     for feed in group.feeds() {
         let len = feed.len().await;
         let last = match len {

@@ -48,6 +48,12 @@ impl Options {
         self.durability = durability;
         self
     }
+
+    /// Sets [`Options::event_capacity`].
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.event_capacity = capacity;
+        self
+    }
 }
 
 /// Something that happened to the multifeed.
@@ -149,10 +155,15 @@ impl Multifeed {
     /// Every member recorded in the index is loaded, local writers writable again.
     /// A member whose storage is missing or damaged is skipped and listed in
     /// [`Multifeed::skipped`]; the others load. The shared key is kept in memory only.
-    pub async fn open(storage: StorageConfig, shared_key: SharedKey, options: Options) -> Result<Self> {
+    pub async fn open(
+        storage: StorageConfig,
+        shared_key: SharedKey,
+        options: Options,
+    ) -> Result<Self> {
         if let StorageConfig::Dir(root) = &storage {
-            std::fs::create_dir_all(feeds_dir(root))
-                .map_err(|e| Error::io(format!("create storage directory {}", root.display()), e))?;
+            std::fs::create_dir_all(feeds_dir(root)).map_err(|e| {
+                Error::io(format!("create storage directory {}", root.display()), e)
+            })?;
         }
         let mut index = IndexCore::open(&storage, options.durability).await?;
         let (records, bad) = index.records().await?;
@@ -172,7 +183,10 @@ impl Multifeed {
         let mut members = Members::default();
         for record in records {
             if members.by_key.contains_key(&record.key)
-                || record.local_name.as_ref().is_some_and(|n| members.by_name.contains_key(n))
+                || record
+                    .local_name
+                    .as_ref()
+                    .is_some_and(|n| members.by_name.contains_key(n))
             {
                 continue;
             }
@@ -276,7 +290,9 @@ impl Multifeed {
         validate_name(name)?;
         let mut index = self.inner.write.lock().await;
         let index = index.as_mut().ok_or(Error::Closed)?;
-        if let Some(existing) = self.read_members(|m| m.by_name.get(name).map(|&i| m.order[i].clone())) {
+        if let Some(existing) =
+            self.read_members(|m| m.by_name.get(name).map(|&i| m.order[i].clone()))
+        {
             if let Some(kp) = &keypair {
                 if kp.public_key() != existing.key() {
                     return Err(Error::WriterKeyMismatch {
@@ -325,7 +341,13 @@ impl Multifeed {
         let public = key.verifying_key()?;
         let record = IndexRecord::new(key, None);
         let feed = self
-            .create_feed(&record, PartialKeypair { public, secret: None })
+            .create_feed(
+                &record,
+                PartialKeypair {
+                    public,
+                    secret: None,
+                },
+            )
             .await?;
         index.append(&record).await?;
         self.admit(feed.clone());
@@ -334,7 +356,9 @@ impl Multifeed {
 
     async fn create_feed(&self, record: &IndexRecord, keypair: PartialKeypair) -> Result<Feed> {
         let CoreStorage { storage, sync } = match &self.inner.storage {
-            StorageConfig::Dir(root) => storage::open_dir(&feed_dir(root, &record.key), true).await?,
+            StorageConfig::Dir(root) => {
+                storage::open_dir(&feed_dir(root, &record.key), true).await?
+            }
             StorageConfig::Memory => storage::open_memory().await?,
         };
         let core = HypercoreBuilder::new(storage)
@@ -391,14 +415,12 @@ impl Multifeed {
             (snapshot, self.inner.events.subscribe())
         };
         let live = futures::stream::unfold(receiver, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(event) => return Some((event, rx)),
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        return Some((Event::Lagged { missed }, rx))
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return None,
+            match rx.recv().await {
+                Ok(event) => Some((event, rx)),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    Some((Event::Lagged { missed }, rx))
                 }
+                Err(broadcast::error::RecvError::Closed) => None,
             }
         });
         Box::pin(futures::stream::iter(snapshot).chain(live))
@@ -408,7 +430,7 @@ impl Multifeed {
     /// power loss (one round of fsyncs per feed).
     pub async fn flush(&self) -> Result<()> {
         let index = self.inner.write.lock().await;
-        let index = index.as_ref().ok_or(Error::Closed)?;
+        let index = index.as_ref().ok_or(Error::Closed)?.flusher();
         for feed in self.feeds() {
             feed.flush().await?;
         }
@@ -429,7 +451,13 @@ impl Multifeed {
         let Some(index_core) = index.take() else {
             return Ok(());
         };
-        let feeds = std::mem::take(&mut *self.inner.members.write().unwrap_or_else(|e| e.into_inner()));
+        let feeds = std::mem::take(
+            &mut *self
+                .inner
+                .members
+                .write()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         let mut first_error = None;
         for feed in &feeds.order {
             if let Err(e) = feed.close().await {

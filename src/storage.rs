@@ -60,7 +60,10 @@ struct FileSlot(RwLock<Option<File>>);
 
 impl FileSlot {
     fn with<T>(&self, f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
-        let guard = self.0.read().map_err(|_| io::Error::other("file lock poisoned"))?;
+        let guard = self
+            .0
+            .read()
+            .map_err(|_| io::Error::other("file lock poisoned"))?;
         match guard.as_ref() {
             Some(file) => f(file),
             None => Err(io::Error::other("the multifeed was closed")),
@@ -94,7 +97,7 @@ impl RandomAccess for PlainFile {
     }
 
     async fn read(&mut self, offset: u64, length: u64) -> Result<Vec<u8>, RandomAccessError> {
-        let end = offset.checked_add(length).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(length);
         if end > self.length {
             return Err(RandomAccessError::OutOfBounds {
                 offset,
