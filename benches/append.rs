@@ -103,7 +103,9 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    println!("append bench: one on-disk feed (anchors: JS hypercore 10 = 5,164 msg/s single, 89,330 msg/s batch 100, 80 B overhead)");
+    println!(
+        "append bench: one on-disk feed (anchors: JS hypercore 10 = 5,164 msg/s single, 89,330 msg/s batch 100, 80 B overhead)"
+    );
     run(n, 1, Durability::Process).await;
     run(n, 100, Durability::Process).await;
     run(n / 50, 1, Durability::PowerLoss).await;

@@ -28,11 +28,15 @@ pub enum Error {
     },
 
     /// The shared key was offered as the key of a member feed.
-    #[error("the shared key cannot be used as a member feed's key; generate a fresh key pair for the writer")]
+    #[error(
+        "the shared key cannot be used as a member feed's key; generate a fresh key pair for the writer"
+    )]
     SharedKeyAsFeedKey,
 
     /// A key pair was passed for a writer name that already exists with another key.
-    #[error("writer {name:?} already exists with key {existing}; open it without a key pair, or pick another name")]
+    #[error(
+        "writer {name:?} already exists with key {existing}; open it without a key pair, or pick another name"
+    )]
     WriterKeyMismatch {
         /// The writer name.
         name: String,

@@ -1,12 +1,12 @@
 //! A member feed: one hypercore, local (writable) or remote (read-only).
 
 use std::sync::{
-    atomic::{AtomicBool, Ordering},
     Arc,
+    atomic::{AtomicBool, Ordering},
 };
 
 use hypercore::Hypercore;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{Mutex, watch};
 
 use crate::{
     error::{Error, Result},

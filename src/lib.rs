@@ -58,6 +58,7 @@ mod index;
 pub mod keys;
 mod multifeed;
 mod proto;
+mod replicate;
 mod storage;
 
 // Compiles and runs the README's example as a doctest.

@@ -5,14 +5,14 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
         Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
     },
 };
 
 use futures::{FutureExt, Stream, StreamExt};
 use hypercore::{HypercoreBuilder, PartialKeypair};
-use tokio::sync::{broadcast, Mutex};
+use tokio::sync::{Mutex, broadcast};
 
 use crate::{
     error::{Error, Result},
@@ -293,13 +293,13 @@ impl Multifeed {
         if let Some(existing) =
             self.read_members(|m| m.by_name.get(name).map(|&i| m.order[i].clone()))
         {
-            if let Some(kp) = &keypair {
-                if kp.public_key() != existing.key() {
-                    return Err(Error::WriterKeyMismatch {
-                        name: name.to_owned(),
-                        existing: existing.key().to_hex(),
-                    });
-                }
+            if let Some(kp) = &keypair
+                && kp.public_key() != existing.key()
+            {
+                return Err(Error::WriterKeyMismatch {
+                    name: name.to_owned(),
+                    existing: existing.key().to_hex(),
+                });
             }
             return Ok(existing);
         }

@@ -13,8 +13,8 @@ use std::{
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU64, Ordering},
         Arc, Mutex as StdMutex, RwLock,
+        atomic::{AtomicU64, Ordering},
     },
 };
 

@@ -456,9 +456,11 @@ async fn damaged_member_files_are_reported_not_panicked_on() {
         .collect();
     reasons.sort();
     assert_eq!(reasons.len(), 2);
-    assert!(reasons
-        .iter()
-        .any(|(k, r)| *k == Some(b_key) && r.contains("another feed")));
+    assert!(
+        reasons
+            .iter()
+            .any(|(k, r)| *k == Some(b_key) && r.contains("another feed"))
+    );
     assert!(reasons.iter().any(|(k, _)| *k == Some(a_key)));
 }
 

@@ -1,0 +1,418 @@
+//! Async driver: runs a [`FeedSync`] over one `Channel` against a shared core.
+
+use std::sync::Arc;
+
+use hypercore::{Hypercore, HypercoreError};
+use hypercore_protocol::schema::{Data, NoData, Request};
+use hypercore_protocol::{Channel, Message};
+use tokio::sync::mpsc;
+
+use super::feed_sync::{
+    Action, Apply, ApplyOutcome, BlockRequest, DEFAULT_WINDOW, FeedSync, LocalInfo,
+    ProtocolViolation,
+};
+use crate::feed::SharedFeed;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedSyncOptions {
+    /// Keep running after sync and forward new data both ways.
+    pub live: bool,
+    /// Max requests in flight.
+    pub window: usize,
+}
+
+impl Default for FeedSyncOptions {
+    fn default() -> Self {
+        FeedSyncOptions {
+            live: false,
+            window: DEFAULT_WINDOW,
+        }
+    }
+}
+
+/// Cumulative counts for this connection, sent after each verified block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    pub blocks: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FeedSyncSummary {
+    pub blocks_received: u64,
+    pub bytes_received: u64,
+    pub blocks_sent: u64,
+    pub bytes_sent: u64,
+    /// Whether the sync condition was reached (always true for a one-shot `Ok`).
+    pub synced: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedSyncError {
+    /// The peer sent a proof that does not verify; nothing of it was stored.
+    #[error("invalid data from peer (request {request}, block {index:?}): {reason}")]
+    InvalidData {
+        request: u64,
+        index: Option<u64>,
+        reason: String,
+    },
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] ProtocolViolation),
+    #[error("hypercore: {0}")]
+    Core(#[source] HypercoreError),
+    #[error("channel io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("channel closed before the feed was in sync")]
+    ClosedBeforeSync,
+    #[error("the channel's receiver was already taken")]
+    ReceiverTaken,
+    #[error("core task failed: {0}")]
+    Task(String),
+}
+
+/// Max messages taken from the channel per step, so one step's core work stays short.
+const MAX_MESSAGES_PER_STEP: usize = 512;
+
+/// Replicate `feed` over `channel`. One-shot (`live: false`) returns once both sides hold
+/// everything the other has, and closes the channel. Live runs until the channel closes.
+/// Cancel-safe: core mutations run in a spawned task that completes even if this future is
+/// dropped.
+pub async fn run_feed(
+    mut channel: Channel,
+    feed: Arc<SharedFeed>,
+    opts: FeedSyncOptions,
+    progress: Option<mpsc::Sender<Progress>>,
+) -> Result<FeedSyncSummary, FeedSyncError> {
+    let rx = channel
+        .take_receiver()
+        .ok_or(FeedSyncError::ReceiverTaken)?;
+    // Subscribe before reading info so no change between the two is missed.
+    let mut changed = feed.changed.subscribe();
+    let info = feed.core.lock().await.info();
+    let mut fsm = FeedSync::new(opts.window);
+    fsm.start(LocalInfo::from(&info));
+    let mut sum = FeedSyncSummary::default();
+    let mut closed = false;
+
+    loop {
+        if !step(&mut fsm, &channel, &feed, &mut sum, progress.as_ref()).await? {
+            closed = true; // the peer closed first; nothing more can be sent
+        }
+        if fsm.is_synced() {
+            sum.synced = true;
+            if !opts.live {
+                // Best effort: the peer may already have closed.
+                let _ = channel.close().await;
+                return Ok(sum);
+            }
+        }
+        if closed {
+            return if opts.live {
+                Ok(sum)
+            } else {
+                Err(FeedSyncError::ClosedBeforeSync)
+            };
+        }
+        tokio::select! {
+            msg = rx.recv() => {
+                let mut next = msg.ok();
+                let mut taken = 0;
+                // Drain what is already queued so core work and sends are batched.
+                while let Some(m) = next.take() {
+                    if matches!(m, Message::Close(_)) {
+                        closed = true;
+                        break;
+                    }
+                    fsm.on_message(m)?;
+                    taken += 1;
+                    if taken >= MAX_MESSAGES_PER_STEP {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(m) => next = Some(m),
+                        Err(e) if e.is_closed() => closed = true,
+                        Err(_) => {}
+                    }
+                }
+                if taken == 0 && !closed {
+                    closed = true; // recv error: channel gone
+                }
+            }
+            res = changed.changed() => {
+                if res.is_ok() {
+                    let info = feed.core.lock().await.info();
+                    fsm.on_local_update(LocalInfo::from(&info));
+                }
+                // Err is impossible while `feed` (which owns the sender) is alive.
+            }
+        }
+    }
+}
+
+/// Work needing the core, done under one lock.
+enum CoreJob {
+    Apply(Apply),
+    Request(BlockRequest),
+    Serve(Request),
+}
+
+enum JobResult {
+    Applied {
+        id: u64,
+        outcome: ApplyOutcome,
+        bytes: u64,
+    },
+    Send(Message),
+    Skipped {
+        id: u64,
+    },
+    Served {
+        msg: Message,
+        block: bool,
+        bytes: u64,
+    },
+}
+
+/// Run actions until the state machine is quiet. Returns false if the channel is closed.
+async fn step(
+    fsm: &mut FeedSync,
+    channel: &Channel,
+    feed: &Arc<SharedFeed>,
+    sum: &mut FeedSyncSummary,
+    progress: Option<&mpsc::Sender<Progress>>,
+) -> Result<bool, FeedSyncError> {
+    loop {
+        let actions = fsm.drain_actions();
+        if actions.is_empty() {
+            return Ok(true);
+        }
+        let mut out = Vec::new();
+        let mut jobs = Vec::new();
+        for a in actions {
+            match a {
+                Action::Send(m) => out.push(m),
+                Action::Apply(x) => jobs.push(CoreJob::Apply(x)),
+                Action::Request(x) => jobs.push(CoreJob::Request(x)),
+                Action::Serve(x) => jobs.push(CoreJob::Serve(x)),
+            }
+        }
+        if !jobs.is_empty() {
+            // Spawned so a dropped run_feed never leaves a half-applied proof behind.
+            let (results, info, err) = tokio::spawn(core_jobs(feed.clone(), jobs))
+                .await
+                .map_err(|e| FeedSyncError::Task(e.to_string()))?;
+            let local = LocalInfo::from(&info);
+            for r in results {
+                match r {
+                    JobResult::Applied { id, outcome, bytes } => {
+                        if outcome == ApplyOutcome::Applied {
+                            sum.blocks_received += 1;
+                            sum.bytes_received += bytes;
+                            if let Some(p) = progress {
+                                // Never stall replication on a slow consumer.
+                                let _ = p.try_send(Progress {
+                                    blocks: sum.blocks_received,
+                                    bytes: sum.bytes_received,
+                                });
+                            }
+                        }
+                        fsm.on_applied(id, outcome, local);
+                    }
+                    JobResult::Skipped { id } => {
+                        fsm.on_applied(id, ApplyOutcome::AlreadyHad, local)
+                    }
+                    JobResult::Send(m) => out.push(m),
+                    JobResult::Served { msg, block, bytes } => {
+                        if block {
+                            sum.blocks_sent += 1;
+                            sum.bytes_sent += bytes;
+                        }
+                        out.push(msg);
+                    }
+                }
+            }
+            fsm.on_local_update(local);
+            if let Some(e) = err {
+                // Send what we owe (e.g. served data) is pointless now; fail fast.
+                return Err(e);
+            }
+        }
+        if !out.is_empty()
+            && let Err(e) = channel.send_batch(&out).await
+        {
+            if channel.closed()
+                || matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::BrokenPipe
+                )
+            {
+                return Ok(false);
+            }
+            return Err(e.into());
+        }
+    }
+}
+
+/// Executes jobs under one lock. Applies first (so requests see the new tree), then requests,
+/// then serves. Stops applying at the first invalid proof.
+async fn core_jobs(
+    feed: Arc<SharedFeed>,
+    jobs: Vec<CoreJob>,
+) -> (Vec<JobResult>, hypercore::Info, Option<FeedSyncError>) {
+    let mut core = feed.core.lock().await;
+    let mut results = Vec::with_capacity(jobs.len());
+    let mut err = None;
+    let mut applied_any = false;
+    let (mut applies, mut others): (Vec<_>, Vec<_>) = jobs
+        .into_iter()
+        .partition(|j| matches!(j, CoreJob::Apply(_)));
+    others.sort_by_key(|j| matches!(j, CoreJob::Serve(_)));
+    for job in applies.drain(..) {
+        let CoreJob::Apply(a) = job else { continue };
+        match apply_one(&mut core, a).await {
+            Ok(r) => {
+                if let JobResult::Applied {
+                    outcome: ApplyOutcome::Applied,
+                    ..
+                } = r
+                {
+                    applied_any = true;
+                }
+                results.push(r);
+            }
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    if err.is_none() {
+        for job in others {
+            let r = match job {
+                CoreJob::Request(req) => request_one(&mut core, req).await,
+                CoreJob::Serve(req) => serve_one(&mut core, req).await,
+                CoreJob::Apply(_) => continue,
+            };
+            match r {
+                Ok(r) => results.push(r),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    let info = core.info();
+    drop(core);
+    if applied_any {
+        feed.changed.send_replace(info.length);
+    }
+    (results, info, err)
+}
+
+fn is_storage_error(e: &HypercoreError) -> bool {
+    matches!(
+        e,
+        HypercoreError::IO { .. }
+            | HypercoreError::EmptyStorage { .. }
+            | HypercoreError::CorruptStorage { .. }
+    )
+}
+
+async fn apply_one(core: &mut Hypercore, a: Apply) -> Result<JobResult, FeedSyncError> {
+    let info = core.info();
+    let id = a.id;
+    let stale = |id| {
+        Ok(JobResult::Applied {
+            id,
+            outcome: ApplyOutcome::Stale,
+            bytes: 0,
+        })
+    };
+    if let Some(up) = &a.data.upgrade {
+        // Built against a length we no longer have (another connection upgraded first).
+        if up.start != info.length {
+            return stale(id);
+        }
+    } else if let Some(i) = a.index {
+        if core.has(i) {
+            return Ok(JobResult::Applied {
+                id,
+                outcome: ApplyOutcome::AlreadyHad,
+                bytes: 0,
+            });
+        }
+        if i >= info.length {
+            return stale(id);
+        }
+    }
+    let bytes = a.data.block.as_ref().map_or(0, |b| b.value.len() as u64);
+    let invalid = |reason: String| FeedSyncError::InvalidData {
+        request: id,
+        index: a.index,
+        reason,
+    };
+    let proof = a.data.into_proof();
+    match core.verify_and_apply_proof(&proof).await {
+        Ok(true) => Ok(JobResult::Applied {
+            id,
+            outcome: ApplyOutcome::Applied,
+            bytes,
+        }),
+        Ok(false) => Err(invalid("proof not applicable to this core".into())),
+        Err(e) if is_storage_error(&e) => Err(FeedSyncError::Core(e)),
+        Err(e) => Err(invalid(e.to_string())),
+    }
+}
+
+async fn request_one(core: &mut Hypercore, req: BlockRequest) -> Result<JobResult, FeedSyncError> {
+    if req.upgrade.is_none() && core.has(req.index) {
+        return Ok(JobResult::Skipped { id: req.id });
+    }
+    let nodes = core
+        .missing_nodes(req.index)
+        .await
+        .map_err(FeedSyncError::Core)?;
+    Ok(JobResult::Send(req.into_message(nodes)))
+}
+
+async fn serve_one(core: &mut Hypercore, req: Request) -> Result<JobResult, FeedSyncError> {
+    let id = req.id;
+    let info = core.info();
+    let no_data = Ok(JobResult::Served {
+        msg: Message::NoData(NoData { request: id }),
+        block: false,
+        bytes: 0,
+    });
+    if req.fork != info.fork {
+        return no_data;
+    }
+    match core
+        .create_proof(req.block, req.hash, req.seek, req.upgrade)
+        .await
+    {
+        Ok(Some(p)) => {
+            let bytes = p.block.as_ref().map_or(0, |b| b.value.len() as u64);
+            let block = p.block.is_some();
+            Ok(JobResult::Served {
+                block,
+                msg: Message::Data(Data {
+                    request: id,
+                    fork: p.fork,
+                    block: p.block,
+                    hash: p.hash,
+                    seek: p.seek,
+                    upgrade: p.upgrade,
+                }),
+                bytes,
+            })
+        }
+        Ok(None) => no_data,
+        Err(e) if is_storage_error(&e) => Err(FeedSyncError::Core(e)),
+        // A request we cannot prove (bad nodes count, odd upgrade): the peer's problem.
+        Err(e) => {
+            tracing::debug!(request = id, error = %e, "cannot serve request");
+            no_data
+        }
+    }
+}

@@ -1,0 +1,472 @@
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use super::{Inspected, TransportFault, TransportLimits, TransportStatus, inspect_frame, protocol};
+use futures::{SinkExt, StreamExt, TryStreamExt, future};
+use hypercore_handshake::{Cipher, HandshakePattern};
+use hypercore_protocol::schema::Extension;
+use hypercore_protocol::{Channel, CommandTx, Event, Message, Protocol};
+use rand::RngCore;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+const T: Duration = Duration::from_secs(20);
+
+async fn within<F: Future>(what: &str, f: F) -> F::Output {
+    timeout(T, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// One side of a connection: the protocol runs in its own task and reports channels / its end.
+struct Side {
+    commands: CommandTx,
+    status: TransportStatus,
+    channels: mpsc::UnboundedReceiver<Channel>,
+    task: JoinHandle<io::Result<()>>,
+}
+
+async fn start<S>(io: S, initiator: bool) -> Side
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (proto, status) = within(
+        "handshake",
+        protocol(io, initiator, TransportLimits::default()),
+    )
+    .await
+    .unwrap();
+    drive(proto, status)
+}
+
+fn drive(mut proto: Protocol, status: TransportStatus) -> Side {
+    let commands = proto.commands();
+    let (tx, channels) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Some(event) = proto.next().await {
+            if let Event::Channel(channel) = event? {
+                let _ = tx.send(channel);
+            }
+        }
+        Ok(())
+    });
+    Side {
+        commands,
+        status,
+        channels,
+        task,
+    }
+}
+
+impl Side {
+    async fn channel(&mut self) -> Channel {
+        match within("channel", self.channels.recv()).await {
+            Some(c) => c,
+            None => {
+                let end = within("task end", &mut self.task).await;
+                panic!(
+                    "protocol ended before channel: {end:?}, fault {:?}",
+                    self.status.fault()
+                )
+            }
+        }
+    }
+}
+
+async fn duplex_pair() -> (Side, Side) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    tokio::join!(start(a, true), start(b, false))
+}
+
+async fn tcp_pair() -> (Side, Side) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    tokio::join!(start(a.unwrap(), true), start(b.unwrap().0, false))
+}
+
+fn random_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut key);
+    key
+}
+
+fn extension(payload: Vec<u8>) -> Message {
+    Message::Extension(Extension {
+        name: "multifeed/test".into(),
+        message: payload,
+    })
+}
+
+async fn next_extension(channel: &mut Channel) -> Vec<u8> {
+    loop {
+        match within("extension message", channel.next()).await {
+            Some(Message::Extension(ext)) => {
+                assert_eq!(ext.name, "multifeed/test");
+                return ext.message;
+            }
+            Some(_) => continue,
+            None => panic!("channel ended before the extension arrived"),
+        }
+    }
+}
+
+async fn open_and_exchange(a: &mut Side, b: &mut Side) {
+    let key = random_key();
+    within("open a", a.commands.open(key)).await.unwrap();
+    within("open b", b.commands.open(key)).await.unwrap();
+    let mut ca = a.channel().await;
+    let mut cb = b.channel().await;
+    assert_eq!(ca.discovery_key(), cb.discovery_key());
+
+    let big: Vec<u8> = (0..1024 * 1024 + 17).map(|i| (i % 251) as u8).collect();
+    let small = b"0123456789".to_vec();
+    for payload in [big, small] {
+        within("send a", ca.send(extension(payload.clone())))
+            .await
+            .unwrap();
+        assert_eq!(next_extension(&mut cb).await, payload);
+        within("send b", cb.send(extension(payload.clone())))
+            .await
+            .unwrap();
+        assert_eq!(next_extension(&mut ca).await, payload);
+    }
+    assert!(!a.status.is_closed() && !b.status.is_closed());
+}
+
+#[tokio::test]
+async fn duplex_handshake_channel_and_large_extension() {
+    let (mut a, mut b) = duplex_pair().await;
+    open_and_exchange(&mut a, &mut b).await;
+}
+
+#[tokio::test]
+async fn tcp_handshake_channel_and_large_extension() {
+    let (mut a, mut b) = tcp_pair().await;
+    open_and_exchange(&mut a, &mut b).await;
+}
+
+/// Upstream encodes queued messages of many channels as one batch with channel switches,
+/// which its own decoder misreads (defect 1); the transport splits such batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_channels_on_one_connection() {
+    const N: usize = 300;
+    let (mut a, mut b) = tcp_pair().await;
+    let keys: Vec<[u8; 32]> = (0..N).map(|_| random_key()).collect();
+    for key in &keys {
+        within("open a", a.commands.open(*key)).await.unwrap();
+        within("open b", b.commands.open(*key)).await.unwrap();
+    }
+    let mut chans_a = Vec::new();
+    let mut chans_b = Vec::new();
+    for _ in 0..N {
+        chans_a.push(a.channel().await);
+        chans_b.push(b.channel().await);
+    }
+    // Send on every channel before reading anything, so the protocol batches across channels.
+    for c in chans_a.iter().chain(chans_b.iter()) {
+        let payload = c.discovery_key().to_vec();
+        within("send", c.send(extension(payload))).await.unwrap();
+    }
+    for c in chans_a.iter_mut().chain(chans_b.iter_mut()) {
+        let dk = c.discovery_key().to_vec();
+        assert_eq!(next_extension(c).await, dk);
+    }
+    assert_eq!(a.status.fault(), None);
+    assert_eq!(b.status.fault(), None);
+}
+
+fn assert_peer_gone(fault: Option<TransportFault>) {
+    match fault {
+        Some(TransportFault::Eof | TransportFault::Io(_)) => {}
+        other => panic!("expected Eof/Io, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn killing_tcp_peer_closes_status_and_errors_protocol() {
+    let (mut a, mut b) = tcp_pair().await;
+    open_and_exchange(&mut a, &mut b).await;
+    b.task.abort(); // drops b's Protocol and its TcpStream
+    within("status closed", a.status.closed()).await;
+    assert!(a.status.is_closed());
+    assert_peer_gone(a.status.fault());
+    let ended = within("protocol error", a.task).await.unwrap();
+    assert!(
+        ended.is_err(),
+        "protocol must surface the dead peer as an error"
+    );
+}
+
+#[tokio::test]
+async fn peer_gone_during_handshake_is_an_error() {
+    let (a, b) = tokio::io::duplex(1024);
+    drop(b);
+    let res = within("handshake", protocol(a, true, TransportLimits::default())).await;
+    assert_peer_gone(res.err());
+}
+
+#[tokio::test]
+async fn oversized_frame_is_a_fault_not_a_hang() {
+    let (a, mut b) = tokio::io::duplex(1024);
+    b.write_all(&[0xff, 0xff, 0xff, 1, 2, 3]).await.unwrap();
+    let res = within("handshake", protocol(a, false, TransportLimits::default())).await;
+    let max = TransportLimits::default().max_frame_len;
+    assert_eq!(
+        res.err(),
+        Some(TransportFault::FrameTooLarge {
+            len: 0xff_ffff,
+            max
+        })
+    );
+}
+
+/// A peer speaking raw Noise (XX initiator) over the same framing, for hand-made frames.
+fn raw_peer(io: tokio::io::DuplexStream) -> Cipher {
+    let codec = LengthDelimitedCodec::builder()
+        .little_endian()
+        .length_field_length(3)
+        .max_frame_length(8 << 20)
+        .new_codec();
+    let raw_io = Framed::new(io, codec)
+        .map_ok(|frame| frame.to_vec())
+        .with(|v: Vec<u8>| future::ready(Ok::<_, io::Error>(bytes::Bytes::from(v))));
+    Cipher::new_dht_init_with_pattern(Some(Box::new(raw_io)), HandshakePattern::XX, None, &[])
+        .unwrap()
+}
+
+/// Runs our responder and the raw initiator's handshake together.
+async fn connect_raw(ours: tokio::io::DuplexStream, raw: &mut Cipher) -> Side {
+    let raw_handshake = future::poll_fn(|cx| {
+        let _ = raw.poll_next_unpin(cx);
+        if raw.ready() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    });
+    tokio::join!(start(ours, false), within("raw handshake", raw_handshake)).0
+}
+
+/// compact-encoding uint, small values only.
+fn uint(out: &mut Vec<u8>, n: usize) {
+    if n < 0xfd {
+        out.push(n as u8);
+    } else {
+        out.push(0xfd);
+        out.extend_from_slice(&u16::try_from(n).unwrap().to_le_bytes());
+    }
+}
+
+/// A hostile peer sends an Open for channel 2^24: the frame is dropped before `Protocol`
+/// would grow its remote-id table to that size.
+#[tokio::test]
+async fn huge_channel_id_from_peer_is_a_fault() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let mut raw = raw_peer(b);
+    let side = connect_raw(a, &mut raw).await;
+    // 00 01 = Open, then channel id 0xfe u32 = 2^24, then garbage the guard never reads.
+    within("raw send", raw.send(vec![0, 1, 0xfe, 0, 0, 0, 1, 7, 7]))
+        .await
+        .unwrap();
+
+    within("status closed", side.status.closed()).await;
+    assert_eq!(
+        side.status.fault(),
+        Some(TransportFault::ChannelIdTooLarge {
+            id: 1 << 24,
+            max: 65_536
+        })
+    );
+    assert!(within("protocol error", side.task).await.unwrap().is_err());
+}
+
+/// Capability as in JS hypercore `caps.replicate` (constants from hypercore-protocol).
+fn capability(initiator: bool, key: &[u8], handshake_hash: &[u8]) -> Vec<u8> {
+    use blake2::digest::{FixedOutput, Update, typenum::U32};
+    const INITIATOR: [u8; 32] = [
+        0x51, 0x81, 0x2A, 0x2A, 0x35, 0x9B, 0x50, 0x36, 0x95, 0x36, 0x77, 0x5D, 0xF8, 0x9E, 0x18,
+        0xE4, 0x77, 0x40, 0xF3, 0xDB, 0x72, 0xAC, 0x0A, 0xE7, 0x0B, 0x29, 0x59, 0x4C, 0x19, 0x4D,
+        0xC3, 0x16,
+    ];
+    const RESPONDER: [u8; 32] = [
+        0x04, 0x38, 0x49, 0x2D, 0x02, 0x97, 0x0C, 0xC1, 0x35, 0x28, 0xAC, 0x02, 0x62, 0xBC, 0xA0,
+        0x07, 0x4E, 0x09, 0x26, 0x26, 0x02, 0x56, 0x86, 0x5A, 0xCC, 0xC0, 0xBF, 0x15, 0xBD, 0x79,
+        0x12, 0x7D,
+    ];
+    let mut mac =
+        blake2::Blake2bMac::<U32>::new_with_salt_and_personal(handshake_hash, &[], &[]).unwrap();
+    mac.update(if initiator { &INITIATOR } else { &RESPONDER });
+    mac.update(key);
+    mac.finalize_fixed().to_vec()
+}
+
+/// 300 channels, with the peer batching one Extension per channel into a single frame that
+/// switches channel 299 times (as protomux does when corked). Upstream's decoder misreads
+/// such frames (defect 1); the transport splits them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_channels_with_cross_channel_batch() {
+    const N: usize = 300;
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let mut raw = raw_peer(b);
+    let mut side = connect_raw(a, &mut raw).await;
+    let hash = raw.handshake_hash().unwrap().to_vec();
+
+    let keys: Vec<[u8; 32]> = (0..N).map(|_| random_key()).collect();
+    for key in &keys {
+        within("open", side.commands.open(*key)).await.unwrap();
+    }
+    // Wait for all our Opens, so every channel is attached locally before the batch lands.
+    let mut opens = 0;
+    while opens < N {
+        match within("our opens", raw.next()).await {
+            Some(hypercore_handshake::CipherEvent::Message(m)) if m.starts_with(&[0, 1]) => {
+                opens += 1
+            }
+            Some(_) => {}
+            None => panic!("raw peer stream ended"),
+        }
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let mut open = vec![0, 1];
+        uint(&mut open, i + 1);
+        uint(&mut open, "hypercore/alpha".len());
+        open.extend_from_slice(b"hypercore/alpha");
+        uint(&mut open, 32);
+        open.extend_from_slice(&hypercore_protocol::discovery_key(key));
+        open.push(1);
+        open.extend_from_slice(&capability(true, key, &hash));
+        raw.feed(open).await.unwrap();
+    }
+    let mut batch = vec![0, 0];
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            batch.push(0);
+        }
+        uint(&mut batch, i + 1);
+        let mut msg = vec![9];
+        uint(&mut msg, "multifeed/test".len());
+        msg.extend_from_slice(b"multifeed/test");
+        uint(&mut msg, 32);
+        msg.extend_from_slice(&hypercore_protocol::discovery_key(key));
+        uint(&mut batch, msg.len());
+        batch.extend_from_slice(&msg);
+    }
+    within("raw send", raw.send(batch)).await.unwrap();
+
+    for _ in 0..N {
+        let mut channel = side.channel().await;
+        let dk = channel.discovery_key().to_vec();
+        assert_eq!(next_extension(&mut channel).await, dk);
+    }
+    assert_eq!(side.status.fault(), None);
+}
+
+const MAX: u64 = 65_536;
+
+#[test]
+fn splitter_passes_non_switching_frames() {
+    // single message on channel 1: <ch> <type 9> ...
+    assert_eq!(
+        inspect_frame(&[1, 9, 0, 0], MAX, usize::MAX),
+        Ok(Inspected::Pass)
+    );
+    // batch on channel 1 with two messages
+    assert_eq!(
+        inspect_frame(&[0, 0, 1, 2, 9, 9, 1, 4], MAX, usize::MAX),
+        Ok(Inspected::Pass)
+    );
+    // open / close on small channels
+    assert_eq!(
+        inspect_frame(&[0, 1, 3, 1, 2, 3], MAX, usize::MAX),
+        Ok(Inspected::Pass)
+    );
+    assert_eq!(
+        inspect_frame(&[0, 3, 3], MAX, usize::MAX),
+        Ok(Inspected::Pass)
+    );
+    assert_eq!(inspect_frame(&[], MAX, usize::MAX), Ok(Inspected::Pass));
+}
+
+#[test]
+fn splitter_splits_channel_switches() {
+    // ch 1: [9 9]; switch to ch 0x1234 (0xfd u16); [4]; switch to ch 2; [9 1 2], [4]
+    let frame = [
+        0, 0, 1, 2, 9, 9, 0, 0xfd, 0x34, 0x12, 1, 4, 0, 2, 3, 9, 1, 2, 1, 4,
+    ];
+    let expected = vec![
+        vec![0, 0, 1, 2, 9, 9],
+        vec![0, 0, 0xfd, 0x34, 0x12, 1, 4],
+        vec![0, 0, 2, 3, 9, 1, 2, 1, 4],
+    ];
+    assert_eq!(
+        inspect_frame(&frame, MAX, usize::MAX),
+        Ok(Inspected::Split(expected))
+    );
+}
+
+#[test]
+fn splitter_chunks_oversized_batches() {
+    // three 3-byte entries on channel 1, at most 6 bytes per batch: header (3) + one entry
+    let frame = [0, 0, 1, 2, 9, 1, 2, 9, 2, 2, 9, 3];
+    let expected = vec![
+        vec![0, 0, 1, 2, 9, 1],
+        vec![0, 0, 1, 2, 9, 2],
+        vec![0, 0, 1, 2, 9, 3],
+    ];
+    assert_eq!(
+        inspect_frame(&frame, MAX, 6),
+        Ok(Inspected::Split(expected))
+    );
+    assert_eq!(inspect_frame(&frame, MAX, 12), Ok(Inspected::Pass));
+}
+
+#[test]
+fn splitter_rejects_malformed_input() {
+    let malformed = |frame: &[u8]| {
+        assert!(
+            matches!(
+                inspect_frame(frame, MAX, usize::MAX),
+                Err(TransportFault::MalformedFrame(_))
+            ),
+            "{frame:?}"
+        )
+    };
+    malformed(&[0, 0, 0xfd, 1]); // truncated batch channel
+    malformed(&[0, 0, 1, 0xfe, 1, 2]); // truncated length
+    malformed(&[0, 0, 1, 5, 9, 9]); // length past end
+    malformed(&[
+        0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    ]); // u64::MAX length
+    malformed(&[0, 0, 1, 1, 9, 0]); // switch with no channel
+    malformed(&[0, 0, 1, 1, 9, 0, 0xff, 1]); // switch with truncated channel
+    malformed(&[0xfe, 1]); // single message with truncated channel
+    malformed(&[0, 1, 0xff, 1, 2]); // open with truncated channel
+}
+
+#[test]
+fn splitter_rejects_huge_channel_ids() {
+    let too_large = |frame: &[u8], id: u64| {
+        assert_eq!(
+            inspect_frame(frame, MAX, usize::MAX),
+            Err(TransportFault::ChannelIdTooLarge { id, max: MAX })
+        )
+    };
+    too_large(&[0xfe, 0, 0, 0, 1, 9, 0], 1 << 24); // single message
+    too_large(&[0, 0, 0xfe, 0, 0, 0, 1, 1, 9], 1 << 24); // batch
+    too_large(
+        &[0, 0, 1, 1, 9, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0x80],
+        1 << 63,
+    ); // batch switch
+    too_large(&[0, 1, 0xfe, 1, 0, 1, 0, 5], 65_537); // open
+    too_large(&[0, 3, 0xfe, 1, 0, 1, 0], 65_537); // close
+    assert_eq!(
+        inspect_frame(&[0, 3, 0xfe, 0, 0, 1, 0], MAX, usize::MAX),
+        Ok(Inspected::Pass)
+    ); // = max
+}
