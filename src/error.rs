@@ -86,6 +86,67 @@ pub enum Error {
         source: hypercore::HypercoreError,
     },
 
+    /// The peer speaks another major version of the feed-exchange protocol (or sent
+    /// no parsable version). Nothing was exchanged and neither store changed.
+    #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs:?}; upgrade the older side to the same major version")]
+    VersionMismatch {
+        /// Our protocol version.
+        ours: String,
+        /// The version the peer announced (possibly empty or unparsable).
+        theirs: String,
+    },
+
+    /// The peer is another kind of client.
+    #[error("client mismatch: we are {ours:?}, the peer is {theirs:?}; both sides must run a compatible multifeed client")]
+    ClientMismatch {
+        /// Our client name.
+        ours: String,
+        /// The peer's client name.
+        theirs: String,
+    },
+
+    /// The peer does not know our shared key (it opened another group's root channel).
+    #[error("the peer belongs to another group (different shared key); check the key on both sides")]
+    SharedKeyMismatch,
+
+    /// The peer did not complete the handshake in time: wrong shared key, not a
+    /// multifeed peer, or a stalled link.
+    #[error("no handshake from the peer within {after:?}: it may use another shared key, not be a multifeed peer, or be unreachable")]
+    HandshakeTimeout {
+        /// The configured handshake timeout.
+        after: std::time::Duration,
+    },
+
+    /// Nothing was received from the peer for the idle timeout.
+    #[error("the peer went silent for {after:?} (dead or cut off); reconnect to resume, nothing received so far is lost")]
+    IdleTimeout {
+        /// The configured idle timeout.
+        after: std::time::Duration,
+    },
+
+    /// The connection ended or broke before replication finished.
+    #[error("connection lost before replication finished ({reason}); reconnect to resume, nothing received so far is lost")]
+    ConnectionLost {
+        /// What ended it.
+        reason: String,
+    },
+
+    /// The peer broke the protocol or a limit (oversized message, too many feeds, ...).
+    #[error("the peer broke the protocol: {reason}; the connection was closed and the local store is intact")]
+    PeerFault {
+        /// What it did.
+        reason: String,
+    },
+
+    /// The peer sent a block that failed verification (bad signature or Merkle proof).
+    #[error("feed {key}: the peer sent data that failed verification ({reason}); it was rejected and the local feed is intact")]
+    InvalidData {
+        /// Hex key of the feed.
+        key: String,
+        /// What failed.
+        reason: String,
+    },
+
     /// Stored data is damaged: it cannot be decoded or does not match what the index recorded.
     #[error("damaged storage at {}: {reason}; restore it from a backup or delete it to re-sync from peers", path.display())]
     Damaged {
@@ -94,6 +155,24 @@ pub enum Error {
         /// What was found.
         reason: String,
     },
+}
+
+/// Errors that end a replication session.
+impl Error {
+    /// Whether the error was caused by the peer (or the link to it) rather than locally.
+    pub fn is_peer_fault(&self) -> bool {
+        matches!(
+            self,
+            Error::VersionMismatch { .. }
+                | Error::ClientMismatch { .. }
+                | Error::SharedKeyMismatch
+                | Error::HandshakeTimeout { .. }
+                | Error::IdleTimeout { .. }
+                | Error::PeerFault { .. }
+                | Error::InvalidData { .. }
+                | Error::ConnectionLost { .. }
+        )
+    }
 }
 
 impl Error {

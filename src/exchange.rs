@@ -51,6 +51,7 @@ pub(crate) enum ExchangeMessage {
     Manifest(Vec<OfferedFeed>),
     Request(Vec<FeedKey>),
     Ping(u64),
+    Done,
 }
 
 /// Why a peer's exchange message was refused.
@@ -95,6 +96,7 @@ impl ExchangeMessage {
                 keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
             }),
             ExchangeMessage::Ping(nonce) => Body::Ping(pb::Ping { nonce: *nonce }),
+            ExchangeMessage::Done => Body::Done(pb::Done {}),
         };
         pb::ExchangeMessage { body: Some(body) }.encode_to_vec()
     }
@@ -151,6 +153,7 @@ impl ExchangeMessage {
                 )
             }
             Body::Ping(p) => ExchangeMessage::Ping(p.nonce),
+            Body::Done(_) => ExchangeMessage::Done,
         })
     }
 }
@@ -181,6 +184,7 @@ mod tests {
         }]));
         round_trip(ExchangeMessage::Request(vec![FeedKey::from_bytes([2; 32])]));
         round_trip(ExchangeMessage::Ping(9));
+        round_trip(ExchangeMessage::Done);
     }
 
     #[test]

@@ -51,14 +51,13 @@
 #![deny(missing_docs)]
 
 mod error;
-#[allow(dead_code)] // used by replication, which lands next
 mod exchange;
 mod feed;
 mod index;
 pub mod keys;
 mod multifeed;
 mod proto;
-mod replicate;
+pub mod replicate;
 mod storage;
 
 // Compiles and runs the README's example as a doctest.
@@ -70,6 +69,8 @@ pub use crate::{
     error::{Error, Result},
     feed::Feed,
     keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
+    exchange::{CLIENT_NAME, PROTOCOL_VERSION},
     multifeed::{Event, Multifeed, Options, SkippedFeed},
+    replicate::{ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary},
     storage::{Durability, StorageConfig},
 };

@@ -33,6 +33,8 @@ impl Default for FeedSyncOptions {
 /// Cumulative counts for this connection, sent after each verified block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Progress {
+    /// The feed's key (the channel's key).
+    pub key: [u8; 32],
     pub blocks: u64,
     pub bytes: u64,
 }
@@ -82,6 +84,7 @@ pub async fn run_feed(
     feed: Arc<SharedFeed>,
     opts: FeedSyncOptions,
     progress: Option<mpsc::Sender<Progress>>,
+    mut on_synced: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<FeedSyncSummary, FeedSyncError> {
     let rx = channel
         .take_receiver()
@@ -100,6 +103,9 @@ pub async fn run_feed(
         }
         if fsm.is_synced() {
             sum.synced = true;
+            if let Some(tx) = on_synced.take() {
+                let _ = tx.send(());
+            }
             if !opts.live {
                 // Best effort: the peer may already have closed.
                 let _ = channel.close().await;
@@ -211,6 +217,7 @@ async fn step(
                             if let Some(p) = progress {
                                 // Never stall replication on a slow consumer.
                                 let _ = p.try_send(Progress {
+                                    key: *channel.key(),
                                     blocks: sum.blocks_received,
                                     bytes: sum.bytes_received,
                                 });

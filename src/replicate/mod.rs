@@ -1,5 +1,6 @@
 //! Replication: the feed exchange over the Hypercore v10 wire protocol.
 //!
+//! - `session`: one connection — root channel, feed exchange, per-feed channels.
 //! - `transport`: framing, Noise, and the workarounds for hypercore-protocol's defects.
 //! - `feed_sync`: IO-less state machine replicating one feed over one channel.
 //! - `feed_task`: the async driver of `feed_sync` against a shared core.
@@ -8,4 +9,246 @@
 
 pub(crate) mod feed_sync;
 pub(crate) mod feed_task;
+mod session;
 pub(crate) mod transport;
+
+use std::time::Duration;
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+use crate::{
+    FeedKey, Multifeed,
+    error::{Error, Result},
+    exchange::{CLIENT_NAME, PROTOCOL_VERSION},
+};
+
+/// How a replication session behaves. Start from `ReplicateOptions::new(initiator)`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ReplicateOptions {
+    /// Whether this side initiated the connection. Exactly one side must be.
+    pub initiator: bool,
+    /// Keep replicating new data and new feeds until stopped (`true`), or return once
+    /// both sides hold every agreed feed (`false`, the default).
+    pub live: bool,
+    /// Time allowed for the connection, shared-key check and feed-exchange handshake.
+    /// Default 10 s. A peer with another shared key fails faster, as soon as its first
+    /// channel arrives.
+    pub handshake_timeout: Duration,
+    /// A session that receives nothing for this long ends with [`Error::IdleTimeout`].
+    /// Both sides send keep-alives at a third of it. Default 30 s.
+    pub idle_timeout: Duration,
+    /// At most this many feeds sync at once on this connection; the rest wait their
+    /// turn. Default 64.
+    pub max_active_feeds: usize,
+    /// At most this many feeds the peer may offer. Default 100,000.
+    pub max_offered_feeds: usize,
+    /// Largest feed-exchange message or block accepted from the peer. Default 4 MiB.
+    pub max_message_len: usize,
+    /// Block requests in flight per feed. Default 32.
+    pub window: usize,
+    /// Client name sent in the handshake; peers must use the same. Default `multifeed-rs`.
+    pub client_name: String,
+    /// Feed-exchange protocol version (semver) sent in the handshake. Peers must share
+    /// the major version. Default: this crate's [`PROTOCOL_VERSION`].
+    pub protocol_version: String,
+    /// Opaque data handed to the peer in the handshake.
+    pub user_data: Option<Vec<u8>>,
+}
+
+impl ReplicateOptions {
+    /// Defaults, for the initiating or the responding side.
+    pub fn new(initiator: bool) -> Self {
+        Self {
+            initiator,
+            live: false,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_active_feeds: 64,
+            max_offered_feeds: 100_000,
+            max_message_len: 4 * 1024 * 1024,
+            window: 32,
+            client_name: CLIENT_NAME.to_string(),
+            protocol_version: PROTOCOL_VERSION.to_string(),
+            user_data: None,
+        }
+    }
+
+    /// Sets [`ReplicateOptions::live`].
+    pub fn live(mut self, live: bool) -> Self {
+        self.live = live;
+        self
+    }
+
+    /// Sets [`ReplicateOptions::handshake_timeout`].
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ReplicateOptions::idle_timeout`].
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ReplicateOptions::max_active_feeds`].
+    pub fn max_active_feeds(mut self, max: usize) -> Self {
+        self.max_active_feeds = max.max(1);
+        self
+    }
+
+    /// Sets [`ReplicateOptions::max_offered_feeds`].
+    pub fn max_offered_feeds(mut self, max: usize) -> Self {
+        self.max_offered_feeds = max;
+        self
+    }
+
+    /// Sets [`ReplicateOptions::protocol_version`].
+    pub fn protocol_version(mut self, version: impl Into<String>) -> Self {
+        self.protocol_version = version.into();
+        self
+    }
+
+    /// Sets [`ReplicateOptions::client_name`].
+    pub fn client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = name.into();
+        self
+    }
+
+    /// Sets [`ReplicateOptions::user_data`].
+    pub fn user_data(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.user_data = Some(data.into());
+        self
+    }
+
+    pub(crate) fn keepalive_interval(&self) -> Duration {
+        (self.idle_timeout / 3).max(Duration::from_millis(10))
+    }
+}
+
+/// What a session did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplicationSummary {
+    /// Remote feeds this side learnt (admitted as new members).
+    pub feeds_learnt: usize,
+    /// Feed channels that reached sync.
+    pub feeds_synced: usize,
+    /// Verified blocks received.
+    pub blocks_received: u64,
+    /// Bytes of verified blocks received.
+    pub bytes_received: u64,
+    /// Blocks sent to the peer.
+    pub blocks_sent: u64,
+    /// Bytes of blocks sent to the peer.
+    pub bytes_sent: u64,
+    /// The `user_data` of the peer's handshake.
+    pub remote_user_data: Option<Vec<u8>>,
+}
+
+/// Something that happened during a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReplicationEvent {
+    /// The peer offered these feeds (one event per manifest it sent).
+    RemoteFeeds {
+        /// The offered keys.
+        keys: Vec<FeedKey>,
+    },
+    /// Download progress of one feed: running totals on this connection.
+    Progress {
+        /// The feed.
+        key: FeedKey,
+        /// Blocks received so far.
+        blocks: u64,
+        /// Bytes received so far.
+        bytes: u64,
+    },
+    /// A feed reached sync with the peer (both hold what the other had).
+    FeedSynced {
+        /// The feed.
+        key: FeedKey,
+    },
+}
+
+/// A running replication session. Dropping it aborts the session.
+#[derive(Debug)]
+pub struct Replication {
+    events: mpsc::Receiver<ReplicationEvent>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<ReplicationSummary>>,
+}
+
+impl Replication {
+    /// The next event, or `None` once the session has ended. Events are buffered
+    /// (1,024); a consumer that falls further behind misses some, and replication
+    /// never waits for it.
+    pub async fn next_event(&mut self) -> Option<ReplicationEvent> {
+        self.events.recv().await
+    }
+
+    /// Asks the session to end cleanly (closing its channels); [`Replication::finish`]
+    /// then returns its summary.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits for the session to end: a one-shot session once everything is in sync, a
+    /// live one after [`Replication::stop`] or an error.
+    pub async fn finish(mut self) -> Result<ReplicationSummary> {
+        let result = (&mut self.task).await;
+        match result {
+            Ok(result) => result,
+            Err(e) => Err(Error::PeerFault {
+                reason: format!("replication task failed: {e}"),
+            }),
+        }
+    }
+}
+
+impl Drop for Replication {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Multifeed {
+    /// Replicates with one peer over `io` (TCP, a duplex pipe, ...) until done: in
+    /// one-shot mode until both sides hold every agreed feed. See [`ReplicateOptions`].
+    pub async fn replicate<S>(&self, io: S, options: ReplicateOptions) -> Result<ReplicationSummary>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        self.start_replication(io, options).finish().await
+    }
+
+    /// Starts replicating with one peer over `io` in a task, returning a handle with
+    /// events and a clean stop. Must be called inside a tokio runtime.
+    pub fn start_replication<S>(&self, io: S, options: ReplicateOptions) -> Replication
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (events_tx, events) = mpsc::channel(1024);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(session::run(self.clone(), io, options, events_tx, stop_rx));
+        Replication { events, stop, task }
+    }
+}
+
+impl crate::Feed {
+    /// Replicates just this feed with a plain Hypercore v10 peer (for example a JS
+    /// `hypercore` 10/11 `core.replicate(...)` stream) over `io`, without the feed
+    /// exchange: both sides open the feed's channel directly. One-shot mode returns
+    /// once both sides hold the same blocks; live mode runs until the peer leaves.
+    pub async fn replicate_raw<S>(&self, io: S, options: ReplicateOptions) -> Result<ReplicationSummary>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        session::run_single(self.clone(), io, options).await
+    }
+}

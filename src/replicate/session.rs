@@ -1,0 +1,695 @@
+//! One replication session: the feed exchange on the root channel, and one
+//! hypercore channel per agreed feed, over a single connection.
+//!
+//! Sequence: Noise handshake → both open the root channel on the shared key (the
+//! capability check proves the peer knows it) → `Handshake` both ways (client,
+//! semver) → `Manifest` of member keys with lengths → `Request` for what each side
+//! wants (always sent, possibly empty) → the requester opens a channel per wanted
+//! feed, at most `max_active_feeds` syncing at once; the other side answers each open
+//! → per-feed replication. One-shot: each side sends `Done` when it wants nothing
+//! more and has served every request; the session ends when both have.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use hypercore_protocol::{
+    Channel, CommandTx, DiscoveryKey, Event as ProtocolEvent, Message, Protocol, discovery_key,
+    schema::Extension,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{mpsc, oneshot, watch},
+    task::JoinSet,
+};
+
+use super::{
+    ReplicateOptions, ReplicationEvent, ReplicationSummary,
+    feed_task::{FeedSyncError, FeedSyncOptions, FeedSyncSummary, Progress, run_feed},
+    transport::{self, TransportFault, TransportLimits, TransportStatus},
+};
+use crate::{
+    Event, FeedKey, Multifeed,
+    error::{Error, Result},
+    exchange::{DecodeError, ExchangeLimits, ExchangeMessage, Handshake, OfferedFeed},
+};
+
+/// Name of the Extension message that carries the feed exchange.
+const EXCHANGE_EXTENSION: &str = "multifeed/exchange";
+/// How long a session that fails the handshake keeps the link up so the peer
+/// receives our handshake too (both sides must see the mismatch).
+const LINGER: Duration = Duration::from_millis(500);
+
+type FeedResult = (FeedKey, std::result::Result<FeedSyncSummary, FeedSyncError>);
+
+pub(crate) async fn run<S>(
+    multifeed: Multifeed,
+    io: S,
+    options: ReplicateOptions,
+    events: mpsc::Sender<ReplicationEvent>,
+    stop: watch::Receiver<bool>,
+) -> Result<ReplicationSummary>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let limits = TransportLimits {
+        max_frame_len: options.max_message_len + 64 * 1024,
+        ..TransportLimits::default()
+    };
+    let (protocol, status) = tokio::time::timeout(
+        options.handshake_timeout,
+        transport::protocol(io, options.initiator, limits),
+    )
+    .await
+    .map_err(|_| Error::HandshakeTimeout {
+        after: options.handshake_timeout,
+    })?
+    .map_err(transport_error)?;
+    let mut session = Session::new(multifeed, options, protocol.commands(), events);
+    let result = session.drive(protocol, &status, stop).await;
+    session.tasks.abort_all();
+    session.synced.abort_all();
+    result
+}
+
+fn transport_error(fault: TransportFault) -> Error {
+    match fault {
+        TransportFault::Eof | TransportFault::Io(_) | TransportFault::Cipher(_) => {
+            Error::ConnectionLost {
+                reason: fault.to_string(),
+            }
+        }
+        other => Error::PeerFault {
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn feed_error(key: FeedKey, error: FeedSyncError) -> Error {
+    match error {
+        FeedSyncError::InvalidData { reason, .. } => Error::InvalidData {
+            key: key.to_hex(),
+            reason,
+        },
+        FeedSyncError::Protocol(violation) => Error::PeerFault {
+            reason: format!("feed {key}: {violation}"),
+        },
+        FeedSyncError::Core(source) => Error::core(key, source),
+        FeedSyncError::ClosedBeforeSync | FeedSyncError::Io(_) => Error::ConnectionLost {
+            reason: format!("feed {key}: {error}"),
+        },
+        other => Error::PeerFault {
+            reason: format!("feed {key}: {other}"),
+        },
+    }
+}
+
+struct Session {
+    multifeed: Multifeed,
+    options: ReplicateOptions,
+    commands: CommandTx,
+    events: mpsc::Sender<ReplicationEvent>,
+    root_dk: DiscoveryKey,
+    root: Option<Channel>,
+    root_rx: Option<hypercore_protocol::ChannelReceiver<Message>>,
+    handshake_done: bool,
+    /// Member feeds we told the peer about, by discovery key.
+    offered: HashMap<DiscoveryKey, FeedKey>,
+    /// Feeds the peer told us about.
+    remote_offer: HashSet<FeedKey>,
+    /// Feeds we requested and have not opened yet.
+    queue: VecDeque<FeedKey>,
+    /// Feeds we opened and that are not in sync yet.
+    syncing: HashSet<FeedKey>,
+    /// Feeds the peer requested from us and that are not in sync yet.
+    serving: HashSet<FeedKey>,
+    /// Feeds with a running channel on this connection.
+    running: HashSet<FeedKey>,
+    got_manifest: bool,
+    got_request: bool,
+    done_sent: bool,
+    done_received: bool,
+    tasks: JoinSet<FeedResult>,
+    /// Resolves with a feed's key when its channel first reaches sync (live mode).
+    synced: JoinSet<Option<FeedKey>>,
+    progress_tx: mpsc::Sender<Progress>,
+    progress_rx: mpsc::Receiver<Progress>,
+    summary: ReplicationSummary,
+    limits: ExchangeLimits,
+}
+
+impl Session {
+    fn new(
+        multifeed: Multifeed,
+        options: ReplicateOptions,
+        commands: CommandTx,
+        events: mpsc::Sender<ReplicationEvent>,
+    ) -> Self {
+        let root_dk = discovery_key(multifeed.shared_key().as_bytes());
+        let (progress_tx, progress_rx) = mpsc::channel(1024);
+        let limits = ExchangeLimits {
+            max_message_len: options.max_message_len,
+            max_feeds_per_message: options.max_offered_feeds,
+        };
+        Self {
+            multifeed,
+            options,
+            commands,
+            events,
+            root_dk,
+            root: None,
+            root_rx: None,
+            handshake_done: false,
+            offered: HashMap::new(),
+            remote_offer: HashSet::new(),
+            queue: VecDeque::new(),
+            syncing: HashSet::new(),
+            serving: HashSet::new(),
+            running: HashSet::new(),
+            got_manifest: false,
+            got_request: false,
+            done_sent: false,
+            done_received: false,
+            tasks: JoinSet::new(),
+            synced: JoinSet::new(),
+            progress_tx,
+            progress_rx,
+            summary: ReplicationSummary::default(),
+            limits,
+        }
+    }
+
+    fn emit(&self, event: ReplicationEvent) {
+        // Events are advisory: a consumer that does not keep up loses some, never stalls us.
+        let _ = self.events.try_send(event);
+    }
+
+    async fn drive(
+        &mut self,
+        mut protocol: Protocol,
+        status: &TransportStatus,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<ReplicationSummary> {
+        let started = Instant::now();
+        self.commands
+            .open(*self.multifeed.shared_key().as_bytes())
+            .await
+            .map_err(|e| Error::ConnectionLost {
+                reason: e.to_string(),
+            })?;
+        let mut member_events = self.multifeed.events();
+        let mut keepalive = tokio::time::interval(self.options.keepalive_interval());
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        let outcome: Result<Option<ReplicationSummary>> = loop {
+            let step = tokio::select! {
+                event = protocol.next() => match event {
+                    Some(Ok(event)) => self.on_protocol_event(event).await,
+                    Some(Err(e)) => Err(status.fault().map(transport_error).unwrap_or(Error::ConnectionLost { reason: e.to_string() })),
+                    None => Err(Error::ConnectionLost { reason: "the protocol stream ended".into() }),
+                },
+                message = recv_root(&mut self.root_rx) => match message {
+                    Some(message) => self.on_root_message(message).await,
+                    None => {
+                        self.root_rx = None;
+                        if self.done_sent && self.done_received {
+                            Ok(())
+                        } else {
+                            Err(Error::ConnectionLost { reason: "the peer closed the group channel".into() })
+                        }
+                    }
+                },
+                Some(joined) = self.tasks.join_next() => match joined {
+                    Ok((key, result)) => self.on_feed_finished(key, result).await,
+                    Err(e) => Err(Error::PeerFault { reason: format!("feed task failed: {e}") }),
+                },
+                Some(Ok(Some(key))) = self.synced.join_next() => {
+                    self.syncing.remove(&key);
+                    self.pump_queue().await
+                },
+                Some(progress) = self.progress_rx.recv() => {
+                    self.emit(ReplicationEvent::Progress {
+                        key: FeedKey::from_bytes(progress.key),
+                        blocks: progress.blocks,
+                        bytes: progress.bytes,
+                    });
+                    Ok(())
+                },
+                Some(event) = member_events.next(), if self.handshake_done => {
+                    self.on_member_event(event).await
+                },
+                _ = keepalive.tick() => self.on_tick(started, status).await,
+                _ = stop.changed() => break Ok(None),
+            };
+            if let Err(e) = step {
+                break Err(e);
+            }
+            if self.done_sent && self.done_received && self.running.is_empty() {
+                break Ok(Some(self.summary.clone()));
+            }
+        };
+
+        match outcome {
+            Ok(summary) => {
+                if let Some(root) = &self.root {
+                    let _ = root.close().await;
+                }
+                // Let the close (and anything queued before it) reach the peer.
+                let _ = tokio::time::timeout(LINGER, async {
+                    while let Some(Ok(_)) = protocol.next().await {}
+                })
+                .await;
+                Ok(summary.unwrap_or_else(|| self.summary.clone()))
+            }
+            Err(error) => {
+                if matches!(error, Error::VersionMismatch { .. } | Error::ClientMismatch { .. }) {
+                    // The peer must get our handshake too, so both sides see the mismatch.
+                    let _ = tokio::time::timeout(LINGER, async {
+                        while let Some(Ok(_)) = protocol.next().await {}
+                    })
+                    .await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn on_tick(&mut self, started: Instant, status: &TransportStatus) -> Result<()> {
+        if !self.handshake_done {
+            if started.elapsed() >= self.options.handshake_timeout {
+                return Err(Error::HandshakeTimeout {
+                    after: self.options.handshake_timeout,
+                });
+            }
+            return Ok(());
+        }
+        if status.last_received().elapsed() >= self.options.idle_timeout {
+            return Err(Error::IdleTimeout {
+                after: self.options.idle_timeout,
+            });
+        }
+        self.send(ExchangeMessage::Ping(rand::random())).await
+    }
+
+    async fn send(&self, message: ExchangeMessage) -> Result<()> {
+        let Some(root) = &self.root else {
+            return Ok(());
+        };
+        root.send(Message::Extension(Extension {
+            name: EXCHANGE_EXTENSION.to_string(),
+            message: message.encode(),
+        }))
+        .await
+        .map_err(|e| Error::ConnectionLost {
+            reason: e.to_string(),
+        })
+    }
+
+    async fn on_protocol_event(&mut self, event: ProtocolEvent) -> Result<()> {
+        match event {
+            ProtocolEvent::Channel(mut channel) => {
+                if *channel.discovery_key() == self.root_dk {
+                    self.root_rx = channel.take_receiver();
+                    self.root = Some(channel);
+                    self.send(ExchangeMessage::Handshake(Handshake {
+                        client: self.options.client_name.clone(),
+                        protocol_version: self.options.protocol_version.clone(),
+                        user_data: self.options.user_data.clone(),
+                    }))
+                    .await?;
+                } else {
+                    self.start_feed(channel);
+                }
+            }
+            ProtocolEvent::DiscoveryKey(dk) => {
+                if dk == self.root_dk {
+                    return Ok(());
+                }
+                if self.root.is_none() {
+                    // The peer's first channel is another group's root: another shared key.
+                    return Err(Error::SharedKeyMismatch);
+                }
+                if let Some(key) = self.offered.get(&dk).copied() {
+                    self.open(key).await?;
+                } else {
+                    tracing::debug!(dk = %hex::encode(dk), "peer opened a feed we did not offer; ignored");
+                }
+            }
+            ProtocolEvent::Close(dk) => {
+                if dk == self.root_dk && !(self.done_sent && self.done_received) {
+                    return Err(Error::ConnectionLost {
+                        reason: "the peer closed the group channel".into(),
+                    });
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn start_feed(&mut self, channel: Channel) {
+        let key = FeedKey::from_bytes(*channel.key());
+        let Some(feed) = self.multifeed.feed(key) else {
+            tracing::debug!(%key, "channel for a feed that is not a member; ignored");
+            return;
+        };
+        if !self.running.insert(key) {
+            return;
+        }
+        let (synced_tx, synced_rx) = oneshot::channel();
+        self.synced
+            .spawn(async move { synced_rx.await.ok().map(|()| key) });
+        let options = FeedSyncOptions {
+            live: self.options.live,
+            window: self.options.window,
+        };
+        let shared = feed.shared().clone();
+        let progress = self.progress_tx.clone();
+        self.tasks.spawn(async move {
+            let result = run_feed(channel, shared, options, Some(progress), Some(synced_tx)).await;
+            (key, result)
+        });
+    }
+
+    async fn open(&self, key: FeedKey) -> Result<()> {
+        self.commands
+            .open(*key.as_bytes())
+            .await
+            .map_err(|e| Error::ConnectionLost {
+                reason: e.to_string(),
+            })
+    }
+
+    async fn on_feed_finished(
+        &mut self,
+        key: FeedKey,
+        result: std::result::Result<FeedSyncSummary, FeedSyncError>,
+    ) -> Result<()> {
+        self.running.remove(&key);
+        match result {
+            Ok(summary) => {
+                self.summary.blocks_received += summary.blocks_received;
+                self.summary.bytes_received += summary.bytes_received;
+                self.summary.blocks_sent += summary.blocks_sent;
+                self.summary.bytes_sent += summary.bytes_sent;
+                if summary.synced {
+                    self.summary.feeds_synced += 1;
+                    self.syncing.remove(&key);
+                    self.serving.remove(&key);
+                    self.emit(ReplicationEvent::FeedSynced { key });
+                }
+                self.pump_queue().await?;
+                self.maybe_done().await
+            }
+            Err(error) => Err(feed_error(key, error)),
+        }
+    }
+
+    async fn on_root_message(&mut self, message: Message) -> Result<()> {
+        let Message::Extension(Extension { name, message }) = message else {
+            return Ok(());
+        };
+        if name != EXCHANGE_EXTENSION {
+            return Ok(());
+        }
+        let message = ExchangeMessage::decode(&message, &self.limits).map_err(|e| match e {
+            DecodeError::TooManyFeeds { count, max } => Error::PeerFault {
+                reason: format!("it offered {count} feeds in one message (limit {max})"),
+            },
+            other => Error::PeerFault {
+                reason: format!("undecodable exchange message: {other}"),
+            },
+        })?;
+        match message {
+            ExchangeMessage::Handshake(handshake) => self.on_handshake(handshake).await,
+            ExchangeMessage::Manifest(feeds) if self.handshake_done => self.on_manifest(feeds).await,
+            ExchangeMessage::Request(keys) if self.handshake_done => self.on_request(keys).await,
+            ExchangeMessage::Done if self.handshake_done => {
+                self.done_received = true;
+                Ok(())
+            }
+            ExchangeMessage::Ping(_) => Ok(()),
+            _ => Err(Error::PeerFault {
+                reason: "it sent feed-exchange messages before its handshake".into(),
+            }),
+        }
+    }
+
+    async fn on_handshake(&mut self, handshake: Handshake) -> Result<()> {
+        if self.handshake_done {
+            return Err(Error::PeerFault {
+                reason: "it sent a second handshake".into(),
+            });
+        }
+        if handshake.client != self.options.client_name {
+            return Err(Error::ClientMismatch {
+                ours: self.options.client_name.clone(),
+                theirs: handshake.client.chars().take(100).collect(),
+            });
+        }
+        let ours = semver::Version::parse(&self.options.protocol_version).ok();
+        let theirs = semver::Version::parse(&handshake.protocol_version).ok();
+        match (ours, theirs) {
+            (Some(ours), Some(theirs)) if ours.major == theirs.major => {}
+            _ => {
+                return Err(Error::VersionMismatch {
+                    ours: self.options.protocol_version.clone(),
+                    theirs: handshake.protocol_version.chars().take(100).collect(),
+                });
+            }
+        }
+        self.handshake_done = true;
+        self.summary.remote_user_data = handshake.user_data;
+        // Offer every member; later members are announced as they are added.
+        let feeds = self.multifeed.feeds();
+        let mut offer = Vec::with_capacity(feeds.len());
+        for feed in feeds {
+            let key = feed.key();
+            self.offered.insert(discovery_key(key.as_bytes()), key);
+            offer.push(OfferedFeed {
+                key,
+                length: Some(feed.len().await),
+                metadata: Default::default(),
+            });
+        }
+        for chunk in offer.chunks(self.limits.max_feeds_per_message.clamp(1, 10_000)) {
+            self.send(ExchangeMessage::Manifest(chunk.to_vec())).await?;
+        }
+        if offer.is_empty() {
+            self.send(ExchangeMessage::Manifest(Vec::new())).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_manifest(&mut self, feeds: Vec<OfferedFeed>) -> Result<()> {
+        if self.remote_offer.len() + feeds.len() > self.options.max_offered_feeds {
+            return Err(Error::PeerFault {
+                reason: format!(
+                    "it offered more than {} feeds (ReplicateOptions::max_offered_feeds)",
+                    self.options.max_offered_feeds
+                ),
+            });
+        }
+        let mut wanted = Vec::new();
+        for offered in &feeds {
+            let key = offered.key;
+            if key.as_bytes() == self.multifeed.shared_key().as_bytes() {
+                continue;
+            }
+            self.remote_offer.insert(key);
+            let want = match self.multifeed.feed(key) {
+                None => true,
+                // Live: keep a channel on every shared feed so appends flow both ways.
+                Some(_) if self.options.live => true,
+                Some(feed) => offered.length.unwrap_or(u64::MAX) > feed.len().await,
+            };
+            if want && !self.queue.contains(&key) && !self.syncing.contains(&key) {
+                wanted.push(key);
+            }
+        }
+        self.got_manifest = true;
+        self.emit(ReplicationEvent::RemoteFeeds {
+            keys: feeds.iter().map(|f| f.key).collect(),
+        });
+        self.send(ExchangeMessage::Request(wanted.clone())).await?;
+        self.queue.extend(wanted);
+        self.pump_queue().await?;
+        self.maybe_done().await
+    }
+
+    async fn on_request(&mut self, keys: Vec<FeedKey>) -> Result<()> {
+        for key in keys {
+            if self.offered.contains_key(&discovery_key(key.as_bytes())) {
+                self.serving.insert(key);
+            } else {
+                tracing::debug!(%key, "peer requested a feed we did not offer; ignored");
+            }
+        }
+        self.got_request = true;
+        self.maybe_done().await
+    }
+
+    /// Opens queued feeds while fewer than `max_active_feeds` are syncing.
+    async fn pump_queue(&mut self) -> Result<()> {
+        while self.syncing.len() < self.options.max_active_feeds {
+            let Some(key) = self.queue.pop_front() else {
+                break;
+            };
+            let (_, added) = self.multifeed.admit_remote(key).await?;
+            if added {
+                self.summary.feeds_learnt += 1;
+            }
+            self.syncing.insert(key);
+            self.open(key).await?;
+        }
+        Ok(())
+    }
+
+    async fn maybe_done(&mut self) -> Result<()> {
+        if self.options.live || self.done_sent {
+            return Ok(());
+        }
+        if self.got_manifest
+            && self.got_request
+            && self.queue.is_empty()
+            && self.syncing.is_empty()
+            && self.serving.is_empty()
+        {
+            self.done_sent = true;
+            self.send(ExchangeMessage::Done).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_member_event(&mut self, event: Event) -> Result<()> {
+        if self.done_sent {
+            return Ok(());
+        }
+        let keys: Vec<FeedKey> = match event {
+            Event::FeedAdded { key, .. } => vec![key],
+            Event::Lagged { .. } => self.multifeed.feeds().iter().map(|f| f.key()).collect(),
+        };
+        let mut announce = Vec::new();
+        for key in keys {
+            let dk = discovery_key(key.as_bytes());
+            if self.offered.contains_key(&dk) || self.remote_offer.contains(&key) {
+                continue;
+            }
+            let Some(feed) = self.multifeed.feed(key) else {
+                continue;
+            };
+            self.offered.insert(dk, key);
+            announce.push(OfferedFeed {
+                key,
+                length: Some(feed.len().await),
+                metadata: Default::default(),
+            });
+        }
+        if announce.is_empty() {
+            return Ok(());
+        }
+        self.send(ExchangeMessage::Manifest(announce)).await
+    }
+}
+
+async fn recv_root(rx: &mut Option<hypercore_protocol::ChannelReceiver<Message>>) -> Option<Message> {
+    match rx {
+        Some(rx) => rx.recv().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Replicates one feed with a plain hypercore peer: no root channel, no exchange.
+pub(crate) async fn run_single<S>(
+    feed: crate::Feed,
+    io: S,
+    options: ReplicateOptions,
+) -> Result<ReplicationSummary>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let limits = TransportLimits {
+        max_frame_len: options.max_message_len + 64 * 1024,
+        ..TransportLimits::default()
+    };
+    let (mut protocol, status) = tokio::time::timeout(
+        options.handshake_timeout,
+        transport::protocol(io, options.initiator, limits),
+    )
+    .await
+    .map_err(|_| Error::HandshakeTimeout {
+        after: options.handshake_timeout,
+    })?
+    .map_err(transport_error)?;
+    let key = feed.key();
+    protocol
+        .commands()
+        .open(*key.as_bytes())
+        .await
+        .map_err(|e| Error::ConnectionLost {
+            reason: e.to_string(),
+        })?;
+    let deadline = tokio::time::Instant::now() + options.handshake_timeout;
+    let channel = loop {
+        let event = tokio::time::timeout_at(deadline, protocol.next())
+            .await
+            .map_err(|_| Error::HandshakeTimeout {
+                after: options.handshake_timeout,
+            })?;
+        match event {
+            Some(Ok(ProtocolEvent::Channel(channel))) if channel.key() == key.as_bytes() => break channel,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                return Err(status.fault().map(transport_error).unwrap_or(Error::ConnectionLost {
+                    reason: e.to_string(),
+                }));
+            }
+            None => {
+                return Err(Error::ConnectionLost {
+                    reason: "the protocol stream ended".into(),
+                });
+            }
+        }
+    };
+    let sync_options = FeedSyncOptions {
+        live: options.live,
+        window: options.window,
+    };
+    let mut task = tokio::spawn(run_feed(channel, feed.shared().clone(), sync_options, None, None));
+    let mut idle = tokio::time::interval(options.keepalive_interval());
+    let result = loop {
+        tokio::select! {
+            joined = &mut task => break joined.map_err(|e| Error::PeerFault { reason: e.to_string() })?,
+            event = protocol.next() => match event {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    task.abort();
+                    return Err(status.fault().map(transport_error).unwrap_or(Error::ConnectionLost { reason: e.to_string() }));
+                }
+                None => {
+                    task.abort();
+                    return Err(Error::ConnectionLost { reason: "the protocol stream ended".into() });
+                }
+            },
+            _ = idle.tick() => {
+                if !options.live && status.last_received().elapsed() >= options.idle_timeout {
+                    task.abort();
+                    return Err(Error::IdleTimeout { after: options.idle_timeout });
+                }
+            }
+        }
+    };
+    let summary = result.map_err(|e| feed_error(key, e))?;
+    // Let the channel close reach the peer.
+    let _ = tokio::time::timeout(LINGER, async { while let Some(Ok(_)) = protocol.next().await {} }).await;
+    Ok(ReplicationSummary {
+        feeds_synced: usize::from(summary.synced),
+        blocks_received: summary.blocks_received,
+        bytes_received: summary.bytes_received,
+        blocks_sent: summary.blocks_sent,
+        bytes_sent: summary.bytes_sent,
+        ..ReplicationSummary::default()
+    })
+}
