@@ -212,14 +212,7 @@ impl Session {
                 },
                 message = recv_root(&mut self.root_rx) => match message {
                     Some(message) => self.on_root_message(message).await,
-                    None => {
-                        self.root_rx = None;
-                        if self.done_sent && self.done_received {
-                            Ok(())
-                        } else {
-                            Err(Error::ConnectionLost { reason: "the peer closed the group channel".into() })
-                        }
-                    }
+                    None => self.on_root_closed().await,
                 },
                 Some(joined) = self.tasks.join_next() => match joined {
                     Ok((key, result)) => self.on_feed_finished(key, result).await,
@@ -264,7 +257,10 @@ impl Session {
                 Ok(summary.unwrap_or_else(|| self.summary.clone()))
             }
             Err(error) => {
-                if matches!(error, Error::VersionMismatch { .. } | Error::ClientMismatch { .. }) {
+                if matches!(
+                    error,
+                    Error::VersionMismatch { .. } | Error::ClientMismatch { .. } | Error::SharedKeyMismatch
+                ) {
                     // The peer must get our handshake too, so both sides see the mismatch.
                     let _ = tokio::time::timeout(LINGER, async {
                         while let Some(Ok(_)) = protocol.next().await {}
@@ -338,15 +334,30 @@ impl Session {
                 }
             }
             ProtocolEvent::Close(dk) => {
-                if dk == self.root_dk && !(self.done_sent && self.done_received) {
-                    return Err(Error::ConnectionLost {
-                        reason: "the peer closed the group channel".into(),
-                    });
+                if dk == self.root_dk {
+                    return self.on_root_closed().await;
                 }
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// The peer closed the group channel: fine once both sides said `Done`.
+    async fn on_root_closed(&mut self) -> Result<()> {
+        // Messages it sent before closing may still be queued behind the close event.
+        if let Some(rx) = self.root_rx.take() {
+            while let Ok(message) = rx.try_recv() {
+                self.on_root_message(message).await?;
+            }
+        }
+        if self.done_sent && self.done_received {
+            Ok(())
+        } else {
+            Err(Error::ConnectionLost {
+                reason: "the peer closed the group channel before replication finished".into(),
+            })
+        }
     }
 
     fn start_feed(&mut self, channel: Channel) {

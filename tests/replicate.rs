@@ -1,0 +1,433 @@
+//! Replication between multifeeds (JS checklist items 5–8, 13, 15–19, 21–25, 27, 29,
+//! asserted by key), over in-memory pipes and TCP on 127.0.0.1.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use multifeed::{
+    Error, Multifeed, Options, ReplicateOptions, ReplicationEvent, SharedKey, StorageConfig,
+};
+
+// [basic] replicate two multifeeds, one empty
+#[tokio::test]
+async fn one_empty_side_receives_everything() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let w = a.writer("w").await.unwrap();
+    w.append(b"foo").await.unwrap();
+    let (ra, rb) = sync_pair(&a, &b).await;
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(rb.feeds_learnt, 1);
+    assert_eq!(rb.blocks_received, 1);
+    assert_eq!(ra.blocks_sent, 1);
+    assert_eq!(b.feeds().len(), 1);
+    assert_eq!(b.feed(w.key()).unwrap().get(0).await.unwrap(), Some(b"foo".to_vec()));
+    assert!(!b.feed(w.key()).unwrap().is_local());
+}
+
+// [basic] replicate two empty multifeeds
+#[tokio::test]
+async fn two_empty_multifeeds_finish() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let (ra, rb) = sync_pair(&a, &b).await;
+    assert_eq!(ra.unwrap().feeds_synced, 0);
+    assert_eq!(rb.unwrap().feeds_synced, 0);
+    assert!(a.feeds().is_empty() && b.feeds().is_empty());
+}
+
+// [basic] replicate two multifeeds; [regression] ... 1000 vs 10 entries
+#[tokio::test]
+async fn two_writers_cross_over() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let wa = a.writer("local").await.unwrap();
+    let wb = b.writer("local").await.unwrap();
+    let blocks: Vec<String> = (0..1000).map(|i| format!("foo {i}")).collect();
+    wa.append_batch(&blocks).await.unwrap();
+    for i in 0..10 {
+        wb.append(format!("bar {i}").as_bytes()).await.unwrap();
+    }
+    let (ra, rb) = sync_pair(&a, &b).await;
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!((ra.blocks_received, rb.blocks_received), (10, 1000));
+    assert_eq!(a.feeds().len(), 2);
+    assert_eq!(b.feeds().len(), 2);
+    assert_eq!(a.feed(wb.key()).unwrap().len().await, 10);
+    assert_eq!(b.feed(wa.key()).unwrap().len().await, 1000);
+    assert_eq!(contents(&a).await, contents(&b).await);
+    // Names stay local: the remote copy has none, the local writer keeps its own.
+    assert_eq!(a.feed(wb.key()).unwrap().name(), None);
+    assert_eq!(a.writer("local").await.unwrap().key(), wa.key());
+}
+
+// [basic] can replicate with custom keypairs
+#[tokio::test]
+async fn custom_keypairs_replicate() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let wa = a.writer_with_keypair("local", keypair(1)).await.unwrap();
+    let wb = b.writer_with_keypair("local", keypair(2)).await.unwrap();
+    wa.append(b"foo").await.unwrap();
+    wb.append(b"bar").await.unwrap();
+    let (ra, rb) = sync_pair(&a, &b).await;
+    ra.unwrap();
+    rb.unwrap();
+    assert_eq!(a.feed(keypair(2).public_key()).unwrap().get(0).await.unwrap(), Some(b"bar".to_vec()));
+    assert_eq!(b.feed(keypair(1).public_key()).unwrap().get(0).await.unwrap(), Some(b"foo".to_vec()));
+}
+
+// [regression] replicate two multifeeds, twice
+#[tokio::test]
+async fn replicating_twice_is_idempotent_and_incremental() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let wa = a.writer("w").await.unwrap();
+    wa.append_batch(&[b"1", b"2"]).await.unwrap();
+    b.writer("w").await.unwrap().append(b"x").await.unwrap();
+    let (ra, rb) = sync_pair(&a, &b).await;
+    ra.unwrap();
+    rb.unwrap();
+    // Nothing new: finishes, moves nothing.
+    let (ra, rb) = sync_pair(&a, &b).await;
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!((ra.blocks_received, rb.blocks_received), (0, 0));
+    // New entries: only those move.
+    wa.append_batch(&[b"3", b"4", b"5"]).await.unwrap();
+    let (_, rb) = sync_pair(&a, &b).await;
+    assert_eq!(rb.unwrap().blocks_received, 3);
+    assert_eq!(contents(&a).await, contents(&b).await);
+}
+
+// [mux] regression: ensure we're receiving remote handshake (user data)
+#[tokio::test]
+async fn user_data_reaches_the_other_side() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let (ra, rb) = sync_pair_with(
+        &a,
+        &b,
+        ReplicateOptions::new(true).user_data(b"from-a".to_vec()),
+        ReplicateOptions::new(false).user_data(b"from-b".to_vec()),
+    )
+    .await;
+    assert_eq!(ra.unwrap().remote_user_data, Some(b"from-b".to_vec()));
+    assert_eq!(rb.unwrap().remote_user_data, Some(b"from-a".to_vec()));
+}
+
+// [basic] live replicate two multifeeds; [regression] announce new feed on existing connections
+#[tokio::test]
+async fn live_replication_carries_appends_and_new_feeds() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let wa = a.writer("w").await.unwrap();
+    wa.append(b"first").await.unwrap();
+    let (x, y) = tokio::io::duplex(64 * 1024);
+    let ra = a.start_replication(x, ReplicateOptions::new(true).live(true));
+    let rb = b.start_replication(y, ReplicateOptions::new(false).live(true));
+    wait_for_len(&b, wa.key(), 1).await;
+    wa.append(b"second").await.unwrap();
+    let copy = wait_for_len(&b, wa.key(), 2).await;
+    assert_eq!(copy.get(1).await.unwrap(), Some(b"second".to_vec()));
+    // A writer created while connected is announced and replicated.
+    let late = b.writer("late").await.unwrap();
+    late.append(b"late entry").await.unwrap();
+    let copy = wait_for_len(&a, late.key(), 1).await;
+    assert_eq!(copy.get(0).await.unwrap(), Some(b"late entry".to_vec()));
+    ra.stop();
+    rb.stop();
+    ra.finish().await.unwrap();
+    let _ = rb.finish().await;
+}
+
+// [regression] announce new feed on existing connections (chain m1 - m2 - m3)
+#[tokio::test]
+async fn three_peers_in_a_chain_converge_live() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let c = open_memory().await;
+    let wa = a.writer("local").await.unwrap();
+    wa.append(b"First").await.unwrap();
+    let wb = b.writer("local").await.unwrap();
+    wb.append(b"Second").await.unwrap();
+    let (x, y) = tokio::io::duplex(64 * 1024);
+    let ab = (
+        a.start_replication(x, ReplicateOptions::new(true).live(true)),
+        b.start_replication(y, ReplicateOptions::new(false).live(true)),
+    );
+    let (x, y) = tokio::io::duplex(64 * 1024);
+    let bc = (
+        b.start_replication(x, ReplicateOptions::new(true).live(true)),
+        c.start_replication(y, ReplicateOptions::new(false).live(true)),
+    );
+    // A feed created on C after both connections are up reaches A through B.
+    let wc = c.writer("local").await.unwrap();
+    wc.append(b"Third").await.unwrap();
+    for (group, key, len) in [(&a, wc.key(), 1), (&c, wa.key(), 1), (&a, wb.key(), 1), (&c, wb.key(), 1)] {
+        wait_for_len(group, key, len).await;
+    }
+    // Live appends travel the chain too.
+    wa.append(b"First again").await.unwrap();
+    let copy = wait_for_len(&c, wa.key(), 2).await;
+    assert_eq!(copy.get(1).await.unwrap(), Some(b"First again".to_vec()));
+    for group in [&a, &b, &c] {
+        assert_eq!(group.feeds().len(), 3);
+    }
+    drop((ab, bc));
+}
+
+#[tokio::test]
+async fn events_report_remote_feeds_progress_and_sync() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let w = a.writer("w").await.unwrap();
+    let blocks: Vec<Vec<u8>> = (0..100).map(|i| vec![i as u8; 10]).collect();
+    w.append_batch(&blocks).await.unwrap();
+    let (x, y) = tokio::io::duplex(64 * 1024);
+    let ra = a.start_replication(x, ReplicateOptions::new(true));
+    let mut rb = b.start_replication(y, ReplicateOptions::new(false));
+    let mut events = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(20), rb.next_event())
+        .await
+        .expect("events stalled")
+    {
+        events.push(event);
+    }
+    ra.finish().await.unwrap();
+    rb.finish().await.unwrap();
+    assert!(events.contains(&ReplicationEvent::RemoteFeeds { keys: vec![w.key()] }));
+    assert!(events.contains(&ReplicationEvent::FeedSynced { key: w.key() }));
+    let last_progress = events
+        .iter()
+        .filter_map(|e| match e {
+            ReplicationEvent::Progress { key, blocks, bytes } if *key == w.key() => Some((*blocks, *bytes)),
+            _ => None,
+        })
+        .last();
+    assert_eq!(last_progress, Some((100, 1000)));
+}
+
+#[tokio::test]
+async fn three_hundred_feeds_on_one_connection() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    for i in 0..150 {
+        a.writer(&format!("a{i}")).await.unwrap().append(format!("a{i}").as_bytes()).await.unwrap();
+        b.writer(&format!("b{i}")).await.unwrap().append(format!("b{i}").as_bytes()).await.unwrap();
+    }
+    let (ra, rb) = sync_pair(&a, &b).await;
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!((ra.feeds_learnt, rb.feeds_learnt), (150, 150));
+    assert_eq!(a.feeds().len(), 300);
+    assert_eq!(contents(&a).await, contents(&b).await);
+}
+
+#[tokio::test]
+async fn over_tcp_on_loopback() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let a = open_dir(dir_a.path()).await;
+    let b = open_dir(dir_b.path()).await;
+    let w = a.writer("w").await.unwrap();
+    let blocks: Vec<Vec<u8>> = (0..2000u32).map(|i| i.to_le_bytes().repeat(25)).collect();
+    w.append_batch(&blocks).await.unwrap();
+    let big = vec![7u8; 1024 * 1024];
+    w.append(&big).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            a.replicate(socket, ReplicateOptions::new(false)).await
+        })
+    };
+    let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let rb = tokio::time::timeout(Duration::from_secs(60), b.replicate(socket, ReplicateOptions::new(true)))
+        .await
+        .unwrap()
+        .unwrap();
+    server.await.unwrap().unwrap();
+    assert_eq!(rb.blocks_received, 2001);
+    let copy = b.feed(w.key()).unwrap();
+    assert_eq!(copy.get(2000).await.unwrap(), Some(big));
+    assert_eq!(copy.get(1234).await.unwrap(), Some(blocks[1234].clone()));
+}
+
+#[tokio::test]
+async fn major_version_mismatch_is_refused_on_both_sides_and_changes_nothing() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let a = open_dir(dir_a.path()).await;
+    let b = open_dir(dir_b.path()).await;
+    a.writer("w").await.unwrap().append(b"a").await.unwrap();
+    b.writer("w").await.unwrap().append(b"b").await.unwrap();
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    let snapshot = |dir: &std::path::Path| {
+        let mut files: Vec<_> = files_under(dir)
+            .into_iter()
+            .map(|f| (f.clone(), std::fs::read(f).unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    let (before_a, before_b) = (snapshot(dir_a.path()), snapshot(dir_b.path()));
+    let (ra, rb) = sync_pair_with(
+        &a,
+        &b,
+        ReplicateOptions::new(true).protocol_version("2.0.0"),
+        ReplicateOptions::new(false),
+    )
+    .await;
+    match ra.unwrap_err() {
+        Error::VersionMismatch { ours, theirs } => assert_eq!((ours.as_str(), theirs.as_str()), ("2.0.0", multifeed::PROTOCOL_VERSION)),
+        e => panic!("expected a version mismatch, got {e}"),
+    }
+    match rb.unwrap_err() {
+        Error::VersionMismatch { ours, theirs } => assert_eq!((ours.as_str(), theirs.as_str()), (multifeed::PROTOCOL_VERSION, "2.0.0")),
+        e => panic!("expected a version mismatch, got {e}"),
+    }
+    assert_eq!(a.feeds().len(), 1);
+    assert_eq!(b.feeds().len(), 1);
+    assert_eq!(snapshot(dir_a.path()), before_a);
+    assert_eq!(snapshot(dir_b.path()), before_b);
+}
+
+#[tokio::test]
+async fn unparsable_version_and_other_client_are_typed_errors() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let (ra, rb) = sync_pair_with(&a, &b, ReplicateOptions::new(true).protocol_version("v1"), ReplicateOptions::new(false)).await;
+    assert!(matches!(rb.unwrap_err(), Error::VersionMismatch { theirs, .. } if theirs == "v1"));
+    assert!(matches!(ra.unwrap_err(), Error::VersionMismatch { .. }));
+    let (ra, rb) = sync_pair_with(&a, &b, ReplicateOptions::new(true).client_name("cabal"), ReplicateOptions::new(false)).await;
+    assert!(matches!(rb.unwrap_err(), Error::ClientMismatch { theirs, .. } if theirs == "cabal"));
+    assert!(matches!(ra.unwrap_err(), Error::ClientMismatch { .. }));
+}
+
+#[tokio::test]
+async fn a_newer_minor_version_replicates() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let w = a.writer("w").await.unwrap();
+    w.append(b"x").await.unwrap();
+    let (ra, rb) = sync_pair_with(&a, &b, ReplicateOptions::new(true).protocol_version("1.7.3"), ReplicateOptions::new(false)).await;
+    ra.unwrap();
+    assert_eq!(rb.unwrap().blocks_received, 1);
+}
+
+// [regression] MFs with different root keys cannot replicate
+#[tokio::test]
+async fn wrong_shared_key_fails_fast_and_leaks_no_keys() {
+    let a = open_memory().await;
+    let b = Multifeed::open(StorageConfig::Memory, SharedKey::generate(), Options::default())
+        .await
+        .unwrap();
+    a.writer("w").await.unwrap().append(b"secret").await.unwrap();
+    b.writer("w").await.unwrap().append(b"secret").await.unwrap();
+    let timeout = Duration::from_secs(3);
+    let (x, y) = tokio::io::duplex(64 * 1024);
+    let mut ra = a.start_replication(x, ReplicateOptions::new(true).handshake_timeout(timeout));
+    let mut rb = b.start_replication(y, ReplicateOptions::new(false).handshake_timeout(timeout));
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    while let Some(event) = tokio::time::timeout(timeout * 2, ra.next_event()).await.unwrap() {
+        seen.push(event);
+    }
+    while let Some(event) = tokio::time::timeout(timeout * 2, rb.next_event()).await.unwrap() {
+        seen.push(event);
+    }
+    let ea = ra.finish().await.unwrap_err();
+    let eb = rb.finish().await.unwrap_err();
+    assert!(started.elapsed() < timeout + Duration::from_secs(1));
+    for e in [&ea, &eb] {
+        assert!(
+            matches!(e, Error::SharedKeyMismatch | Error::HandshakeTimeout { .. }),
+            "unexpected error: {e}"
+        );
+    }
+    assert!(seen.is_empty(), "no manifest may cross: {seen:?}");
+    assert_eq!((a.feeds().len(), b.feeds().len()), (1, 1));
+}
+
+#[tokio::test]
+async fn a_silent_peer_hits_the_handshake_timeout() {
+    let a = open_memory().await;
+    let (x, _y) = tokio::io::duplex(64 * 1024);
+    let timeout = Duration::from_millis(500);
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        a.replicate(x, ReplicateOptions::new(true).handshake_timeout(timeout)),
+    )
+    .await
+    .expect("the handshake timeout must end the session");
+    assert!(matches!(result, Err(Error::HandshakeTimeout { .. })), "{result:?}");
+}
+
+#[tokio::test]
+async fn a_killed_live_peer_is_noticed_within_the_idle_timeout() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    a.writer("w").await.unwrap().append(b"x").await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let idle = Duration::from_millis(900);
+    let server = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            a.replicate(socket, ReplicateOptions::new(false).live(true).idle_timeout(idle)).await
+        })
+    };
+    let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let rb = b.start_replication(socket, ReplicateOptions::new(true).live(true).idle_timeout(idle));
+    wait_for_len(&b, a.feeds()[0].key(), 1).await;
+    // Kill B's side abruptly: the task and its socket vanish without a goodbye.
+    drop(rb);
+    let result = tokio::time::timeout(idle * 5, server)
+        .await
+        .expect("a dead peer must be noticed")
+        .unwrap();
+    assert!(
+        matches!(result, Err(Error::IdleTimeout { .. } | Error::ConnectionLost { .. })),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_cut_connection_resumes_and_every_entry_arrives_once() {
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let w = a.writer("w").await.unwrap();
+    let blocks: Vec<String> = (0..5000).map(|i| format!("entry {i}")).collect();
+    w.append_batch(&blocks).await.unwrap();
+    // First attempt: cut the pipe after some progress.
+    let (x, y) = tokio::io::duplex(16 * 1024);
+    let ra = a.start_replication(x, ReplicateOptions::new(true));
+    let mut rb = b.start_replication(y, ReplicateOptions::new(false));
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), rb.next_event()).await.unwrap() {
+            Some(ReplicationEvent::Progress { blocks, .. }) if blocks >= 100 => break,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    drop(ra);
+    let first = rb.finish().await;
+    let got = b.feed(w.key()).map(|f| f.key());
+    assert!(got.is_some());
+    let partial = b.feed(w.key()).unwrap().len().await;
+    assert!(first.is_err() || partial == 5000);
+    // Second attempt completes.
+    let (ra, rb) = sync_pair(&a, &b).await;
+    ra.unwrap();
+    rb.unwrap();
+    let copy = b.feed(w.key()).unwrap();
+    assert_eq!(copy.len().await, 5000);
+    for (i, block) in blocks.iter().enumerate() {
+        assert_eq!(copy.get(i as u64).await.unwrap().unwrap(), block.as_bytes());
+    }
+}
