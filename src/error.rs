@@ -88,7 +88,9 @@ pub enum Error {
 
     /// The peer speaks another major version of the feed-exchange protocol (or sent
     /// no parsable version). Nothing was exchanged and neither store changed.
-    #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs:?}; upgrade the older side to the same major version")]
+    #[error(
+        "protocol version mismatch: we speak {ours}, the peer speaks {theirs:?}; upgrade the older side to the same major version"
+    )]
     VersionMismatch {
         /// Our protocol version.
         ours: String,
@@ -97,7 +99,9 @@ pub enum Error {
     },
 
     /// The peer is another kind of client.
-    #[error("client mismatch: we are {ours:?}, the peer is {theirs:?}; both sides must run a compatible multifeed client")]
+    #[error(
+        "client mismatch: we are {ours:?}, the peer is {theirs:?}; both sides must run a compatible multifeed client"
+    )]
     ClientMismatch {
         /// Our client name.
         ours: String,
@@ -106,40 +110,52 @@ pub enum Error {
     },
 
     /// The peer does not know our shared key (it opened another group's root channel).
-    #[error("the peer belongs to another group (different shared key); check the key on both sides")]
+    #[error(
+        "the peer belongs to another group (different shared key); check the key on both sides"
+    )]
     SharedKeyMismatch,
 
     /// The peer did not complete the handshake in time: wrong shared key, not a
     /// multifeed peer, or a stalled link.
-    #[error("no handshake from the peer within {after:?}: it may use another shared key, not be a multifeed peer, or be unreachable")]
+    #[error(
+        "no handshake from the peer within {after:?}: it may use another shared key, not be a multifeed peer, or be unreachable"
+    )]
     HandshakeTimeout {
         /// The configured handshake timeout.
         after: std::time::Duration,
     },
 
     /// Nothing was received from the peer for the idle timeout.
-    #[error("the peer went silent for {after:?} (dead or cut off); reconnect to resume, nothing received so far is lost")]
+    #[error(
+        "the peer went silent for {after:?} (dead or cut off); reconnect to resume, nothing received so far is lost"
+    )]
     IdleTimeout {
         /// The configured idle timeout.
         after: std::time::Duration,
     },
 
     /// The connection ended or broke before replication finished.
-    #[error("connection lost before replication finished ({reason}); reconnect to resume, nothing received so far is lost")]
+    #[error(
+        "connection lost before replication finished ({reason}); reconnect to resume, nothing received so far is lost"
+    )]
     ConnectionLost {
         /// What ended it.
         reason: String,
     },
 
     /// The peer broke the protocol or a limit (oversized message, too many feeds, ...).
-    #[error("the peer broke the protocol: {reason}; the connection was closed and the local store is intact")]
+    #[error(
+        "the peer broke the protocol: {reason}; the connection was closed and the local store is intact"
+    )]
     PeerFault {
         /// What it did.
         reason: String,
     },
 
     /// The peer sent a block that failed verification (bad signature or Merkle proof).
-    #[error("feed {key}: the peer sent data that failed verification ({reason}); it was rejected and the local feed is intact")]
+    #[error(
+        "feed {key}: the peer sent data that failed verification ({reason}); it was rejected and the local feed is intact"
+    )]
     InvalidData {
         /// Hex key of the feed.
         key: String,

@@ -67,9 +67,9 @@ struct ReadmeDoctests;
 
 pub use crate::{
     error::{Error, Result},
+    exchange::{CLIENT_NAME, PROTOCOL_VERSION},
     feed::Feed,
     keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
-    exchange::{CLIENT_NAME, PROTOCOL_VERSION},
     multifeed::{Event, Multifeed, Options, SkippedFeed},
     replicate::{ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary},
     storage::{Durability, StorageConfig},

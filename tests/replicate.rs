@@ -23,7 +23,10 @@ async fn one_empty_side_receives_everything() {
     assert_eq!(rb.blocks_received, 1);
     assert_eq!(ra.blocks_sent, 1);
     assert_eq!(b.feeds().len(), 1);
-    assert_eq!(b.feed(w.key()).unwrap().get(0).await.unwrap(), Some(b"foo".to_vec()));
+    assert_eq!(
+        b.feed(w.key()).unwrap().get(0).await.unwrap(),
+        Some(b"foo".to_vec())
+    );
     assert!(!b.feed(w.key()).unwrap().is_local());
 }
 
@@ -75,8 +78,22 @@ async fn custom_keypairs_replicate() {
     let (ra, rb) = sync_pair(&a, &b).await;
     ra.unwrap();
     rb.unwrap();
-    assert_eq!(a.feed(keypair(2).public_key()).unwrap().get(0).await.unwrap(), Some(b"bar".to_vec()));
-    assert_eq!(b.feed(keypair(1).public_key()).unwrap().get(0).await.unwrap(), Some(b"foo".to_vec()));
+    assert_eq!(
+        a.feed(keypair(2).public_key())
+            .unwrap()
+            .get(0)
+            .await
+            .unwrap(),
+        Some(b"bar".to_vec())
+    );
+    assert_eq!(
+        b.feed(keypair(1).public_key())
+            .unwrap()
+            .get(0)
+            .await
+            .unwrap(),
+        Some(b"foo".to_vec())
+    );
 }
 
 // [regression] replicate two multifeeds, twice
@@ -165,7 +182,12 @@ async fn three_peers_in_a_chain_converge_live() {
     // A feed created on C after both connections are up reaches A through B.
     let wc = c.writer("local").await.unwrap();
     wc.append(b"Third").await.unwrap();
-    for (group, key, len) in [(&a, wc.key(), 1), (&c, wa.key(), 1), (&a, wb.key(), 1), (&c, wb.key(), 1)] {
+    for (group, key, len) in [
+        (&a, wc.key(), 1),
+        (&c, wa.key(), 1),
+        (&a, wb.key(), 1),
+        (&c, wb.key(), 1),
+    ] {
         wait_for_len(group, key, len).await;
     }
     // Live appends travel the chain too.
@@ -197,12 +219,16 @@ async fn events_report_remote_feeds_progress_and_sync() {
     }
     ra.finish().await.unwrap();
     rb.finish().await.unwrap();
-    assert!(events.contains(&ReplicationEvent::RemoteFeeds { keys: vec![w.key()] }));
+    assert!(events.contains(&ReplicationEvent::RemoteFeeds {
+        keys: vec![w.key()]
+    }));
     assert!(events.contains(&ReplicationEvent::FeedSynced { key: w.key() }));
     let last_progress = events
         .iter()
         .filter_map(|e| match e {
-            ReplicationEvent::Progress { key, blocks, bytes } if *key == w.key() => Some((*blocks, *bytes)),
+            ReplicationEvent::Progress { key, blocks, bytes } if *key == w.key() => {
+                Some((*blocks, *bytes))
+            }
             _ => None,
         })
         .last();
@@ -214,8 +240,18 @@ async fn three_hundred_feeds_on_one_connection() {
     let a = open_memory().await;
     let b = open_memory().await;
     for i in 0..150 {
-        a.writer(&format!("a{i}")).await.unwrap().append(format!("a{i}").as_bytes()).await.unwrap();
-        b.writer(&format!("b{i}")).await.unwrap().append(format!("b{i}").as_bytes()).await.unwrap();
+        a.writer(&format!("a{i}"))
+            .await
+            .unwrap()
+            .append(format!("a{i}").as_bytes())
+            .await
+            .unwrap();
+        b.writer(&format!("b{i}"))
+            .await
+            .unwrap()
+            .append(format!("b{i}").as_bytes())
+            .await
+            .unwrap();
     }
     let (ra, rb) = sync_pair(&a, &b).await;
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
@@ -245,10 +281,13 @@ async fn over_tcp_on_loopback() {
         })
     };
     let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let rb = tokio::time::timeout(Duration::from_secs(60), b.replicate(socket, ReplicateOptions::new(true)))
-        .await
-        .unwrap()
-        .unwrap();
+    let rb = tokio::time::timeout(
+        Duration::from_secs(60),
+        b.replicate(socket, ReplicateOptions::new(true)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     server.await.unwrap().unwrap();
     assert_eq!(rb.blocks_received, 2001);
     let copy = b.feed(w.key()).unwrap();
@@ -283,11 +322,17 @@ async fn major_version_mismatch_is_refused_on_both_sides_and_changes_nothing() {
     )
     .await;
     match ra.unwrap_err() {
-        Error::VersionMismatch { ours, theirs } => assert_eq!((ours.as_str(), theirs.as_str()), ("2.0.0", multifeed::PROTOCOL_VERSION)),
+        Error::VersionMismatch { ours, theirs } => assert_eq!(
+            (ours.as_str(), theirs.as_str()),
+            ("2.0.0", multifeed::PROTOCOL_VERSION)
+        ),
         e => panic!("expected a version mismatch, got {e}"),
     }
     match rb.unwrap_err() {
-        Error::VersionMismatch { ours, theirs } => assert_eq!((ours.as_str(), theirs.as_str()), (multifeed::PROTOCOL_VERSION, "2.0.0")),
+        Error::VersionMismatch { ours, theirs } => assert_eq!(
+            (ours.as_str(), theirs.as_str()),
+            (multifeed::PROTOCOL_VERSION, "2.0.0")
+        ),
         e => panic!("expected a version mismatch, got {e}"),
     }
     assert_eq!(a.feeds().len(), 1);
@@ -300,10 +345,22 @@ async fn major_version_mismatch_is_refused_on_both_sides_and_changes_nothing() {
 async fn unparsable_version_and_other_client_are_typed_errors() {
     let a = open_memory().await;
     let b = open_memory().await;
-    let (ra, rb) = sync_pair_with(&a, &b, ReplicateOptions::new(true).protocol_version("v1"), ReplicateOptions::new(false)).await;
+    let (ra, rb) = sync_pair_with(
+        &a,
+        &b,
+        ReplicateOptions::new(true).protocol_version("v1"),
+        ReplicateOptions::new(false),
+    )
+    .await;
     assert!(matches!(rb.unwrap_err(), Error::VersionMismatch { theirs, .. } if theirs == "v1"));
     assert!(matches!(ra.unwrap_err(), Error::VersionMismatch { .. }));
-    let (ra, rb) = sync_pair_with(&a, &b, ReplicateOptions::new(true).client_name("cabal"), ReplicateOptions::new(false)).await;
+    let (ra, rb) = sync_pair_with(
+        &a,
+        &b,
+        ReplicateOptions::new(true).client_name("cabal"),
+        ReplicateOptions::new(false),
+    )
+    .await;
     assert!(matches!(rb.unwrap_err(), Error::ClientMismatch { theirs, .. } if theirs == "cabal"));
     assert!(matches!(ra.unwrap_err(), Error::ClientMismatch { .. }));
 }
@@ -314,7 +371,13 @@ async fn a_newer_minor_version_replicates() {
     let b = open_memory().await;
     let w = a.writer("w").await.unwrap();
     w.append(b"x").await.unwrap();
-    let (ra, rb) = sync_pair_with(&a, &b, ReplicateOptions::new(true).protocol_version("1.7.3"), ReplicateOptions::new(false)).await;
+    let (ra, rb) = sync_pair_with(
+        &a,
+        &b,
+        ReplicateOptions::new(true).protocol_version("1.7.3"),
+        ReplicateOptions::new(false),
+    )
+    .await;
     ra.unwrap();
     assert_eq!(rb.unwrap().blocks_received, 1);
 }
@@ -323,21 +386,41 @@ async fn a_newer_minor_version_replicates() {
 #[tokio::test]
 async fn wrong_shared_key_fails_fast_and_leaks_no_keys() {
     let a = open_memory().await;
-    let b = Multifeed::open(StorageConfig::Memory, SharedKey::generate(), Options::default())
+    let b = Multifeed::open(
+        StorageConfig::Memory,
+        SharedKey::generate(),
+        Options::default(),
+    )
+    .await
+    .unwrap();
+    a.writer("w")
+        .await
+        .unwrap()
+        .append(b"secret")
         .await
         .unwrap();
-    a.writer("w").await.unwrap().append(b"secret").await.unwrap();
-    b.writer("w").await.unwrap().append(b"secret").await.unwrap();
+    b.writer("w")
+        .await
+        .unwrap()
+        .append(b"secret")
+        .await
+        .unwrap();
     let timeout = Duration::from_secs(3);
     let (x, y) = tokio::io::duplex(64 * 1024);
     let mut ra = a.start_replication(x, ReplicateOptions::new(true).handshake_timeout(timeout));
     let mut rb = b.start_replication(y, ReplicateOptions::new(false).handshake_timeout(timeout));
     let started = std::time::Instant::now();
     let mut seen = Vec::new();
-    while let Some(event) = tokio::time::timeout(timeout * 2, ra.next_event()).await.unwrap() {
+    while let Some(event) = tokio::time::timeout(timeout * 2, ra.next_event())
+        .await
+        .unwrap()
+    {
         seen.push(event);
     }
-    while let Some(event) = tokio::time::timeout(timeout * 2, rb.next_event()).await.unwrap() {
+    while let Some(event) = tokio::time::timeout(timeout * 2, rb.next_event())
+        .await
+        .unwrap()
+    {
         seen.push(event);
     }
     let ea = ra.finish().await.unwrap_err();
@@ -364,7 +447,10 @@ async fn a_silent_peer_hits_the_handshake_timeout() {
     )
     .await
     .expect("the handshake timeout must end the session");
-    assert!(matches!(result, Err(Error::HandshakeTimeout { .. })), "{result:?}");
+    assert!(
+        matches!(result, Err(Error::HandshakeTimeout { .. })),
+        "{result:?}"
+    );
 }
 
 #[tokio::test]
@@ -379,11 +465,18 @@ async fn a_killed_live_peer_is_noticed_within_the_idle_timeout() {
         let a = a.clone();
         tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
-            a.replicate(socket, ReplicateOptions::new(false).live(true).idle_timeout(idle)).await
+            a.replicate(
+                socket,
+                ReplicateOptions::new(false).live(true).idle_timeout(idle),
+            )
+            .await
         })
     };
     let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let rb = b.start_replication(socket, ReplicateOptions::new(true).live(true).idle_timeout(idle));
+    let rb = b.start_replication(
+        socket,
+        ReplicateOptions::new(true).live(true).idle_timeout(idle),
+    );
     wait_for_len(&b, a.feeds()[0].key(), 1).await;
     // Kill B's side abruptly: the task and its socket vanish without a goodbye.
     drop(rb);
@@ -392,7 +485,10 @@ async fn a_killed_live_peer_is_noticed_within_the_idle_timeout() {
         .expect("a dead peer must be noticed")
         .unwrap();
     assert!(
-        matches!(result, Err(Error::IdleTimeout { .. } | Error::ConnectionLost { .. })),
+        matches!(
+            result,
+            Err(Error::IdleTimeout { .. } | Error::ConnectionLost { .. })
+        ),
         "{result:?}"
     );
 }
@@ -409,7 +505,10 @@ async fn a_cut_connection_resumes_and_every_entry_arrives_once() {
     let ra = a.start_replication(x, ReplicateOptions::new(true));
     let mut rb = b.start_replication(y, ReplicateOptions::new(false));
     loop {
-        match tokio::time::timeout(Duration::from_secs(20), rb.next_event()).await.unwrap() {
+        match tokio::time::timeout(Duration::from_secs(20), rb.next_event())
+            .await
+            .unwrap()
+        {
             Some(ReplicationEvent::Progress { blocks, .. }) if blocks >= 100 => break,
             Some(_) => {}
             None => break,

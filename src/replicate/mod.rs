@@ -245,7 +245,11 @@ impl crate::Feed {
     /// `hypercore` 10/11 `core.replicate(...)` stream) over `io`, without the feed
     /// exchange: both sides open the feed's channel directly. One-shot mode returns
     /// once both sides hold the same blocks; live mode runs until the peer leaves.
-    pub async fn replicate_raw<S>(&self, io: S, options: ReplicateOptions) -> Result<ReplicationSummary>
+    pub async fn replicate_raw<S>(
+        &self,
+        io: S,
+        options: ReplicateOptions,
+    ) -> Result<ReplicationSummary>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {

@@ -259,7 +259,9 @@ impl Session {
             Err(error) => {
                 if matches!(
                     error,
-                    Error::VersionMismatch { .. } | Error::ClientMismatch { .. } | Error::SharedKeyMismatch
+                    Error::VersionMismatch { .. }
+                        | Error::ClientMismatch { .. }
+                        | Error::SharedKeyMismatch
                 ) {
                     // The peer must get our handshake too, so both sides see the mismatch.
                     let _ = tokio::time::timeout(LINGER, async {
@@ -435,7 +437,9 @@ impl Session {
         })?;
         match message {
             ExchangeMessage::Handshake(handshake) => self.on_handshake(handshake).await,
-            ExchangeMessage::Manifest(feeds) if self.handshake_done => self.on_manifest(feeds).await,
+            ExchangeMessage::Manifest(feeds) if self.handshake_done => {
+                self.on_manifest(feeds).await
+            }
             ExchangeMessage::Request(keys) if self.handshake_done => self.on_request(keys).await,
             ExchangeMessage::Done if self.handshake_done => {
                 self.done_received = true;
@@ -514,7 +518,8 @@ impl Session {
                 None => true,
                 // Live: keep a channel on every shared feed so appends flow both ways.
                 Some(_) if self.options.live => true,
-                Some(feed) => offered.length.unwrap_or(u64::MAX) > feed.len().await,
+                // Compare with what we hold without gaps: a cut sync leaves holes.
+                Some(feed) => offered.length.unwrap_or(u64::MAX) > feed.contiguous_len().await,
             };
             if want && !self.queue.contains(&key) && !self.syncing.contains(&key) {
                 wanted.push(key);
@@ -605,7 +610,9 @@ impl Session {
     }
 }
 
-async fn recv_root(rx: &mut Option<hypercore_protocol::ChannelReceiver<Message>>) -> Option<Message> {
+async fn recv_root(
+    rx: &mut Option<hypercore_protocol::ChannelReceiver<Message>>,
+) -> Option<Message> {
     match rx {
         Some(rx) => rx.recv().await.ok(),
         None => std::future::pending().await,
@@ -650,12 +657,17 @@ where
                 after: options.handshake_timeout,
             })?;
         match event {
-            Some(Ok(ProtocolEvent::Channel(channel))) if channel.key() == key.as_bytes() => break channel,
+            Some(Ok(ProtocolEvent::Channel(channel))) if channel.key() == key.as_bytes() => {
+                break channel;
+            }
             Some(Ok(_)) => continue,
             Some(Err(e)) => {
-                return Err(status.fault().map(transport_error).unwrap_or(Error::ConnectionLost {
-                    reason: e.to_string(),
-                }));
+                return Err(status
+                    .fault()
+                    .map(transport_error)
+                    .unwrap_or(Error::ConnectionLost {
+                        reason: e.to_string(),
+                    }));
             }
             None => {
                 return Err(Error::ConnectionLost {
@@ -668,7 +680,13 @@ where
         live: options.live,
         window: options.window,
     };
-    let mut task = tokio::spawn(run_feed(channel, feed.shared().clone(), sync_options, None, None));
+    let mut task = tokio::spawn(run_feed(
+        channel,
+        feed.shared().clone(),
+        sync_options,
+        None,
+        None,
+    ));
     let mut idle = tokio::time::interval(options.keepalive_interval());
     let result = loop {
         tokio::select! {
@@ -694,7 +712,10 @@ where
     };
     let summary = result.map_err(|e| feed_error(key, e))?;
     // Let the channel close reach the peer.
-    let _ = tokio::time::timeout(LINGER, async { while let Some(Ok(_)) = protocol.next().await {} }).await;
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Some(Ok(_)) = protocol.next().await {}
+    })
+    .await;
     Ok(ReplicationSummary {
         feeds_synced: usize::from(summary.synced),
         blocks_received: summary.blocks_received,

@@ -61,7 +61,13 @@ pub async fn sync_pair(
     multifeed::Result<multifeed::ReplicationSummary>,
     multifeed::Result<multifeed::ReplicationSummary>,
 ) {
-    sync_pair_with(a, b, multifeed::ReplicateOptions::new(true), multifeed::ReplicateOptions::new(false)).await
+    sync_pair_with(
+        a,
+        b,
+        multifeed::ReplicateOptions::new(true),
+        multifeed::ReplicateOptions::new(false),
+    )
+    .await
 }
 
 /// Like [`sync_pair`] with explicit options, bounded by a timeout.
