@@ -335,10 +335,8 @@ impl Session {
                     tracing::debug!(dk = %hex::encode(dk), "peer opened a feed we did not offer; ignored");
                 }
             }
-            ProtocolEvent::Close(dk) => {
-                if dk == self.root_dk {
-                    return self.on_root_closed().await;
-                }
+            ProtocolEvent::Close(dk) if dk == self.root_dk => {
+                return self.on_root_closed().await;
             }
             _ => {}
         }
