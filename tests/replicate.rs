@@ -225,13 +225,14 @@ async fn events_report_remote_feeds_progress_and_sync() {
     assert!(events.contains(&ReplicationEvent::FeedSynced { key: w.key() }));
     let last_progress = events
         .iter()
+        .rev()
         .filter_map(|e| match e {
             ReplicationEvent::Progress { key, blocks, bytes } if *key == w.key() => {
                 Some((*blocks, *bytes))
             }
             _ => None,
         })
-        .last();
+        .next();
     assert_eq!(last_progress, Some((100, 1000)));
 }
 
