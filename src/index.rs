@@ -15,7 +15,7 @@ use crate::{
     error::{Error, Result},
     keys::FeedKey,
     proto::pb,
-    storage::{self, Durability, StorageConfig, SyncSet},
+    storage::{self, Durability, FilePool, StorageConfig, SyncSet},
 };
 
 /// Largest index record we accept; a record is a key, a name and a timestamp.
@@ -105,14 +105,18 @@ pub(crate) fn index_dir(root: &Path) -> PathBuf {
 
 impl IndexCore {
     /// Opens the index of `storage`, creating an empty one if there is none.
-    pub(crate) async fn open(storage: &StorageConfig, durability: Durability) -> Result<Self> {
+    pub(crate) async fn open(
+        storage: &StorageConfig,
+        durability: Durability,
+        pool: &Arc<FilePool>,
+    ) -> Result<Self> {
         let (core_storage, path, exists) = match storage {
             StorageConfig::Dir(root) => {
                 let dir = index_dir(root);
                 let exists = std::fs::metadata(dir.join("oplog"))
                     .map(|m| m.len() > 0)
                     .unwrap_or(false);
-                (storage::open_dir(&dir, true).await?, dir, exists)
+                (storage::open_dir(&dir, true, pool).await?, dir, exists)
             }
             StorageConfig::Memory => (
                 storage::open_memory().await?,

@@ -19,7 +19,7 @@ use crate::{
     feed::Feed,
     index::{IndexCore, IndexRecord, MAX_NAME_LEN},
     keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
-    storage::{self, CoreStorage, Durability, StorageConfig},
+    storage::{self, CoreStorage, Durability, FilePool, StorageConfig},
 };
 
 /// Options for [`Multifeed::open`].
@@ -31,6 +31,9 @@ pub struct Options {
     /// How many events a slow [`Multifeed::events`] subscriber may fall behind
     /// before it gets [`Event::Lagged`]. Default: 1024.
     pub event_capacity: usize,
+    /// Most files kept open at once across all feeds; others are reopened on demand.
+    /// Default: 1024.
+    pub max_open_files: usize,
 }
 
 impl Default for Options {
@@ -38,6 +41,7 @@ impl Default for Options {
         Self {
             durability: Durability::default(),
             event_capacity: 1024,
+            max_open_files: 1024,
         }
     }
 }
@@ -46,6 +50,12 @@ impl Options {
     /// Sets [`Options::durability`].
     pub fn durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
+        self
+    }
+
+    /// Sets [`Options::max_open_files`].
+    pub fn max_open_files(mut self, max: usize) -> Self {
+        self.max_open_files = max;
         self
     }
 
@@ -119,6 +129,7 @@ struct Inner {
     members: RwLock<Members>,
     events: broadcast::Sender<Event>,
     skipped: Vec<SkippedFeed>,
+    pool: Arc<FilePool>,
     closed: AtomicBool,
 }
 
@@ -165,7 +176,8 @@ impl Multifeed {
                 Error::io(format!("create storage directory {}", root.display()), e)
             })?;
         }
-        let mut index = IndexCore::open(&storage, options.durability).await?;
+        let pool = FilePool::new(options.max_open_files);
+        let mut index = IndexCore::open(&storage, options.durability, &pool).await?;
         let (records, bad) = index.records().await?;
         let mut skipped: Vec<SkippedFeed> = bad
             .into_iter()
@@ -190,7 +202,7 @@ impl Multifeed {
             {
                 continue;
             }
-            match load_feed(&storage, &record, options.durability).await {
+            match load_feed(&storage, &record, options.durability, &pool).await {
                 Ok(feed) => members.insert(feed),
                 Err(reason) => {
                     let path = match &storage {
@@ -221,6 +233,7 @@ impl Multifeed {
                 members: RwLock::new(members),
                 events,
                 skipped,
+                pool,
                 closed: AtomicBool::new(false),
             }),
         })
@@ -357,7 +370,7 @@ impl Multifeed {
     async fn create_feed(&self, record: &IndexRecord, keypair: PartialKeypair) -> Result<Feed> {
         let CoreStorage { storage, sync } = match &self.inner.storage {
             StorageConfig::Dir(root) => {
-                storage::open_dir(&feed_dir(root, &record.key), true).await?
+                storage::open_dir(&feed_dir(root, &record.key), true, &self.inner.pool).await?
             }
             StorageConfig::Memory => storage::open_memory().await?,
         };
@@ -491,6 +504,7 @@ async fn load_feed(
     storage: &StorageConfig,
     record: &IndexRecord,
     durability: Durability,
+    pool: &Arc<FilePool>,
 ) -> std::result::Result<Feed, String> {
     let StorageConfig::Dir(root) = storage else {
         return Err("in-memory storage does not survive a reopen".into());
@@ -501,7 +515,7 @@ async fn load_feed(
         Ok(_) => return Err("its oplog is empty".into()),
         Err(_) => return Err("its directory or oplog is missing".into()),
     }
-    let CoreStorage { storage, sync } = storage::open_dir(&dir, false)
+    let CoreStorage { storage, sync } = storage::open_dir(&dir, false, pool)
         .await
         .map_err(|e| e.to_string())?;
     // Damaged files can trip assertions inside hypercore: contain them.

@@ -13,8 +13,8 @@ use std::{
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex as StdMutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex as StdMutex, RwLock, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -54,19 +54,116 @@ pub enum Durability {
     PowerLoss,
 }
 
-/// An open file that [`SyncSet::close`] can release while cores still refer to it.
+/// Bounds the number of files a multifeed keeps open: a group of 10,000 feeds must
+/// not need 40,000 file descriptors. Files are reopened on demand and the least
+/// recently used ones closed (CLOCK approximation). Closing a file loses nothing:
+/// writes are already in the OS, and a later sync reopens the file to fsync it.
 #[derive(Debug)]
-struct FileSlot(RwLock<Option<File>>);
+pub(crate) struct FilePool {
+    max_open: usize,
+    open: StdMutex<PoolState>,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    slots: Vec<Weak<FileSlot>>,
+    hand: usize,
+}
+
+impl FilePool {
+    pub(crate) fn new(max_open: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_open: max_open.max(8),
+            open: StdMutex::new(PoolState::default()),
+        })
+    }
+
+    /// Records that `slot` just opened its file, closing others if over the limit.
+    fn register(&self, slot: &Arc<FileSlot>) {
+        let Ok(mut state) = self.open.lock() else {
+            return;
+        };
+        state.slots.push(Arc::downgrade(slot));
+        // Each slot gets at most two looks: one to clear its bit, one to evict it.
+        let mut budget = state.slots.len() * 2;
+        while state.slots.len() > self.max_open && budget > 0 {
+            budget -= 1;
+            let at = state.hand % state.slots.len();
+            let Some(candidate) = state.slots[at].upgrade() else {
+                state.slots.swap_remove(at);
+                continue;
+            };
+            if candidate.referenced.swap(false, Ordering::Relaxed) {
+                state.hand = at + 1;
+                continue;
+            }
+            // A slot in use right now (including the caller's) is skipped, never waited on.
+            if let Ok(mut file) = candidate.file.try_write() {
+                if matches!(*file, SlotFile::Open(_)) {
+                    *file = SlotFile::Evicted;
+                }
+                state.slots.swap_remove(at);
+            } else {
+                state.hand = at + 1;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum SlotFile {
+    Open(File),
+    /// Closed by the pool; reopened on next use.
+    Evicted,
+    /// Closed for good by [`SyncSet::close`].
+    Closed,
+}
+
+/// One file of a core, open or not, shared by the core's storage and its [`SyncSet`].
+#[derive(Debug)]
+struct FileSlot {
+    path: PathBuf,
+    file: RwLock<SlotFile>,
+    referenced: AtomicBool,
+    pool: Arc<FilePool>,
+}
+
+fn closed_error() -> io::Error {
+    io::Error::other("the multifeed was closed")
+}
 
 impl FileSlot {
-    fn with<T>(&self, f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
-        let guard = self
-            .0
-            .read()
+    fn with<T>(self: &Arc<Self>, f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
+        self.referenced.store(true, Ordering::Relaxed);
+        {
+            let guard = self
+                .file
+                .read()
+                .map_err(|_| io::Error::other("file lock poisoned"))?;
+            match &*guard {
+                SlotFile::Open(file) => return f(file),
+                SlotFile::Closed => return Err(closed_error()),
+                SlotFile::Evicted => {}
+            }
+        }
+        let mut guard = self
+            .file
+            .write()
             .map_err(|_| io::Error::other("file lock poisoned"))?;
-        match guard.as_ref() {
-            Some(file) => f(file),
-            None => Err(io::Error::other("the multifeed was closed")),
+        if matches!(*guard, SlotFile::Evicted) {
+            let file = OpenOptions::new().read(true).write(true).open(&self.path)?;
+            *guard = SlotFile::Open(file);
+            self.pool.register(self);
+        }
+        match &*guard {
+            SlotFile::Open(file) => f(file),
+            _ => Err(closed_error()),
+        }
+    }
+
+    fn close(&self) {
+        if let Ok(mut file) = self.file.write() {
+            *file = SlotFile::Closed;
         }
     }
 }
@@ -208,9 +305,7 @@ impl SyncSet {
         let synced = self.sync().await;
         if let Ok(mut files) = self.files.lock() {
             for slot in files.drain(..) {
-                if let Ok(mut file) = slot.0.write() {
-                    file.take();
-                }
+                slot.close();
             }
         }
         synced
@@ -233,7 +328,11 @@ pub(crate) struct CoreStorage {
 }
 
 /// Opens (creating if `create`) the plain-file storage of one hypercore in `dir`.
-pub(crate) async fn open_dir(dir: &Path, create: bool) -> Result<CoreStorage> {
+pub(crate) async fn open_dir(
+    dir: &Path,
+    create: bool,
+    pool: &Arc<FilePool>,
+) -> Result<CoreStorage> {
     if create {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
@@ -244,25 +343,43 @@ pub(crate) async fn open_dir(dir: &Path, create: bool) -> Result<CoreStorage> {
     });
     let dir_owned = dir.to_path_buf();
     let set_for_open = set.clone();
+    let pool = pool.clone();
     let storage = Storage::open(
         move |store| {
             let path = dir_owned.join(store_file_name(&store));
             let set = set_for_open.clone();
+            let pool = pool.clone();
             Box::pin(async move {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(create)
-                    .truncate(false)
-                    .open(&path)
-                    .map_err(|e| io_err("open", &path, e))?;
-                let length = file.metadata().map_err(|e| io_err("stat", &path, e))?.len();
-                let file = Arc::new(FileSlot(RwLock::new(Some(file))));
+                // Existing files are only stat'ed here; they open on first use.
+                let (file, length) = match std::fs::metadata(&path) {
+                    Ok(meta) => (SlotFile::Evicted, meta.len()),
+                    Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+                        let file = OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .create(true)
+                            .truncate(false)
+                            .open(&path)
+                            .map_err(|e| io_err("create", &path, e))?;
+                        (SlotFile::Open(file), 0)
+                    }
+                    Err(e) => return Err(io_err("stat", &path, e)),
+                };
+                let opened = matches!(file, SlotFile::Open(_));
+                let slot = Arc::new(FileSlot {
+                    path,
+                    file: RwLock::new(file),
+                    referenced: AtomicBool::new(true),
+                    pool: pool.clone(),
+                });
+                if opened {
+                    pool.register(&slot);
+                }
                 if let Ok(mut files) = set.files.lock() {
-                    files.push(file.clone());
+                    files.push(slot.clone());
                 }
                 Ok(Box::new(PlainFile {
-                    file,
+                    file: slot,
                     length,
                     writes: set.writes.clone(),
                 }) as Box<dyn StorageTraits + Send>)
