@@ -205,9 +205,17 @@ impl JsPeer {
             }
         }
         match timeout_at(deadline, self.child.wait()).await {
-            Ok(Ok(status)) if status.success() => rest,
+            Ok(Ok(status)) if status.success() => {}
             other => panic!("JS peer failed: {other:?}\n{}", self.diagnostics().await),
         }
+        // Shown with --nocapture: what JS logged on a successful run.
+        if let Some(task) = self.stderr.take()
+            && let Ok(Ok(stderr)) = timeout_at(deadline, task).await
+            && !stderr.is_empty()
+        {
+            eprintln!("--- JS peer stderr ---\n{stderr}--- end ---");
+        }
+        rest
     }
 }
 

@@ -64,6 +64,10 @@ function waitUntil(emitter, event, cond) {
 }
 
 function pipeReplication(core, socket, isInitiator, label) {
+  const started = Date.now()
+  core.on('peer-add', () => log(`${label}: channel open (+${Date.now() - started} ms)`))
+  core.on('peer-remove', () => log(`${label}: channel closed (+${Date.now() - started} ms)`))
+  socket.on('close', () => log(`${label}: socket closed (+${Date.now() - started} ms)`))
   const stream = core.replicate(isInitiator)
   socket.on('error', (err) => log(`${label} socket error: ${err.message}`))
   stream.on('error', (err) => log(`${label} replication stream error: ${err.message}`))
