@@ -168,9 +168,43 @@ impl FileSlot {
     }
 }
 
+/// Where oplog entries start (after the two 4 KiB header slots).
+const OPLOG_ENTRIES_AT: usize = 8192;
+
+/// The prefix of an oplog that hypercore 0.16 can replay correctly.
+///
+/// Its entry decoder tests the "has tree nodes" flag (2) where it should test the
+/// "has upgrade" (4) and "has bitfield" (8) flags, so only entries with all three,
+/// or with none of them, decode as written. Local appends always carry all three;
+/// a downloaded block or upgrade-only proof does not, and replaying it fails
+/// ("Could not parse changeset signature") or misreads the bitfield. Replay stops
+/// before the first such entry: those downloads are simply fetched again, and no
+/// local append is affected.
+fn replayable_oplog_len(oplog: &[u8]) -> usize {
+    let mut at = OPLOG_ENTRIES_AT;
+    while let Some(leader) = oplog.get(at..at + 8) {
+        let combined = u32::from_le_bytes([leader[4], leader[5], leader[6], leader[7]]);
+        let len = (combined >> 2) as usize;
+        let Some(flags) = oplog
+            .get(at + 8)
+            .filter(|_| len > 0 && at + 8 + len <= oplog.len())
+        else {
+            break;
+        };
+        let decodable = flags & 0b1110 == 0b1110 || flags & 0b1110 == 0;
+        if !decodable {
+            return at;
+        }
+        at += 8 + len;
+    }
+    oplog.len()
+}
+
 /// One file of a hypercore, written with positioned writes and no fsync.
 #[derive(Debug)]
 struct PlainFile {
+    /// Whether this is the core's oplog (see [`replayable_oplog_len`]).
+    oplog: bool,
     file: Arc<FileSlot>,
     length: u64,
     writes: Arc<AtomicU64>,
@@ -205,6 +239,10 @@ impl RandomAccess for PlainFile {
         // Bounded by the file's own length, checked above.
         let mut buf = vec![0u8; length as usize];
         self.file.with(|f| f.read_exact_at(&mut buf, offset))?;
+        if self.oplog && offset == 0 && length == self.length {
+            // The whole-oplog read happens once, when the core opens.
+            buf.truncate(replayable_oplog_len(&buf));
+        }
         Ok(buf)
     }
 
@@ -347,6 +385,7 @@ pub(crate) async fn open_dir(
     let storage = Storage::open(
         move |store| {
             let path = dir_owned.join(store_file_name(&store));
+            let store = store.clone();
             let set = set_for_open.clone();
             let pool = pool.clone();
             Box::pin(async move {
@@ -379,6 +418,7 @@ pub(crate) async fn open_dir(
                     files.push(slot.clone());
                 }
                 Ok(Box::new(PlainFile {
+                    oplog: matches!(store, Store::Oplog),
                     file: slot,
                     length,
                     writes: set.writes.clone(),

@@ -267,8 +267,13 @@ async fn js_peer_downloads_a_rust_member_feed() {
     .await;
 
     let deadline = Instant::now() + STEP;
-    let socket = match timeout_at(deadline, listener.accept()).await {
-        Ok(Ok((socket, _))) => socket,
+    // Stop waiting as soon as the JS peer exits (it prints nothing before connecting).
+    let accepted = tokio::select! {
+        accepted = timeout_at(deadline, listener.accept()) => Ok(accepted),
+        exited = js.child.wait() => Err(exited),
+    };
+    let socket = match accepted {
+        Ok(Ok(Ok((socket, _)))) => socket,
         other => panic!(
             "JS peer did not connect: {other:?}\n{}",
             js.diagnostics().await
