@@ -423,3 +423,7 @@ async fn serve_one(core: &mut Hypercore, req: Request) -> Result<JobResult, Feed
         }
     }
 }
+
+#[cfg(test)]
+#[path = "feed_task_tests.rs"]
+mod tests;
