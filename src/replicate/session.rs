@@ -54,11 +54,24 @@ pub(crate) async fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let (protocol, status) = connect(io, &options).await?;
+    let mut session = Session::new(multifeed, options, protocol.commands(), events);
+    let result = session.drive(protocol, &status, stop).await;
+    session.tasks.abort_all();
+    session.synced.abort_all();
+    result
+}
+
+/// The encrypted, framed protocol over `io`, within the handshake timeout.
+async fn connect<S>(io: S, options: &ReplicateOptions) -> Result<(Protocol, TransportStatus)>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let limits = TransportLimits {
         max_frame_len: options.max_message_len + 64 * 1024,
         ..TransportLimits::default()
     };
-    let (protocol, status) = tokio::time::timeout(
+    tokio::time::timeout(
         options.handshake_timeout,
         transport::protocol(io, options.initiator, limits),
     )
@@ -66,12 +79,7 @@ where
     .map_err(|_| Error::HandshakeTimeout {
         after: options.handshake_timeout,
     })?
-    .map_err(transport_error)?;
-    let mut session = Session::new(multifeed, options, protocol.commands(), events);
-    let result = session.drive(protocol, &status, stop).await;
-    session.tasks.abort_all();
-    session.synced.abort_all();
-    result
+    .map_err(transport_error)
 }
 
 fn transport_error(fault: TransportFault) -> Error {
@@ -626,19 +634,7 @@ pub(crate) async fn run_single<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let limits = TransportLimits {
-        max_frame_len: options.max_message_len + 64 * 1024,
-        ..TransportLimits::default()
-    };
-    let (mut protocol, status) = tokio::time::timeout(
-        options.handshake_timeout,
-        transport::protocol(io, options.initiator, limits),
-    )
-    .await
-    .map_err(|_| Error::HandshakeTimeout {
-        after: options.handshake_timeout,
-    })?
-    .map_err(transport_error)?;
+    let (mut protocol, status) = connect(io, &options).await?;
     let key = feed.key();
     protocol
         .commands()
