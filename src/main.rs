@@ -134,20 +134,21 @@ async fn demo(dir: Option<PathBuf>) -> anyhow::Result<()> {
         .await?;
         println!("\n{name} after reopening: {} feeds", group.feeds().len());
         println!(
-            "  {:<12} {:<16} {:>6} {:>7}  last entry",
-            "writer", "key", "blocks", "bytes"
+            "  {:<12} {:<16} {:>9} {:>7}  last held entry",
+            "writer", "key", "held/len", "bytes"
         );
         for feed in group.feeds() {
-            let len = feed.len().await;
-            let last = match len {
+            let (len, held) = (feed.len().await, feed.contiguous_len().await);
+            let last = match held {
                 0 => String::new(),
                 n => String::from_utf8_lossy(&feed.get(n - 1).await?.unwrap_or_default())
                     .into_owned(),
             };
             println!(
-                "  {:<12} {:<16} {:>6} {:>7}  {last}",
+                "  {:<12} {:<16} {:>4}/{:<4} {:>7}  {last}",
                 feed.name().unwrap_or("(remote)"),
                 &feed.key().to_hex()[..16],
+                held,
                 len,
                 feed.byte_len().await
             );
