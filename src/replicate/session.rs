@@ -135,6 +135,8 @@ struct Session {
     serving: HashSet<FeedKey>,
     /// Feeds with a running channel on this connection.
     running: HashSet<FeedKey>,
+    /// Times a feed was re-requested after the peer closed its channel early.
+    retries: HashMap<FeedKey, u8>,
     got_manifest: bool,
     got_request: bool,
     done_sent: bool,
@@ -176,6 +178,7 @@ impl Session {
             syncing: HashSet::new(),
             serving: HashSet::new(),
             running: HashSet::new(),
+            retries: HashMap::new(),
             got_manifest: false,
             got_request: false,
             done_sent: false,
@@ -418,6 +421,19 @@ impl Session {
                     self.syncing.remove(&key);
                     self.serving.remove(&key);
                     self.emit(ReplicationEvent::FeedSynced { key });
+                }
+                self.pump_queue().await?;
+                self.maybe_done().await
+            }
+            // The peer judged the feed in sync and closed first, before our view caught
+            // up: ask for it again (bounded), which settles it on a fresh channel.
+            Err(FeedSyncError::ClosedBeforeSync)
+                if self.retries.get(&key).copied().unwrap_or(0) < 3 =>
+            {
+                *self.retries.entry(key).or_insert(0) += 1;
+                self.serving.remove(&key);
+                if self.syncing.remove(&key) {
+                    self.queue.push_back(key);
                 }
                 self.pump_queue().await?;
                 self.maybe_done().await
