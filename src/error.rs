@@ -173,7 +173,6 @@ pub enum Error {
     },
 }
 
-/// Errors that end a replication session.
 impl Error {
     /// Whether the error was caused by the peer (or the link to it) rather than locally.
     pub fn is_peer_fault(&self) -> bool {
@@ -189,9 +188,7 @@ impl Error {
                 | Error::ConnectionLost { .. }
         )
     }
-}
 
-impl Error {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             context: context.into(),

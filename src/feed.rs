@@ -190,7 +190,6 @@ impl Feed {
         self.inner.shared.changed.subscribe()
     }
 
-    #[allow(dead_code)] // used by replication, which lands next
     pub(crate) fn shared(&self) -> &Arc<SharedFeed> {
         &self.inner.shared
     }

@@ -78,7 +78,6 @@ pub(crate) struct IndexCore {
     core: Hypercore,
     sync: Option<Arc<SyncSet>>,
     durability: Durability,
-    path: PathBuf,
 }
 
 /// Syncs the files of one core, if it has any.
@@ -137,7 +136,6 @@ impl IndexCore {
             core,
             sync: core_storage.sync,
             durability,
-            path,
         })
     }
 
@@ -191,11 +189,6 @@ impl IndexCore {
             Some(sync) => sync.close().await,
             None => Ok(()),
         }
-    }
-
-    #[allow(dead_code)]
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
     }
 }
 

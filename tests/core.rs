@@ -318,16 +318,35 @@ async fn shared_key_bytes_appear_in_no_file() {
     assert_eq!(top, ["feeds", "index"]);
 }
 
-// [regression] concurrency of writer creation (no ready() in Rust: open is awaited)
-#[tokio::test]
-async fn writer_and_feeds_interleave_consistently() {
+// [regression] concurrency of writer creation: readers never see a half-made
+// membership, and every snapshot of feeds() is a prefix of the final admission order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_snapshots_during_writer_creation_are_prefixes() {
     let dir = tempfile::tempdir().unwrap();
     let group = open_dir(dir.path()).await;
     assert!(group.feeds().is_empty());
-    let (w, feeds_during) = tokio::join!(group.writer("minuette"), async { group.feeds().len() });
-    let w = w.unwrap();
-    assert!(feeds_during <= 1);
-    assert_eq!(group.feeds(), vec![w]);
+    let reader = {
+        let group = group.clone();
+        tokio::spawn(async move {
+            let mut snapshots = Vec::new();
+            while snapshots.last().map_or(0, Vec::len) < 20 {
+                snapshots.push(group.feeds().iter().map(|f| f.key()).collect::<Vec<_>>());
+                tokio::task::yield_now().await;
+            }
+            snapshots
+        })
+    };
+    for i in 0..20 {
+        group.writer(&format!("w{i}")).await.unwrap();
+    }
+    let final_keys: Vec<FeedKey> = group.feeds().iter().map(|f| f.key()).collect();
+    let snapshots = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    for snapshot in snapshots {
+        assert_eq!(snapshot[..], final_keys[..snapshot.len()]);
+    }
 }
 
 #[tokio::test]

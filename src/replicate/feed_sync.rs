@@ -149,6 +149,7 @@ impl RangeSet {
         }
     }
 
+    #[cfg(test)]
     pub fn intervals(&self) -> usize {
         self.map.len()
     }
@@ -276,21 +277,10 @@ impl FeedSync {
         self.local = local;
     }
 
-    pub fn local(&self) -> LocalInfo {
-        self.local
-    }
-
-    pub fn remote(&self) -> RemoteInfo {
-        self.remote
-    }
-
     /// Requests sent or being applied.
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.inflight.len()
-    }
-
-    pub fn window(&self) -> usize {
-        self.window
     }
 
     /// The local core changed (append, or download on any connection).

@@ -214,7 +214,7 @@ impl Session {
         let mut keepalive = tokio::time::interval(self.options.keepalive_interval());
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-        let outcome: Result<Option<ReplicationSummary>> = loop {
+        let outcome: Result<()> = loop {
             let step = tokio::select! {
                 event = protocol.next() => match event {
                     Some(Ok(event)) => self.on_protocol_event(event).await,
@@ -245,27 +245,24 @@ impl Session {
                     self.on_member_event(event).await
                 },
                 _ = keepalive.tick() => self.on_tick(started, status).await,
-                _ = stop.changed() => break Ok(None),
+                _ = stop.changed() => break Ok(()),
             };
             if let Err(e) = step {
                 break Err(e);
             }
             if self.done_sent && self.done_received && self.running.is_empty() {
-                break Ok(Some(self.summary.clone()));
+                break Ok(());
             }
         };
 
         match outcome {
-            Ok(summary) => {
+            Ok(()) => {
                 if let Some(root) = &self.root {
                     let _ = root.close().await;
                 }
                 // Let the close (and anything queued before it) reach the peer.
-                let _ = tokio::time::timeout(LINGER, async {
-                    while let Some(Ok(_)) = protocol.next().await {}
-                })
-                .await;
-                Ok(summary.unwrap_or_else(|| self.summary.clone()))
+                linger(&mut protocol).await;
+                Ok(self.summary.clone())
             }
             Err(error) => {
                 if matches!(
@@ -275,10 +272,7 @@ impl Session {
                         | Error::SharedKeyMismatch
                 ) {
                     // The peer must get our handshake too, so both sides see the mismatch.
-                    let _ = tokio::time::timeout(LINGER, async {
-                        while let Some(Ok(_)) = protocol.next().await {}
-                    })
-                    .await;
+                    linger(&mut protocol).await;
                 }
                 Err(error)
             }
@@ -632,6 +626,15 @@ impl Session {
     }
 }
 
+/// Keeps the protocol polled for at most [`LINGER`] so queued messages reach the
+/// peer before the connection is dropped; ends early when the peer closes.
+async fn linger(protocol: &mut Protocol) {
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Some(Ok(_)) = protocol.next().await {}
+    })
+    .await;
+}
+
 async fn recv_root(
     rx: &mut Option<hypercore_protocol::ChannelReceiver<Message>>,
 ) -> Option<Message> {
@@ -722,10 +725,7 @@ where
     };
     let summary = result.map_err(|e| feed_error(key, e))?;
     // Let the channel close reach the peer.
-    let _ = tokio::time::timeout(LINGER, async {
-        while let Some(Ok(_)) = protocol.next().await {}
-    })
-    .await;
+    linger(&mut protocol).await;
     Ok(ReplicationSummary {
         feeds_synced: usize::from(summary.synced),
         blocks_received: summary.blocks_received,
