@@ -11,7 +11,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use futures::StreamExt;
@@ -203,7 +203,7 @@ impl Session {
         status: &TransportStatus,
         mut stop: watch::Receiver<bool>,
     ) -> Result<ReplicationSummary> {
-        let started = Instant::now();
+        let handshake_deadline = tokio::time::Instant::now() + self.options.handshake_timeout;
         self.commands
             .open(*self.multifeed.shared_key().as_bytes())
             .await
@@ -244,7 +244,10 @@ impl Session {
                 Some(event) = member_events.next(), if self.handshake_done => {
                     self.on_member_event(event).await
                 },
-                _ = keepalive.tick() => self.on_tick(started, status).await,
+                _ = tokio::time::sleep_until(handshake_deadline), if !self.handshake_done => {
+                    Err(Error::HandshakeTimeout { after: self.options.handshake_timeout })
+                },
+                _ = keepalive.tick() => self.on_tick(status).await,
                 _ = stop.changed() => break Ok(()),
             };
             if let Err(e) = step {
@@ -279,13 +282,8 @@ impl Session {
         }
     }
 
-    async fn on_tick(&mut self, started: Instant, status: &TransportStatus) -> Result<()> {
+    async fn on_tick(&mut self, status: &TransportStatus) -> Result<()> {
         if !self.handshake_done {
-            if started.elapsed() >= self.options.handshake_timeout {
-                return Err(Error::HandshakeTimeout {
-                    after: self.options.handshake_timeout,
-                });
-            }
             return Ok(());
         }
         if status.last_received().elapsed() >= self.options.idle_timeout {
@@ -734,4 +732,48 @@ where
         bytes_sent: summary.bytes_sent,
         ..ReplicationSummary::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Options, SharedKey, StorageConfig};
+
+    /// A peer that knows the key and opens the group channel but never sends the
+    /// feed-exchange handshake is cut off at the handshake timeout, not at a keep-alive tick.
+    #[tokio::test]
+    async fn a_mute_peer_hits_the_handshake_timeout_on_time() {
+        let key = SharedKey::from_bytes([3; 32]);
+        let group = Multifeed::open(StorageConfig::Memory, key.clone(), Options::default())
+            .await
+            .unwrap();
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let mute = tokio::spawn(async move {
+            let (mut protocol, _status) =
+                transport::protocol(theirs, false, TransportLimits::default())
+                    .await
+                    .unwrap();
+            protocol.commands().open(*key.as_bytes()).await.unwrap();
+            // Keep the connection alive and answer nothing.
+            while let Some(Ok(_)) = protocol.next().await {}
+        });
+        let timeout = Duration::from_millis(400);
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            group.replicate(ours, ReplicateOptions::new(true).handshake_timeout(timeout)),
+        )
+        .await
+        .expect("the session must end by itself");
+        assert!(
+            matches!(result, Err(Error::HandshakeTimeout { .. })),
+            "{result:?}"
+        );
+        assert!(
+            started.elapsed() < timeout * 3,
+            "took {:?}",
+            started.elapsed()
+        );
+        mute.abort();
+    }
 }
