@@ -122,15 +122,18 @@ impl Feed {
 
     /// Syncs and releases the feed's files; later operations fail with [`Error::Closed`].
     pub(crate) async fn close(&self) -> Result<()> {
-        // Holding the core lock means no append is half-way through.
-        let _core = self.inner.shared.core.lock().await;
+        // Holding the core lock means no append or download is half-way through.
+        let mut core = self.inner.shared.core.lock().await;
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        match &self.inner.sync {
-            Some(sync) => sync.close().await,
-            None => Ok(()),
+        let Some(sync) = &self.inner.sync else {
+            return Ok(());
+        };
+        if !self.is_local() {
+            settle_downloads(&mut core, sync).await;
         }
+        sync.close().await
     }
 
     /// Appends one block; returns its sequence number.
@@ -192,5 +195,31 @@ impl Feed {
 
     pub(crate) fn shared(&self) -> &Arc<SharedFeed> {
         &self.inner.shared
+    }
+}
+
+/// Folds a remote feed's pending oplog entries into its tree and bitfield.
+///
+/// hypercore 0.16 cannot replay downloaded-block entries from its oplog on open
+/// (see `storage::replayable_oplog_len`), so without this the last few downloads
+/// would be fetched again after a reopen. It folds entries in on every fourth
+/// operation; re-applying a proof of a block we already hold is such an operation
+/// and changes nothing, and its own entry carries no tree nodes, so it replays fine.
+async fn settle_downloads(core: &mut Hypercore, sync: &SyncSet) {
+    for _ in 0..4 {
+        if !sync.has_oplog_entries() {
+            return;
+        }
+        let held = core.info().contiguous_length;
+        let Some(index) = held.checked_sub(1) else {
+            return;
+        };
+        let block = hypercore_schema::RequestBlock { index, nodes: 0 };
+        let Ok(Some(proof)) = core.create_proof(Some(block), None, None, None).await else {
+            return;
+        };
+        if core.verify_and_apply_proof(&proof).await.is_err() {
+            return;
+        }
     }
 }

@@ -31,7 +31,13 @@ enum Command {
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        // The hypercore crates log an ERROR for every ordinary disconnect; we report
+        // what matters ourselves. RUST_LOG overrides this.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,hypercore=off,hypercore_protocol=off")
+            }),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -203,11 +203,20 @@ fn replayable_oplog_len(oplog: &[u8]) -> usize {
 /// One file of a hypercore, written with positioned writes and no fsync.
 #[derive(Debug)]
 struct PlainFile {
-    /// Whether this is the core's oplog (see [`replayable_oplog_len`]).
-    oplog: bool,
+    /// For the core's oplog: its length, mirrored for [`SyncSet::has_oplog_entries`]
+    /// (see also [`replayable_oplog_len`]).
+    oplog_len: Option<Arc<AtomicU64>>,
     file: Arc<FileSlot>,
     length: u64,
     writes: Arc<AtomicU64>,
+}
+
+impl PlainFile {
+    fn mirror_oplog_len(&self) {
+        if let Some(len) = &self.oplog_len {
+            len.store(self.length, Ordering::Release);
+        }
+    }
 }
 
 fn io_err(context: &str, path: &Path, e: io::Error) -> RandomAccessError {
@@ -224,6 +233,7 @@ impl RandomAccess for PlainFile {
         self.file.with(|f| f.write_all_at(data, offset))?;
         self.length = self.length.max(offset + data.len() as u64);
         self.writes.fetch_add(1, Ordering::Release);
+        self.mirror_oplog_len();
         Ok(())
     }
 
@@ -239,7 +249,7 @@ impl RandomAccess for PlainFile {
         // Bounded by the file's own length, checked above.
         let mut buf = vec![0u8; length as usize];
         self.file.with(|f| f.read_exact_at(&mut buf, offset))?;
-        if self.oplog && offset == 0 && length == self.length {
+        if self.oplog_len.is_some() && offset == 0 && length == self.length {
             // The whole-oplog read happens once, when the core opens.
             buf.truncate(replayable_oplog_len(&buf));
         }
@@ -278,6 +288,7 @@ impl RandomAccess for PlainFile {
         self.file.with(|f| f.set_len(length))?;
         self.length = length;
         self.writes.fetch_add(1, Ordering::Release);
+        self.mirror_oplog_len();
         Ok(())
     }
 
@@ -302,11 +313,19 @@ pub(crate) struct SyncSet {
     dir: Option<PathBuf>,
     /// Count of writes issued to any file of this set.
     writes: Arc<AtomicU64>,
+    /// Length of the oplog file.
+    oplog_len: Arc<AtomicU64>,
     /// Highest write count known to be on stable storage; the lock serialises syncs.
     synced: tokio::sync::Mutex<u64>,
 }
 
 impl SyncSet {
+    /// Whether the core's oplog holds entries not yet folded into its tree and
+    /// bitfield (hypercore folds them in on every fourth operation).
+    pub(crate) fn has_oplog_entries(&self) -> bool {
+        self.oplog_len.load(Ordering::Acquire) > OPLOG_ENTRIES_AT as u64
+    }
+
     /// Makes every write issued so far durable. Callers that arrive while a sync
     /// runs wait for it and then find their writes covered, so N concurrent
     /// appends cost one round of fsyncs, not N.
@@ -417,12 +436,14 @@ pub(crate) async fn open_dir(
                 if let Ok(mut files) = set.files.lock() {
                     files.push(slot.clone());
                 }
-                Ok(Box::new(PlainFile {
-                    oplog: matches!(store, Store::Oplog),
+                let file = PlainFile {
+                    oplog_len: matches!(store, Store::Oplog).then(|| set.oplog_len.clone()),
                     file: slot,
                     length,
                     writes: set.writes.clone(),
-                }) as Box<dyn StorageTraits + Send>)
+                };
+                file.mirror_oplog_len();
+                Ok(Box::new(file) as Box<dyn StorageTraits + Send>)
             })
         },
         false,
