@@ -200,9 +200,81 @@ fn replayable_oplog_len(oplog: &[u8]) -> usize {
     oplog.len()
 }
 
+/// Page size of the tree read cache.
+const PAGE: u64 = 4096;
+/// Pages of a tree file kept in memory (64 KiB per busy feed).
+const MAX_PAGES: usize = 16;
+/// Reads of a tree file before it gets a cache: small feeds never pay for one.
+const CACHE_AFTER_READS: u64 = 256;
+
+/// Recently read pages of a Merkle tree file. Serving and verifying a proof reads
+/// several 40-byte nodes near the same places (roots, the recent tail); without this
+/// each node is a system call, the largest cost of replicating one big feed.
+#[derive(Debug, Default)]
+struct PageCache {
+    reads: u64,
+    clock: u64,
+    pages: std::collections::HashMap<u64, (Box<[u8]>, u64)>,
+}
+
+impl PageCache {
+    fn enabled(&self) -> bool {
+        self.reads >= CACHE_AFTER_READS
+    }
+
+    /// Copies `buf.len()` bytes at `offset` from cached pages, loading missing ones
+    /// with `load(page_offset, page_buf)`.
+    fn read(
+        &mut self,
+        offset: u64,
+        buf: &mut [u8],
+        mut load: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let page = at / PAGE;
+            self.clock += 1;
+            let clock = self.clock;
+            if !self.pages.contains_key(&page) {
+                if self.pages.len() >= MAX_PAGES
+                    && let Some(oldest) = self.pages.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k)
+                {
+                    self.pages.remove(&oldest);
+                }
+                let mut data = vec![0u8; PAGE as usize].into_boxed_slice();
+                load(page * PAGE, &mut data)?;
+                self.pages.insert(page, (data, clock));
+            }
+            let (data, used) = self.pages.get_mut(&page).expect("page inserted above");
+            *used = clock;
+            let within = (at - page * PAGE) as usize;
+            let n = (PAGE as usize - within).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&data[within..within + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Keeps cached pages equal to the file after a write.
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        for (&page, (bytes, _)) in self.pages.iter_mut() {
+            let start = page * PAGE;
+            let end = start + PAGE;
+            let (from, to) = (offset.max(start), (offset + data.len() as u64).min(end));
+            if from < to {
+                bytes[(from - start) as usize..(to - start) as usize]
+                    .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+            }
+        }
+    }
+}
+
 /// One file of a hypercore, written with positioned writes and no fsync.
 #[derive(Debug)]
 struct PlainFile {
+    /// Read cache, for the tree file only.
+    cache: Option<PageCache>,
     /// For the core's oplog: its length, mirrored for [`SyncSet::has_oplog_entries`]
     /// (see also [`replayable_oplog_len`]).
     oplog_len: Option<Arc<AtomicU64>>,
@@ -231,6 +303,9 @@ fn io_err(context: &str, path: &Path, e: io::Error) -> RandomAccessError {
 impl RandomAccess for PlainFile {
     async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
         self.file.with(|f| f.write_all_at(data, offset))?;
+        if let Some(cache) = &mut self.cache {
+            cache.write(offset, data);
+        }
         self.length = self.length.max(offset + data.len() as u64);
         self.writes.fetch_add(1, Ordering::Release);
         self.mirror_oplog_len();
@@ -248,7 +323,22 @@ impl RandomAccess for PlainFile {
         }
         // Bounded by the file's own length, checked above.
         let mut buf = vec![0u8; length as usize];
-        self.file.with(|f| f.read_exact_at(&mut buf, offset))?;
+        match &mut self.cache {
+            Some(cache) if cache.enabled() && length <= PAGE => {
+                let (file, file_len) = (&self.file, self.length);
+                cache.read(offset, &mut buf, |page_at, page| {
+                    // The last page may run past the end of the file: the rest stays zero.
+                    let n = (file_len.saturating_sub(page_at)).min(PAGE) as usize;
+                    file.with(|f| f.read_exact_at(&mut page[..n], page_at))
+                })?;
+            }
+            cache => {
+                if let Some(cache) = cache {
+                    cache.reads += 1;
+                }
+                self.file.with(|f| f.read_exact_at(&mut buf, offset))?;
+            }
+        }
         if self.oplog_len.is_some() && offset == 0 && length == self.length {
             // The whole-oplog read happens once, when the core opens.
             buf.truncate(replayable_oplog_len(&buf));
@@ -270,6 +360,9 @@ impl RandomAccess for PlainFile {
         if offset.saturating_add(length) >= self.length {
             return self.truncate(offset).await;
         }
+        if let Some(cache) = &mut self.cache {
+            cache.pages.clear();
+        }
         // Zero the range in bounded chunks; hypercore only deletes cleared blocks.
         const CHUNK: u64 = 64 * 1024;
         let zeros = vec![0u8; CHUNK.min(length) as usize];
@@ -286,6 +379,9 @@ impl RandomAccess for PlainFile {
 
     async fn truncate(&mut self, length: u64) -> Result<(), RandomAccessError> {
         self.file.with(|f| f.set_len(length))?;
+        if let Some(cache) = &mut self.cache {
+            cache.pages.clear();
+        }
         self.length = length;
         self.writes.fetch_add(1, Ordering::Release);
         self.mirror_oplog_len();
@@ -437,6 +533,7 @@ pub(crate) async fn open_dir(
                     files.push(slot.clone());
                 }
                 let file = PlainFile {
+                    cache: matches!(store, Store::Tree).then(PageCache::default),
                     oplog_len: matches!(store, Store::Oplog).then(|| set.oplog_len.clone()),
                     file: slot,
                     length,
@@ -468,4 +565,67 @@ pub(crate) async fn open_memory() -> Result<CoreStorage> {
         storage,
         sync: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tree cache always reads what the file holds, across writes that extend
+    /// the file, overwrite cached pages, and truncations.
+    #[tokio::test]
+    async fn cached_tree_reads_match_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = FilePool::new(64);
+        let path = dir.path().join("tree");
+        std::fs::write(&path, b"").unwrap();
+        let slot = Arc::new(FileSlot {
+            path: path.clone(),
+            file: RwLock::new(SlotFile::Evicted),
+            referenced: AtomicBool::new(true),
+            pool,
+        });
+        let mut file = PlainFile {
+            cache: Some(PageCache::default()),
+            oplog_len: None,
+            file: slot,
+            length: 0,
+            writes: Arc::default(),
+        };
+        let mut model: Vec<u8> = Vec::new();
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for step in 0..20_000u64 {
+            match next() % 10 {
+                0..=3 => {
+                    // Append or overwrite a 40-byte node.
+                    let at = if model.is_empty() { 0 } else { next() % (model.len() as u64 + 40) };
+                    let data = [step as u8; 40];
+                    file.write(at, &data).await.unwrap();
+                    if model.len() < (at + 40) as usize {
+                        model.resize((at + 40) as usize, 0);
+                    }
+                    model[at as usize..at as usize + 40].copy_from_slice(&data);
+                }
+                4 if step % 1000 == 4 => {
+                    let to = next() % (model.len() as u64 + 1);
+                    file.truncate(to).await.unwrap();
+                    model.truncate(to as usize);
+                }
+                _ if model.len() >= 40 => {
+                    let len = 1 + next() % 80.min(model.len() as u64);
+                    let at = next() % (model.len() as u64 - len + 1);
+                    let got = file.read(at, len).await.unwrap();
+                    assert_eq!(got, &model[at as usize..(at + len) as usize], "step {step}");
+                }
+                _ => {}
+            }
+        }
+        assert!(file.cache.as_ref().unwrap().enabled(), "the cache was exercised");
+    }
 }
