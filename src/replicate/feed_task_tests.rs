@@ -76,6 +76,7 @@ fn shared(core: Hypercore) -> Arc<SharedFeed> {
     Arc::new(SharedFeed {
         core: Mutex::new(core),
         changed,
+        files: None,
     })
 }
 
