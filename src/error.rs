@@ -171,6 +171,33 @@ pub enum Error {
         /// What was found.
         reason: String,
     },
+
+    /// A topic name that cannot be used (see `topics`).
+    #[error(
+        "invalid topic {topic:?}: {reason}; topics are 1 to 200 bytes of UTF-8 without control characters"
+    )]
+    InvalidTopic {
+        /// The refused topic (truncated for display).
+        topic: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// A message that cannot be published (too large, bad content type, ...).
+    #[error("invalid message: {reason}")]
+    InvalidMessage {
+        /// Why it was refused, and what to do instead.
+        reason: String,
+    },
+
+    /// A cursor's text form could not be read.
+    #[error(
+        "invalid cursor: {reason}; pass a string produced by Cursor::to_string, or start from Cursor::default()"
+    )]
+    InvalidCursor {
+        /// What was wrong with it.
+        reason: String,
+    },
 }
 
 impl Error {

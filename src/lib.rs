@@ -14,6 +14,8 @@
 //! - `storage.rs`: the plain-file storage backend and group-commit syncs
 //!   ([`Durability`]).
 //! - [`keys`]: [`SharedKey`], [`FeedKey`], [`Keypair`].
+//! - [`topics`]: [`Topics`] — timestamped messages published to topics by many
+//!   writers, read merged with a resumable cursor, or followed live.
 //! - [`Error`] (`error.rs`): one typed error enum.
 //! - `proto/multifeed.proto`: the wire schema of the feed exchange and the index
 //!   record format (generated code stays private).
@@ -59,6 +61,7 @@ mod multifeed;
 mod proto;
 pub mod replicate;
 mod storage;
+pub mod topics;
 
 // Compiles and runs the README's example as a doctest.
 #[cfg(doctest)]
@@ -73,4 +76,5 @@ pub use crate::{
     multifeed::{Event, Multifeed, Options, SkippedFeed},
     replicate::{ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary},
     storage::{Durability, StorageConfig},
+    topics::Topics,
 };

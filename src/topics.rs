@@ -1,0 +1,500 @@
+//! Topics: timestamped messages from many writers, read back merged, with a
+//! resumable consumer [`Cursor`] (a Kafka-style consumer over a multi-writer group).
+//!
+//! ## Model
+//!
+//! Each gateway (peer) publishes to a topic `T` through its own local writer
+//! named `topic/T`, so every gateway's log of `T` is one feed, and replication
+//! merges all of them under the group's shared key. A feed holds one topic: every
+//! block is a protobuf `MessageBlock` (see `proto/multifeed.proto`) of 1..N
+//! [`Message`]s (topic, timestamp in ms, payload, optional content type). The
+//! topic of a remote feed is learnt from its block 0; a feed whose block 0 is not
+//! a message block is not a topic feed and is ignored.
+//!
+//! [`Topics::publish`] writes one message per block; [`Topics::publish_batch`]
+//! packs many into each block ([`Packing`]), which cuts the per-message overhead
+//! on disk and on the wire. Either way every message keeps a stable
+//! [`MessageAddress`]: `(feed key, block seq, index in the block)`.
+//!
+//! ## Reading and the cursor
+//!
+//! A [`Cursor`] holds, **per feed, the address of the next unread message**.
+//! [`Topics::read`]`(topic, cursor, limit)` merges the unread messages of every
+//! feed of the topic and returns up to `limit` of them with the advanced cursor:
+//!
+//! - The merge is a k-way merge: it repeatedly takes, among the feeds' next
+//!   unread messages, the one with the smallest `(timestamp, feed key, seq,
+//!   index)`. Each feed is therefore consumed in its own order, as a prefix, and
+//!   when every feed's timestamps are non-decreasing (one clock per gateway) a
+//!   read is sorted by timestamp with ties broken by key and offset.
+//! - A feed is read only up to its first block this peer does not hold: a hole
+//!   left by sparse or unfinished replication is waited for, never skipped.
+//! - The returned cursor moves each feed's position past the messages returned,
+//!   and no further.
+//!
+//! **Guarantee: resuming never loses or repeats a message.** A message is
+//! returned exactly when it is at or after its feed's position; returning it
+//! moves that position past it, and positions only move forward. A message that
+//! arrives later by replication, even with a timestamp older than everything
+//! already read, is still ahead of its own feed's position (which has not moved
+//! past a block it never saw), so the next read returns it, once.
+//!
+//! **Order across reads** is therefore "merged by timestamp within each read":
+//! what a read returns is sorted, but a later read may return a message older
+//! than ones an earlier read returned, if it arrived (or was written) late. A
+//! consumer that needs a global order must wait for the feeds it expects before
+//! reading; a consumer that needs each message once needs nothing more.
+//!
+//! The cursor is saved as text (`cursor.to_string()`, URL-safe) and restored
+//! with `text.parse::<Cursor>()`. Its size grows with the number of feeds of the
+//! topic (about 55 characters per feed), not with the number of messages.
+//!
+//! [`Topics::follow`] is the live form of `read`: a stream that yields each
+//! message as it becomes readable, locally or by replication, with the same
+//! guarantee; keep a cursor with [`Cursor::advance`] to resume it later.
+//!
+//! Blocks that cannot be decoded, or that hold another topic's messages, are
+//! passed over with a warning (they are signed by the feed's owner and will never
+//! change, so waiting for them would stall the topic forever).
+//!
+//! ## Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), multifeed::Error> {
+//! use multifeed::{Multifeed, Options, SharedKey, StorageConfig, Topics};
+//! use multifeed::topics::{Cursor, Message};
+//!
+//! let group = Multifeed::open(StorageConfig::Memory, SharedKey::generate(), Options::default()).await?;
+//! let topics = Topics::new(group);
+//! topics.publish(Message::new("alerts", "disk full").with_content_type("text/plain")).await?;
+//! topics.publish_batch((0..3).map(|i| Message::new("alerts", format!("{i}")))).await?;
+//!
+//! let (first, cursor) = topics.read("alerts", &Cursor::default(), 2).await?;
+//! assert_eq!(first.len(), 2);
+//! let saved = cursor.to_string();
+//! let (rest, _) = topics.read("alerts", &saved.parse()?, 100).await?;
+//! assert_eq!(rest.len(), 2);
+//! # Ok(()) }
+//! ```
+
+mod codec;
+mod cursor;
+mod merge;
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use futures::{FutureExt, Stream, StreamExt, stream::BoxStream};
+use tokio::sync::watch;
+
+pub use self::{
+    codec::{
+        MAX_CONTENT_TYPE_LEN, MAX_MESSAGES_PER_BLOCK, MAX_PAYLOAD_LEN, MAX_TOPIC_LEN, Packing,
+    },
+    cursor::{Cursor, MAX_CURSOR_FEEDS, MessageAddress, ReceivedMessage},
+};
+use self::{
+    codec::{decode_block, pack, validate_message, validate_topic},
+    merge::{Merge, Step},
+};
+use crate::{
+    error::{Error, Result},
+    feed::Feed,
+    keys::FeedKey,
+    multifeed::{Event, Multifeed},
+};
+
+/// Prefix of the local writer name of a topic: topic `T` is written by `topic/T`.
+pub const WRITER_PREFIX: &str = "topic/";
+
+/// How many messages [`Topics::follow`] reads at a time.
+const FOLLOW_BATCH: usize = 256;
+
+/// One message of a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The topic: 1 to [`MAX_TOPIC_LEN`] bytes, no control characters.
+    pub topic: String,
+    /// When it was published, in milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The message itself, at most [`MAX_PAYLOAD_LEN`] bytes.
+    pub payload: Vec<u8>,
+    /// Optional MIME type (or any label) of the payload, at most
+    /// [`MAX_CONTENT_TYPE_LEN`] bytes.
+    pub content_type: Option<String>,
+}
+
+impl Message {
+    /// A message for `topic`, timestamped now, without a content type.
+    pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        Self {
+            topic: topic.into(),
+            timestamp_ms: now_ms(),
+            payload: payload.into(),
+            content_type: None,
+        }
+    }
+
+    /// Sets the timestamp (milliseconds since the Unix epoch).
+    pub fn with_timestamp_ms(mut self, timestamp_ms: u64) -> Self {
+        self.timestamp_ms = timestamp_ms;
+        self
+    }
+
+    /// Sets the content type.
+    pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = Some(content_type.into());
+        self
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Inner {
+    group: Multifeed,
+    /// The topic of each feed whose block 0 was seen; `None`: not a topic feed.
+    /// Block 0 never changes, so entries never go stale.
+    feed_topics: Mutex<HashMap<FeedKey, Option<String>>>,
+    /// Our local writer of each topic published to.
+    writers: Mutex<HashMap<String, Feed>>,
+}
+
+/// Publishes to and reads topics of one [`Multifeed`]. Cheap to clone.
+///
+/// See the [module docs](self) for the model and the cursor's guarantee.
+#[derive(Clone)]
+pub struct Topics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Topics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topics")
+            .field("group", &self.inner.group)
+            .finish()
+    }
+}
+
+impl Topics {
+    /// Topics over `group` (any feeds of the group that are not topic feeds are
+    /// left alone).
+    pub fn new(group: Multifeed) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                group,
+                feed_topics: Mutex::new(HashMap::new()),
+                writers: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The underlying group.
+    pub fn group(&self) -> &Multifeed {
+        &self.inner.group
+    }
+
+    /// Publishes one message in a block of its own; returns its address.
+    pub async fn publish(&self, message: Message) -> Result<MessageAddress> {
+        let mut addresses = self
+            .publish_batch_with([message], Packing::one_per_block())
+            .await?;
+        Ok(addresses.remove(0))
+    }
+
+    /// Publishes messages of one topic, packed several to a block with the
+    /// default [`Packing`] (64 KiB or 1024 messages per block), in one signed
+    /// append; returns their addresses in order. Empty input publishes nothing.
+    pub async fn publish_batch(
+        &self,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<Vec<MessageAddress>> {
+        self.publish_batch_with(messages, Packing::default()).await
+    }
+
+    /// Like [`Topics::publish_batch`] with explicit packing bounds. All messages
+    /// must have the same topic; nothing is published if one is invalid.
+    pub async fn publish_batch_with(
+        &self,
+        messages: impl IntoIterator<Item = Message>,
+        packing: Packing,
+    ) -> Result<Vec<MessageAddress>> {
+        let messages: Vec<Message> = messages.into_iter().collect();
+        let Some(topic) = messages.first().map(|m| m.topic.clone()) else {
+            return Ok(Vec::new());
+        };
+        for message in &messages {
+            validate_message(message)?;
+            if message.topic != topic {
+                return Err(Error::InvalidTopic {
+                    topic: message.topic.chars().take(64).collect(),
+                    reason: "a batch holds one topic; publish each topic in its own batch",
+                });
+            }
+        }
+        let blocks = pack(&topic, messages, packing);
+        let writer = self.writer(&topic).await?;
+        let encoded: Vec<&[u8]> = blocks.iter().map(|(b, _)| &b[..]).collect();
+        let first = writer.append_batch(&encoded).await?;
+        let key = writer.key();
+        Ok(blocks
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (_, count))| {
+                (0..*count as u32).map(move |index| MessageAddress {
+                    key,
+                    seq: first + i as u64,
+                    index,
+                })
+            })
+            .collect())
+    }
+
+    /// Our local writer of `topic`, created on first use.
+    async fn writer(&self, topic: &str) -> Result<Feed> {
+        if let Some(feed) = lock(&self.inner.writers).get(topic) {
+            return Ok(feed.clone());
+        }
+        let feed = self
+            .inner
+            .group
+            .writer(&format!("{WRITER_PREFIX}{topic}"))
+            .await?;
+        lock(&self.inner.writers).insert(topic.to_owned(), feed.clone());
+        Ok(feed)
+    }
+
+    /// Every topic that has at least one message in a feed this peer holds
+    /// block 0 of, sorted.
+    pub async fn topics(&self) -> Result<Vec<String>> {
+        let mut topics = BTreeSet::new();
+        for feed in self.inner.group.feeds() {
+            if let Some(topic) = self.feed_topic(&feed).await? {
+                topics.insert(topic);
+            }
+        }
+        Ok(topics.into_iter().collect())
+    }
+
+    /// The topic of a feed, from its block 0; `None` if it is not a topic feed or
+    /// its block 0 is not held yet.
+    async fn feed_topic(&self, feed: &Feed) -> Result<Option<String>> {
+        let key = feed.key();
+        if let Some(topic) = lock(&self.inner.feed_topics).get(&key) {
+            return Ok(topic.clone());
+        }
+        let Some(block) = feed.get(0).await? else {
+            return Ok(None);
+        };
+        let topic = match decode_block(&block) {
+            Ok((topic, _)) => Some(topic),
+            Err(reason) => {
+                tracing::debug!(%key, %reason, "not a topic feed");
+                None
+            }
+        };
+        lock(&self.inner.feed_topics).insert(key, topic.clone());
+        Ok(topic)
+    }
+
+    /// The feeds of `topic`.
+    async fn topic_feeds(&self, topic: &str) -> Result<Vec<Feed>> {
+        let mut feeds = Vec::new();
+        for feed in self.inner.group.feeds() {
+            if self.feed_topic(&feed).await?.as_deref() == Some(topic) {
+                feeds.push(feed);
+            }
+        }
+        Ok(feeds)
+    }
+
+    /// Up to `limit` unread messages of `topic` after `cursor`, merged by
+    /// timestamp, and the cursor past them. Returns no messages and the same
+    /// positions when nothing is unread. See the [module docs](self) for the
+    /// order and the guarantee.
+    pub async fn read(
+        &self,
+        topic: &str,
+        cursor: &Cursor,
+        limit: usize,
+    ) -> Result<(Vec<ReceivedMessage>, Cursor)> {
+        validate_topic(topic)?;
+        let feeds = self.topic_feeds(topic).await?;
+        let mut merge = Merge::new(feeds.iter().map(Feed::key), cursor, limit);
+        let mut messages = Vec::new();
+        loop {
+            match merge.step() {
+                Step::Done => break,
+                Step::Message(message) => messages.push(message),
+                Step::Need { feed, key, seq } => {
+                    let block = feeds[feed].get(seq).await?;
+                    let block = block.map(|bytes| topic_messages(&bytes, topic, &key, seq));
+                    merge.supply(feed, block);
+                }
+            }
+        }
+        let mut next = cursor.clone();
+        merge.update_cursor(&mut next);
+        Ok((messages, next))
+    }
+
+    /// A live read of `topic` from `cursor`: yields every unread message, then
+    /// each new one as it becomes readable, whether published here or received
+    /// by replication (including new feeds). It waits on feed and membership
+    /// changes, never polls.
+    ///
+    /// Messages come in the order of successive [`Topics::read`]s. To resume
+    /// later, keep a cursor: `cursor.advance(&received.address)` for each item.
+    /// The stream ends after yielding an error, such as [`Error::Closed`] when
+    /// it wakes up to find the group closed.
+    pub fn follow(
+        &self,
+        topic: &str,
+        cursor: Cursor,
+    ) -> impl Stream<Item = Result<ReceivedMessage>> + Send + Unpin + 'static {
+        let state = Follow {
+            topics: self.clone(),
+            topic: topic.to_owned(),
+            cursor,
+            buffer: VecDeque::new(),
+            events: self.inner.group.events().boxed(),
+            watchers: HashMap::new(),
+            done: false,
+        };
+        futures::stream::unfold(state, |mut state| async move {
+            let item = state.next().await?;
+            Some((item, state))
+        })
+        .boxed()
+    }
+}
+
+/// The messages of a block of `topic`'s feed `key`; none (with a warning) if the
+/// block is unreadable or of another topic, so the read passes over it.
+fn topic_messages(bytes: &[u8], topic: &str, key: &FeedKey, seq: u64) -> Vec<Message> {
+    match decode_block(bytes) {
+        Ok((block_topic, messages)) if block_topic == topic => messages,
+        Ok((other, _)) => {
+            tracing::warn!(%key, seq, topic, %other, "passing over a block of another topic");
+            Vec::new()
+        }
+        Err(reason) => {
+            tracing::warn!(%key, seq, topic, %reason, "passing over an unreadable block");
+            Vec::new()
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere; the maps stay consistent
+    // because every change is a single insert.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The state of one [`Topics::follow`] stream.
+struct Follow {
+    topics: Topics,
+    topic: String,
+    /// Past everything read into `buffer`.
+    cursor: Cursor,
+    buffer: VecDeque<ReceivedMessage>,
+    /// Membership changes (new feeds), subscribed before the first read.
+    events: BoxStream<'static, Event>,
+    /// Length changes of every feed known so far.
+    watchers: HashMap<FeedKey, watch::Receiver<u64>>,
+    done: bool,
+}
+
+impl Follow {
+    async fn next(&mut self) -> Option<Result<ReceivedMessage>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(message) = self.buffer.pop_front() {
+                return Some(Ok(message));
+            }
+            let group = &self.topics.inner.group;
+            if group.is_closed() {
+                self.done = true;
+                return Some(Err(Error::Closed));
+            }
+            // Membership events already queued are covered by the read below (a
+            // feed is a member before its event is sent): drop them.
+            while let Some(event) = self.events.next().now_or_never() {
+                if event.is_none() {
+                    self.done = true;
+                    return None;
+                }
+            }
+            // Arm every watcher before reading: a change during or after the read
+            // then wakes the wait below, so nothing slips between the two.
+            for feed in group.feeds() {
+                self.watchers
+                    .entry(feed.key())
+                    .or_insert_with(|| feed.subscribe_len());
+            }
+            for watcher in self.watchers.values_mut() {
+                watcher.mark_unchanged();
+            }
+            match self
+                .topics
+                .read(&self.topic, &self.cursor, FOLLOW_BATCH)
+                .await
+            {
+                Ok((messages, cursor)) => {
+                    self.cursor = cursor;
+                    if !messages.is_empty() {
+                        self.buffer.extend(messages);
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+            self.wait_for_change().await;
+        }
+    }
+
+    /// Waits until a feed grows, a feed joins the group, or a feed is released.
+    async fn wait_for_change(&mut self) {
+        let released = {
+            let changes: Vec<_> = self
+                .watchers
+                .iter_mut()
+                .map(|(key, watcher)| {
+                    Box::pin(async move { watcher.changed().await.err().map(|_| *key) })
+                })
+                .collect();
+            let any_change = async move {
+                if changes.is_empty() {
+                    std::future::pending().await
+                } else {
+                    futures::future::select_all(changes).await.0
+                }
+            };
+            tokio::select! {
+                event = self.events.next() => {
+                    if event.is_none() {
+                        self.done = true;
+                    }
+                    None
+                }
+                released = any_change => released,
+            }
+        };
+        // A feed handle was dropped (the group is closing): stop watching it.
+        if let Some(key) = released {
+            self.watchers.remove(&key);
+        }
+    }
+}

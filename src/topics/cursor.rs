@@ -1,0 +1,289 @@
+//! Message addresses and the consumer [`Cursor`] with its text form (IO-less).
+
+use std::{collections::BTreeMap, fmt, str::FromStr};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use prost::Message as _;
+
+use super::Message;
+use crate::{error::Error, keys::FeedKey, proto::pb};
+
+/// Prefix of a cursor's text form; names the format version.
+const CURSOR_PREFIX: &str = "v1.";
+/// Most feeds a cursor's text form may list.
+pub const MAX_CURSOR_FEEDS: usize = 65_536;
+/// Longest text form of a cursor that is parsed (4 MiB).
+const MAX_CURSOR_TEXT_LEN: usize = 4 * 1024 * 1024;
+
+/// The stable address of one message: which feed, which block, which message in
+/// the block. Never changes once the message is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageAddress {
+    /// The feed (one gateway's writer for the topic).
+    pub key: FeedKey,
+    /// Block sequence number within the feed.
+    pub seq: u64,
+    /// Index of the message within the block (0 unless the block is packed).
+    pub index: u32,
+}
+
+impl fmt::Display for MessageAddress {
+    /// `<hex key>/<seq>/<index>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.key, self.seq, self.index)
+    }
+}
+
+/// A message read from a topic, with its address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMessage {
+    /// Where it is stored.
+    pub address: MessageAddress,
+    /// The message.
+    pub message: Message,
+}
+
+/// Where a consumer stands in one topic: for each feed, the address of the next
+/// unread message. Feeds it does not list are read from their start, so
+/// [`Cursor::default`] reads a topic from the beginning.
+///
+/// Save it as text with `to_string()` (compact and URL-safe) and restore it with
+/// `parse()`. See the [module docs](super) for why resuming from a cursor never
+/// loses or repeats a message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// Next unread (seq, index) per feed; never holds (0, 0).
+    positions: BTreeMap<FeedKey, (u64, u32)>,
+}
+
+impl Cursor {
+    /// A cursor at the beginning of every feed.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The address of the next unread message of feed `key` (block 0, index 0
+    /// if the cursor has not moved in that feed).
+    pub fn next_address(&self, key: &FeedKey) -> MessageAddress {
+        let (seq, index) = self.position(key);
+        MessageAddress {
+            key: *key,
+            seq,
+            index,
+        }
+    }
+
+    /// The next unread address of every feed the cursor has moved in, by key.
+    pub fn positions(&self) -> impl Iterator<Item = MessageAddress> + '_ {
+        self.positions
+            .iter()
+            .map(|(&key, &(seq, index))| MessageAddress { key, seq, index })
+    }
+
+    /// Number of feeds the cursor has moved in.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Whether the cursor is at the beginning of every feed.
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// Whether the message at `address` is behind the cursor (already read).
+    pub fn has_consumed(&self, address: &MessageAddress) -> bool {
+        (address.seq, address.index) < self.position(&address.key)
+    }
+
+    /// Moves the cursor past the message at `address` (and so past every earlier
+    /// message of that feed). Never moves it back. Use it to keep a cursor while
+    /// consuming [`Topics::follow`](super::Topics::follow).
+    pub fn advance(&mut self, address: &MessageAddress) {
+        let next = match address.index.checked_add(1) {
+            Some(index) => (address.seq, index),
+            None => (address.seq.saturating_add(1), 0),
+        };
+        if next > self.position(&address.key) {
+            self.positions.insert(address.key, next);
+        }
+    }
+
+    pub(crate) fn position(&self, key: &FeedKey) -> (u64, u32) {
+        self.positions.get(key).copied().unwrap_or((0, 0))
+    }
+
+    /// Sets a feed's position as is (the merge only ever moves it forward).
+    pub(crate) fn set(&mut self, key: FeedKey, seq: u64, index: u32) {
+        if (seq, index) == (0, 0) {
+            self.positions.remove(&key);
+        } else {
+            self.positions.insert(key, (seq, index));
+        }
+    }
+
+    fn to_pb(&self) -> pb::Cursor {
+        pb::Cursor {
+            positions: self
+                .positions
+                .iter()
+                .map(|(key, &(seq, index))| pb::FeedPosition {
+                    key: key.as_bytes().to_vec(),
+                    seq,
+                    index,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Display for Cursor {
+    /// `v1.` followed by the base64url (unpadded) protobuf `Cursor`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{CURSOR_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(self.to_pb().encode_to_vec())
+        )
+    }
+}
+
+impl FromStr for Cursor {
+    type Err = Error;
+
+    /// Parses the text form made by `to_string()`. Bounded: text longer than
+    /// 4 MiB or listing more than [`MAX_CURSOR_FEEDS`] feeds is refused.
+    fn from_str(text: &str) -> Result<Self, Error> {
+        let invalid = |reason: String| Error::InvalidCursor { reason };
+        if text.len() > MAX_CURSOR_TEXT_LEN {
+            return Err(invalid(format!(
+                "{} bytes of text, more than the limit of {MAX_CURSOR_TEXT_LEN}",
+                text.len()
+            )));
+        }
+        let body = text
+            .strip_prefix(CURSOR_PREFIX)
+            .ok_or_else(|| invalid(format!("it does not start with {CURSOR_PREFIX:?}")))?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|e| invalid(format!("not base64url: {e}")))?;
+        let decoded =
+            pb::Cursor::decode(&bytes[..]).map_err(|e| invalid(format!("malformed: {e}")))?;
+        if decoded.positions.len() > MAX_CURSOR_FEEDS {
+            return Err(invalid(format!(
+                "{} feeds, more than the limit of {MAX_CURSOR_FEEDS}",
+                decoded.positions.len()
+            )));
+        }
+        let mut cursor = Cursor::default();
+        for position in decoded.positions {
+            let key = FeedKey::from_slice(&position.key).map_err(|_| {
+                invalid(format!(
+                    "a feed key of {} bytes (keys are 32 bytes)",
+                    position.key.len()
+                ))
+            })?;
+            if cursor.positions.contains_key(&key) {
+                return Err(invalid(format!("feed {key} is listed twice")));
+            }
+            cursor.set(key, position.seq, position.index);
+        }
+        Ok(cursor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> FeedKey {
+        FeedKey::from_bytes([n; 32])
+    }
+
+    #[test]
+    fn text_form_round_trips_and_is_url_safe() {
+        let mut cursor = Cursor::default();
+        assert_eq!(cursor.to_string().parse::<Cursor>().unwrap(), cursor);
+        cursor.set(key(1), 7, 3);
+        cursor.set(key(2), u64::MAX, u32::MAX);
+        let text = cursor.to_string();
+        assert!(
+            text.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+            "{text}"
+        );
+        assert_eq!(text.parse::<Cursor>().unwrap(), cursor);
+    }
+
+    #[test]
+    fn advance_moves_forward_only() {
+        let mut cursor = Cursor::default();
+        let at = |seq, index| MessageAddress {
+            key: key(1),
+            seq,
+            index,
+        };
+        cursor.advance(&at(2, 1));
+        assert_eq!(cursor.next_address(&key(1)), at(2, 2));
+        assert!(cursor.has_consumed(&at(2, 1)));
+        assert!(cursor.has_consumed(&at(0, 9)));
+        assert!(!cursor.has_consumed(&at(2, 2)));
+        cursor.advance(&at(1, 0));
+        assert_eq!(cursor.next_address(&key(1)), at(2, 2));
+        cursor.advance(&at(3, u32::MAX));
+        assert_eq!(cursor.next_address(&key(1)), at(4, 0));
+        assert!(!cursor.has_consumed(&MessageAddress {
+            key: key(2),
+            seq: 0,
+            index: 0
+        }));
+    }
+
+    #[test]
+    fn malformed_cursor_text_is_a_typed_error_not_a_panic() {
+        let dup = pb::Cursor {
+            positions: vec![
+                pb::FeedPosition {
+                    key: vec![1; 32],
+                    seq: 1,
+                    index: 0,
+                };
+                2
+            ],
+        };
+        let short = pb::Cursor {
+            positions: vec![pb::FeedPosition {
+                key: vec![1; 31],
+                seq: 1,
+                index: 0,
+            }],
+        };
+        let too_many = pb::Cursor {
+            positions: (0..=MAX_CURSOR_FEEDS as u32)
+                .map(|i| pb::FeedPosition {
+                    key: [i.to_be_bytes().to_vec(), vec![0; 28]].concat(),
+                    seq: 1,
+                    index: 0,
+                })
+                .collect(),
+        };
+        let enc = |c: &pb::Cursor| format!("v1.{}", URL_SAFE_NO_PAD.encode(c.encode_to_vec()));
+        for text in [
+            String::new(),
+            "v2.".into(),
+            "hello".into(),
+            "v1.!!!".into(),
+            "v1.____".into(),
+            format!("v1.{}", URL_SAFE_NO_PAD.encode(b"\x0a\xff\xff\xff\xff\x0f")),
+            enc(&dup),
+            enc(&short),
+            enc(&too_many),
+            format!("v1.{}", "A".repeat(MAX_CURSOR_TEXT_LEN)),
+        ] {
+            assert!(
+                matches!(text.parse::<Cursor>(), Err(Error::InvalidCursor { .. })),
+                "{}",
+                &text[..text.len().min(40)]
+            );
+        }
+    }
+}
