@@ -531,3 +531,49 @@ async fn a_cut_connection_resumes_and_every_entry_arrives_once() {
         assert_eq!(copy.get(i as u64).await.unwrap().unwrap(), block.as_bytes());
     }
 }
+
+/// A peer whose store was tampered with serves a block that does not match its
+/// signed tree: the receiver rejects it with a typed error, keeps only verified
+/// blocks, and completes later from an honest peer.
+#[tokio::test]
+async fn a_tampered_block_from_a_peer_is_rejected_and_the_store_stays_intact() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let a = open_dir(dir_a.path()).await;
+    let w = a.writer("w").await.unwrap();
+    let blocks: Vec<String> = (0..50).map(|i| format!("block-{i:04}")).collect(); // 10 bytes each
+    w.append_batch(&blocks).await.unwrap();
+    let honest = open_memory().await;
+    let (r1, r2) = sync_pair(&a, &honest).await;
+    r1.unwrap();
+    r2.unwrap();
+    a.close().await.unwrap();
+    // Flip one byte of block 30 in A's data file.
+    let data = dir_a.path().join("feeds").join(w.key().to_hex()).join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[30 * 10 + 3] ^= 0x01;
+    std::fs::write(&data, bytes).unwrap();
+    let a = open_dir(dir_a.path()).await;
+
+    let b = open_dir(dir_b.path()).await;
+    let (ra, rb) = sync_pair(&a, &b).await;
+    match rb {
+        Err(Error::InvalidData { key, .. }) => assert_eq!(key, w.key().to_hex()),
+        other => panic!("expected InvalidData, got {other:?}"),
+    }
+    assert!(ra.is_err(), "the session ends on both sides");
+    let copy = b.feed(w.key()).unwrap();
+    for seq in 0..copy.len().await {
+        if let Some(block) = copy.get(seq).await.unwrap() {
+            assert_eq!(block, blocks[seq as usize].as_bytes(), "block {seq} was stored unverified");
+        }
+    }
+    assert!(copy.get(30).await.unwrap().is_none());
+    // An honest peer completes the feed.
+    let (rh, rb) = sync_pair(&honest, &b).await;
+    rh.unwrap();
+    rb.unwrap();
+    for (seq, block) in blocks.iter().enumerate() {
+        assert_eq!(copy.get(seq as u64).await.unwrap().unwrap(), block.as_bytes());
+    }
+}
