@@ -109,6 +109,14 @@ pub async fn run_feed(
             if !opts.live {
                 // Best effort: the peer may already have closed.
                 let _ = channel.close().await;
+                if !closed {
+                    // hypercore-protocol ends the whole connection if a message arrives
+                    // for a channel whose receiver is gone, and the peer may still send
+                    // a few before it sees our Close: keep receiving (and discarding)
+                    // until the channel closes, which at the latest happens with the
+                    // connection.
+                    tokio::spawn(async move { while rx.recv().await.is_ok() {} });
+                }
                 return Ok(sum);
             }
         }
