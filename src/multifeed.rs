@@ -447,7 +447,9 @@ impl Multifeed {
     pub async fn flush(&self) -> Result<()> {
         let index = self.inner.write.lock().await;
         let index = index.as_ref().ok_or(Error::Closed)?.flusher();
-        for feed in self.feeds() {
+        let feeds = self.feeds();
+        self.sync_many(&feeds).await?;
+        for feed in feeds {
             feed.flush().await?;
         }
         index.flush().await
@@ -474,7 +476,7 @@ impl Multifeed {
                 .write()
                 .unwrap_or_else(|e| e.into_inner()),
         );
-        let mut first_error = None;
+        let mut first_error = self.sync_many(&feeds.order).await.err();
         for feed in &feeds.order {
             if let Err(e) = feed.close().await {
                 first_error.get_or_insert(e);
@@ -485,6 +487,39 @@ impl Multifeed {
         }
         self.inner.closed.store(true, Ordering::Release);
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// From this many feeds with unsynced writes on, one filesystem-wide sync is cheaper
+/// than an fsync per file (closing 10,000 fresh feeds: one call, not 50,000).
+const GROUP_SYNC_MIN: usize = 16;
+
+impl Multifeed {
+    /// Makes the writes of many feeds durable at once; feeds it covers then skip their
+    /// own fsyncs. Does nothing for a few feeds or in-memory storage.
+    async fn sync_many(&self, feeds: &[Feed]) -> Result<()> {
+        let StorageConfig::Dir(root) = &self.inner.storage else {
+            return Ok(());
+        };
+        let dirty: Vec<_> = feeds
+            .iter()
+            .filter_map(|feed| feed.inner.sync.clone())
+            .filter(|sync| sync.needs_sync())
+            .collect();
+        if dirty.len() < GROUP_SYNC_MIN {
+            return Ok(());
+        }
+        // Marks first: a write counted in a mark was issued before it, so the
+        // write-out below hands it to the OS before the filesystem sync starts.
+        let marks: Vec<u64> = dirty.iter().map(|sync| sync.write_count()).collect();
+        for sync in &dirty {
+            sync.write_out()?;
+        }
+        storage::sync_filesystem(root).await?;
+        for (sync, mark) in dirty.iter().zip(marks) {
+            sync.mark_durable(mark).await;
+        }
+        Ok(())
     }
 }
 

@@ -507,6 +507,8 @@ pub(crate) struct SyncSet {
     write_order: AtomicU64,
     /// Highest write count known to be on stable storage; the lock serialises syncs.
     synced: tokio::sync::Mutex<u64>,
+    /// Copy of `synced` readable without the lock.
+    durable: AtomicU64,
 }
 
 impl SyncSet {
@@ -572,7 +574,26 @@ impl SyncSet {
         .map_err(|e| Error::io("sync", io::Error::other(e)))?
         .map_err(|e| Error::io("sync feed files", e))?;
         *synced = target;
+        self.durable.fetch_max(target, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Whether writes were issued since they were last made durable.
+    pub(crate) fn needs_sync(&self) -> bool {
+        self.writes.load(Ordering::Acquire) > self.durable.load(Ordering::Acquire)
+    }
+
+    /// Count of writes issued so far (a mark for [`SyncSet::mark_durable`]).
+    pub(crate) fn write_count(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
+    }
+
+    /// Records that writes up to `mark` reached stable storage by other means (a
+    /// filesystem-wide sync that began after they were written out).
+    pub(crate) async fn mark_durable(&self, mark: u64) {
+        let mut synced = self.synced.lock().await;
+        *synced = (*synced).max(mark);
+        self.durable.fetch_max(mark, Ordering::AcqRel);
     }
 
     /// Syncs, then closes every file: later reads and writes fail, and the
@@ -586,6 +607,20 @@ impl SyncSet {
         }
         synced
     }
+}
+
+/// Makes everything written to the filesystem that holds `dir` durable, with one
+/// `syncfs` instead of an fsync per file (cheaper for many feeds at once).
+pub(crate) async fn sync_filesystem(dir: &Path) -> Result<()> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let handle = File::open(&dir)?;
+        rustix::fs::syncfs(&handle)?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::io("sync", io::Error::other(e)))?
+    .map_err(|e| Error::io("sync the storage filesystem", e))
 }
 
 fn store_file_name(store: &Store) -> &'static str {
