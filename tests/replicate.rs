@@ -549,7 +549,11 @@ async fn a_tampered_block_from_a_peer_is_rejected_and_the_store_stays_intact() {
     r2.unwrap();
     a.close().await.unwrap();
     // Flip one byte of block 30 in A's data file.
-    let data = dir_a.path().join("feeds").join(w.key().to_hex()).join("data");
+    let data = dir_a
+        .path()
+        .join("feeds")
+        .join(w.key().to_hex())
+        .join("data");
     let mut bytes = std::fs::read(&data).unwrap();
     bytes[30 * 10 + 3] ^= 0x01;
     std::fs::write(&data, bytes).unwrap();
@@ -565,7 +569,11 @@ async fn a_tampered_block_from_a_peer_is_rejected_and_the_store_stays_intact() {
     let copy = b.feed(w.key()).unwrap();
     for seq in 0..copy.len().await {
         if let Some(block) = copy.get(seq).await.unwrap() {
-            assert_eq!(block, blocks[seq as usize].as_bytes(), "block {seq} was stored unverified");
+            assert_eq!(
+                block,
+                blocks[seq as usize].as_bytes(),
+                "block {seq} was stored unverified"
+            );
         }
     }
     assert!(copy.get(30).await.unwrap().is_none());
@@ -574,6 +582,31 @@ async fn a_tampered_block_from_a_peer_is_rejected_and_the_store_stays_intact() {
     rh.unwrap();
     rb.unwrap();
     for (seq, block) in blocks.iter().enumerate() {
-        assert_eq!(copy.get(seq as u64).await.unwrap().unwrap(), block.as_bytes());
+        assert_eq!(
+            copy.get(seq as u64).await.unwrap().unwrap(),
+            block.as_bytes()
+        );
     }
+}
+
+/// A one-shot peer syncing with a live one (a `sync` client against `serve`) returns
+/// once both hold everything, and the live side ends that session cleanly.
+#[tokio::test]
+async fn a_one_shot_peer_finishes_against_a_live_peer() {
+    let server = open_memory().await;
+    let client = open_memory().await;
+    let ws = server.writer("s").await.unwrap();
+    ws.append_batch(&[b"s0", b"s1"]).await.unwrap();
+    let wc = client.writer("c").await.unwrap();
+    wc.append(b"c0").await.unwrap();
+    let (ra, rb) = sync_pair_with(
+        &server,
+        &client,
+        ReplicateOptions::new(false).live(true),
+        ReplicateOptions::new(true),
+    )
+    .await;
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!((ra.blocks_received, rb.blocks_received), (1, 2));
+    assert_eq!(contents(&server).await, contents(&client).await);
 }

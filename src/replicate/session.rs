@@ -231,7 +231,11 @@ impl Session {
                 },
                 Some(Ok(Some(key))) = self.synced.join_next() => {
                     self.syncing.remove(&key);
-                    self.pump_queue().await
+                    self.serving.remove(&key);
+                    match self.pump_queue().await {
+                        Ok(()) => self.maybe_done().await,
+                        Err(e) => Err(e),
+                    }
                 },
                 Some(progress) = self.progress_rx.recv() => {
                     self.emit(ReplicationEvent::Progress {
@@ -253,7 +257,12 @@ impl Session {
             if let Err(e) = step {
                 break Err(e);
             }
-            if self.done_sent && self.done_received && self.running.is_empty() {
+            // A live session answering a one-shot peer keeps its channels open, so it
+            // ends when that peer, having both Dones, closes the group channel.
+            if self.done_sent
+                && self.done_received
+                && (self.running.is_empty() || self.root_rx.is_none())
+            {
                 break Ok(());
             }
         };
@@ -457,7 +466,7 @@ impl Session {
             ExchangeMessage::Request(keys) if self.handshake_done => self.on_request(keys).await,
             ExchangeMessage::Done if self.handshake_done => {
                 self.done_received = true;
-                Ok(())
+                self.maybe_done().await
             }
             ExchangeMessage::Ping(_) => Ok(()),
             _ => Err(Error::PeerFault {
@@ -577,8 +586,11 @@ impl Session {
         Ok(())
     }
 
+    /// One-shot: says `Done` once we want nothing more and served every request.
+    /// Live: says it only in answer to a one-shot peer's `Done`, so that peer's
+    /// `replicate` can return; the live session stays up for other peers' sake.
     async fn maybe_done(&mut self) -> Result<()> {
-        if self.options.live || self.done_sent {
+        if self.done_sent || (self.options.live && !self.done_received) {
             return Ok(());
         }
         if self.got_manifest
