@@ -16,6 +16,8 @@
 //! - [`keys`]: [`SharedKey`], [`FeedKey`], [`Keypair`].
 //! - [`topics`]: [`Topics`] — timestamped messages published to topics by many
 //!   writers, read merged with a resumable cursor, or followed live.
+//! - [`verify`]: [`Multifeed::verify`] re-checks every stored block against
+//!   its feed's signed Merkle tree.
 //! - [`Error`] (`error.rs`): one typed error enum.
 //! - `proto/multifeed.proto`: the wire schema of the feed exchange and the index
 //!   record format (generated code stays private).
@@ -62,6 +64,7 @@ mod proto;
 pub mod replicate;
 mod storage;
 pub mod topics;
+pub mod verify;
 
 // Compiles and runs the README's example as a doctest.
 #[cfg(doctest)]
@@ -77,4 +80,5 @@ pub use crate::{
     replicate::{ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary},
     storage::{Durability, StorageConfig},
     topics::Topics,
+    verify::{FeedReport, FeedStatus, VerifyReport},
 };

@@ -1,48 +1,173 @@
-//! The `multifeed` command-line tool.
+//! The `multifeed` command-line tool: a sensor gateway's view of a group.
+//!
+//! Every command works on one storage directory (`--dir`) under one shared key
+//! (`--key`, `MULTIFEED_KEY`, or the key file `init`/`join` wrote next to the
+//! directory). Errors end with one line saying what happened and what to do, and a
+//! non-zero exit; everything already written stays.
 
-use std::path::PathBuf;
+mod cli;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use multifeed::{Multifeed, Options, ReplicateOptions, SharedKey, StorageConfig};
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{ArgAction, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "multifeed",
     version,
-    about = "A multi-writer feed collection over hypercores"
+    about = "Gateways that publish to topics, sync with each other and read a merged view",
+    after_help = "Start with `multifeed demo`. Logs: -v, -vv or RUST_LOG."
 )]
 struct Cli {
+    /// The group's storage directory [default: the per-user data directory, e.g. ~/.local/share/multifeed].
+    #[arg(long, global = true, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The group's shared key (64 hex characters). Overrides MULTIFEED_KEY and the key file `<DIR>.key`.
+    #[arg(long, global = true, value_name = "HEX")]
+    key: Option<String>,
+    /// Print JSON lines instead of text (read, topics, feeds, sync, serve, verify, init).
+    #[arg(long, global = true)]
+    json: bool,
+    /// More logs on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Two sensor gateways on local disk write per-topic logs, sync over loopback TCP,
-    /// refuse a version-mismatched peer, reopen and print what each holds.
+    /// Start a new group: generate a shared key, write the key file and print the key.
+    Init,
+    /// Join an existing group with its shared key (as printed by `init` elsewhere).
+    Join {
+        /// The group's shared key (64 hex characters).
+        key: String,
+    },
+    /// Publish to a topic: the message given, or one message per line of stdin.
+    Write {
+        /// The topic, e.g. `temperature`.
+        topic: String,
+        /// The message; without it, every non-empty line of stdin is a message.
+        message: Option<String>,
+        /// Content type recorded with each message (e.g. application/json).
+        #[arg(long)]
+        content_type: Option<String>,
+        /// Print nothing (by default each message's address is printed).
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Print a topic's messages merged by time from every gateway, then the cursor (on stderr).
+    Read {
+        /// The topic.
+        topic: String,
+        /// Resume after the messages a previous read returned (its printed cursor).
+        #[arg(long, value_name = "CURSOR")]
+        from: Option<String>,
+        /// Print at most this many messages.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Keep printing messages as they arrive (until Ctrl-C).
+        #[arg(short, long)]
+        follow: bool,
+        /// With --follow: also replicate live with the peer at this address meanwhile.
+        #[arg(long, value_name = "ADDR", requires = "follow")]
+        peer: Option<String>,
+    },
+    /// List the topics this gateway holds messages of.
+    Topics,
+    /// List the member feeds: key, local name, local or remote, length, bytes.
+    Feeds,
+    /// Accept peers and replicate live with all of them (until Ctrl-C).
+    Serve {
+        /// Address to listen on, e.g. 0.0.0.0:7000 (port 0: any free port).
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Most peers served at once.
+        #[arg(long, default_value_t = 256)]
+        max_peers: usize,
+    },
+    /// Replicate with a peer: once (default) or live until Ctrl-C.
+    Sync {
+        /// The peer's address (a running `multifeed serve`), e.g. 10.0.0.2:7000.
+        addr: String,
+        /// Keep replicating new data until Ctrl-C.
+        #[arg(long)]
+        live: bool,
+        /// Seconds allowed to connect and complete the handshake.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Re-check every feed's Merkle tree and signatures; report damage.
+    Verify,
+    /// Three gateways on loopback publish sensor readings, sync, and show the merged view.
     Demo {
-        /// Directory for the demo group (default: a temporary directory, removed after).
+        /// Directory for the demo's gateways (default: a temporary directory, removed after).
         #[arg(long)]
         dir: Option<PathBuf>,
     },
 }
 
-#[tokio::main]
-async fn main() {
+/// Global options every command gets.
+pub struct Global {
+    pub dir: Option<PathBuf>,
+    pub key: Option<String>,
+    pub json: bool,
+}
+
+fn init_logs(verbose: u8) {
+    // The hypercore crates log an ERROR for every ordinary disconnect; we report
+    // what matters ourselves. RUST_LOG overrides this.
+    let default = match verbose {
+        0 => "warn,hypercore=off,hypercore_protocol=off",
+        1 => "info,hypercore=off,hypercore_protocol=off",
+        2 => "debug,hypercore=info,hypercore_protocol=info",
+        _ => "trace",
+    };
     tracing_subscriber::fmt()
-        // The hypercore crates log an ERROR for every ordinary disconnect; we report
-        // what matters ourselves. RUST_LOG overrides this.
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,hypercore=off,hypercore_protocol=off")
-            }),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[tokio::main]
+async fn main() {
     let cli = Cli::parse();
+    init_logs(cli.verbose);
+    let global = Global {
+        dir: cli.dir,
+        key: cli.key,
+        json: cli.json,
+    };
     let result = match cli.command {
-        Command::Demo { dir } => demo(dir).await,
+        Command::Init => cli::commands::init(&global).await,
+        Command::Join { key } => cli::commands::join(&global, &key).await,
+        Command::Write {
+            topic,
+            message,
+            content_type,
+            quiet,
+        } => cli::commands::write(&global, &topic, message, content_type, quiet).await,
+        Command::Read {
+            topic,
+            from,
+            limit,
+            follow,
+            peer,
+        } => cli::commands::read(&global, &topic, from, limit, follow, peer).await,
+        Command::Topics => cli::commands::topics(&global).await,
+        Command::Feeds => cli::commands::feeds(&global).await,
+        Command::Serve { listen, max_peers } => cli::net::serve(&global, &listen, max_peers).await,
+        Command::Sync {
+            addr,
+            live,
+            timeout,
+        } => cli::net::sync(&global, &addr, live, timeout).await,
+        Command::Verify => cli::commands::verify(&global).await,
+        Command::Demo { dir } => cli::demo::run(dir).await,
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -50,116 +175,14 @@ async fn main() {
     }
 }
 
-async fn demo(dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let temp;
-    let dir = match dir {
-        Some(dir) => dir,
-        None => {
-            temp = tempfile::tempdir().context("creating a temporary directory")?;
-            temp.path().to_path_buf()
-        }
-    };
-    let key = SharedKey::generate();
-    println!("two gateways in {}, one shared key", dir.display());
-
-    // Each gateway writes its own per-topic logs.
-    let mut gateways = Vec::new();
-    for (gateway, offset) in [("gateway-a", 0.0), ("gateway-b", 3.0)] {
-        let group = Multifeed::open(
-            StorageConfig::dir(dir.join(gateway)),
-            key.clone(),
-            Options::default(),
-        )
-        .await?;
-        for (topic, unit, base) in [("temperature", "C", 20.0), ("humidity", "%", 55.0)] {
-            let writer = group.writer(topic).await?;
-            let readings: Vec<String> = (0..100)
-                .map(|i| {
-                    let value = base + offset + (i as f64 * 0.37).sin() * 2.0;
-                    format!(
-                        "{{\"gateway\":\"{gateway}\",\"value\":{value:.1},\"unit\":\"{unit}\"}}"
-                    )
-                })
-                .collect();
-            writer.append_batch(&readings).await?;
-        }
-        gateways.push(group);
-    }
-
-    // Sync them once over TCP on loopback.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = gateways[0].clone();
-    let accept = tokio::spawn(async move {
-        let (socket, _) = listener.accept().await?;
-        anyhow::Ok(
-            server
-                .replicate(socket, ReplicateOptions::new(false))
-                .await?,
-        )
-    });
-    let socket = tokio::net::TcpStream::connect(addr).await?;
-    let summary = gateways[1]
-        .replicate(socket, ReplicateOptions::new(true))
-        .await?;
-    accept.await??;
-    println!(
-        "synced over {addr}: gateway-b received {} blocks ({} bytes) in {} feeds",
-        summary.blocks_received, summary.bytes_received, summary.feeds_learnt
-    );
-
-    // A peer on another major protocol version is refused cleanly.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = gateways[0].clone();
-    let accept = tokio::spawn(async move {
-        let (socket, _) = listener.accept().await?;
-        anyhow::Ok(server.replicate(socket, ReplicateOptions::new(false)).await)
-    });
-    let socket = tokio::net::TcpStream::connect(addr).await?;
-    let refused = gateways[1]
-        .replicate(
-            socket,
-            ReplicateOptions::new(true).protocol_version("2.0.0"),
-        )
-        .await;
-    let _ = accept.await?;
-    match refused {
-        Err(e) => println!("a peer speaking protocol 2.0.0 was refused: {e}"),
-        Ok(_) => anyhow::bail!("a mismatched peer was not refused"),
-    }
-
-    for (name, group) in ["gateway-a", "gateway-b"].iter().zip(&gateways) {
-        group.close().await?;
-        // Reopen from disk: the hidden index recomposes every member.
-        let group = Multifeed::open(
-            StorageConfig::dir(dir.join(name)),
-            key.clone(),
-            Options::default(),
-        )
-        .await?;
-        println!("\n{name} after reopening: {} feeds", group.feeds().len());
-        println!(
-            "  {:<12} {:<16} {:>9} {:>7}  last held entry",
-            "writer", "key", "held/len", "bytes"
-        );
-        for feed in group.feeds() {
-            let (len, held) = (feed.len().await, feed.contiguous_len().await);
-            let last = match held {
-                0 => String::new(),
-                n => String::from_utf8_lossy(&feed.get(n - 1).await?.unwrap_or_default())
-                    .into_owned(),
-            };
-            println!(
-                "  {:<12} {:<16} {:>4}/{:<4} {:>7}  {last}",
-                feed.name().unwrap_or("(remote)"),
-                &feed.key().to_hex()[..16],
-                held,
-                len,
-                feed.byte_len().await
-            );
-        }
-        group.close().await?;
-    }
-    Ok(())
+/// Parses `host:port`, resolving names.
+pub async fn resolve_addr(addr: &str) -> anyhow::Result<SocketAddr> {
+    use anyhow::Context;
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| {
+            format!("cannot resolve the address {addr:?}; expected HOST:PORT, e.g. 127.0.0.1:7000")
+        })?
+        .next()
+        .with_context(|| format!("the address {addr:?} resolves to nothing; expected HOST:PORT"))
 }

@@ -1,0 +1,91 @@
+//! Printing: timestamps, messages, JSON lines.
+
+use multifeed::topics::ReceivedMessage;
+use serde_json::json;
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC) for milliseconds since the Unix epoch.
+pub fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// One message as a line: time, writer (short key), payload.
+pub fn message_line(m: &ReceivedMessage) -> String {
+    format!(
+        "{}  {}  {}",
+        format_time(m.message.timestamp_ms),
+        &m.address.key.to_hex()[..8],
+        String::from_utf8_lossy(&m.message.payload)
+    )
+}
+
+/// One message as a JSON object. The payload is a string when it is UTF-8, else
+/// `payload_base64`.
+pub fn message_json(m: &ReceivedMessage) -> serde_json::Value {
+    let mut value = json!({
+        "topic": m.message.topic,
+        "time_ms": m.message.timestamp_ms,
+        "time": format_time(m.message.timestamp_ms),
+        "address": m.address.to_string(),
+        "key": m.address.key.to_hex(),
+        "seq": m.address.seq,
+        "index": m.address.index,
+    });
+    match std::str::from_utf8(&m.message.payload) {
+        Ok(text) => value["payload"] = json!(text),
+        Err(_) => {
+            use base64::Engine as _;
+            value["payload_base64"] =
+                json!(base64::engine::general_purpose::STANDARD.encode(&m.message.payload));
+        }
+    }
+    if let Some(ct) = &m.message.content_type {
+        value["content_type"] = json!(ct);
+    }
+    value
+}
+
+/// `1.5 KiB`-style sizes.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_time(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(format_time(1_700_000_000_000), "2023-11-14T22:13:20.000Z");
+    }
+}

@@ -1,0 +1,236 @@
+//! Where a gateway's group lives, its shared key, and opening it safely.
+//!
+//! - The storage directory (`--dir`, default: the per-user data directory).
+//! - The shared key: `--key`, else `MULTIFEED_KEY`, else the key file `<dir>.key`,
+//!   a sibling of the storage directory written by `init`/`join` with mode 0600.
+//!   The store itself never holds the key.
+//! - `<dir>/group-id`: the group's public fingerprint (the hypercore discovery key
+//!   of the shared key, which every peer sees on the wire anyway), so a wrong key
+//!   is refused before anything is written.
+//! - `<dir>/LOCK`: an exclusive lock held while a command has the group open.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, bail};
+use fs4::fs_std::FileExt;
+use multifeed::{Multifeed, Options, SharedKey, StorageConfig, Topics};
+
+/// Environment variable holding the shared key.
+pub const KEY_ENV: &str = "MULTIFEED_KEY";
+const GROUP_ID_FILE: &str = "group-id";
+const LOCK_FILE: &str = "LOCK";
+
+/// Where the key given to a command came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    Flag,
+    Env,
+    File,
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeySource::Flag => "--key",
+            KeySource::Env => KEY_ENV,
+            KeySource::File => "the key file",
+        })
+    }
+}
+
+/// The storage directory: `--dir` or `<data dir>/multifeed`.
+pub fn resolve_dir(dir: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let dir = match dir {
+        Some(dir) => dir.to_path_buf(),
+        None => dirs::data_dir()
+            .context("no per-user data directory on this system; pass --dir DIR")?
+            .join("multifeed"),
+    };
+    std::path::absolute(&dir)
+        .with_context(|| format!("cannot resolve the directory {}", dir.display()))
+}
+
+/// The key file of a storage directory: `<dir>.key`, next to it (never inside).
+pub fn key_file(dir: &Path) -> anyhow::Result<PathBuf> {
+    let name = dir.file_name().with_context(|| {
+        format!(
+            "{} cannot hold a group (no directory name); pass another --dir",
+            dir.display()
+        )
+    })?;
+    let mut name = name.to_os_string();
+    name.push(".key");
+    Ok(dir.with_file_name(name))
+}
+
+fn parse_key(text: &str, source: KeySource) -> anyhow::Result<SharedKey> {
+    SharedKey::from_hex(text.trim()).map_err(|_| {
+        anyhow::anyhow!(
+            "malformed shared key from {source}: expected 64 hex characters as printed by `multifeed init`"
+        )
+    })
+}
+
+/// The shared key: `--key`, else `MULTIFEED_KEY`, else the key file.
+pub fn resolve_key(flag: Option<&str>, dir: &Path) -> anyhow::Result<(SharedKey, KeySource)> {
+    if let Some(text) = flag {
+        return Ok((parse_key(text, KeySource::Flag)?, KeySource::Flag));
+    }
+    if let Some(text) = std::env::var_os(KEY_ENV) {
+        let text = text
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("malformed shared key from {KEY_ENV}: not UTF-8"))?;
+        if !text.trim().is_empty() {
+            return Ok((parse_key(&text, KeySource::Env)?, KeySource::Env));
+        }
+    }
+    let path = key_file(dir)?;
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            if let Ok(meta) = std::fs::metadata(&path)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(path = %path.display(), "the key file is readable by other users; run chmod 600 on it");
+            }
+            let key = SharedKey::from_hex(text.trim()).map_err(|_| {
+                anyhow::anyhow!(
+                    "the key file {} is damaged (not 64 hex characters); run `multifeed join <key>` again with the group's key",
+                    path.display()
+                )
+            })?;
+            Ok((key, KeySource::File))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "no shared key for {}: run `multifeed init` to start a group or `multifeed join <key>` to join one, or pass --key / {KEY_ENV}",
+            dir.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot read the key file {}", path.display())),
+    }
+}
+
+/// Writes the key file with mode 0600; refuses to overwrite one holding another key.
+pub fn write_key_file(dir: &Path, key: &SharedKey) -> anyhow::Result<PathBuf> {
+    let path = key_file(dir)?;
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        if existing.trim().eq_ignore_ascii_case(&key.to_hex()) {
+            return Ok(path);
+        }
+        bail!(
+            "{} already has a key file for another group ({}); use another --dir for this group, or delete that file if the old group is gone",
+            dir.display(),
+            path.display()
+        );
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create the key file {}", path.display()))?;
+    writeln!(file, "{}", key.to_hex())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write the key file {}", path.display()))?;
+    Ok(path)
+}
+
+/// The public fingerprint of a group (hex discovery key of the shared key).
+pub fn group_id(key: &SharedKey) -> String {
+    hex::encode(hypercore_protocol::discovery_key(key.as_bytes()))
+}
+
+/// Whether `dir` already holds a group.
+pub fn is_group_dir(dir: &Path) -> bool {
+    dir.join(GROUP_ID_FILE).exists() || dir.join("index").exists()
+}
+
+/// An open group with its directory lock.
+pub struct Store {
+    pub dir: PathBuf,
+    pub group: Multifeed,
+    pub topics: Topics,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens the group in `dir` under `key`: takes the lock, checks the group id,
+    /// opens the group and warns about members that could not be loaded.
+    pub async fn open(dir: &Path, key: SharedKey, source: KeySource) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the storage directory {}", dir.display()))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        if !lock
+            .try_lock_exclusive()
+            .with_context(|| format!("cannot lock {}", lock_path.display()))?
+        {
+            bail!(
+                "the group at {} is in use by another multifeed process (serve, sync --live or read --follow); stop it first, or talk to it over the network with `sync`",
+                dir.display()
+            );
+        }
+        let id = group_id(&key);
+        let id_path = dir.join(GROUP_ID_FILE);
+        match std::fs::read_to_string(&id_path) {
+            Ok(stored) if stored.trim() == id => {}
+            Ok(stored) => bail!(
+                "wrong shared key for the group at {} (key from {source}): the group's id is {}, this key's is {}; pass the key the group was created with, or use another --dir",
+                dir.display(),
+                short(stored.trim()),
+                short(&id)
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(&id_path, format!("{id}\n"))
+                    .with_context(|| format!("cannot write {}", id_path.display()))?;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", id_path.display()));
+            }
+        }
+        let group = Multifeed::open(StorageConfig::dir(dir), key, Options::default())
+            .await
+            .with_context(|| format!("cannot open the group at {}", dir.display()))?;
+        for skipped in group.skipped() {
+            tracing::warn!(
+                "damaged member feed {} skipped ({}): {}; run `multifeed verify`, then restore it from a backup or delete its directory to re-sync it from peers",
+                skipped
+                    .key
+                    .map(|k| k.to_hex())
+                    .unwrap_or_else(|| "?".into()),
+                skipped.path.display(),
+                skipped.reason
+            );
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            topics: Topics::new(group.clone()),
+            group,
+            _lock: lock,
+        })
+    }
+
+    /// Flushes and closes the group (the lock is released on drop).
+    pub async fn close(self) -> anyhow::Result<()> {
+        self.group
+            .close()
+            .await
+            .with_context(|| format!("closing the group at {}", self.dir.display()))
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(16)]
+}

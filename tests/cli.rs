@@ -1,0 +1,439 @@
+//! End-to-end tests of the `multifeed` binary: separate processes, temporary
+//! directories, loopback ports, as a user would run it.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Output, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_multifeed");
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One gateway: a storage directory (its key file sits next to it).
+struct Gw {
+    dir: PathBuf,
+}
+
+impl Gw {
+    fn new(root: &Path, name: &str) -> Self {
+        Self {
+            dir: root.join(name),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--dir").arg(&self.dir).args(args);
+        cmd.env_remove("MULTIFEED_KEY").env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// Runs a command to completion.
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run multifeed")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "multifeed {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Runs a command that must fail; returns its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "multifeed {args:?} should have failed"
+        );
+        String::from_utf8(out.stderr).expect("utf-8 output")
+    }
+
+    fn write_stdin(&self, topic: &str, lines: &str) {
+        let mut child = self
+            .cmd(&["write", topic, "--quiet"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn write");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lines.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Payloads of `read <topic> --json` (from `from`), and the cursor.
+    fn read(&self, topic: &str, from: Option<&str>) -> (Vec<String>, String) {
+        let mut args = vec!["--json", "read", topic];
+        if let Some(from) = from {
+            args.extend(["--from", from]);
+        }
+        parse_read(&self.ok(&args))
+    }
+
+    fn serve(&self) -> Running {
+        let mut running = Running::spawn(self.cmd(&["serve", "--listen", "127.0.0.1:0"]));
+        let line = running.line();
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .trim()
+            .to_owned();
+        running.addr = addr;
+        running
+    }
+}
+
+fn parse_read(stdout: &str) -> (Vec<String>, String) {
+    let mut payloads = Vec::new();
+    let mut cursor = String::new();
+    for line in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        if let Some(c) = v["cursor"].as_str() {
+            cursor = c.to_owned();
+        } else {
+            payloads.push(v["payload"].as_str().expect("payload").to_owned());
+        }
+    }
+    (payloads, cursor)
+}
+
+/// A long-running child whose stdout lines are read with a timeout; killed on drop.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    addr: String,
+}
+
+impl Running {
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn multifeed");
+        let stdout: ChildStdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            addr: String::new(),
+        }
+    }
+
+    fn line(&mut self) -> String {
+        self.lines
+            .recv_timeout(WAIT)
+            .expect("timed out waiting for a line from the child")
+    }
+
+    /// Stops the child with SIGTERM (a clean shutdown) and waits for it.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `n` gateways of one group: the first ran `init`, the others `join`.
+fn group(root: &Path, n: usize) -> Vec<Gw> {
+    let gws: Vec<Gw> = (0..n).map(|i| Gw::new(root, &format!("gw{i}"))).collect();
+    let key = gws[0].ok(&["init"]).trim().to_owned();
+    assert_eq!(key.len(), 64, "init prints the key");
+    for gw in &gws[1..] {
+        gw.ok(&["join", &key]);
+    }
+    gws
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn init_writes_a_private_key_file_outside_the_store() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let gw = Gw::new(root.path(), "gw");
+    let key = gw.ok(&["init"]).trim().to_owned();
+    let key_file = root.path().join("gw.key");
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap().trim(), key);
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // The store never holds the key.
+    let mut stack = vec![gw.dir.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(d).unwrap().flatten() {
+            if entry.path().is_dir() {
+                stack.push(entry.path());
+            } else {
+                let bytes = std::fs::read(entry.path()).unwrap();
+                let hex = key.as_bytes();
+                let raw = hex::decode(&key).unwrap();
+                assert!(!bytes.windows(64).any(|w| w == hex), "{:?}", entry.path());
+                assert!(!bytes.windows(32).any(|w| w == raw), "{:?}", entry.path());
+            }
+        }
+    }
+    // A second init is refused; --key and MULTIFEED_KEY override the key file.
+    assert!(gw.fails(&["init"]).contains("already holds a group"));
+    let other = "ab".repeat(32);
+    assert!(
+        gw.fails(&["--key", &other, "topics"])
+            .contains("wrong shared key")
+    );
+    let out = gw
+        .cmd(&["topics"])
+        .env("MULTIFEED_KEY", &other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MULTIFEED_KEY"));
+}
+
+#[test]
+fn write_read_topics_feeds() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    let address = gw.ok(&["write", "temperature", "21.5"]);
+    assert!(address.trim().ends_with("/0/0"), "{address}");
+    gw.write_stdin("humidity", "55\n\n56\r\n57\n");
+    assert_eq!(gw.read("humidity", None).0, ["55", "56", "57"]);
+    assert_eq!(gw.read("temperature", None).0, ["21.5"]);
+    assert_eq!(gw.ok(&["topics"]), "humidity\ntemperature\n");
+    let feeds: Vec<serde_json::Value> = gw
+        .ok(&["--json", "feeds"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(feeds.len(), 2);
+    assert!(feeds.iter().all(|f| f["local"] == true && f["length"] == 1));
+}
+
+#[test]
+fn two_gateways_converge_through_serve_and_sync() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    gws[0].write_stdin("temperature", "a1\na2\n");
+    gws[1].write_stdin("temperature", "b1\nb2\n");
+    gws[1].ok(&["write", "humidity", "b-h"]);
+    let server = gws[0].serve();
+    let out = gws[1].ok(&["--json", "sync", &server.addr]);
+    // Event lines, then the summary.
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["feeds_learnt"], 1);
+    assert_eq!(summary["blocks_received"], 1);
+    // The client holds everything at once; the server once it has stopped.
+    assert_eq!(
+        sorted(gws[1].read("temperature", None).0),
+        ["a1", "a2", "b1", "b2"]
+    );
+    server.stop();
+    assert_eq!(
+        sorted(gws[0].read("temperature", None).0),
+        ["a1", "a2", "b1", "b2"]
+    );
+    assert_eq!(gws[0].read("humidity", None).0, ["b-h"]);
+    assert_eq!(gws[0].ok(&["topics"]), gws[1].ok(&["topics"]));
+}
+
+#[test]
+fn three_gateways_converge_through_one_server() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 3);
+    for (i, gw) in gws.iter().enumerate() {
+        gw.ok(&["write", "temperature", &format!("from-{i}")]);
+    }
+    let server = gws[0].serve();
+    gws[1].ok(&["sync", &server.addr]);
+    gws[2].ok(&["sync", &server.addr]);
+    gws[1].ok(&["sync", &server.addr]);
+    server.stop();
+    let all = ["from-0", "from-1", "from-2"];
+    for gw in &gws {
+        assert_eq!(sorted(gw.read("temperature", None).0), all);
+    }
+}
+
+#[test]
+fn read_from_a_cursor_resumes_after_its_last_message_even_with_older_late_arrivals() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    // gw1 writes first (older timestamps) but syncs only later.
+    gws[1].write_stdin("t", "old-1\nold-2\n");
+    gws[0].write_stdin("t", "new-1\nnew-2\nnew-3\n");
+    let out = gws[0].ok(&["--json", "read", "t", "--limit", "2"]);
+    let (first, cursor) = parse_read(&out);
+    assert_eq!(first, ["new-1", "new-2"]);
+
+    let server = gws[0].serve();
+    gws[1].ok(&["sync", &server.addr]);
+    server.stop();
+
+    // Exactly what was not read yet: the rest of gw0's and gw1's older messages.
+    let (rest, cursor2) = gws[0].read("t", Some(&cursor));
+    assert_eq!(sorted(rest), ["new-3", "old-1", "old-2"]);
+    let (none, _) = gws[0].read("t", Some(&cursor2));
+    assert!(none.is_empty());
+    // The text cursor goes to stderr without --json.
+    let out = gws[0].run(&["read", "t", "--from", &cursor2]);
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cursor: v1."));
+}
+
+#[test]
+fn follow_sees_a_message_written_on_another_gateway() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 3);
+    gws[0].ok(&["write", "alerts", "first"]);
+    let server = gws[0].serve();
+    // gw1 follows the topic while replicating live with gw0's server.
+    let mut follower = Running::spawn(gws[1].cmd(&[
+        "--json",
+        "read",
+        "alerts",
+        "--follow",
+        "--peer",
+        &server.addr,
+    ]));
+    let payload = |line: String| -> String {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["payload"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(payload(follower.line()), "first");
+    assert!(follower.line().contains("cursor"));
+    // gw2 writes and syncs to the server, which carries it live to gw1.
+    gws[2].ok(&["write", "alerts", "from-gw2"]);
+    gws[2].ok(&["sync", &server.addr]);
+    assert_eq!(payload(follower.line()), "from-gw2");
+    follower.stop();
+    server.stop();
+}
+
+#[test]
+fn verify_reports_a_flipped_byte_in_a_data_file() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    gw.write_stdin("t", "one\ntwo\n");
+    gw.ok(&["write", "t", "three"]);
+    assert!(gw.ok(&["verify"]).contains("all 1 feeds verified"));
+    let feeds = gw.dir.join("feeds");
+    let feed = std::fs::read_dir(&feeds).unwrap().next().unwrap().unwrap();
+    let data = feed.path().join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let last = bytes.len() - 1; // inside the last block
+    bytes[last] ^= 0x01;
+    std::fs::write(&data, bytes).unwrap();
+    let out = gw.run(&["verify"]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("DAMAGED") && stdout.contains("block 1"),
+        "{stdout}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: 1 of 1 feeds are damaged"));
+}
+
+#[test]
+fn bad_input_fails_with_one_clear_line_and_leaves_the_store_intact() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    gw.write_stdin("t", "kept-1\nkept-2\n");
+    let one_line = |stderr: String, needle: &str| {
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(needle),
+            "{stderr}"
+        );
+    };
+    one_line(
+        gw.fails(&["read", "t", "--from", "garbage"]),
+        "malformed cursor",
+    );
+    one_line(
+        gw.fails(&["--key", "xyz", "read", "t"]),
+        "malformed shared key",
+    );
+    one_line(gw.fails(&["join", "not-a-key"]), "malformed shared key");
+    one_line(gw.fails(&["sync", "127.0.0.1:1"]), "cannot reach the peer");
+    one_line(gw.fails(&["sync", "nonsense"]), "HOST:PORT");
+    one_line(gw.fails(&["write", "", "x"]), "invalid topic");
+    one_line(
+        Gw::new(root.path(), "nowhere").fails(&["topics"]),
+        "run `multifeed init`",
+    );
+    // The store is in use while a server runs.
+    let server = gw.serve();
+    one_line(
+        gw.fails(&["write", "t", "x"]),
+        "in use by another multifeed process",
+    );
+    // A peer of another group is refused cleanly.
+    let stranger = Gw::new(root.path(), "stranger");
+    stranger.ok(&["init"]);
+    let stderr = stranger.fails(&["sync", &server.addr, "--timeout", "3"]);
+    assert!(stderr.starts_with("error: sync with"), "{stderr}");
+    server.stop();
+    assert_eq!(gw.read("t", None).0, ["kept-1", "kept-2"]);
+    assert!(gw.ok(&["verify"]).contains("verified"));
+}
+
+#[test]
+fn demo_runs() {
+    let root = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["demo", "--dir"])
+        .arg(root.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("60 readings from 3 gateways"), "{stdout}");
+    assert!(
+        stdout.contains("refuses it: protocol version mismatch"),
+        "{stdout}"
+    );
+}
