@@ -172,6 +172,7 @@ async fn run_side(args: &[String]) {
     let opened = Instant::now();
     let group = group(std::path::Path::new(&args[1]), &key).await;
     let open_time = opened.elapsed();
+    let rss_open = peak_rss_mb();
     let (socket, initiator) = if args[0] == "side-a" {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("PORT {}", listener.local_addr().unwrap().port());
@@ -191,9 +192,10 @@ async fn run_side(args: &[String]) {
     let summary = group.replicate(socket, options(initiator)).await.unwrap();
     let elapsed = start.elapsed();
     println!(
-        "opened {} feeds in {:.2?}; synced in {:.2?}; received {} blocks in {} new feeds; peak RSS {:.0} MB; open files {}",
-        group.feeds().len(),
+        "opened in {:.2?} (peak RSS {:.0} MB); synced {} feeds in {:.2?}; received {} blocks in {} new feeds; peak RSS {:.0} MB; open files {}",
         open_time,
+        rss_open,
+        group.feeds().len(),
         elapsed,
         summary.blocks_received,
         summary.feeds_learnt,
