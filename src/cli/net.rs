@@ -209,7 +209,7 @@ async fn serve_peer(
                 println!("peer {peer} disconnected: {}", summary_text(&summary));
             }
         }
-        // A one-shot `sync` closes the connection once it is in sync.
+        // A peer that goes away without finishing.
         Err(multifeed::Error::ConnectionLost { .. }) => {
             if json {
                 println!("{}", json!({"event": "disconnected", "peer": peer}));
@@ -272,11 +272,8 @@ async fn sync_inner(
     });
     let mut synced: HashSet<FeedKey> = HashSet::new();
     let mut per_feed: std::collections::HashMap<FeedKey, (u64, u64)> = Default::default();
-    // A peer running `serve` replicates live and never declares itself done, so a
-    // one-shot sync ends itself once every feed either side holds is in sync (the
-    // live peer asks for every feed we hold, so each gets a channel).
+    // Feeds either side holds: the length of the progress bar.
     let mut expected: HashSet<FeedKey> = group.feeds().iter().map(|f| f.key()).collect();
-    let mut got_manifest = false;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -285,7 +282,6 @@ async fn sync_inner(
                 let Some(event) = event else { break };
                 match event {
                     ReplicationEvent::RemoteFeeds { keys } => {
-                        got_manifest = true;
                         expected.extend(keys.iter().copied());
                         if let Some(bar) = &bar {
                             bar.set_length(expected.len() as u64);
@@ -317,10 +313,6 @@ async fn sync_inner(
                         }
                     }
                     other => tracing::debug!(?other, "replication event"),
-                }
-                if !live && got_manifest && expected.is_subset(&synced) {
-                    replication.stop();
-                    break;
                 }
             }
             () = &mut shutdown => {
