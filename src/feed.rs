@@ -20,18 +20,6 @@ pub(crate) struct SharedFeed {
     pub(crate) core: Mutex<Hypercore>,
     /// Holds the local length; bumped on every local append or verified download.
     pub(crate) changed: watch::Sender<u64>,
-    /// The core's files, to hand pending writes to the OS after each operation.
-    pub(crate) files: Option<Arc<SyncSet>>,
-}
-
-impl SharedFeed {
-    /// Ends a core operation: its writes reach the OS before it is acknowledged.
-    pub(crate) fn write_out(&self) -> Result<()> {
-        match &self.files {
-            Some(files) => files.write_out(),
-            None => Ok(()),
-        }
-    }
 }
 
 pub(crate) struct FeedInner {
@@ -82,7 +70,6 @@ impl Feed {
                 shared: Arc::new(SharedFeed {
                     core: Mutex::new(core),
                     changed,
-                    files: sync.clone(),
                 }),
                 sync,
                 durability,
@@ -172,7 +159,6 @@ impl Feed {
                 },
                 e => Error::core(self.key(), e),
             })?;
-            self.inner.shared.write_out()?;
             (first, outcome.length)
         };
         self.inner.shared.changed.send_replace(length);

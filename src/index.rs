@@ -132,9 +132,6 @@ impl IndexCore {
                 path: path.clone(),
                 reason: format!("the member index cannot be opened: {e}"),
             })?;
-        if let Some(sync) = &core_storage.sync {
-            sync.write_out()?;
-        }
         Ok(Self {
             core,
             sync: core_storage.sync,
@@ -172,9 +169,6 @@ impl IndexCore {
             .append(&record.encode())
             .await
             .map_err(|e| Error::core("index", e))?;
-        if let Some(sync) = &self.sync {
-            sync.write_out()?;
-        }
         if self.durability == Durability::PowerLoss {
             self.flusher().flush().await?;
         }

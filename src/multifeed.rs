@@ -379,9 +379,6 @@ impl Multifeed {
             .build()
             .await
             .map_err(|e| Error::core(record.key, e))?;
-        if let Some(sync) = &sync {
-            sync.write_out()?;
-        }
         if let (Some(sync), Durability::PowerLoss) = (&sync, self.inner.options.durability) {
             sync.sync().await?;
         }
@@ -565,9 +562,6 @@ async fn load_feed(
         Ok(Err(e)) => return Err(format!("cannot open: {e}")),
         Err(_) => return Err("cannot open: its files are damaged".into()),
     };
-    if let Some(sync) = &sync {
-        sync.write_out().map_err(|e| e.to_string())?;
-    }
     let key_pair = core.key_pair();
     if key_pair.public.to_bytes() != *record.key.as_bytes() {
         return Err("its files belong to another feed".into());

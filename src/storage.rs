@@ -126,21 +126,7 @@ struct FileSlot {
     file: RwLock<SlotFile>,
     referenced: AtomicBool,
     pool: Arc<FilePool>,
-    /// Writes not yet handed to the OS (see [`SyncSet::write_out`]).
-    pending: StdMutex<Option<Pending>>,
 }
-
-/// Consecutive writes to one file, combined into one system call.
-#[derive(Debug)]
-struct Pending {
-    offset: u64,
-    data: Vec<u8>,
-    /// Order of the first write, so files are written out in the order used.
-    since: u64,
-}
-
-/// Largest combined write.
-const MAX_PENDING: usize = 256 * 1024;
 
 fn closed_error() -> io::Error {
     io::Error::other("the multifeed was closed")
@@ -252,11 +238,7 @@ impl PageCache {
             let clock = self.clock;
             if !self.pages.contains_key(&page) {
                 if self.pages.len() >= MAX_PAGES
-                    && let Some(oldest) = self
-                        .pages
-                        .iter()
-                        .min_by_key(|(_, (_, used))| *used)
-                        .map(|(k, _)| *k)
+                    && let Some(oldest) = self.pages.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k)
                 {
                     self.pages.remove(&oldest);
                 }
@@ -299,75 +281,9 @@ struct PlainFile {
     file: Arc<FileSlot>,
     length: u64,
     writes: Arc<AtomicU64>,
-    /// The core's files, to write out pending writes in order; `None` writes through.
-    set: Option<Arc<SyncSet>>,
 }
 
 impl PlainFile {
-    /// Combines a write with the previous one to this file when it directly follows
-    /// it; otherwise writes out everything pending (in order) and starts anew.
-    /// Callers write out at the end of every operation ([`SyncSet::write_out`]), so
-    /// an operation that returned has handed all its bytes to the OS.
-    fn buffer_write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let Some(set) = &self.set else {
-            return self.file.with(|f| f.write_all_at(data, offset));
-        };
-        {
-            let mut pending = self
-                .file
-                .pending
-                .lock()
-                .map_err(|_| io::Error::other("lock poisoned"))?;
-            match pending.as_mut() {
-                None => {
-                    *pending = Some(Pending {
-                        offset,
-                        data: data.to_vec(),
-                        since: set.write_order.fetch_add(1, Ordering::Relaxed),
-                    });
-                    return Ok(());
-                }
-                Some(p)
-                    if p.offset + p.data.len() as u64 == offset
-                        && p.data.len() + data.len() <= MAX_PENDING =>
-                {
-                    p.data.extend_from_slice(data);
-                    return Ok(());
-                }
-                Some(_) => {}
-            }
-        }
-        set.write_out_io()?;
-        let mut pending = self
-            .file
-            .pending
-            .lock()
-            .map_err(|_| io::Error::other("lock poisoned"))?;
-        *pending = Some(Pending {
-            offset,
-            data: data.to_vec(),
-            since: set.write_order.fetch_add(1, Ordering::Relaxed),
-        });
-        Ok(())
-    }
-
-    /// Writes out pending writes before this file is read, resized or synced.
-    fn settle(&self) -> io::Result<()> {
-        match &self.set {
-            Some(set)
-                if self
-                    .file
-                    .pending
-                    .lock()
-                    .map(|p| p.is_some())
-                    .unwrap_or(true) =>
-            {
-                set.write_out_io()
-            }
-            _ => Ok(()),
-        }
-    }
-
     fn mirror_oplog_len(&self) {
         if let Some(len) = &self.oplog_len {
             len.store(self.length, Ordering::Release);
@@ -386,7 +302,7 @@ fn io_err(context: &str, path: &Path, e: io::Error) -> RandomAccessError {
 #[async_trait::async_trait]
 impl RandomAccess for PlainFile {
     async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
-        self.buffer_write(offset, data)?;
+        self.file.with(|f| f.write_all_at(data, offset))?;
         if let Some(cache) = &mut self.cache {
             cache.write(offset, data);
         }
@@ -405,7 +321,6 @@ impl RandomAccess for PlainFile {
                 length: self.length,
             });
         }
-        self.settle()?;
         // Bounded by the file's own length, checked above.
         let mut buf = vec![0u8; length as usize];
         match &mut self.cache {
@@ -445,9 +360,6 @@ impl RandomAccess for PlainFile {
         if offset.saturating_add(length) >= self.length {
             return self.truncate(offset).await;
         }
-        if let Some(set) = &self.set {
-            set.write_out_io()?;
-        }
         if let Some(cache) = &mut self.cache {
             cache.pages.clear();
         }
@@ -466,9 +378,6 @@ impl RandomAccess for PlainFile {
     }
 
     async fn truncate(&mut self, length: u64) -> Result<(), RandomAccessError> {
-        if let Some(set) = &self.set {
-            set.write_out_io()?;
-        }
         self.file.with(|f| f.set_len(length))?;
         if let Some(cache) = &mut self.cache {
             cache.pages.clear();
@@ -488,7 +397,6 @@ impl RandomAccess for PlainFile {
     }
 
     async fn sync_all(&mut self) -> Result<(), RandomAccessError> {
-        self.settle()?;
         self.file.with(|f| f.sync_data())?;
         Ok(())
     }
@@ -503,8 +411,6 @@ pub(crate) struct SyncSet {
     writes: Arc<AtomicU64>,
     /// Length of the oplog file.
     oplog_len: Arc<AtomicU64>,
-    /// Orders pending writes across the core's files.
-    write_order: AtomicU64,
     /// Highest write count known to be on stable storage; the lock serialises syncs.
     synced: tokio::sync::Mutex<u64>,
     /// Copy of `synced` readable without the lock.
@@ -512,34 +418,6 @@ pub(crate) struct SyncSet {
 }
 
 impl SyncSet {
-    /// Hands every pending write of the core to the OS, files in the order they were
-    /// first written (data before the oplog entries that refer to it). Called at the
-    /// end of every core operation: only then may it be acknowledged.
-    pub(crate) fn write_out(&self) -> Result<()> {
-        self.write_out_io()
-            .map_err(|e| Error::io("write feed files", e))
-    }
-
-    fn write_out_io(&self) -> io::Result<()> {
-        let slots: Vec<Arc<FileSlot>> = self.files.lock().map(|f| f.clone()).unwrap_or_default();
-        let mut ready: Vec<(u64, Arc<FileSlot>, Pending)> = Vec::new();
-        for slot in slots {
-            let taken = slot
-                .pending
-                .lock()
-                .map_err(|_| io::Error::other("lock poisoned"))?
-                .take();
-            if let Some(p) = taken {
-                ready.push((p.since, slot, p));
-            }
-        }
-        ready.sort_by_key(|(since, _, _)| *since);
-        for (_, slot, p) in ready {
-            slot.with(|f| f.write_all_at(&p.data, p.offset))?;
-        }
-        Ok(())
-    }
-
     /// Whether the core's oplog holds entries not yet folded into its tree and
     /// bitfield (hypercore folds them in on every fourth operation).
     pub(crate) fn has_oplog_entries(&self) -> bool {
@@ -550,7 +428,6 @@ impl SyncSet {
     /// runs wait for it and then find their writes covered, so N concurrent
     /// appends cost one round of fsyncs, not N.
     pub(crate) async fn sync(self: &Arc<Self>) -> Result<()> {
-        self.write_out()?;
         let wanted = self.writes.load(Ordering::Acquire);
         let mut synced = self.synced.lock().await;
         if *synced >= wanted {
@@ -683,7 +560,6 @@ pub(crate) async fn open_dir(
                     file: RwLock::new(file),
                     referenced: AtomicBool::new(true),
                     pool: pool.clone(),
-                    pending: StdMutex::new(None),
                 });
                 if opened {
                     pool.register(&slot);
@@ -697,7 +573,6 @@ pub(crate) async fn open_dir(
                     file: slot,
                     length,
                     writes: set.writes.clone(),
-                    set: Some(set.clone()),
                 };
                 file.mirror_oplog_len();
                 Ok(Box::new(file) as Box<dyn StorageTraits + Send>)
@@ -744,7 +619,6 @@ mod tests {
             file: RwLock::new(SlotFile::Evicted),
             referenced: AtomicBool::new(true),
             pool,
-            pending: StdMutex::new(None),
         });
         let mut file = PlainFile {
             cache: Some(PageCache::default()),
@@ -752,7 +626,6 @@ mod tests {
             file: slot,
             length: 0,
             writes: Arc::default(),
-            set: None,
         };
         let mut model: Vec<u8> = Vec::new();
         let mut seed = 7u64;
@@ -766,11 +639,7 @@ mod tests {
             match next() % 10 {
                 0..=3 => {
                     // Append or overwrite a 40-byte node.
-                    let at = if model.is_empty() {
-                        0
-                    } else {
-                        next() % (model.len() as u64 + 40)
-                    };
+                    let at = if model.is_empty() { 0 } else { next() % (model.len() as u64 + 40) };
                     let data = [step as u8; 40];
                     file.write(at, &data).await.unwrap();
                     if model.len() < (at + 40) as usize {
@@ -792,9 +661,6 @@ mod tests {
                 _ => {}
             }
         }
-        assert!(
-            file.cache.as_ref().unwrap().enabled(),
-            "the cache was exercised"
-        );
+        assert!(file.cache.as_ref().unwrap().enabled(), "the cache was exercised");
     }
 }

@@ -317,12 +317,6 @@ async fn core_jobs(
             }
         }
     }
-    // Downloaded blocks reach the OS before anyone is told about them.
-    if let Err(e) = feed.write_out()
-        && err.is_none()
-    {
-        err = Some(FeedSyncError::Io(std::io::Error::other(e.to_string())));
-    }
     let info = core.info();
     drop(core);
     if applied_any {

@@ -76,7 +76,6 @@ fn shared(core: Hypercore) -> Arc<SharedFeed> {
     Arc::new(SharedFeed {
         core: Mutex::new(core),
         changed,
-        files: None,
     })
 }
 
