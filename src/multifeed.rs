@@ -506,12 +506,9 @@ impl Multifeed {
         if dirty.len() < GROUP_SYNC_MIN {
             return Ok(());
         }
-        // Marks first: a write counted in a mark was issued before it, so the
-        // write-out below hands it to the OS before the filesystem sync starts.
+        // Marks first: every write counted in a mark has returned, so it is in the
+        // OS before the filesystem sync starts.
         let marks: Vec<u64> = dirty.iter().map(|sync| sync.write_count()).collect();
-        for sync in &dirty {
-            sync.write_out()?;
-        }
         storage::sync_filesystem(root).await?;
         for (sync, mark) in dirty.iter().zip(marks) {
             sync.mark_durable(mark).await;

@@ -238,7 +238,11 @@ impl PageCache {
             let clock = self.clock;
             if !self.pages.contains_key(&page) {
                 if self.pages.len() >= MAX_PAGES
-                    && let Some(oldest) = self.pages.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k)
+                    && let Some(oldest) = self
+                        .pages
+                        .iter()
+                        .min_by_key(|(_, (_, used))| *used)
+                        .map(|(k, _)| *k)
                 {
                     self.pages.remove(&oldest);
                 }
@@ -639,7 +643,11 @@ mod tests {
             match next() % 10 {
                 0..=3 => {
                     // Append or overwrite a 40-byte node.
-                    let at = if model.is_empty() { 0 } else { next() % (model.len() as u64 + 40) };
+                    let at = if model.is_empty() {
+                        0
+                    } else {
+                        next() % (model.len() as u64 + 40)
+                    };
                     let data = [step as u8; 40];
                     file.write(at, &data).await.unwrap();
                     if model.len() < (at + 40) as usize {
@@ -661,6 +669,9 @@ mod tests {
                 _ => {}
             }
         }
-        assert!(file.cache.as_ref().unwrap().enabled(), "the cache was exercised");
+        assert!(
+            file.cache.as_ref().unwrap().enabled(),
+            "the cache was exercised"
+        );
     }
 }
