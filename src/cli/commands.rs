@@ -44,9 +44,7 @@ pub async fn init(global: &Global) -> anyhow::Result<()> {
         );
     }
     let key = SharedKey::generate();
-    let store = Store::open(&dir, key.clone(), KeySource::Flag).await?;
-    store.close().await?;
-    let key_file = store::write_key_file(&dir, &key)?;
+    let key_file = adopt_key(&dir, &key).await?;
     if global.json {
         println!(
             "{}",
@@ -63,6 +61,15 @@ pub async fn init(global: &Global) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens (creating) the store under `key`, then writes the key file beside it.
+/// Opening checks the group id first, so a store of another group is refused
+/// before any key file is written.
+async fn adopt_key(dir: &std::path::Path, key: &SharedKey) -> anyhow::Result<std::path::PathBuf> {
+    let store = Store::open(dir, key.clone(), KeySource::Flag).await?;
+    store.close().await?;
+    store::write_key_file(dir, key)
+}
+
 pub async fn join(global: &Global, key_text: &str) -> anyhow::Result<()> {
     let dir = store::resolve_dir(global.dir.as_deref())?;
     let key = SharedKey::from_hex(key_text.trim()).map_err(|_| {
@@ -71,11 +78,7 @@ pub async fn join(global: &Global, key_text: &str) -> anyhow::Result<()> {
             key_text.chars().take(80).collect::<String>()
         )
     })?;
-    // Opening checks the group id first, so a store of another group is refused
-    // before the key file is written.
-    let store = Store::open(&dir, key.clone(), KeySource::Flag).await?;
-    store.close().await?;
-    let key_file = store::write_key_file(&dir, &key)?;
+    let key_file = adopt_key(&dir, &key).await?;
     if global.json {
         println!(
             "{}",
