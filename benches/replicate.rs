@@ -35,6 +35,9 @@ fn options(initiator: bool) -> ReplicateOptions {
     if let Some(window) = std::env::var("WINDOW").ok().and_then(|v| v.parse().ok()) {
         options.window = window;
     }
+    if let Some(max) = std::env::var("MAX_ACTIVE").ok().and_then(|v| v.parse().ok()) {
+        options.max_active_feeds = max;
+    }
     options
 }
 

@@ -125,10 +125,12 @@ struct Session {
     handshake_done: bool,
     /// Member feeds we told the peer about, by discovery key.
     offered: HashMap<DiscoveryKey, FeedKey>,
+    /// The same feeds by key, so membership events need no hashing.
+    offered_keys: HashSet<FeedKey>,
     /// Feeds the peer told us about.
     remote_offer: HashSet<FeedKey>,
     /// Feeds we requested and have not opened yet.
-    queue: VecDeque<FeedKey>,
+    queue: FeedQueue,
     /// Feeds we opened and that are not in sync yet.
     syncing: HashSet<FeedKey>,
     /// Feeds the peer requested from us and that are not in sync yet.
@@ -173,8 +175,9 @@ impl Session {
             root_rx: None,
             handshake_done: false,
             offered: HashMap::new(),
+            offered_keys: HashSet::new(),
             remote_offer: HashSet::new(),
-            queue: VecDeque::new(),
+            queue: FeedQueue::default(),
             syncing: HashSet::new(),
             serving: HashSet::new(),
             running: HashSet::new(),
@@ -190,6 +193,11 @@ impl Session {
             summary: ReplicationSummary::default(),
             limits,
         }
+    }
+
+    fn offer(&mut self, key: FeedKey) {
+        self.offered.insert(discovery_key(key.as_bytes()), key);
+        self.offered_keys.insert(key);
     }
 
     fn emit(&self, event: ReplicationEvent) {
@@ -434,7 +442,7 @@ impl Session {
                 *self.retries.entry(key).or_insert(0) += 1;
                 self.serving.remove(&key);
                 if self.syncing.remove(&key) {
-                    self.queue.push_back(key);
+                    self.queue.push(key);
                 }
                 self.pump_queue().await?;
                 self.maybe_done().await
@@ -505,7 +513,7 @@ impl Session {
         let mut offer = Vec::with_capacity(feeds.len());
         for feed in feeds {
             let key = feed.key();
-            self.offered.insert(discovery_key(key.as_bytes()), key);
+            self.offer(key);
             offer.push(OfferedFeed {
                 key,
                 length: Some(feed.len().await),
@@ -553,14 +561,16 @@ impl Session {
             keys: feeds.iter().map(|f| f.key).collect(),
         });
         self.send(ExchangeMessage::Request(wanted.clone())).await?;
-        self.queue.extend(wanted);
+        for key in wanted {
+            self.queue.push(key);
+        }
         self.pump_queue().await?;
         self.maybe_done().await
     }
 
     async fn on_request(&mut self, keys: Vec<FeedKey>) -> Result<()> {
         for key in keys {
-            if self.offered.contains_key(&discovery_key(key.as_bytes())) {
+            if self.offered_keys.contains(&key) {
                 self.serving.insert(key);
             } else {
                 tracing::debug!(%key, "peer requested a feed we did not offer; ignored");
@@ -573,7 +583,7 @@ impl Session {
     /// Opens queued feeds while fewer than `max_active_feeds` are syncing.
     async fn pump_queue(&mut self) -> Result<()> {
         while self.syncing.len() < self.options.max_active_feeds {
-            let Some(key) = self.queue.pop_front() else {
+            let Some(key) = self.queue.pop() else {
                 break;
             };
             let (_, added) = self.multifeed.admit_remote(key).await?;
@@ -615,14 +625,13 @@ impl Session {
         };
         let mut announce = Vec::new();
         for key in keys {
-            let dk = discovery_key(key.as_bytes());
-            if self.offered.contains_key(&dk) || self.remote_offer.contains(&key) {
+            if self.offered_keys.contains(&key) || self.remote_offer.contains(&key) {
                 continue;
             }
             let Some(feed) = self.multifeed.feed(key) else {
                 continue;
             };
-            self.offered.insert(dk, key);
+            self.offer(key);
             announce.push(OfferedFeed {
                 key,
                 length: Some(feed.len().await),
@@ -633,6 +642,35 @@ impl Session {
             return Ok(());
         }
         self.send(ExchangeMessage::Manifest(announce)).await
+    }
+}
+
+/// Feeds waiting for a channel, in request order, with O(1) membership.
+#[derive(Default)]
+struct FeedQueue {
+    order: VecDeque<FeedKey>,
+    members: HashSet<FeedKey>,
+}
+
+impl FeedQueue {
+    fn push(&mut self, key: FeedKey) {
+        if self.members.insert(key) {
+            self.order.push_back(key);
+        }
+    }
+
+    fn pop(&mut self) -> Option<FeedKey> {
+        let key = self.order.pop_front()?;
+        self.members.remove(&key);
+        Some(key)
+    }
+
+    fn contains(&self, key: &FeedKey) -> bool {
+        self.members.contains(key)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
     }
 }
 
