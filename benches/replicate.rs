@@ -35,7 +35,10 @@ fn options(initiator: bool) -> ReplicateOptions {
     if let Some(window) = std::env::var("WINDOW").ok().and_then(|v| v.parse().ok()) {
         options.window = window;
     }
-    if let Some(max) = std::env::var("MAX_ACTIVE").ok().and_then(|v| v.parse().ok()) {
+    if let Some(max) = std::env::var("MAX_ACTIVE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         options.max_active_feeds = max;
     }
     options
@@ -158,7 +161,14 @@ async fn bench_many() {
         .unwrap();
     let mut a_rest = String::new();
     std::io::Read::read_to_string(&mut a_out, &mut a_rest).unwrap();
-    assert!(side_a.wait().unwrap().success() && b_out.status.success());
+    let a_ok = side_a.wait().unwrap().success();
+    if !a_ok || !b_out.status.success() {
+        eprintln!("side b: {}", String::from_utf8_lossy(&b_out.stderr));
+        panic!(
+            "a side failed (side a ok: {a_ok}, side b: {})",
+            b_out.status
+        );
+    }
     println!("    side a: {}", a_rest.trim());
     println!(
         "    side b: {}",
@@ -169,8 +179,17 @@ async fn bench_many() {
     );
 }
 
-/// One side of `bench_many`, in its own process.
+/// One side of `bench_many`, in its own process. `RUST_LOG` turns on logs, written
+/// to `<temp dir>/multifeed-<side>.log`.
 async fn run_side(args: &[String]) {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let path = std::env::temp_dir().join(format!("multifeed-{}.log", args[0]));
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::sync::Mutex::new(std::fs::File::create(path).unwrap()))
+            .with_ansi(false)
+            .init();
+    }
     let key = SharedKey::from_hex(&args[2]).unwrap();
     let opened = Instant::now();
     let group = group(std::path::Path::new(&args[1]), &key).await;

@@ -1,26 +1,15 @@
 //! A member feed: one hypercore, local (writable) or remote (read-only).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
+use std::sync::Arc;
 
-use hypercore::Hypercore;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 
+pub(crate) use crate::residency::SharedFeed;
 use crate::{
     error::{Error, Result},
     keys::FeedKey,
     storage::{Durability, SyncSet},
 };
-
-/// The hypercore of a feed together with a change signal, shared by the feed
-/// handles and every replication session that carries the feed.
-pub(crate) struct SharedFeed {
-    pub(crate) core: Mutex<Hypercore>,
-    /// Holds the local length; bumped on every local append or verified download.
-    pub(crate) changed: watch::Sender<u64>,
-}
 
 pub(crate) struct FeedInner {
     pub(crate) key: FeedKey,
@@ -28,7 +17,6 @@ pub(crate) struct FeedInner {
     pub(crate) shared: Arc<SharedFeed>,
     pub(crate) sync: Option<Arc<SyncSet>>,
     pub(crate) durability: Durability,
-    pub(crate) closed: AtomicBool,
 }
 
 /// A handle to one member feed. Cheap to clone; all clones share one hypercore.
@@ -55,25 +43,18 @@ impl Eq for Feed {}
 
 impl Feed {
     pub(crate) fn new(
-        key: FeedKey,
         name: Option<String>,
-        core: Hypercore,
+        shared: Arc<SharedFeed>,
         sync: Option<Arc<SyncSet>>,
         durability: Durability,
     ) -> Self {
-        let length = core.info().length;
-        let (changed, _) = watch::channel(length);
         Feed {
             inner: Arc::new(FeedInner {
-                key,
+                key: shared.key,
                 name,
-                shared: Arc::new(SharedFeed {
-                    core: Mutex::new(core),
-                    changed,
-                }),
+                shared,
                 sync,
                 durability,
-                closed: AtomicBool::new(false),
             }),
         }
     }
@@ -95,7 +76,7 @@ impl Feed {
 
     /// Number of blocks in the feed (as far as this peer knows).
     pub async fn len(&self) -> u64 {
-        self.inner.shared.core.lock().await.info().length
+        self.inner.shared.info().length
     }
 
     /// Whether the feed has no blocks yet.
@@ -105,16 +86,16 @@ impl Feed {
 
     /// Number of blocks held locally, counted from the start without a gap.
     pub async fn contiguous_len(&self) -> u64 {
-        self.inner.shared.core.lock().await.info().contiguous_length
+        self.inner.shared.info().contiguous_length
     }
 
     /// Total bytes of the feed's blocks.
     pub async fn byte_len(&self) -> u64 {
-        self.inner.shared.core.lock().await.info().byte_length
+        self.inner.shared.info().byte_length
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.inner.closed.load(Ordering::Acquire) {
+        if self.inner.shared.is_closed() {
             return Err(Error::Closed);
         }
         Ok(())
@@ -122,18 +103,14 @@ impl Feed {
 
     /// Syncs and releases the feed's files; later operations fail with [`Error::Closed`].
     pub(crate) async fn close(&self) -> Result<()> {
-        // Holding the core lock means no append or download is half-way through.
-        let mut core = self.inner.shared.core.lock().await;
-        if self.inner.closed.swap(true, Ordering::AcqRel) {
+        // Waits for any append or download half-way through.
+        if !self.inner.shared.close().await {
             return Ok(());
         }
-        let Some(sync) = &self.inner.sync else {
-            return Ok(());
-        };
-        if !self.is_local() {
-            settle_downloads(&mut core, sync).await;
+        match &self.inner.sync {
+            Some(sync) => sync.close().await,
+            None => Ok(()),
         }
-        sync.close().await
     }
 
     /// Appends one block; returns its sequence number.
@@ -151,7 +128,7 @@ impl Feed {
             });
         }
         let (first, length) = {
-            let mut core = self.inner.shared.core.lock().await;
+            let mut core = self.inner.shared.core().await?;
             let first = core.info().length;
             let outcome = core.append_batch(blocks).await.map_err(|e| match e {
                 hypercore::HypercoreError::NotWritable => Error::NotWritable {
@@ -171,7 +148,10 @@ impl Feed {
     /// The block at `seq`, or `None` if this peer does not hold it (yet).
     pub async fn get(&self, seq: u64) -> Result<Option<Vec<u8>>> {
         self.check_open()?;
-        let mut core = self.inner.shared.core.lock().await;
+        if seq >= self.inner.shared.info().length {
+            return Ok(None);
+        }
+        let mut core = self.inner.shared.core().await?;
         if seq >= core.info().length {
             return Ok(None);
         }
@@ -195,31 +175,5 @@ impl Feed {
 
     pub(crate) fn shared(&self) -> &Arc<SharedFeed> {
         &self.inner.shared
-    }
-}
-
-/// Folds a remote feed's pending oplog entries into its tree and bitfield.
-///
-/// hypercore 0.16 cannot replay downloaded-block entries from its oplog on open
-/// (see `storage::replayable_oplog_len`), so without this the last few downloads
-/// would be fetched again after a reopen. It folds entries in on every fourth
-/// operation; re-applying a proof of a block we already hold is such an operation
-/// and changes nothing, and its own entry carries no tree nodes, so it replays fine.
-async fn settle_downloads(core: &mut Hypercore, sync: &SyncSet) {
-    for _ in 0..4 {
-        if !sync.has_oplog_entries() {
-            return;
-        }
-        let held = core.info().contiguous_length;
-        let Some(index) = held.checked_sub(1) else {
-            return;
-        };
-        let block = hypercore_schema::RequestBlock { index, nodes: 0 };
-        let Ok(Some(proof)) = core.create_proof(Some(block), None, None, None).await else {
-            return;
-        };
-        if core.verify_and_apply_proof(&proof).await.is_err() {
-            return;
-        }
     }
 }

@@ -11,6 +11,8 @@
 //! - [`Feed`] (`feed.rs`): one member hypercore: append, get, length.
 //! - `index.rs`: the hidden, local-only index core that records members so a group
 //!   reopens exactly as it was. Never listed, never replicated.
+//! - `residency.rs`: loads feeds' hypercores on use and unloads the least recently
+//!   used, so memory stays bounded however many feeds a group has.
 //! - `storage.rs`: the plain-file storage backend and group-commit syncs
 //!   ([`Durability`]).
 //! - [`keys`]: [`SharedKey`], [`FeedKey`], [`Keypair`].
@@ -62,6 +64,7 @@ pub mod keys;
 mod multifeed;
 mod proto;
 pub mod replicate;
+mod residency;
 mod storage;
 pub mod topics;
 pub mod verify;

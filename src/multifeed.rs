@@ -10,7 +10,7 @@ use std::{
     },
 };
 
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{Stream, StreamExt};
 use hypercore::{HypercoreBuilder, PartialKeypair};
 use tokio::sync::{Mutex, broadcast};
 
@@ -19,7 +19,8 @@ use crate::{
     feed::Feed,
     index::{IndexCore, IndexRecord, MAX_NAME_LEN},
     keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
-    storage::{self, CoreStorage, Durability, FilePool, StorageConfig},
+    residency::{self, CoreSource, Residency, SharedFeed},
+    storage::{self, Durability, FilePool, StorageConfig, SyncSet},
 };
 
 /// Options for [`Multifeed::open`].
@@ -34,6 +35,10 @@ pub struct Options {
     /// Most files kept open at once across all feeds; others are reopened on demand.
     /// Default: 1024.
     pub max_open_files: usize,
+    /// Most feeds whose hypercore is kept loaded in memory (about 20 KB each); the
+    /// least recently used others are unloaded and load again on use. Their
+    /// lengths stay known. Default: 256. In-memory groups keep every feed loaded.
+    pub max_loaded_feeds: usize,
 }
 
 impl Default for Options {
@@ -42,6 +47,7 @@ impl Default for Options {
             durability: Durability::default(),
             event_capacity: 1024,
             max_open_files: 1024,
+            max_loaded_feeds: 256,
         }
     }
 }
@@ -56,6 +62,12 @@ impl Options {
     /// Sets [`Options::max_open_files`].
     pub fn max_open_files(mut self, max: usize) -> Self {
         self.max_open_files = max;
+        self
+    }
+
+    /// Sets [`Options::max_loaded_feeds`].
+    pub fn max_loaded_feeds(mut self, max: usize) -> Self {
+        self.max_loaded_feeds = max;
         self
     }
 
@@ -130,6 +142,7 @@ struct Inner {
     events: broadcast::Sender<Event>,
     skipped: Vec<SkippedFeed>,
     pool: Arc<FilePool>,
+    residency: Arc<Residency>,
     closed: AtomicBool,
 }
 
@@ -177,6 +190,7 @@ impl Multifeed {
             })?;
         }
         let pool = FilePool::new(options.max_open_files);
+        let residency = Residency::new(options.max_loaded_feeds);
         let mut index = IndexCore::open(&storage, options.durability, &pool).await?;
         let (records, bad) = index.records().await?;
         let mut skipped: Vec<SkippedFeed> = bad
@@ -202,7 +216,7 @@ impl Multifeed {
             {
                 continue;
             }
-            match load_feed(&storage, &record, options.durability, &pool).await {
+            match load_feed(&storage, &record, options.durability, &pool, &residency).await {
                 Ok(feed) => members.insert(feed),
                 Err(reason) => {
                     let path = match &storage {
@@ -234,6 +248,7 @@ impl Multifeed {
                 events,
                 skipped,
                 pool,
+                residency,
                 closed: AtomicBool::new(false),
             }),
         })
@@ -368,24 +383,35 @@ impl Multifeed {
     }
 
     async fn create_feed(&self, record: &IndexRecord, keypair: PartialKeypair) -> Result<Feed> {
-        let CoreStorage { storage, sync } = match &self.inner.storage {
+        let (storage, source) = match &self.inner.storage {
             StorageConfig::Dir(root) => {
-                storage::open_dir(&feed_dir(root, &record.key), true, &self.inner.pool).await?
+                let dir = feed_dir(root, &record.key);
+                let sync = SyncSet::for_dir(&dir);
+                let storage = storage::open_dir_with(&dir, true, &self.inner.pool, &sync).await?;
+                let source = CoreSource {
+                    dir,
+                    pool: self.inner.pool.clone(),
+                    sync,
+                    residency: self.inner.residency.clone(),
+                };
+                (storage, Some(source))
             }
-            StorageConfig::Memory => storage::open_memory().await?,
+            StorageConfig::Memory => (storage::open_memory().await?.storage, None),
         };
         let core = HypercoreBuilder::new(storage)
             .key_pair(keypair)
             .build()
             .await
             .map_err(|e| Error::core(record.key, e))?;
+        let sync = source.as_ref().map(|s| s.sync.clone());
         if let (Some(sync), Durability::PowerLoss) = (&sync, self.inner.options.durability) {
             sync.sync().await?;
         }
+        let local = record.local_name.is_some();
+        let shared = SharedFeed::new(record.key, local, core, source).await;
         Ok(Feed::new(
-            record.key,
             record.local_name.clone(),
-            core,
+            shared,
             sync,
             self.inner.options.durability,
         ))
@@ -537,6 +563,7 @@ async fn load_feed(
     record: &IndexRecord,
     durability: Durability,
     pool: &Arc<FilePool>,
+    residency: &Arc<Residency>,
 ) -> std::result::Result<Feed, String> {
     let StorageConfig::Dir(root) = storage else {
         return Err("in-memory storage does not survive a reopen".into());
@@ -547,30 +574,25 @@ async fn load_feed(
         Ok(_) => return Err("its oplog is empty".into()),
         Err(_) => return Err("its directory or oplog is missing".into()),
     }
-    let CoreStorage { storage, sync } = storage::open_dir(&dir, false, pool)
-        .await
-        .map_err(|e| e.to_string())?;
-    // Damaged files can trip assertions inside hypercore: contain them.
-    let opened = std::panic::AssertUnwindSafe(HypercoreBuilder::new(storage).open(true).build())
-        .catch_unwind()
-        .await;
-    let core = match opened {
-        Ok(Ok(core)) => core,
-        Ok(Err(e)) => return Err(format!("cannot open: {e}")),
-        Err(_) => return Err("cannot open: its files are damaged".into()),
+    let source = CoreSource {
+        sync: SyncSet::for_dir(&dir),
+        dir,
+        pool: pool.clone(),
+        residency: residency.clone(),
     };
-    let key_pair = core.key_pair();
-    if key_pair.public.to_bytes() != *record.key.as_bytes() {
-        return Err("its files belong to another feed".into());
-    }
-    if record.local_name.is_some() && key_pair.secret.is_none() {
-        return Err("it is recorded as a local writer but its secret key is missing".into());
-    }
+    let local = record.local_name.is_some();
+    let core = residency::load(&source, record.key, local)
+        .await
+        .map_err(|e| match e {
+            Error::Damaged { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
+    let sync = source.sync.clone();
+    let shared = SharedFeed::new(record.key, local, core, Some(source)).await;
     Ok(Feed::new(
-        record.key,
         record.local_name.clone(),
-        core,
-        sync,
+        shared,
+        Some(sync),
         durability,
     ))
 }

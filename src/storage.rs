@@ -422,6 +422,34 @@ pub(crate) struct SyncSet {
 }
 
 impl SyncSet {
+    /// An empty set for the core stored in `dir`.
+    pub(crate) fn for_dir(dir: &Path) -> Arc<Self> {
+        Arc::new(SyncSet {
+            dir: Some(dir.to_path_buf()),
+            ..Default::default()
+        })
+    }
+
+    /// The set's slot for the file at `path`, if it has one.
+    fn slot(&self, path: &Path) -> Option<Arc<FileSlot>> {
+        let files = self.files.lock().ok()?;
+        files.iter().find(|slot| slot.path == path).cloned()
+    }
+
+    /// Closes the files' descriptors (their core was unloaded); they reopen on use.
+    pub(crate) fn release_files(&self) {
+        let Ok(files) = self.files.lock() else {
+            return;
+        };
+        for slot in files.iter() {
+            if let Ok(mut file) = slot.file.write()
+                && matches!(*file, SlotFile::Open(_))
+            {
+                *file = SlotFile::Evicted;
+            }
+        }
+    }
+
     /// Whether the core's oplog holds entries not yet folded into its tree and
     /// bitfield (hypercore folds them in on every fourth operation).
     pub(crate) fn has_oplog_entries(&self) -> bool {
@@ -519,58 +547,58 @@ pub(crate) struct CoreStorage {
     pub(crate) sync: Option<Arc<SyncSet>>,
 }
 
-/// Opens (creating if `create`) the plain-file storage of one hypercore in `dir`.
+/// Opens (creating if `create`) the plain-file storage of one hypercore in `dir`,
+/// with a fresh [`SyncSet`].
 pub(crate) async fn open_dir(
     dir: &Path,
     create: bool,
     pool: &Arc<FilePool>,
 ) -> Result<CoreStorage> {
+    let set = SyncSet::for_dir(dir);
+    let storage = open_dir_with(dir, create, pool, &set).await?;
+    Ok(CoreStorage {
+        storage,
+        sync: Some(set),
+    })
+}
+
+/// Opens the plain-file storage of one hypercore in `dir` through `set`, reusing
+/// the set's file slots when the core is opened again after an unload.
+pub(crate) async fn open_dir_with(
+    dir: &Path,
+    create: bool,
+    pool: &Arc<FilePool>,
+    set: &Arc<SyncSet>,
+) -> Result<Storage> {
     if create {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     }
-    let set = Arc::new(SyncSet {
-        dir: Some(dir.to_path_buf()),
-        ..Default::default()
-    });
     let dir_owned = dir.to_path_buf();
     let set_for_open = set.clone();
     let pool = pool.clone();
-    let storage = Storage::open(
+    Storage::open(
         move |store| {
             let path = dir_owned.join(store_file_name(&store));
             let store = store.clone();
             let set = set_for_open.clone();
             let pool = pool.clone();
             Box::pin(async move {
-                // Existing files are only stat'ed here; they open on first use.
-                let (file, length) = match std::fs::metadata(&path) {
-                    Ok(meta) => (SlotFile::Evicted, meta.len()),
-                    Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
-                        let file = OpenOptions::new()
-                            .read(true)
-                            .write(true)
-                            .create(true)
-                            .truncate(false)
-                            .open(&path)
-                            .map_err(|e| io_err("create", &path, e))?;
-                        (SlotFile::Open(file), 0)
+                let slot = match set.slot(&path) {
+                    Some(slot) => slot,
+                    None => {
+                        let slot = new_slot(path.clone(), create, &pool)?;
+                        if let Ok(mut files) = set.files.lock() {
+                            files.push(slot.clone());
+                        }
+                        slot
                     }
+                };
+                // Existing files are only stat'ed here; they open on first use.
+                let length = match std::fs::metadata(&path) {
+                    Ok(meta) => meta.len(),
                     Err(e) => return Err(io_err("stat", &path, e)),
                 };
-                let opened = matches!(file, SlotFile::Open(_));
-                let slot = Arc::new(FileSlot {
-                    path,
-                    file: RwLock::new(file),
-                    referenced: AtomicBool::new(true),
-                    pool: pool.clone(),
-                });
-                if opened {
-                    pool.register(&slot);
-                }
-                if let Ok(mut files) = set.files.lock() {
-                    files.push(slot.clone());
-                }
                 let file = PlainFile {
                     cache: matches!(store, Store::Tree).then(PageCache::default),
                     oplog_len: matches!(store, Store::Oplog).then(|| set.oplog_len.clone()),
@@ -588,11 +616,39 @@ pub(crate) async fn open_dir(
     .map_err(|e| Error::Damaged {
         path: dir.to_path_buf(),
         reason: e.to_string(),
-    })?;
-    Ok(CoreStorage {
-        storage,
-        sync: Some(set),
     })
+}
+
+/// A slot for the file at `path`, creating the file if `create` and it is missing.
+fn new_slot(
+    path: PathBuf,
+    create: bool,
+    pool: &Arc<FilePool>,
+) -> std::result::Result<Arc<FileSlot>, RandomAccessError> {
+    let file = match std::fs::metadata(&path) {
+        Ok(_) => SlotFile::Evicted,
+        Err(e) if create && e.kind() == io::ErrorKind::NotFound => SlotFile::Open(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| io_err("create", &path, e))?,
+        ),
+        Err(e) => return Err(io_err("stat", &path, e)),
+    };
+    let opened = matches!(file, SlotFile::Open(_));
+    let slot = Arc::new(FileSlot {
+        path,
+        file: RwLock::new(file),
+        referenced: AtomicBool::new(true),
+        pool: pool.clone(),
+    });
+    if opened {
+        pool.register(&slot);
+    }
+    Ok(slot)
 }
 
 /// In-memory storage for one hypercore.

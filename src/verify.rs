@@ -103,7 +103,7 @@ impl Multifeed {
 async fn verify_feed(feed: &Feed) -> Result<FeedReport> {
     let key = feed.key();
     let public = key.verifying_key()?;
-    let mut core = feed.shared().core.lock().await;
+    let mut core = feed.shared().core().await?;
     let info = core.info();
     let mut report = FeedReport {
         key,

@@ -92,6 +92,15 @@ fn summary_text(s: &ReplicationSummary) -> String {
     )
 }
 
+/// Prints a line on stdout. A long-running `serve` must not die because whoever
+/// read its output went away (println! panics on a broken pipe).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 pub async fn serve(global: &Global, listen: &str, max_peers: usize) -> anyhow::Result<()> {
     let addr = crate::resolve_addr(listen).await?;
     let store = open(global).await?;
@@ -106,12 +115,12 @@ pub async fn serve(global: &Global, listen: &str, max_peers: usize) -> anyhow::R
     };
     let bound = listener.local_addr()?;
     if global.json {
-        println!(
+        say!(
             "{}",
             json!({"listening": bound.to_string(), "dir": store.dir})
         );
     } else {
-        println!("listening on {bound}");
+        say!("listening on {bound}");
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(max_peers.max(1)));
@@ -175,9 +184,9 @@ async fn serve_peer(
 ) {
     let peer = peer.to_string();
     if json {
-        println!("{}", json!({"event": "connected", "peer": peer}));
+        say!("{}", json!({"event": "connected", "peer": peer}));
     } else {
-        println!("peer {peer} connected");
+        say!("peer {peer} connected");
     }
     let mut replication = group.start_replication(socket, ReplicateOptions::new(false).live(true));
     loop {
@@ -186,9 +195,9 @@ async fn serve_peer(
                 None => break,
                 Some(ReplicationEvent::FeedSynced { key }) => {
                     if json {
-                        println!("{}", json!({"event": "feed_synced", "peer": peer, "key": key.to_hex()}));
+                        say!("{}", json!({"event": "feed_synced", "peer": peer, "key": key.to_hex()}));
                     } else {
-                        println!("peer {peer}: feed {} in sync", &key.to_hex()[..16]);
+                        say!("peer {peer}: feed {} in sync", &key.to_hex()[..16]);
                     }
                 }
                 Some(event) => tracing::debug!(%peer, ?event, "replication"),
@@ -204,27 +213,27 @@ async fn serve_peer(
             if json {
                 let mut line = summary_json(&peer, &summary);
                 line["event"] = json!("disconnected");
-                println!("{line}");
+                say!("{line}");
             } else {
-                println!("peer {peer} disconnected: {}", summary_text(&summary));
+                say!("peer {peer} disconnected: {}", summary_text(&summary));
             }
         }
         // A peer that goes away without finishing.
         Err(multifeed::Error::ConnectionLost { .. }) => {
             if json {
-                println!("{}", json!({"event": "disconnected", "peer": peer}));
+                say!("{}", json!({"event": "disconnected", "peer": peer}));
             } else {
-                println!("peer {peer} disconnected");
+                say!("peer {peer} disconnected");
             }
         }
         Err(e) => {
             if json {
-                println!(
+                say!(
                     "{}",
                     json!({"event": "error", "peer": peer, "error": e.to_string()})
                 );
             } else {
-                println!("peer {peer}: {e}");
+                say!("peer {peer}: {e}");
             }
         }
     }
@@ -237,9 +246,9 @@ pub async fn sync(global: &Global, addr: &str, live: bool, timeout: u64) -> anyh
     let summary = result?;
     closed?;
     if global.json {
-        println!("{}", summary_json(addr, &summary));
+        say!("{}", summary_json(addr, &summary));
     } else {
-        println!("synced with {addr}: {}", summary_text(&summary));
+        say!("synced with {addr}: {}", summary_text(&summary));
     }
     Ok(())
 }
@@ -299,7 +308,7 @@ async fn sync_inner(
                             let (blocks, bytes) = per_feed.get(&key).copied().unwrap_or_default();
                             match &bar {
                                 Some(bar) => bar.set_position(synced.len() as u64),
-                                None if global.json => println!(
+                                None if global.json => say!(
                                     "{}",
                                     json!({"event": "feed_synced", "key": key.to_hex(), "blocks": blocks, "bytes": bytes})
                                 ),

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
+use crate::residency::CoreInfo;
 use hypercore_protocol::Message;
 use hypercore_protocol::schema::{Data, NoData, Range, Request, Synchronize};
 use hypercore_schema::{RequestBlock, RequestUpgrade};
@@ -26,8 +27,8 @@ pub struct LocalInfo {
     pub fork: u64,
 }
 
-impl From<&hypercore::Info> for LocalInfo {
-    fn from(i: &hypercore::Info) -> Self {
+impl From<CoreInfo> for LocalInfo {
+    fn from(i: CoreInfo) -> Self {
         LocalInfo {
             length: i.length,
             contiguous_length: i.contiguous_length,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use hypercore::{Hypercore, HypercoreError};
-use hypercore_protocol::schema::{Data, NoData, Request};
+use hypercore_protocol::schema::{Data, Extension, NoData, Request};
 use hypercore_protocol::{Channel, Message};
 use tokio::sync::mpsc;
 
@@ -11,7 +11,7 @@ use super::feed_sync::{
     Action, Apply, ApplyOutcome, BlockRequest, DEFAULT_WINDOW, FeedSync, LocalInfo,
     ProtocolViolation,
 };
-use crate::feed::SharedFeed;
+use crate::residency::{CoreInfo, SharedFeed};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FeedSyncOptions {
@@ -19,6 +19,8 @@ pub struct FeedSyncOptions {
     pub live: bool,
     /// Max requests in flight.
     pub window: usize,
+    /// How a one-shot channel ends; see [`OneShotClose`].
+    pub close: OneShotClose,
 }
 
 impl Default for FeedSyncOptions {
@@ -26,9 +28,29 @@ impl Default for FeedSyncOptions {
         FeedSyncOptions {
             live: false,
             window: DEFAULT_WINDOW,
+            close: OneShotClose::Immediate,
         }
     }
 }
+
+/// How a one-shot channel ends once the feed is in sync.
+///
+/// hypercore-protocol frees a channel's id as soon as the peer's `Close` arrives and
+/// hands it to the next channel opened, so a message still in flight on the old
+/// channel lands on the new one (a stray Synchronize or Data for another feed).
+/// Between our own peers each side therefore says [`FEED_DONE`] once in sync and
+/// sends nothing unprompted after it, and only one side, the closer, sends `Close`,
+/// after both have said it: nothing can follow a `Close` in either direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OneShotClose {
+    /// Close as soon as this side judges the feed in sync (plain hypercore peers).
+    Immediate,
+    /// The `FEED_DONE` exchange; `closer` says whether this side sends the `Close`.
+    Agreed { closer: bool },
+}
+
+/// Extension message on a feed channel: "in sync; nothing more from me but answers".
+pub(crate) const FEED_DONE: &str = "multifeed/feed-done";
 
 /// Cumulative counts for this connection, sent after each verified block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,6 +92,9 @@ pub enum FeedSyncError {
     ReceiverTaken,
     #[error("core task failed: {0}")]
     Task(String),
+    /// The feed's hypercore could not be loaded from storage (or the group closed).
+    #[error("cannot load the feed: {0}")]
+    Load(#[source] Box<crate::Error>),
 }
 
 /// Max messages taken from the channel per step, so one step's core work stays short.
@@ -91,33 +116,66 @@ pub async fn run_feed(
         .ok_or(FeedSyncError::ReceiverTaken)?;
     // Subscribe before reading info so no change between the two is missed.
     let mut changed = feed.changed.subscribe();
-    let info = feed.core.lock().await.info();
     let mut fsm = FeedSync::new(opts.window);
-    fsm.start(LocalInfo::from(&info));
+    fsm.start(LocalInfo::from(feed.info()));
     let mut sum = FeedSyncSummary::default();
     let mut closed = false;
+    // Agreed close: whether we said FEED_DONE, and whether the peer did.
+    let mut done_sent = false;
+    let mut peer_done = false;
 
     loop {
-        if !step(&mut fsm, &channel, &feed, &mut sum, progress.as_ref()).await? {
+        // After FEED_DONE only answers to requests go out (see OneShotClose).
+        if !step(
+            &mut fsm,
+            &channel,
+            &feed,
+            &mut sum,
+            progress.as_ref(),
+            done_sent,
+        )
+        .await?
+        {
             closed = true; // the peer closed first; nothing more can be sent
         }
-        if fsm.is_synced() {
+        if fsm.is_synced() && !sum.synced {
             sum.synced = true;
             if let Some(tx) = on_synced.take() {
                 let _ = tx.send(());
             }
-            if !opts.live {
-                // Best effort: the peer may already have closed.
-                let _ = channel.close().await;
-                if !closed {
-                    // hypercore-protocol ends the whole connection if a message arrives
-                    // for a channel whose receiver is gone, and the peer may still send
-                    // a few before it sees our Close: keep receiving (and discarding)
-                    // until the channel closes, which at the latest happens with the
-                    // connection.
-                    tokio::spawn(async move { while rx.recv().await.is_ok() {} });
+        }
+        // A live channel ends the same way once the peer, a one-shot session, is done.
+        if sum.synced && (!opts.live || peer_done) {
+            match opts.close {
+                OneShotClose::Immediate => {
+                    // Best effort: the peer may already have closed.
+                    let _ = channel.close().await;
+                    if !closed {
+                        // hypercore-protocol ends the whole connection if a message
+                        // arrives for a channel whose receiver is gone, and the peer
+                        // may still send a few before it sees our Close: keep
+                        // receiving (and discarding) until the channel closes, which at
+                        // the latest happens with the connection.
+                        tokio::spawn(async move { while rx.recv().await.is_ok() {} });
+                    }
+                    return Ok(sum);
                 }
-                return Ok(sum);
+                OneShotClose::Agreed { closer } => {
+                    if !done_sent && !closed {
+                        channel.send(feed_done()).await?;
+                        done_sent = true;
+                    }
+                    if closed && peer_done {
+                        return Ok(sum);
+                    }
+                    if closer && done_sent && peer_done {
+                        // Nothing follows the peer's FEED_DONE but its answers to our
+                        // requests, and we have none in flight: the channel is quiet.
+                        let _ = channel.close().await;
+                        tokio::spawn(async move { while rx.recv().await.is_ok() {} });
+                        return Ok(sum);
+                    }
+                }
             }
         }
         if closed {
@@ -133,11 +191,14 @@ pub async fn run_feed(
                 let mut taken = 0;
                 // Drain what is already queued so core work and sends are batched.
                 while let Some(m) = next.take() {
-                    if matches!(m, Message::Close(_)) {
-                        closed = true;
-                        break;
+                    match m {
+                        Message::Close(_) => {
+                            closed = true;
+                            break;
+                        }
+                        Message::Extension(ref e) if e.name == FEED_DONE => peer_done = true,
+                        m => fsm.on_message(m)?,
                     }
-                    fsm.on_message(m)?;
                     taken += 1;
                     if taken >= MAX_MESSAGES_PER_STEP {
                         break;
@@ -152,15 +213,21 @@ pub async fn run_feed(
                     closed = true; // recv error: channel gone
                 }
             }
-            res = changed.changed() => {
+            res = changed.changed(), if !done_sent => {
                 if res.is_ok() {
-                    let info = feed.core.lock().await.info();
-                    fsm.on_local_update(LocalInfo::from(&info));
+                    fsm.on_local_update(LocalInfo::from(feed.info()));
                 }
                 // Err is impossible while `feed` (which owns the sender) is alive.
             }
         }
     }
+}
+
+fn feed_done() -> Message {
+    Message::Extension(Extension {
+        name: FEED_DONE.to_string(),
+        message: Vec::new(),
+    })
 }
 
 /// Work needing the core, done under one lock.
@@ -194,6 +261,7 @@ async fn step(
     feed: &Arc<SharedFeed>,
     sum: &mut FeedSyncSummary,
     progress: Option<&mpsc::Sender<Progress>>,
+    answers_only: bool,
 ) -> Result<bool, FeedSyncError> {
     loop {
         let actions = fsm.drain_actions();
@@ -215,7 +283,7 @@ async fn step(
             let (results, info, err) = tokio::spawn(core_jobs(feed.clone(), jobs))
                 .await
                 .map_err(|e| FeedSyncError::Task(e.to_string()))?;
-            let local = LocalInfo::from(&info);
+            let local = LocalInfo::from(info);
             for r in results {
                 match r {
                     JobResult::Applied { id, outcome, bytes } => {
@@ -252,6 +320,9 @@ async fn step(
                 return Err(e);
             }
         }
+        if answers_only {
+            out.retain(|m| matches!(m, Message::Data(_) | Message::NoData(_)));
+        }
         if !out.is_empty()
             && let Err(e) = channel.send_batch(&out).await
         {
@@ -273,8 +344,17 @@ async fn step(
 async fn core_jobs(
     feed: Arc<SharedFeed>,
     jobs: Vec<CoreJob>,
-) -> (Vec<JobResult>, hypercore::Info, Option<FeedSyncError>) {
-    let mut core = feed.core.lock().await;
+) -> (Vec<JobResult>, CoreInfo, Option<FeedSyncError>) {
+    let mut core = match feed.core().await {
+        Ok(core) => core,
+        Err(e) => {
+            return (
+                Vec::new(),
+                feed.info(),
+                Some(FeedSyncError::Load(Box::new(e))),
+            );
+        }
+    };
     let mut results = Vec::with_capacity(jobs.len());
     let mut err = None;
     let mut applied_any = false;
@@ -317,7 +397,7 @@ async fn core_jobs(
             }
         }
     }
-    let info = core.info();
+    let info = CoreInfo::from(&core.info());
     drop(core);
     if applied_any {
         feed.changed.send_replace(info.length);

@@ -9,11 +9,12 @@ use futures::StreamExt;
 use hypercore::{Hypercore, HypercoreBuilder, PartialKeypair, Storage};
 use hypercore_protocol::schema::{Data, Range, Synchronize};
 use hypercore_protocol::{Channel, Event, Message, Protocol};
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use super::{FeedSyncError, FeedSyncOptions, FeedSyncSummary, run_feed};
 use crate::feed::SharedFeed;
+use crate::keys::FeedKey;
 use crate::replicate::feed_sync::ProtocolViolation;
 use crate::replicate::transport::{TransportLimits, protocol};
 
@@ -71,12 +72,9 @@ async fn channel_pair(key: [u8; 32]) -> (Channel, Channel) {
     (ca, cb)
 }
 
-fn shared(core: Hypercore) -> Arc<SharedFeed> {
-    let (changed, _) = watch::channel(core.info().length);
-    Arc::new(SharedFeed {
-        core: Mutex::new(core),
-        changed,
-    })
+async fn shared(core: Hypercore) -> Arc<SharedFeed> {
+    let key = FeedKey::from_bytes(key_of(&core));
+    SharedFeed::new(key, false, core, None).await
 }
 
 async fn writer() -> Hypercore {
@@ -106,7 +104,7 @@ fn entry(i: u64) -> Vec<u8> {
 }
 
 async fn append_n(feed: &Arc<SharedFeed>, from: u64, n: u64) {
-    let mut core = feed.core.lock().await;
+    let mut core = feed.core().await.expect("core");
     let batch: Vec<Vec<u8>> = (from..from + n).map(entry).collect();
     let out = core.append_batch(&batch).await.expect("append");
     drop(core);
@@ -125,7 +123,7 @@ enum Evil {
 
 async fn evil_peer(mut ch: Channel, writer: Arc<SharedFeed>, evil: Evil) {
     let rx = ch.take_receiver().expect("rx");
-    let len = writer.core.lock().await.info().length;
+    let len = writer.core().await.expect("core").info().length;
     let _ = ch
         .send_batch(&[
             // Range before Sync so the receiver knows the haves when it plans the upgrade.
@@ -147,9 +145,9 @@ async fn evil_peer(mut ch: Channel, writer: Arc<SharedFeed>, evil: Evil) {
     while let Ok(msg) = rx.recv().await {
         let Message::Request(r) = msg else { continue };
         let proof = writer
-            .core
-            .lock()
+            .core()
             .await
+            .expect("core")
             .create_proof(r.block, r.hash, r.seek, r.upgrade)
             .await
             .expect("proof")
@@ -185,7 +183,7 @@ async fn setup() -> (Arc<SharedFeed>, Arc<SharedFeed>, [u8; 32]) {
     let w = writer().await;
     let key = key_of(&w);
     let r = reader_of(&w).await;
-    let (a, b) = (shared(w), shared(r));
+    let (a, b) = (shared(w).await, shared(r).await);
     append_n(&a, 0, 10).await;
     let (ca, cb) = channel_pair(key).await;
     let opts = FeedSyncOptions::default();
@@ -219,8 +217,8 @@ async fn run_against(
 }
 
 async fn assert_held_blocks_intact(a: &Arc<SharedFeed>, b: &Arc<SharedFeed>) {
-    let mut a = a.core.lock().await;
-    let mut b = b.core.lock().await;
+    let mut a = a.core().await.expect("core");
+    let mut b = b.core().await.expect("core");
     for i in 0..b.info().length {
         if b.has(i) {
             assert_eq!(
@@ -242,9 +240,9 @@ async fn tampered_upgrade_block_is_rejected_core_unchanged() {
         Err(FeedSyncError::InvalidData { index, .. }) => assert_eq!(index, Some(10)),
         other => panic!("expected InvalidData, got {other:?}"),
     }
-    let info = b.core.lock().await.info();
+    let info = b.core().await.expect("core").info();
     assert_eq!((info.length, info.contiguous_length), (10, 10));
-    assert!(!b.core.lock().await.has(10));
+    assert!(!b.core().await.expect("core").has(10));
     assert_held_blocks_intact(&a, &b).await;
 }
 
@@ -256,11 +254,11 @@ async fn tampered_plain_block_is_rejected_verified_part_kept() {
     };
     // 10 if the upgrade went alone (Range not yet seen), else 11.
     assert!(i >= 10);
-    let info = b.core.lock().await.info();
+    let info = b.core().await.expect("core").info();
     // The honest, signed upgrade was kept; the tampered block was not.
     assert_eq!(info.length, 20);
     assert_eq!(info.contiguous_length, i);
-    assert!(!b.core.lock().await.has(i));
+    assert!(!b.core().await.expect("core").has(i));
     assert_held_blocks_intact(&a, &b).await;
 }
 
@@ -276,6 +274,6 @@ async fn unrequested_data_is_a_protocol_error() {
         ),
         "{res:?}"
     );
-    assert_eq!(b.core.lock().await.info().length, 10);
+    assert_eq!(b.core().await.expect("core").info().length, 10);
     assert_held_blocks_intact(&a, &b).await;
 }

@@ -27,7 +27,9 @@ use tokio::{
 
 use super::{
     ReplicateOptions, ReplicationEvent, ReplicationSummary,
-    feed_task::{FeedSyncError, FeedSyncOptions, FeedSyncSummary, Progress, run_feed},
+    feed_task::{
+        FeedSyncError, FeedSyncOptions, FeedSyncSummary, OneShotClose, Progress, run_feed,
+    },
     transport::{self, TransportFault, TransportLimits, TransportStatus},
 };
 use crate::{
@@ -105,6 +107,7 @@ fn feed_error(key: FeedKey, error: FeedSyncError) -> Error {
             reason: format!("feed {key}: {violation}"),
         },
         FeedSyncError::Core(source) => Error::core(key, source),
+        FeedSyncError::Load(error) => *error,
         FeedSyncError::ClosedBeforeSync | FeedSyncError::Io(_) => Error::ConnectionLost {
             reason: format!("feed {key}: {error}"),
         },
@@ -280,8 +283,9 @@ impl Session {
                 if let Some(root) = &self.root {
                     let _ = root.close().await;
                 }
-                // Let the close (and anything queued before it) reach the peer.
-                linger(&mut protocol).await;
+                // Let the close (and anything queued before it) reach the peer, and
+                // count feed tasks that were still finishing their channels.
+                self.linger_collecting(&mut protocol).await;
                 Ok(self.summary.clone())
             }
             Err(error) => {
@@ -303,6 +307,17 @@ impl Session {
         if !self.handshake_done {
             return Ok(());
         }
+        tracing::debug!(
+            queued = self.queue.order.len(),
+            syncing = self.syncing.len(),
+            serving = self.serving.len(),
+            running = self.running.len(),
+            got_manifest = self.got_manifest,
+            got_request = self.got_request,
+            done_sent = self.done_sent,
+            done_received = self.done_received,
+            "replication state"
+        );
         if status.last_received().elapsed() >= self.options.idle_timeout {
             return Err(Error::IdleTimeout {
                 after: self.options.idle_timeout,
@@ -395,6 +410,9 @@ impl Session {
         let options = FeedSyncOptions {
             live: self.options.live,
             window: self.options.window,
+            close: OneShotClose::Agreed {
+                closer: self.options.initiator,
+            },
         };
         let shared = feed.shared().clone();
         let progress = self.progress_tx.clone();
@@ -418,19 +436,10 @@ impl Session {
         key: FeedKey,
         result: std::result::Result<FeedSyncSummary, FeedSyncError>,
     ) -> Result<()> {
-        self.running.remove(&key);
+        tracing::trace!(%key, ?result, "feed channel finished");
         match result {
             Ok(summary) => {
-                self.summary.blocks_received += summary.blocks_received;
-                self.summary.bytes_received += summary.bytes_received;
-                self.summary.blocks_sent += summary.blocks_sent;
-                self.summary.bytes_sent += summary.bytes_sent;
-                if summary.synced {
-                    self.summary.feeds_synced += 1;
-                    self.syncing.remove(&key);
-                    self.serving.remove(&key);
-                    self.emit(ReplicationEvent::FeedSynced { key });
-                }
+                self.count_finished(key, summary);
                 self.pump_queue().await?;
                 self.maybe_done().await
             }
@@ -439,6 +448,7 @@ impl Session {
             Err(FeedSyncError::ClosedBeforeSync)
                 if self.retries.get(&key).copied().unwrap_or(0) < 3 =>
             {
+                self.running.remove(&key);
                 *self.retries.entry(key).or_insert(0) += 1;
                 self.serving.remove(&key);
                 if self.syncing.remove(&key) {
@@ -448,6 +458,43 @@ impl Session {
                 self.maybe_done().await
             }
             Err(error) => Err(feed_error(key, error)),
+        }
+    }
+
+    /// Adds a feed task's counts to the summary.
+    fn count_finished(&mut self, key: FeedKey, summary: FeedSyncSummary) {
+        self.running.remove(&key);
+        self.summary.blocks_received += summary.blocks_received;
+        self.summary.bytes_received += summary.bytes_received;
+        self.summary.blocks_sent += summary.blocks_sent;
+        self.summary.bytes_sent += summary.bytes_sent;
+        if summary.synced {
+            self.summary.feeds_synced += 1;
+            self.syncing.remove(&key);
+            self.serving.remove(&key);
+            self.emit(ReplicationEvent::FeedSynced { key });
+        }
+    }
+
+    /// Keeps the protocol polled for at most [`LINGER`] so queued messages reach the
+    /// peer, counting feed tasks as they finish; ends early once the peer closes
+    /// and no task is left.
+    async fn linger_collecting(&mut self, protocol: &mut Protocol) {
+        let deadline = tokio::time::Instant::now() + LINGER;
+        let mut connected = true;
+        while connected || (!self.options.live && !self.tasks.is_empty()) {
+            tokio::select! {
+                biased;
+                Some(joined) = self.tasks.join_next() => {
+                    if let Ok((key, Ok(summary))) = joined {
+                        self.count_finished(key, summary);
+                    }
+                }
+                event = protocol.next(), if connected => {
+                    connected = matches!(event, Some(Ok(_)));
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
         }
     }
 
@@ -538,6 +585,12 @@ impl Session {
                 ),
             });
         }
+        // A correct peer offers only feed public keys; refuse before admitting any.
+        if let Some(bad) = feeds.iter().find(|f| f.key.verifying_key().is_err()) {
+            return Err(Error::PeerFault {
+                reason: format!("it offered {}, which is not a feed public key", bad.key),
+            });
+        }
         let mut wanted = Vec::new();
         for offered in &feeds {
             let key = offered.key;
@@ -586,6 +639,7 @@ impl Session {
             let Some(key) = self.queue.pop() else {
                 break;
             };
+            tracing::trace!(%key, "opening feed channel");
             let (_, added) = self.multifeed.admit_remote(key).await?;
             if added {
                 self.summary.feeds_learnt += 1;
@@ -737,9 +791,11 @@ where
             }
         }
     };
+    // Plain hypercore peers know nothing of FEED_DONE.
     let sync_options = FeedSyncOptions {
         live: options.live,
         window: options.window,
+        close: OneShotClose::Immediate,
     };
     let mut task = tokio::spawn(run_feed(
         channel,
