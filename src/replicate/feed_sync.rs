@@ -241,6 +241,12 @@ pub struct FeedSync {
     remote: RemoteInfo,
     remote_has: RangeSet,
     inflight: HashMap<u64, Inflight>,
+    /// How many of `inflight` got their data and wait for `on_applied`.
+    applying: usize,
+    /// Whether new requests may leave while received data waits to be applied.
+    overlap: bool,
+    /// Set once we told the peer we are done: no new requests from then on.
+    finished: bool,
     inflight_blocks: HashSet<u64>,
     upgrade_inflight: Option<u64>,
     /// Remote length at which the remote refused an upgrade; don't ask again until it changes.
@@ -262,6 +268,9 @@ impl FeedSync {
             remote: RemoteInfo::default(),
             remote_has: RangeSet::default(),
             inflight: HashMap::new(),
+            applying: 0,
+            overlap: true,
+            finished: false,
             inflight_blocks: HashSet::new(),
             upgrade_inflight: None,
             upgrade_refused_at: None,
@@ -410,6 +419,7 @@ impl FeedSync {
             return mismatch("fork differs");
         }
         inf.applying = true;
+        self.applying += 1;
         let index = inf.index;
         if let Some(i) = index {
             self.remote_has.insert(i, i.saturating_add(1));
@@ -447,6 +457,9 @@ impl FeedSync {
     /// was already local) together with fresh core info.
     pub fn on_applied(&mut self, id: u64, outcome: ApplyOutcome, local: LocalInfo) {
         if let Some(inf) = self.inflight.remove(&id) {
+            if inf.applying {
+                self.applying -= 1;
+            }
             if let Some(i) = inf.index {
                 self.inflight_blocks.remove(&i);
                 if outcome != ApplyOutcome::Stale {
@@ -458,6 +471,26 @@ impl FeedSync {
             }
         }
         self.on_local_update(local);
+    }
+
+    /// Whether another request may go out. With overlap the window counts requests
+    /// still waiting for data, so the next ones leave while a batch is verified and
+    /// stored (data awaiting its apply is capped at another window); without, it
+    /// counts every request until applied.
+    fn has_room(&self) -> bool {
+        if self.overlap {
+            self.inflight.len() - self.applying < self.window
+                && self.inflight.len() < 2 * self.window
+        } else {
+            self.inflight.len() < self.window
+        }
+    }
+
+    /// Sets whether downloading and applying overlap (see [`FeedSync::has_room`]).
+    /// Worth it when few feeds share the connection; with many, feeds overlap
+    /// each other and the extra requests only cost.
+    pub fn set_overlap(&mut self, overlap: bool) {
+        self.overlap = overlap;
     }
 
     fn local_has(&self, i: u64) -> bool {
@@ -502,7 +535,7 @@ impl FeedSync {
 
     fn plan(&mut self) {
         let r = self.remote;
-        if !r.synced || r.fork != self.local.fork || !r.uploading {
+        if self.finished || !r.synced || r.fork != self.local.fork || !r.uploading {
             return;
         }
         let fork = self.local.fork;
@@ -510,7 +543,7 @@ impl FeedSync {
             && self.upgrade_inflight.is_none()
             && r.can_upgrade
             && self.upgrade_refused_at != Some(r.length)
-            && self.inflight.len() < self.window
+            && self.has_room()
         {
             let start = self.local.length;
             let upgrade = RequestUpgrade {
@@ -557,7 +590,7 @@ impl FeedSync {
         // Only blocks inside our verified tree and the remote's length can be requested.
         let limit = self.local.length.min(r.length);
         let mut i = self.local.contiguous_length;
-        while self.inflight.len() < self.window && i < limit {
+        while self.has_room() && i < limit {
             match self.remote_has.next_present(i) {
                 Some(j) if j < limit => i = j,
                 _ => break,
@@ -599,6 +632,13 @@ impl FeedSync {
 
     /// Both sides hold everything the other has, and nothing is pending.
     pub fn is_synced(&self) -> bool {
+        self.downloaded() && self.remote_has.contains_range(0, self.local.length)
+    }
+
+    /// We hold everything the peer announced, and nothing is pending. Enough to end
+    /// a one-shot channel once the peer said it is done: it wants nothing more, even
+    /// if we grew meanwhile.
+    pub fn downloaded(&self) -> bool {
         let r = &self.remote;
         self.started
             && r.synced
@@ -608,7 +648,12 @@ impl FeedSync {
             && self.local.length >= r.length
             && (self.local.contiguous_length >= r.length
                 || (self.local.contiguous_length..r.length).all(|i| self.local_sparse.contains(&i)))
-            && self.remote_has.contains_range(0, self.local.length)
+    }
+
+    /// We told the peer we are done (one-shot): ask for nothing more, whatever it
+    /// announces from now on.
+    pub fn finish(&mut self) {
+        self.finished = true;
     }
 }
 
@@ -663,6 +708,32 @@ mod tests {
                 signature: vec![],
             }),
         })
+    }
+
+    /// A side that said it is done asks for nothing more when the peer grows, and a
+    /// side whose peer is done only needs what that peer has, not the reverse.
+    #[test]
+    fn finished_side_stops_asking_and_downloaded_ignores_what_the_peer_lacks() {
+        let mut s = FeedSync::new(4);
+        s.start(info(3, 3));
+        s.on_message(sync(3, 3)).unwrap();
+        s.on_message(range(0, 3)).unwrap();
+        s.drain_actions();
+        assert!(s.is_synced());
+        s.finish();
+        s.on_message(sync(10, 3)).unwrap();
+        s.on_message(range(0, 10)).unwrap();
+        assert!(block_requests(&s.drain_actions()).is_empty());
+        assert_eq!(s.in_flight(), 0);
+
+        // The writer side: it grew to 10, the peer holds 3 and wants no more.
+        let mut w = FeedSync::new(4);
+        w.start(info(10, 10));
+        w.on_message(sync(3, 10)).unwrap();
+        w.on_message(range(0, 3)).unwrap();
+        w.drain_actions();
+        assert!(!w.is_synced(), "the peer lacks 7 blocks");
+        assert!(w.downloaded(), "we hold all the peer has");
     }
 
     fn block_requests(a: &[Action]) -> Vec<BlockRequest> {

@@ -1,6 +1,9 @@
 //! Async driver: runs a [`FeedSync`] over one `Channel` against a shared core.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use hypercore::{Hypercore, HypercoreError};
 use hypercore_protocol::schema::{Data, Extension, NoData, Request};
@@ -13,7 +16,7 @@ use super::feed_sync::{
 };
 use crate::residency::{CoreInfo, SharedFeed};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct FeedSyncOptions {
     /// Keep running after sync and forward new data both ways.
     pub live: bool,
@@ -21,6 +24,10 @@ pub struct FeedSyncOptions {
     pub window: usize,
     /// How a one-shot channel ends; see [`OneShotClose`].
     pub close: OneShotClose,
+    /// Feeds syncing on the same connection (this one included), if shared: with
+    /// more than [`OVERLAP_MAX_FEEDS`], a feed does not overlap downloading and
+    /// applying (the feeds overlap each other instead).
+    pub active_feeds: Option<Arc<AtomicUsize>>,
 }
 
 impl Default for FeedSyncOptions {
@@ -29,6 +36,7 @@ impl Default for FeedSyncOptions {
             live: false,
             window: DEFAULT_WINDOW,
             close: OneShotClose::Immediate,
+            active_feeds: None,
         }
     }
 }
@@ -97,6 +105,14 @@ pub enum FeedSyncError {
     Load(#[source] Box<crate::Error>),
 }
 
+/// Up to this many feeds syncing on a connection, each overlaps its downloading and
+/// applying (one per core of a small gateway).
+pub const OVERLAP_MAX_FEEDS: usize = 2;
+
+/// From this many blocks to apply in one round, requests go out before the applies
+/// run, so the peer prepares the next blocks while we verify these.
+const OVERLAP_MIN_APPLIES: usize = 8;
+
 /// Max messages taken from the channel per step, so one step's core work stays short.
 const MAX_MESSAGES_PER_STEP: usize = 512;
 
@@ -125,20 +141,31 @@ pub async fn run_feed(
     let mut peer_done = false;
 
     loop {
+        let overlap = opts
+            .active_feeds
+            .as_ref()
+            .is_none_or(|n| n.load(Ordering::Relaxed) <= OVERLAP_MAX_FEEDS);
+        fsm.set_overlap(overlap);
         // After FEED_DONE only answers to requests go out (see OneShotClose).
+        let answers_only = done_sent;
         if !step(
             &mut fsm,
             &channel,
             &feed,
             &mut sum,
             progress.as_ref(),
-            done_sent,
+            answers_only,
+            overlap,
         )
         .await?
         {
             closed = true; // the peer closed first; nothing more can be sent
         }
-        if fsm.is_synced() && !sum.synced {
+        // Once the peer said it is done, it asks for nothing more: holding what it
+        // has is enough, even if we grew meanwhile (a one-shot sync never chases a
+        // busy writer).
+        let in_sync = fsm.is_synced() || (peer_done && fsm.downloaded());
+        if in_sync && !sum.synced {
             sum.synced = true;
             if let Some(tx) = on_synced.take() {
                 let _ = tx.send(());
@@ -164,6 +191,7 @@ pub async fn run_feed(
                     if !done_sent && !closed {
                         channel.send(feed_done()).await?;
                         done_sent = true;
+                        fsm.finish();
                     }
                     if closed && peer_done {
                         return Ok(sum);
@@ -255,6 +283,9 @@ enum JobResult {
 }
 
 /// Run actions until the state machine is quiet. Returns false if the channel is closed.
+///
+/// Requests and answers go out before received data is applied, so the peer works
+/// on the next requests while we verify and store the last batch.
 async fn step(
     fsm: &mut FeedSync,
     channel: &Channel,
@@ -262,80 +293,117 @@ async fn step(
     sum: &mut FeedSyncSummary,
     progress: Option<&mpsc::Sender<Progress>>,
     answers_only: bool,
+    overlap: bool,
 ) -> Result<bool, FeedSyncError> {
+    // Messages produced by applies wait for the next round's requests, so a step
+    // sends one batch per round rather than two.
+    let mut out = Vec::new();
     loop {
         let actions = fsm.drain_actions();
         if actions.is_empty() {
-            return Ok(true);
+            return send(channel, &mut out, answers_only).await;
         }
-        let mut out = Vec::new();
-        let mut jobs = Vec::new();
+        let mut applies = Vec::new();
+        let mut quick = Vec::new();
         for a in actions {
             match a {
                 Action::Send(m) => out.push(m),
-                Action::Apply(x) => jobs.push(CoreJob::Apply(x)),
-                Action::Request(x) => jobs.push(CoreJob::Request(x)),
-                Action::Serve(x) => jobs.push(CoreJob::Serve(x)),
+                Action::Apply(x) => applies.push(CoreJob::Apply(x)),
+                Action::Request(x) => quick.push(CoreJob::Request(x)),
+                Action::Serve(x) => quick.push(CoreJob::Serve(x)),
             }
         }
-        if !jobs.is_empty() {
-            // Spawned so a dropped run_feed never leaves a half-applied proof behind.
-            let (results, info, err) = tokio::spawn(core_jobs(feed.clone(), jobs))
-                .await
-                .map_err(|e| FeedSyncError::Task(e.to_string()))?;
-            let local = LocalInfo::from(info);
-            for r in results {
-                match r {
-                    JobResult::Applied { id, outcome, bytes } => {
-                        if outcome == ApplyOutcome::Applied {
-                            sum.blocks_received += 1;
-                            sum.bytes_received += bytes;
-                            if let Some(p) = progress {
-                                // Never stall replication on a slow consumer.
-                                let _ = p.try_send(Progress {
-                                    key: *channel.key(),
-                                    blocks: sum.blocks_received,
-                                    bytes: sum.bytes_received,
-                                });
-                            }
-                        }
-                        fsm.on_applied(id, outcome, local);
-                    }
-                    JobResult::Skipped { id } => {
-                        fsm.on_applied(id, ApplyOutcome::AlreadyHad, local)
-                    }
-                    JobResult::Send(m) => out.push(m),
-                    JobResult::Served { msg, block, bytes } => {
-                        if block {
-                            sum.blocks_sent += 1;
-                            sum.bytes_sent += bytes;
-                        }
-                        out.push(msg);
-                    }
-                }
-            }
-            fsm.on_local_update(local);
-            if let Some(e) = err {
-                // Send what we owe (e.g. served data) is pointless now; fail fast.
-                return Err(e);
-            }
+        if !overlap || applies.len() < OVERLAP_MIN_APPLIES {
+            // A small round: one trip to the core is cheaper than overlapping.
+            quick.append(&mut applies);
         }
-        if answers_only {
-            out.retain(|m| matches!(m, Message::Data(_) | Message::NoData(_)));
+        if !quick.is_empty() {
+            run_jobs(quick, fsm, channel, feed, sum, progress, &mut out).await?;
         }
-        if !out.is_empty()
-            && let Err(e) = channel.send_batch(&out).await
-        {
-            if channel.closed()
-                || matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::BrokenPipe
-                )
-            {
+        if !applies.is_empty() {
+            if !send(channel, &mut out, answers_only).await? {
                 return Ok(false);
             }
-            return Err(e.into());
+            run_jobs(applies, fsm, channel, feed, sum, progress, &mut out).await?;
         }
+    }
+}
+
+/// Runs core jobs (in a task of their own) and feeds the results to the state machine;
+/// messages to send are added to `out`.
+async fn run_jobs(
+    jobs: Vec<CoreJob>,
+    fsm: &mut FeedSync,
+    channel: &Channel,
+    feed: &Arc<SharedFeed>,
+    sum: &mut FeedSyncSummary,
+    progress: Option<&mpsc::Sender<Progress>>,
+    out: &mut Vec<Message>,
+) -> Result<(), FeedSyncError> {
+    // Spawned so a dropped run_feed never leaves a half-applied proof behind.
+    let (results, info, err) = tokio::spawn(core_jobs(feed.clone(), jobs))
+        .await
+        .map_err(|e| FeedSyncError::Task(e.to_string()))?;
+    let local = LocalInfo::from(info);
+    for r in results {
+        match r {
+            JobResult::Applied { id, outcome, bytes } => {
+                if outcome == ApplyOutcome::Applied {
+                    sum.blocks_received += 1;
+                    sum.bytes_received += bytes;
+                    if let Some(p) = progress {
+                        // Never stall replication on a slow consumer.
+                        let _ = p.try_send(Progress {
+                            key: *channel.key(),
+                            blocks: sum.blocks_received,
+                            bytes: sum.bytes_received,
+                        });
+                    }
+                }
+                fsm.on_applied(id, outcome, local);
+            }
+            JobResult::Skipped { id } => fsm.on_applied(id, ApplyOutcome::AlreadyHad, local),
+            JobResult::Send(m) => out.push(m),
+            JobResult::Served { msg, block, bytes } => {
+                if block {
+                    sum.blocks_sent += 1;
+                    sum.bytes_sent += bytes;
+                }
+                out.push(msg);
+            }
+        }
+    }
+    fsm.on_local_update(local);
+    // Sending what we owe (e.g. served data) is pointless now: fail fast.
+    err.map_or(Ok(()), Err)
+}
+
+/// Sends and clears `out`. Returns false if the channel is closed.
+async fn send(
+    channel: &Channel,
+    out: &mut Vec<Message>,
+    answers_only: bool,
+) -> Result<bool, FeedSyncError> {
+    if answers_only {
+        out.retain(|m| matches!(m, Message::Data(_) | Message::NoData(_)));
+    }
+    if out.is_empty() {
+        return Ok(true);
+    }
+    let result = channel.send_batch(out).await;
+    out.clear();
+    match result {
+        Ok(()) => Ok(true),
+        Err(_) if channel.closed() => Ok(false),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

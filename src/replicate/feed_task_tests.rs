@@ -187,7 +187,7 @@ async fn setup() -> (Arc<SharedFeed>, Arc<SharedFeed>, [u8; 32]) {
     append_n(&a, 0, 10).await;
     let (ca, cb) = channel_pair(key).await;
     let opts = FeedSyncOptions::default();
-    let ta = tokio::spawn(run_feed(ca, a.clone(), opts, None, None));
+    let ta = tokio::spawn(run_feed(ca, a.clone(), opts.clone(), None, None));
     let sb = within("honest sync", run_feed(cb, b.clone(), opts, None, None))
         .await
         .expect("honest sync");

@@ -11,6 +11,10 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -140,6 +144,8 @@ struct Session {
     serving: HashSet<FeedKey>,
     /// Feeds with a running channel on this connection.
     running: HashSet<FeedKey>,
+    /// Count of running feed tasks, which they read to pick their pipelining.
+    active_feeds: Arc<AtomicUsize>,
     /// Times a feed was re-requested after the peer closed its channel early.
     retries: HashMap<FeedKey, u8>,
     got_manifest: bool,
@@ -184,6 +190,7 @@ impl Session {
             syncing: HashSet::new(),
             serving: HashSet::new(),
             running: HashSet::new(),
+            active_feeds: Arc::new(AtomicUsize::new(0)),
             retries: HashMap::new(),
             got_manifest: false,
             got_request: false,
@@ -413,11 +420,14 @@ impl Session {
             close: OneShotClose::Agreed {
                 closer: self.options.initiator,
             },
+            active_feeds: Some(self.active_feeds.clone()),
         };
         let shared = feed.shared().clone();
         let progress = self.progress_tx.clone();
+        let active = ActiveFeed::enter(&self.active_feeds);
         self.tasks.spawn(async move {
             let result = run_feed(channel, shared, options, Some(progress), Some(synced_tx)).await;
+            drop(active);
             (key, result)
         });
     }
@@ -699,6 +709,22 @@ impl Session {
     }
 }
 
+/// Counts a running feed task for as long as it lives (also when aborted).
+struct ActiveFeed(Arc<AtomicUsize>);
+
+impl ActiveFeed {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        ActiveFeed(count.clone())
+    }
+}
+
+impl Drop for ActiveFeed {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Feeds waiting for a channel, in request order, with O(1) membership.
 #[derive(Default)]
 struct FeedQueue {
@@ -796,6 +822,7 @@ where
         live: options.live,
         window: options.window,
         close: OneShotClose::Immediate,
+        active_feeds: None,
     };
     let mut task = tokio::spawn(run_feed(
         channel,
