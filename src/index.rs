@@ -175,6 +175,22 @@ impl IndexCore {
         Ok(())
     }
 
+    /// Appends several records in one signed batch.
+    pub(crate) async fn append_batch(&mut self, records: &[IndexRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let encoded: Vec<Vec<u8>> = records.iter().map(IndexRecord::encode).collect();
+        self.core
+            .append_batch(&encoded)
+            .await
+            .map_err(|e| Error::core("index", e))?;
+        if self.durability == Durability::PowerLoss {
+            self.flusher().flush().await?;
+        }
+        Ok(())
+    }
+
     /// What syncs the index; a separate value because `Hypercore` is not `Sync`,
     /// so no future may hold `&IndexCore` across an await.
     pub(crate) fn flusher(&self) -> Flusher {

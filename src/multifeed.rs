@@ -356,6 +356,36 @@ impl Multifeed {
         Ok(self.admit_remote(key.as_feed_key()?).await?.0)
     }
 
+    /// Adds remote feeds, recording the new ones in one index batch (one signature
+    /// for a whole batch of keys learnt from a peer). Returns how many were new.
+    pub(crate) async fn admit_remotes(&self, keys: &[FeedKey]) -> Result<usize> {
+        let mut index = self.inner.write.lock().await;
+        let index = index.as_mut().ok_or(Error::Closed)?;
+        let mut created = Vec::new();
+        for &key in keys {
+            if self.contains(&key) || created.iter().any(|(f, _): &(Feed, _)| f.key() == key) {
+                continue;
+            }
+            if key.as_bytes() == self.inner.shared_key.as_bytes() {
+                return Err(Error::SharedKeyAsFeedKey);
+            }
+            let public = key.verifying_key()?;
+            let record = IndexRecord::new(key, None);
+            let keypair = PartialKeypair {
+                public,
+                secret: None,
+            };
+            created.push((self.create_feed(&record, keypair).await?, record));
+        }
+        let records: Vec<IndexRecord> = created.iter().map(|(_, r)| r.clone()).collect();
+        index.append_batch(&records).await?;
+        let count = created.len();
+        for (feed, _) in created {
+            self.admit(feed);
+        }
+        Ok(count)
+    }
+
     /// Adds a remote feed; the flag says whether it was new.
     pub(crate) async fn admit_remote(&self, key: FeedKey) -> Result<(Feed, bool)> {
         let mut index = self.inner.write.lock().await;

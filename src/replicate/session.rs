@@ -229,7 +229,9 @@ impl Session {
                 reason: e.to_string(),
             })?;
         let mut member_events = self.multifeed.events();
-        let mut keepalive = tokio::time::interval(self.options.keepalive_interval());
+        // The first tick is one period away, not immediate.
+        let period = self.options.keepalive_interval();
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let outcome: Result<()> = loop {
@@ -329,6 +331,10 @@ impl Session {
             return Err(Error::IdleTimeout {
                 after: self.options.idle_timeout,
             });
+        }
+        // Both Dones exchanged: the peer may already have closed the group channel.
+        if self.done_sent && self.done_received {
+            return Ok(());
         }
         self.send(ExchangeMessage::Ping(rand::random())).await
     }
@@ -645,15 +651,18 @@ impl Session {
 
     /// Opens queued feeds while fewer than `max_active_feeds` are syncing.
     async fn pump_queue(&mut self) -> Result<()> {
-        while self.syncing.len() < self.options.max_active_feeds {
-            let Some(key) = self.queue.pop() else {
-                break;
-            };
+        let room = self
+            .options
+            .max_active_feeds
+            .saturating_sub(self.syncing.len());
+        let batch: Vec<FeedKey> = std::iter::from_fn(|| self.queue.pop()).take(room).collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Feeds new to us are created and recorded together, in one index batch.
+        self.summary.feeds_learnt += self.multifeed.admit_remotes(&batch).await?;
+        for key in batch {
             tracing::trace!(%key, "opening feed channel");
-            let (_, added) = self.multifeed.admit_remote(key).await?;
-            if added {
-                self.summary.feeds_learnt += 1;
-            }
             self.syncing.insert(key);
             self.open(key).await?;
         }
