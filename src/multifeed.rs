@@ -353,7 +353,10 @@ impl Multifeed {
     /// Adds a remote (read-only) feed by key; replication fills it. Returns the
     /// existing member if the key is one already (local or remote).
     pub async fn add_remote(&self, key: impl AsFeedKey) -> Result<Feed> {
-        Ok(self.admit_remote(key.as_feed_key()?).await?.0)
+        let key = key.as_feed_key()?;
+        self.admit_remotes(&[key]).await?;
+        // Only a close in between can take it away again.
+        self.feed(key).ok_or(Error::Closed)
     }
 
     /// Adds remote feeds, recording the new ones in one index batch (one signature
@@ -384,32 +387,6 @@ impl Multifeed {
             self.admit(feed);
         }
         Ok(count)
-    }
-
-    /// Adds a remote feed; the flag says whether it was new.
-    pub(crate) async fn admit_remote(&self, key: FeedKey) -> Result<(Feed, bool)> {
-        let mut index = self.inner.write.lock().await;
-        let index = index.as_mut().ok_or(Error::Closed)?;
-        if let Some(existing) = self.feed(key) {
-            return Ok((existing, false));
-        }
-        if key.as_bytes() == self.inner.shared_key.as_bytes() {
-            return Err(Error::SharedKeyAsFeedKey);
-        }
-        let public = key.verifying_key()?;
-        let record = IndexRecord::new(key, None);
-        let feed = self
-            .create_feed(
-                &record,
-                PartialKeypair {
-                    public,
-                    secret: None,
-                },
-            )
-            .await?;
-        index.append(&record).await?;
-        self.admit(feed.clone());
-        Ok((feed, true))
     }
 
     async fn create_feed(&self, record: &IndexRecord, keypair: PartialKeypair) -> Result<Feed> {

@@ -584,21 +584,23 @@ pub(crate) async fn open_dir_with(
             let set = set_for_open.clone();
             let pool = pool.clone();
             Box::pin(async move {
+                // Existing files are only stat'ed here; they open on first use.
+                let length = match std::fs::metadata(&path) {
+                    Ok(meta) => Some(meta.len()),
+                    Err(e) if create && e.kind() == io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(io_err("stat", &path, e)),
+                };
                 let slot = match set.slot(&path) {
                     Some(slot) => slot,
                     None => {
-                        let slot = new_slot(path.clone(), create, &pool)?;
+                        let slot = new_slot(path.clone(), length.is_some(), &pool)?;
                         if let Ok(mut files) = set.files.lock() {
                             files.push(slot.clone());
                         }
                         slot
                     }
                 };
-                // Existing files are only stat'ed here; they open on first use.
-                let length = match std::fs::metadata(&path) {
-                    Ok(meta) => meta.len(),
-                    Err(e) => return Err(io_err("stat", &path, e)),
-                };
+                let length = length.unwrap_or(0);
                 let file = PlainFile {
                     cache: matches!(store, Store::Tree).then(PageCache::default),
                     oplog_len: matches!(store, Store::Oplog).then(|| set.oplog_len.clone()),
@@ -619,15 +621,16 @@ pub(crate) async fn open_dir_with(
     })
 }
 
-/// A slot for the file at `path`, creating the file if `create` and it is missing.
+/// A slot for the file at `path`, creating the file unless it `exists`.
 fn new_slot(
     path: PathBuf,
-    create: bool,
+    exists: bool,
     pool: &Arc<FilePool>,
 ) -> std::result::Result<Arc<FileSlot>, RandomAccessError> {
-    let file = match std::fs::metadata(&path) {
-        Ok(_) => SlotFile::Evicted,
-        Err(e) if create && e.kind() == io::ErrorKind::NotFound => SlotFile::Open(
+    let file = if exists {
+        SlotFile::Evicted
+    } else {
+        SlotFile::Open(
             OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -635,10 +638,9 @@ fn new_slot(
                 .truncate(false)
                 .open(&path)
                 .map_err(|e| io_err("create", &path, e))?,
-        ),
-        Err(e) => return Err(io_err("stat", &path, e)),
+        )
     };
-    let opened = matches!(file, SlotFile::Open(_));
+    let opened = !exists;
     let slot = Arc::new(FileSlot {
         path,
         file: RwLock::new(file),
