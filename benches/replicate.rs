@@ -5,6 +5,8 @@
 //! 1. group:  2 peers x 50 feeds x 1,000 entries x 100 B, until both hold all 100 feeds.
 //! 2. single: one feed of 100,000 x 100 B.
 //! 3. many:   one side with N feeds of 1 entry (N = `MANY_FEEDS`, default 10,000), the other with one.
+//!    Each side reports its CPU time; `SIDE_B_WRAP="strace -f -c -o out.txt"` runs side b
+//!    under a profiler.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,22 @@ fn peak_rss_mb() -> f64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// User and system CPU seconds used by this process so far (from /proc/self/stat).
+fn cpu_seconds() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 11 and 12 after the name.
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
 fn open_files() -> usize {
@@ -155,10 +173,18 @@ async fn bench_many() {
         .strip_prefix("PORT ")
         .expect("side a announces its port")
         .to_string();
-    let b_out = std::process::Command::new(&exe)
-        .args(["side-b", db.path().to_str().unwrap(), &key.to_hex(), &port])
-        .output()
-        .unwrap();
+    let b_out = match std::env::var("SIDE_B_WRAP") {
+        Ok(wrap) => {
+            let mut words = wrap.split_whitespace();
+            let mut cmd = std::process::Command::new(words.next().unwrap());
+            cmd.args(words).arg(&exe);
+            cmd
+        }
+        Err(_) => std::process::Command::new(&exe),
+    }
+    .args(["side-b", db.path().to_str().unwrap(), &key.to_hex(), &port])
+    .output()
+    .unwrap();
     let mut a_rest = String::new();
     std::io::Read::read_to_string(&mut a_out, &mut a_rest).unwrap();
     let a_ok = side_a.wait().unwrap().success();
@@ -211,14 +237,18 @@ async fn run_side(args: &[String]) {
     };
     socket.set_nodelay(true).unwrap();
     let start = Instant::now();
+    let (user0, sys0) = cpu_seconds();
     let summary = group.replicate(socket, options(initiator)).await.unwrap();
     let elapsed = start.elapsed();
+    let (user1, sys1) = cpu_seconds();
     println!(
-        "opened in {:.2?} (peak RSS {:.0} MB); synced {} feeds in {:.2?}; received {} blocks in {} new feeds; peak RSS {:.0} MB; open files {}",
+        "opened in {:.2?} (peak RSS {:.0} MB); synced {} feeds in {:.2?} (cpu user {:.2}s sys {:.2}s); received {} blocks in {} new feeds; peak RSS {:.0} MB; open files {}",
         open_time,
         rss_open,
         group.feeds().len(),
         elapsed,
+        user1 - user0,
+        sys1 - sys0,
         summary.blocks_received,
         summary.feeds_learnt,
         peak_rss_mb(),

@@ -1,10 +1,12 @@
 //! Replication: the feed exchange over the Hypercore v10 wire protocol.
 //!
+//! - `admission`: creates the feeds a peer offers, beside the session loop.
 //! - `session`: one connection — root channel, feed exchange, per-feed channels.
 //! - `transport`: framing, Noise, and the workarounds for hypercore-protocol's defects.
 //! - `feed_sync`: IO-less state machine replicating one feed over one channel.
 //! - `feed_task`: the async driver of `feed_sync` against a shared core.
 
+mod admission;
 pub(crate) mod feed_sync;
 pub(crate) mod feed_task;
 mod session;

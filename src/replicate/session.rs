@@ -31,6 +31,7 @@ use tokio::{
 
 use super::{
     ReplicateOptions, ReplicationEvent, ReplicationSummary,
+    admission::{Admission, Admitted},
     feed_task::{
         FeedSyncError, FeedSyncOptions, FeedSyncSummary, OneShotClose, Progress, run_feed,
     },
@@ -65,6 +66,7 @@ where
     let result = session.drive(protocol, &status, stop).await;
     session.tasks.abort_all();
     session.synced.abort_all();
+    session.admission.shutdown().await;
     result
 }
 
@@ -136,7 +138,9 @@ struct Session {
     offered_keys: HashSet<FeedKey>,
     /// Feeds the peer told us about.
     remote_offer: HashSet<FeedKey>,
-    /// Feeds we requested and have not opened yet.
+    /// Feeds we requested that are new to us, being created.
+    admission: Admission,
+    /// Feeds we requested and have not opened yet (all members by now).
     queue: FeedQueue,
     /// Feeds we opened and that are not in sync yet.
     syncing: HashSet<FeedKey>,
@@ -175,6 +179,7 @@ impl Session {
             max_feeds_per_message: options.max_offered_feeds,
         };
         Self {
+            admission: Admission::spawn(multifeed.clone()),
             multifeed,
             options,
             commands,
@@ -257,6 +262,12 @@ impl Session {
                         Err(e) => Err(e),
                     }
                 },
+                admitted = self.admission.next(), if self.queue.len() < self.options.max_active_feeds * 4 => {
+                    match admitted {
+                        Ok(admitted) => self.on_admitted(admitted).await,
+                        Err(e) => Err(e),
+                    }
+                },
                 Some(progress) = self.progress_rx.recv() => {
                     self.emit(ReplicationEvent::Progress {
                         key: FeedKey::from_bytes(progress.key),
@@ -317,7 +328,8 @@ impl Session {
             return Ok(());
         }
         tracing::debug!(
-            queued = self.queue.order.len(),
+            queued = self.queue.len(),
+            admitting = !self.admission.is_idle(),
             syncing = self.syncing.len(),
             serving = self.serving.len(),
             running = self.running.len(),
@@ -621,7 +633,11 @@ impl Session {
                 // Compare with what we hold without gaps: a cut sync leaves holes.
                 Some(feed) => offered.length.unwrap_or(u64::MAX) > feed.contiguous_len().await,
             };
-            if want && !self.queue.contains(&key) && !self.syncing.contains(&key) {
+            if want
+                && !self.queue.contains(&key)
+                && !self.syncing.contains(&key)
+                && !self.admission.contains(&key)
+            {
                 wanted.push(key);
             }
         }
@@ -630,7 +646,21 @@ impl Session {
             keys: feeds.iter().map(|f| f.key).collect(),
         });
         self.send(ExchangeMessage::Request(wanted.clone())).await?;
-        for key in wanted {
+        let (known, new): (Vec<FeedKey>, Vec<FeedKey>) = wanted
+            .into_iter()
+            .partition(|key| self.multifeed.contains(key));
+        self.admission.submit(new);
+        for key in known {
+            self.queue.push(key);
+        }
+        self.pump_queue().await?;
+        self.maybe_done().await
+    }
+
+    /// Feeds the admission task created: they join the queue.
+    async fn on_admitted(&mut self, admitted: Admitted) -> Result<()> {
+        self.summary.feeds_learnt += admitted.created;
+        for key in admitted.keys {
             self.queue.push(key);
         }
         self.pump_queue().await?;
@@ -656,11 +686,6 @@ impl Session {
             .max_active_feeds
             .saturating_sub(self.syncing.len());
         let batch: Vec<FeedKey> = std::iter::from_fn(|| self.queue.pop()).take(room).collect();
-        if batch.is_empty() {
-            return Ok(());
-        }
-        // Feeds new to us are created and recorded together, in one index batch.
-        self.summary.feeds_learnt += self.multifeed.admit_remotes(&batch).await?;
         for key in batch {
             tracing::trace!(%key, "opening feed channel");
             self.syncing.insert(key);
@@ -679,6 +704,7 @@ impl Session {
         if self.got_manifest
             && self.got_request
             && self.queue.is_empty()
+            && self.admission.is_idle()
             && self.syncing.is_empty()
             && self.serving.is_empty()
         {
@@ -760,6 +786,10 @@ impl FeedQueue {
 
     fn is_empty(&self) -> bool {
         self.order.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
     }
 }
 
