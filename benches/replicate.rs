@@ -66,6 +66,7 @@ async fn sync(a: &Multifeed, b: &Multifeed) -> Duration {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let start = Instant::now();
+    let (user0, sys0) = cpu_seconds();
     let server = {
         let a = a.clone();
         tokio::spawn(async move {
@@ -79,9 +80,15 @@ async fn sync(a: &Multifeed, b: &Multifeed) -> Duration {
     let rb = b.replicate(socket, options(true)).await.unwrap();
     let ra = server.await.unwrap().unwrap();
     let elapsed = start.elapsed();
+    let (user1, sys1) = cpu_seconds();
     println!(
-        "    a: received {} blocks / {} B, b: received {} blocks / {} B",
-        ra.blocks_received, ra.bytes_received, rb.blocks_received, rb.bytes_received
+        "    a: received {} blocks / {} B, b: received {} blocks / {} B; cpu (both sides) user {:.2}s sys {:.2}s",
+        ra.blocks_received,
+        ra.bytes_received,
+        rb.blocks_received,
+        rb.bytes_received,
+        user1 - user0,
+        sys1 - sys0
     );
     elapsed
 }

@@ -8,6 +8,7 @@
 //! loss, and concurrent callers share one round of fsyncs.
 
 use std::{
+    collections::BTreeMap,
     fs::{File, OpenOptions},
     io,
     os::unix::fs::FileExt,
@@ -274,6 +275,107 @@ impl PageCache {
     }
 }
 
+/// Largest amount of tree writes held before they are written anyway.
+const MAX_HELD_BYTES: usize = 1 << 20;
+
+/// Merkle-tree node writes held back until the core next writes its oplog.
+///
+/// Hypercore flushes the tree nodes of a batch in hash-map order, one 40-byte write
+/// each, and writes its oplog right after. Holding the nodes until that oplog write
+/// (or a read, truncate, sync or drop, whichever comes first) lets them reach the
+/// file sorted, neighbours merged into one write: the same bytes, in the same order
+/// relative to the oplog, with a fraction of the system calls (one feed of 100,000
+/// blocks made about 800,000 such writes).
+#[derive(Debug, Default)]
+struct HeldWrites {
+    file: Option<Arc<FileSlot>>,
+    writes: BTreeMap<u64, Vec<u8>>,
+    bytes: usize,
+    /// The core's count of writes issued to the OS, bumped as held writes go out.
+    issued: Arc<AtomicU64>,
+}
+
+impl HeldWrites {
+    /// Whether a held write touches `start..end`.
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.writes
+            .range(..end)
+            .next_back()
+            .is_some_and(|(at, data)| at + data.len() as u64 > start)
+    }
+
+    /// Whether a held write reaches past `at` (held writes never overlap, so the
+    /// last one ends furthest).
+    fn ends_after(&self, at: u64) -> bool {
+        self.writes
+            .last_key_value()
+            .is_some_and(|(start, data)| start + data.len() as u64 > at)
+    }
+
+    fn hold(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if let Some(held) = self.writes.get_mut(&offset)
+            && held.len() == data.len()
+        {
+            held.copy_from_slice(data);
+            return Ok(());
+        }
+        if self.overlaps(offset, offset + data.len() as u64) || self.bytes >= MAX_HELD_BYTES {
+            self.flush()?;
+        }
+        self.bytes += data.len();
+        self.writes.insert(offset, data.to_vec());
+        Ok(())
+    }
+
+    /// Writes everything held, in offset order, contiguous writes as one.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.writes.is_empty() {
+            return Ok(());
+        }
+        let writes = std::mem::take(&mut self.writes);
+        self.bytes = 0;
+        let Some(file) = &self.file else {
+            return Err(io::Error::other("held tree writes without a file"));
+        };
+        let mut run: Option<(u64, Vec<u8>)> = None;
+        for (at, data) in writes {
+            match &mut run {
+                Some((start, buf)) if *start + buf.len() as u64 == at => {
+                    buf.extend_from_slice(&data)
+                }
+                _ => {
+                    if let Some((start, buf)) = run.replace((at, data)) {
+                        file.with(|f| f.write_all_at(&buf, start))?;
+                        self.issued.fetch_add(1, Ordering::Release);
+                    }
+                }
+            }
+        }
+        if let Some((start, buf)) = run {
+            file.with(|f| f.write_all_at(&buf, start))?;
+            self.issued.fetch_add(1, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+fn flush_held(held: &StdMutex<HeldWrites>) -> io::Result<()> {
+    held.lock()
+        .map_err(|_| io::Error::other("held writes lock poisoned"))?
+        .flush()
+}
+
+/// A file's part in holding tree writes back (see [`HeldWrites`]).
+#[derive(Debug)]
+enum Held {
+    /// Writes go straight to the file.
+    No,
+    /// The tree file: its writes are held.
+    Holder(Arc<StdMutex<HeldWrites>>),
+    /// The oplog: held tree writes go out before it changes.
+    Barrier(Arc<StdMutex<HeldWrites>>),
+}
+
 /// One file of a hypercore, written with positioned writes and no fsync.
 #[derive(Debug)]
 struct PlainFile {
@@ -285,12 +387,31 @@ struct PlainFile {
     file: Arc<FileSlot>,
     length: u64,
     writes: Arc<AtomicU64>,
+    held: Held,
 }
 
 impl PlainFile {
     fn mirror_oplog_len(&self) {
         if let Some(len) = &self.oplog_len {
             len.store(self.length, Ordering::Release);
+        }
+    }
+
+    /// Writes out held tree writes, whichever side of them this file is on.
+    fn flush_held(&self) -> io::Result<()> {
+        match &self.held {
+            Held::No => Ok(()),
+            Held::Holder(held) | Held::Barrier(held) => flush_held(held),
+        }
+    }
+}
+
+impl Drop for PlainFile {
+    fn drop(&mut self) {
+        if let Held::Holder(held) = &self.held
+            && let Err(error) = flush_held(held)
+        {
+            tracing::warn!(path = %self.file.path.display(), %error, "writing held tree nodes failed");
         }
     }
 }
@@ -306,12 +427,25 @@ fn io_err(context: &str, path: &Path, e: io::Error) -> RandomAccessError {
 #[async_trait::async_trait]
 impl RandomAccess for PlainFile {
     async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
-        self.file.with(|f| f.write_all_at(data, offset))?;
+        match &self.held {
+            Held::Holder(held) => held
+                .lock()
+                .map_err(|_| io::Error::other("held writes lock poisoned"))?
+                .hold(offset, data)?,
+            Held::Barrier(held) => {
+                flush_held(held)?;
+                self.file.with(|f| f.write_all_at(data, offset))?;
+                self.writes.fetch_add(1, Ordering::Release);
+            }
+            Held::No => {
+                self.file.with(|f| f.write_all_at(data, offset))?;
+                self.writes.fetch_add(1, Ordering::Release);
+            }
+        }
         if let Some(cache) = &mut self.cache {
             cache.write(offset, data);
         }
         self.length = self.length.max(offset + data.len() as u64);
-        self.writes.fetch_add(1, Ordering::Release);
         self.mirror_oplog_len();
         Ok(())
     }
@@ -324,6 +458,18 @@ impl RandomAccess for PlainFile {
                 end: Some(end),
                 length: self.length,
             });
+        }
+        if let Held::Holder(held) = &self.held {
+            // From the start of the page, as the cache loads whole pages. A held
+            // write past the range may extend the file: without it the read would
+            // meet the file's end.
+            let start = offset / PAGE * PAGE;
+            let mut held = held
+                .lock()
+                .map_err(|_| io::Error::other("held writes lock poisoned"))?;
+            if held.ends_after(start) {
+                held.flush()?;
+            }
         }
         // Bounded by the file's own length, checked above.
         let mut buf = vec![0u8; length as usize];
@@ -364,6 +510,7 @@ impl RandomAccess for PlainFile {
         if offset.saturating_add(length) >= self.length {
             return self.truncate(offset).await;
         }
+        self.flush_held()?;
         if let Some(cache) = &mut self.cache {
             cache.pages.clear();
         }
@@ -382,6 +529,7 @@ impl RandomAccess for PlainFile {
     }
 
     async fn truncate(&mut self, length: u64) -> Result<(), RandomAccessError> {
+        self.flush_held()?;
         self.file.with(|f| f.set_len(length))?;
         if let Some(cache) = &mut self.cache {
             cache.pages.clear();
@@ -401,6 +549,7 @@ impl RandomAccess for PlainFile {
     }
 
     async fn sync_all(&mut self) -> Result<(), RandomAccessError> {
+        self.flush_held()?;
         self.file.with(|f| f.sync_data())?;
         Ok(())
     }
@@ -415,6 +564,8 @@ pub(crate) struct SyncSet {
     writes: Arc<AtomicU64>,
     /// Length of the oplog file.
     oplog_len: Arc<AtomicU64>,
+    /// Tree writes not yet issued (see [`HeldWrites`]).
+    held: Arc<StdMutex<HeldWrites>>,
     /// Highest write count known to be on stable storage; the lock serialises syncs.
     synced: tokio::sync::Mutex<u64>,
     /// Copy of `synced` readable without the lock.
@@ -424,8 +575,14 @@ pub(crate) struct SyncSet {
 impl SyncSet {
     /// An empty set for the core stored in `dir`.
     pub(crate) fn for_dir(dir: &Path) -> Arc<Self> {
+        let writes = Arc::new(AtomicU64::new(0));
         Arc::new(SyncSet {
             dir: Some(dir.to_path_buf()),
+            held: Arc::new(StdMutex::new(HeldWrites {
+                issued: writes.clone(),
+                ..Default::default()
+            })),
+            writes,
             ..Default::default()
         })
     }
@@ -469,7 +626,9 @@ impl SyncSet {
         let target = self.writes.load(Ordering::Acquire);
         let files: Vec<Arc<FileSlot>> = self.files.lock().map(|f| f.clone()).unwrap_or_default();
         let dir = self.dir.clone();
+        let held = self.held.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
+            flush_held(&held)?;
             for file in &files {
                 file.with(|f| f.sync_data())?;
             }
@@ -601,12 +760,23 @@ pub(crate) async fn open_dir_with(
                     }
                 };
                 let length = length.unwrap_or(0);
+                let held = match store {
+                    Store::Tree => {
+                        if let Ok(mut held) = set.held.lock() {
+                            held.file = Some(slot.clone());
+                        }
+                        Held::Holder(set.held.clone())
+                    }
+                    Store::Oplog => Held::Barrier(set.held.clone()),
+                    Store::Data | Store::Bitfield => Held::No,
+                };
                 let file = PlainFile {
                     cache: matches!(store, Store::Tree).then(PageCache::default),
                     oplog_len: matches!(store, Store::Oplog).then(|| set.oplog_len.clone()),
                     file: slot,
                     length,
                     writes: set.writes.clone(),
+                    held,
                 };
                 file.mirror_oplog_len();
                 Ok(Box::new(file) as Box<dyn StorageTraits + Send>)
@@ -672,22 +842,57 @@ mod tests {
     /// the file, overwrite cached pages, and truncations.
     #[tokio::test]
     async fn cached_tree_reads_match_the_file() {
+        exercise_tree_file(false).await;
+    }
+
+    #[tokio::test]
+    async fn held_tree_writes_reach_the_file_before_the_oplog_changes() {
+        exercise_tree_file(true).await;
+    }
+
+    fn slot(pool: &Arc<FilePool>, path: &Path) -> Arc<FileSlot> {
+        std::fs::write(path, b"").unwrap();
+        Arc::new(FileSlot {
+            path: path.to_path_buf(),
+            file: RwLock::new(SlotFile::Evicted),
+            referenced: AtomicBool::new(true),
+            pool: pool.clone(),
+        })
+    }
+
+    /// Random writes, reads and truncates of a tree file against a model of its
+    /// bytes. With `hold`, its writes are held and an oplog file is the barrier:
+    /// after each oplog write the tree file on disk must equal the model.
+    async fn exercise_tree_file(hold: bool) {
         let dir = tempfile::tempdir().unwrap();
         let pool = FilePool::new(64);
         let path = dir.path().join("tree");
-        std::fs::write(&path, b"").unwrap();
-        let slot = Arc::new(FileSlot {
-            path: path.clone(),
-            file: RwLock::new(SlotFile::Evicted),
-            referenced: AtomicBool::new(true),
-            pool,
-        });
+        let tree_slot = slot(&pool, &path);
+        let issued = Arc::new(AtomicU64::new(0));
+        let held = Arc::new(StdMutex::new(HeldWrites {
+            file: Some(tree_slot.clone()),
+            issued: issued.clone(),
+            ..Default::default()
+        }));
         let mut file = PlainFile {
             cache: Some(PageCache::default()),
             oplog_len: None,
-            file: slot,
+            file: tree_slot,
             length: 0,
-            writes: Arc::default(),
+            writes: issued.clone(),
+            held: if hold {
+                Held::Holder(held.clone())
+            } else {
+                Held::No
+            },
+        };
+        let mut oplog = PlainFile {
+            cache: None,
+            oplog_len: None,
+            file: slot(&pool, &dir.path().join("oplog")),
+            length: 0,
+            writes: issued.clone(),
+            held: Held::Barrier(held.clone()),
         };
         let mut model: Vec<u8> = Vec::new();
         let mut seed = 7u64;
@@ -718,6 +923,12 @@ mod tests {
                     file.truncate(to).await.unwrap();
                     model.truncate(to as usize);
                 }
+                5 if hold && step % 7 == 0 => {
+                    let writes_before = issued.load(Ordering::Acquire);
+                    oplog.write(0, b"header").await.unwrap();
+                    assert_eq!(std::fs::read(&path).unwrap(), model, "step {step}");
+                    assert!(issued.load(Ordering::Acquire) > writes_before);
+                }
                 _ if model.len() >= 40 => {
                     let len = 1 + next() % 80.min(model.len() as u64);
                     let at = next() % (model.len() as u64 - len + 1);
@@ -730,6 +941,12 @@ mod tests {
         assert!(
             file.cache.as_ref().unwrap().enabled(),
             "the cache was exercised"
+        );
+        drop(file);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            model,
+            "dropping writes what is held"
         );
     }
 }
