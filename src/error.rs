@@ -134,6 +134,16 @@ pub enum Error {
         after: std::time::Duration,
     },
 
+    /// The peer stayed connected (keep-alives arrived) but sent nothing that moved
+    /// replication on while we waited on it.
+    #[error(
+        "the peer kept the connection alive but sent no feed data, answers or exchange messages for {after:?} while replication waited on it (an overloaded or faulty peer); reconnect to resume, nothing received so far is lost, or raise ReplicateOptions::stall_timeout for a very slow link"
+    )]
+    Stalled {
+        /// The configured stall timeout.
+        after: std::time::Duration,
+    },
+
     /// The connection ended or broke before replication finished.
     #[error(
         "connection lost before replication finished ({reason}); reconnect to resume, nothing received so far is lost"
@@ -210,6 +220,7 @@ impl Error {
                 | Error::SharedKeyMismatch
                 | Error::HandshakeTimeout { .. }
                 | Error::IdleTimeout { .. }
+                | Error::Stalled { .. }
                 | Error::PeerFault { .. }
                 | Error::InvalidData { .. }
                 | Error::ConnectionLost { .. }

@@ -775,6 +775,91 @@ async fn key_exchange_requests_only_feeds_it_lacks() {
     assert_eq!(m.feed(a).unwrap().len().await, 4);
 }
 
+/// A peer that offers a feed, answers the channel with "I hold 5 blocks" and then
+/// answers nothing, while it keeps the connection alive with pings: M's one-shot
+/// replicate ends with `Stalled` within its stall timeout instead of hanging (the
+/// idle timeout never fires, pings keep arriving), and M's copy stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_only_keeps_alive_is_stalled_not_waited_on_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open_dir(dir.path()).await;
+    let b = keypair(31).public_key();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let theirs = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (ours, _) = listener.accept().await.unwrap();
+    let stall = Duration::from_secs(1);
+    let options = ReplicateOptions::new(false)
+        .idle_timeout(Duration::from_secs(3))
+        .stall_timeout(stall);
+    let started = std::time::Instant::now();
+    let replication = m.start_replication(ours, options);
+    let mut rogue = Rogue::connect(theirs, m.shared_key()).await;
+    let answered_open = Arc::new(AtomicBool::new(false));
+    let answered = answered_open.clone();
+    // The rogue panics once M hangs up; in its own (local: the rogue is not Send)
+    // task that only ends the task.
+    let local = tokio::task::LocalSet::new();
+    let rogue_task = local.spawn_local(async move {
+        let mut ping = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                seen = rogue.next() => match seen {
+                    Seen::Opened(key) if key == rogue.shared_key => {
+                        rogue.send_exchange(handshake()).await;
+                        let feeds = vec![wire::FeedInfo {
+                            key: b.as_bytes().to_vec(),
+                            length: Some(5),
+                            metadata: BTreeMap::new(),
+                        }];
+                        rogue.send_exchange(wire::Body::Manifest(wire::Manifest { feeds })).await;
+                        rogue
+                            .send_exchange(wire::Body::Request(wire::Request { keys: vec![] }))
+                            .await;
+                    }
+                    Seen::RemoteOpened(dk) if dk == discovery_key(b.as_bytes()) => {
+                        rogue.open(*b.as_bytes()).await;
+                    }
+                    Seen::Opened(key) => {
+                        // Claims the blocks, then ignores every request for them.
+                        rogue.send_feed(key, &holding(5)).await;
+                        answered.store(true, Ordering::SeqCst);
+                    }
+                    _ => {}
+                },
+                _ = ping.tick(), if rogue.root.is_some() => {
+                    rogue.send_exchange(wire::Body::Ping(wire::Ping { nonce: 7 })).await;
+                }
+            }
+        }
+    });
+    let result = local
+        .run_until(tokio::time::timeout(WAIT, replication.finish()))
+        .await
+        .expect("M's session hung on a stalled peer");
+    let elapsed = started.elapsed();
+    rogue_task.abort();
+    assert!(
+        matches!(result, Err(multifeed::Error::Stalled { after }) if after == stall),
+        "{result:?}"
+    );
+    assert!(
+        answered_open.load(Ordering::SeqCst),
+        "the feed channel opened"
+    );
+    // Ticks come at a third of the idle timeout: the stall shows within two of them.
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "noticed after {elapsed:?}"
+    );
+    let feed = m.feed(b).expect("the offered feed was admitted");
+    assert_eq!(feed.len().await, 0);
+    m.close().await.unwrap();
+    let reopened = open_dir(dir.path()).await;
+    assert_eq!(reopened.feed(b).expect("still a member").len().await, 0);
+}
+
 /// A 32-byte string that is not an ed25519 public key (found through the public API).
 async fn not_a_public_key() -> FeedKey {
     let scratch = open_memory().await;

@@ -1,8 +1,11 @@
 //! Async driver: runs a [`FeedSync`] over one `Channel` against a shared core.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use hypercore::{Hypercore, HypercoreError};
@@ -28,6 +31,8 @@ pub struct FeedSyncOptions {
     /// more than [`OVERLAP_MAX_FEEDS`], a feed does not overlap downloading and
     /// applying (the feeds overlap each other instead).
     pub active_feeds: Option<Arc<AtomicUsize>>,
+    /// Touched whenever the channel receives a message, if shared.
+    pub activity: Option<Arc<Activity>>,
 }
 
 impl Default for FeedSyncOptions {
@@ -37,7 +42,43 @@ impl Default for FeedSyncOptions {
             window: DEFAULT_WINDOW,
             close: OneShotClose::Immediate,
             active_feeds: None,
+            activity: None,
         }
+    }
+}
+
+/// When the peer last sent something that moves replication on (a message on a
+/// feed channel, an exchange message other than a keep-alive), shared by a
+/// session's tasks so the session can tell a stalled peer from a busy one.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    last_millis: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            last_millis: AtomicU64::new(0),
+        }
+    }
+
+    pub fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_millis.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Time since the last [`Activity::touch`] (or since creation).
+    pub fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -239,6 +280,11 @@ pub async fn run_feed(
                 }
                 if taken == 0 && !closed {
                     closed = true; // recv error: channel gone
+                }
+                if taken > 0
+                    && let Some(activity) = &opts.activity
+                {
+                    activity.touch();
                 }
             }
             res = changed.changed(), if !done_sent => {

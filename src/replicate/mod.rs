@@ -42,6 +42,12 @@ pub struct ReplicateOptions {
     /// A session that receives nothing for this long ends with [`Error::IdleTimeout`].
     /// Both sides send keep-alives at a third of it. Default 30 s.
     pub idle_timeout: Duration,
+    /// A session waiting on the peer (for feed data, answers or exchange messages)
+    /// that gets nothing but keep-alives for this long ends with [`Error::Stalled`]:
+    /// a peer that stays connected but never answers cannot hang `replicate`.
+    /// Checked at keep-alive ticks. Default 60 s; raise it for very slow links with
+    /// large blocks, where one block may take longer than that to arrive.
+    pub stall_timeout: Duration,
     /// At most this many feeds sync at once on this connection; the rest wait their
     /// turn. Default 64.
     pub max_active_feeds: usize,
@@ -68,6 +74,7 @@ impl ReplicateOptions {
             live: false,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(60),
             max_active_feeds: 64,
             max_offered_feeds: 100_000,
             max_message_len: 4 * 1024 * 1024,
@@ -93,6 +100,12 @@ impl ReplicateOptions {
     /// Sets [`ReplicateOptions::idle_timeout`].
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ReplicateOptions::stall_timeout`].
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
         self
     }
 

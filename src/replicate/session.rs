@@ -33,7 +33,7 @@ use super::{
     ReplicateOptions, ReplicationEvent, ReplicationSummary,
     admission::{Admission, Admitted},
     feed_task::{
-        FeedSyncError, FeedSyncOptions, FeedSyncSummary, OneShotClose, Progress, run_feed,
+        Activity, FeedSyncError, FeedSyncOptions, FeedSyncSummary, OneShotClose, Progress, run_feed,
     },
     transport::{self, TransportFault, TransportLimits, TransportStatus},
 };
@@ -150,6 +150,8 @@ struct Session {
     running: HashSet<FeedKey>,
     /// Count of running feed tasks, which they read to pick their pipelining.
     active_feeds: Arc<AtomicUsize>,
+    /// When the peer last moved replication on (see [`Session::waiting_on_peer`]).
+    activity: Arc<Activity>,
     /// Times a feed was re-requested after the peer closed its channel early.
     retries: HashMap<FeedKey, u8>,
     got_manifest: bool,
@@ -196,6 +198,7 @@ impl Session {
             serving: HashSet::new(),
             running: HashSet::new(),
             active_feeds: Arc::new(AtomicUsize::new(0)),
+            activity: Arc::new(Activity::new()),
             retries: HashMap::new(),
             got_manifest: false,
             got_request: false,
@@ -344,11 +347,30 @@ impl Session {
                 after: self.options.idle_timeout,
             });
         }
+        if self.waiting_on_peer() && self.activity.quiet_for() >= self.options.stall_timeout {
+            return Err(Error::Stalled {
+                after: self.options.stall_timeout,
+            });
+        }
         // Both Dones exchanged: the peer may already have closed the group channel.
         if self.done_sent && self.done_received {
             return Ok(());
         }
         self.send(ExchangeMessage::Ping(rand::random())).await
+    }
+
+    /// Whether the next step is the peer's: its exchange messages, or answers on
+    /// running feed channels. A live session with every feed in sync waits on
+    /// nobody; feeds still being created or queued wait on us.
+    fn waiting_on_peer(&self) -> bool {
+        if self.options.live {
+            !self.got_manifest || (!self.syncing.is_empty() && !self.running.is_empty())
+        } else {
+            !self.got_manifest
+                || !self.got_request
+                || !self.running.is_empty()
+                || (self.done_sent && !self.done_received)
+        }
     }
 
     async fn send(&self, message: ExchangeMessage) -> Result<()> {
@@ -439,6 +461,7 @@ impl Session {
                 closer: self.options.initiator,
             },
             active_feeds: Some(self.active_feeds.clone()),
+            activity: Some(self.activity.clone()),
         };
         let shared = feed.shared().clone();
         let progress = self.progress_tx.clone();
@@ -541,6 +564,9 @@ impl Session {
                 reason: format!("undecodable exchange message: {other}"),
             },
         })?;
+        if !matches!(message, ExchangeMessage::Ping(_)) {
+            self.activity.touch();
+        }
         match message {
             ExchangeMessage::Handshake(handshake) => self.on_handshake(handshake).await,
             ExchangeMessage::Manifest(feeds) if self.handshake_done => {
@@ -862,6 +888,7 @@ where
         window: options.window,
         close: OneShotClose::Immediate,
         active_feeds: None,
+        activity: None,
     };
     let mut task = tokio::spawn(run_feed(
         channel,
