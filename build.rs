@@ -2,6 +2,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/multifeed.proto");
     let descriptors = protox::compile(["proto/multifeed.proto"], ["proto"])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    // Maps as BTreeMap: the same message always encodes to the same bytes.
+    prost_build::Config::new()
+        .btree_map(["."])
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -52,6 +52,9 @@ pub(crate) enum ExchangeMessage {
     Request(Vec<FeedKey>),
     Ping(u64),
     Done,
+    /// A kind of message this version does not know: a newer minor version may add
+    /// kinds, which older peers ignore (as they ignore new fields).
+    Unknown,
 }
 
 /// Why a peer's exchange message was refused.
@@ -65,8 +68,6 @@ pub(crate) enum DecodeError {
     Malformed(String),
     #[error("a feed key of {0} bytes (keys are 32 bytes)")]
     BadKey(usize),
-    #[error("empty message")]
-    Empty,
 }
 
 fn key_from(bytes: &[u8]) -> Result<FeedKey, DecodeError> {
@@ -97,6 +98,8 @@ impl ExchangeMessage {
             }),
             ExchangeMessage::Ping(nonce) => Body::Ping(pb::Ping { nonce: *nonce }),
             ExchangeMessage::Done => Body::Done(pb::Done {}),
+            // Never sent: it only stands for what a newer peer sent.
+            ExchangeMessage::Unknown => return pb::ExchangeMessage { body: None }.encode_to_vec(),
         };
         pb::ExchangeMessage { body: Some(body) }.encode_to_vec()
     }
@@ -122,7 +125,10 @@ impl ExchangeMessage {
                 Ok(())
             }
         };
-        Ok(match message.body.ok_or(DecodeError::Empty)? {
+        let Some(body) = message.body else {
+            return Ok(ExchangeMessage::Unknown);
+        };
+        Ok(match body {
             Body::Handshake(h) => ExchangeMessage::Handshake(Handshake {
                 client: h.client,
                 protocol_version: h.protocol_version,
@@ -187,12 +193,132 @@ mod tests {
         round_trip(ExchangeMessage::Done);
     }
 
+    /// Where the wire fixtures live; `MULTIFEED_BLESS=1` rewrites them from the
+    /// current encoder (only ever for a new protocol version, never to make a
+    /// failing test pass).
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/exchange-v1")
+            .join(name)
+    }
+
+    fn golden_messages() -> Vec<(&'static str, ExchangeMessage)> {
+        vec![
+            (
+                "handshake.bin",
+                ExchangeMessage::Handshake(Handshake {
+                    client: "multifeed-rs".into(),
+                    protocol_version: "1.0.0".into(),
+                    user_data: Some(b"gateway-7".to_vec()),
+                }),
+            ),
+            (
+                "manifest.bin",
+                ExchangeMessage::Manifest(vec![
+                    OfferedFeed {
+                        key: FeedKey::from_bytes([1; 32]),
+                        length: Some(3),
+                        metadata: [
+                            ("site".to_string(), "north".to_string()),
+                            ("topic".to_string(), "temperature".to_string()),
+                        ]
+                        .into(),
+                    },
+                    OfferedFeed {
+                        key: FeedKey::from_bytes([2; 32]),
+                        length: None,
+                        metadata: BTreeMap::new(),
+                    },
+                ]),
+            ),
+            (
+                "request.bin",
+                ExchangeMessage::Request(vec![
+                    FeedKey::from_bytes([1; 32]),
+                    FeedKey::from_bytes([2; 32]),
+                ]),
+            ),
+            ("ping.bin", ExchangeMessage::Ping(0x0123_4567_89ab_cdef)),
+            ("done.bin", ExchangeMessage::Done),
+        ]
+    }
+
+    /// Version 1.0.0 of the feed exchange, as bytes: today's encoder must produce
+    /// exactly them and the decoder must read them, so a change to `proto/` or to
+    /// prost that alters the wire is caught here, not between two deployed peers.
+    #[test]
+    fn wire_format_matches_the_v1_fixtures() {
+        let bless = std::env::var_os("MULTIFEED_BLESS").is_some();
+        for (name, message) in golden_messages() {
+            let path = fixture(name);
+            if bless {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, message.encode()).unwrap();
+            }
+            let golden = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(message.encode(), golden, "{name}: the encoding changed");
+            assert_eq!(
+                ExchangeMessage::decode(&golden, &ExchangeLimits::default()).unwrap(),
+                message,
+                "{name}"
+            );
+        }
+    }
+
+    /// What a newer minor version may send: a field this version does not know
+    /// (tag 15 on a manifest's feed) is skipped, and a message of an unknown kind
+    /// (body tag 9) decodes as `Unknown`, which the session ignores.
+    #[test]
+    fn newer_minor_fields_and_kinds_are_ignored() {
+        let bless = std::env::var_os("MULTIFEED_BLESS").is_some();
+        // FeedInfo { key: [1; 32], length: 3 } + field 15 (varint 1).
+        let mut feed = pb::FeedInfo {
+            key: vec![1; 32],
+            length: Some(3),
+            metadata: BTreeMap::new(),
+        }
+        .encode_to_vec();
+        feed.extend_from_slice(&[15 << 3, 1]);
+        let mut manifest = vec![(1 << 3) | 2];
+        prost::encoding::encode_varint(feed.len() as u64, &mut manifest);
+        manifest.extend_from_slice(&feed);
+        let mut newer_manifest = vec![(2 << 3) | 2];
+        prost::encoding::encode_varint(manifest.len() as u64, &mut newer_manifest);
+        newer_manifest.extend_from_slice(&manifest);
+        // Body tag 9, an empty message.
+        let newer_kind = vec![(9 << 3) | 2, 0];
+        for (name, bytes, expected) in [
+            (
+                "newer-minor-manifest.bin",
+                newer_manifest,
+                ExchangeMessage::Manifest(vec![OfferedFeed {
+                    key: FeedKey::from_bytes([1; 32]),
+                    length: Some(3),
+                    metadata: BTreeMap::new(),
+                }]),
+            ),
+            ("newer-minor-kind.bin", newer_kind, ExchangeMessage::Unknown),
+        ] {
+            let path = fixture(name);
+            if bless {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, &bytes).unwrap();
+            }
+            let golden = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(golden, bytes, "{name}");
+            assert_eq!(
+                ExchangeMessage::decode(&golden, &ExchangeLimits::default()).unwrap(),
+                expected,
+                "{name}"
+            );
+        }
+    }
+
     #[test]
     fn malformed_input_is_an_error_not_a_panic() {
         let limits = ExchangeLimits::default();
         for bytes in [
-            &b""[..],
-            b"\xff",
+            &b"\xff"[..],
             b"\x12\x05\x0a\x03abc",
             b"\x0a\xff\xff\xff\xff\x0f",
         ] {

@@ -298,6 +298,10 @@ impl Rogue {
 
     async fn send_exchange(&self, body: wire::Body) {
         let message = wire::ExchangeMessage { body: Some(body) }.encode_to_vec();
+        self.send_exchange_bytes(message).await;
+    }
+
+    async fn send_exchange_bytes(&self, message: Vec<u8>) {
         self.root
             .as_ref()
             .expect("rogue: root channel not open")
@@ -639,6 +643,8 @@ async fn key_exchange_serves_only_offered_feeds_and_ignores_unknown_requests() {
 /// The rogue offers A, B and C; M already holds all of A (a full copy from another
 /// peer). M requests exactly B and C, opens channels only for them, and learns them.
 /// (Over TCP on 127.0.0.1.)
+/// (It also sends M a message of a kind only a newer minor version knows, which M
+/// ignores.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_exchange_requests_only_feeds_it_lacks() {
     let dir = tempfile::tempdir().unwrap();
@@ -684,6 +690,13 @@ async fn key_exchange_requests_only_feeds_it_lacks() {
             match rogue.next().await {
                 Seen::Opened(key) if key == rogue.shared_key => {
                     rogue.send_exchange(handshake()).await;
+                    // A kind of message from a newer minor version: ignored.
+                    let newer_kind = std::fs::read(concat!(
+                        env!("CARGO_MANIFEST_DIR"),
+                        "/fixtures/exchange-v1/newer-minor-kind.bin"
+                    ))
+                    .unwrap();
+                    rogue.send_exchange_bytes(newer_kind).await;
                     let feeds = [a, b, c]
                         .iter()
                         .map(|k| wire::FeedInfo {

@@ -578,6 +578,12 @@ impl Session {
                 self.maybe_done().await
             }
             ExchangeMessage::Ping(_) => Ok(()),
+            ExchangeMessage::Unknown if self.handshake_done => {
+                tracing::debug!(
+                    "ignored a feed-exchange message of a kind this version does not know"
+                );
+                Ok(())
+            }
             _ => Err(Error::PeerFault {
                 reason: "it sent feed-exchange messages before its handshake".into(),
             }),
