@@ -378,15 +378,53 @@ impl Multifeed {
                 public,
                 secret: None,
             };
-            created.push((self.create_feed(&record, keypair).await?, record));
+            match self.create_feed(&record, keypair).await {
+                Ok(feed) => created.push((feed, record)),
+                Err(error) => {
+                    let mut unrecorded: Vec<FeedKey> =
+                        created.iter().map(|(f, _)| f.key()).collect();
+                    unrecorded.push(key);
+                    self.discard_unrecorded(created.into_iter().map(|(f, _)| f), &unrecorded)
+                        .await;
+                    return Err(error);
+                }
+            }
         }
         let records: Vec<IndexRecord> = created.iter().map(|(_, r)| r.clone()).collect();
-        index.append_batch(&records).await?;
+        if let Err(error) = index.append_batch(&records).await {
+            let unrecorded: Vec<FeedKey> = records.iter().map(|r| r.key).collect();
+            self.discard_unrecorded(created.into_iter().map(|(f, _)| f), &unrecorded)
+                .await;
+            return Err(error);
+        }
         let count = created.len();
         for (feed, _) in created {
             self.admit(feed);
         }
         Ok(count)
+    }
+
+    /// Undoes the creation of feeds that never made it into the index, so a failed
+    /// admission leaves no directories behind (best effort: what cannot be removed
+    /// is reported as an orphan at the next open).
+    async fn discard_unrecorded(&self, feeds: impl Iterator<Item = Feed>, keys: &[FeedKey]) {
+        for feed in feeds {
+            if let Err(error) = feed.close().await {
+                tracing::debug!(key = %feed.key(), %error, "closing an unrecorded feed");
+            }
+        }
+        if let StorageConfig::Dir(root) = &self.inner.storage {
+            for key in keys {
+                let dir = feed_dir(root, key);
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => {
+                        tracing::warn!(path = %dir.display(), %error, "cannot remove the files of a feed that was not admitted");
+                    }
+                }
+            }
+        }
     }
 
     async fn create_feed(&self, record: &IndexRecord, keypair: PartialKeypair) -> Result<Feed> {

@@ -610,3 +610,44 @@ async fn a_one_shot_peer_finishes_against_a_live_peer() {
     assert_eq!((ra.blocks_received, rb.blocks_received), (1, 2));
     assert_eq!(contents(&server).await, contents(&client).await);
 }
+
+/// Feeds learnt from a peer are created in batches; when one of a batch cannot be
+/// created (here a stray file sits where its directory goes), the session fails with
+/// a typed error and the batch's other feeds are removed again: no member, no
+/// directory left behind. Once the obstacle is gone, the next sync completes.
+#[tokio::test]
+async fn a_failed_admission_leaves_no_half_created_feeds() {
+    let source = open_memory().await;
+    let mut keys = Vec::new();
+    for name in ["w1", "w2", "w3"] {
+        let writer = source.writer(name).await.unwrap();
+        writer.append(name.as_bytes()).await.unwrap();
+        keys.push(writer.key());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = open_dir(dir.path()).await;
+    let feeds_dir = dir.path().join("feeds");
+    let obstacle = feeds_dir.join(keys[2].to_hex());
+    std::fs::write(&obstacle, b"not a feed directory").unwrap();
+
+    let (_, ours) = sync_pair(&source, &m).await;
+    let error = ours.expect_err("creating w3 fails");
+    assert!(matches!(error, multifeed::Error::Io { .. }), "{error:?}");
+    assert!(
+        m.feeds().is_empty(),
+        "no feed of the failed batch is a member"
+    );
+    let left: Vec<_> = std::fs::read_dir(&feeds_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, vec![obstacle.clone()], "only the obstacle is left");
+
+    std::fs::remove_file(&obstacle).unwrap();
+    let (theirs, ours) = sync_pair(&source, &m).await;
+    theirs.unwrap();
+    assert_eq!(ours.unwrap().feeds_learnt, 3);
+    for key in keys {
+        assert_eq!(m.feed(key).unwrap().len().await, 1);
+    }
+}
