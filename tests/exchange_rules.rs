@@ -794,6 +794,16 @@ async fn key_exchange_requests_only_feeds_it_lacks() {
 /// idle timeout never fires, pings keep arriving), and M's copy stays empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_only_keeps_alive_is_stalled_not_waited_on_forever() {
+    stalled_peer(true).await;
+}
+
+/// The same, with a peer that never even answers M's opening of the feed channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_a_channel_open_is_stalled() {
+    stalled_peer(false).await;
+}
+
+async fn stalled_peer(answer_open: bool) {
     let dir = tempfile::tempdir().unwrap();
     let m = open_dir(dir.path()).await;
     let b = keypair(31).public_key();
@@ -831,7 +841,7 @@ async fn a_peer_that_only_keeps_alive_is_stalled_not_waited_on_forever() {
                             .send_exchange(wire::Body::Request(wire::Request { keys: vec![] }))
                             .await;
                     }
-                    Seen::RemoteOpened(dk) if dk == discovery_key(b.as_bytes()) => {
+                    Seen::RemoteOpened(dk) if answer_open && dk == discovery_key(b.as_bytes()) => {
                         rogue.open(*b.as_bytes()).await;
                     }
                     Seen::Opened(key) => {
@@ -857,9 +867,10 @@ async fn a_peer_that_only_keeps_alive_is_stalled_not_waited_on_forever() {
         matches!(result, Err(multifeed::Error::Stalled { after }) if after == stall),
         "{result:?}"
     );
-    assert!(
+    assert_eq!(
         answered_open.load(Ordering::SeqCst),
-        "the feed channel opened"
+        answer_open,
+        "whether the feed channel opened"
     );
     // Ticks come at a third of the idle timeout: the stall shows within two of them.
     assert!(

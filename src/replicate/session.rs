@@ -359,18 +359,15 @@ impl Session {
         self.send(ExchangeMessage::Ping(rand::random())).await
     }
 
-    /// Whether the next step is the peer's: its exchange messages, or answers on
-    /// running feed channels. A live session with every feed in sync waits on
-    /// nobody; feeds still being created or queued wait on us.
+    /// Whether the next step is the peer's: its exchange messages, its answer to a
+    /// feed channel we opened, or data on a running feed channel. A live session
+    /// with every feed in sync waits on nobody; feeds still being created or queued
+    /// wait on us.
     fn waiting_on_peer(&self) -> bool {
-        if self.options.live {
-            !self.got_manifest || (!self.syncing.is_empty() && !self.running.is_empty())
-        } else {
-            !self.got_manifest
-                || !self.got_request
-                || !self.running.is_empty()
-                || (self.done_sent && !self.done_received)
-        }
+        let exchange = !self.got_manifest || (!self.options.live && !self.got_request);
+        let feeds = !self.syncing.is_empty() || (!self.options.live && !self.running.is_empty());
+        let done = !self.options.live && self.done_sent && !self.done_received;
+        exchange || feeds || done
     }
 
     async fn send(&self, message: ExchangeMessage) -> Result<()> {
