@@ -18,6 +18,12 @@ pub const MAX_WINDOW: usize = 4096;
 pub const MAX_REMOTE_RANGES: usize = 4096;
 /// Max `nodes` we accept in a remote block request (a tree deeper than 64 cannot exist).
 pub const MAX_REQUEST_NODES: u64 = 64;
+/// Block bytes one feed may have requested and not yet stored: the window shrinks
+/// for large blocks (1 MiB blocks: 4 requests; 4 MiB: 1), so the memory a
+/// connection needs stays near `max_active_feeds` times this, whatever the feed.
+pub const IN_FLIGHT_BYTES: u64 = 4 * 1024 * 1024;
+/// Window while no block of the feed was seen yet (its block size is unknown).
+const UNSIZED_WINDOW: usize = 4;
 
 /// The part of `hypercore::Info` the state machine needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -243,6 +249,8 @@ pub struct FeedSync {
     inflight: HashMap<u64, Inflight>,
     /// How many of `inflight` got their data and wait for `on_applied`.
     applying: usize,
+    /// Largest block received on this channel (0: none yet).
+    largest_block: u64,
     /// Whether new requests may leave while received data waits to be applied.
     overlap: bool,
     /// Set once we told the peer we are done: no new requests from then on.
@@ -269,6 +277,7 @@ impl FeedSync {
             remote_has: RangeSet::default(),
             inflight: HashMap::new(),
             applying: 0,
+            largest_block: 0,
             overlap: true,
             finished: false,
             inflight_blocks: HashSet::new(),
@@ -420,6 +429,11 @@ impl FeedSync {
         }
         inf.applying = true;
         self.applying += 1;
+        if let Some(block) = &d.block {
+            // An empty block still counts as sized.
+            let len = (block.value.len() as u64).max(1);
+            self.largest_block = self.largest_block.max(len);
+        }
         let index = inf.index;
         if let Some(i) = index {
             self.remote_has.insert(i, i.saturating_add(1));
@@ -478,12 +492,22 @@ impl FeedSync {
     /// stored (data awaiting its apply is capped at another window); without, it
     /// counts every request until applied.
     fn has_room(&self) -> bool {
+        let window = self.window();
         if self.overlap {
-            self.inflight.len() - self.applying < self.window
-                && self.inflight.len() < 2 * self.window
+            self.inflight.len() - self.applying < window && self.inflight.len() < 2 * window
         } else {
-            self.inflight.len() < self.window
+            self.inflight.len() < window
         }
+    }
+
+    /// The configured window, narrowed so that the blocks requested stay within
+    /// [`IN_FLIGHT_BYTES`] at the largest block size seen.
+    fn window(&self) -> usize {
+        let by_bytes = match self.largest_block {
+            0 => UNSIZED_WINDOW,
+            block => usize::try_from(IN_FLIGHT_BYTES / block).unwrap_or(usize::MAX),
+        };
+        self.window.min(by_bytes).max(1)
     }
 
     /// Sets whether downloading and applying overlap (see [`FeedSync::has_room`]).
@@ -805,6 +829,39 @@ mod tests {
         assert_eq!(s.in_flight(), 4);
     }
 
+    /// The window narrows to the byte budget once the feed's blocks turn out large,
+    /// and stays at the configured size for small ones.
+    #[test]
+    fn window_bounds_bytes_in_flight() {
+        for (block_len, expected) in [(100usize, 32usize), (1 << 20, 4), (4 << 20, 1)] {
+            let mut s = FeedSync::new(32);
+            s.start(info(0, 0));
+            s.drain_actions();
+            s.on_message(sync(1000, 0)).unwrap();
+            s.on_message(range(0, 1000)).unwrap();
+            let reqs = block_requests(&s.drain_actions());
+            assert_eq!(reqs.len(), 1, "the upgrade request alone");
+            let Message::Data(mut first) = data(reqs[0].id, Some(0), true) else {
+                unreachable!()
+            };
+            first.block.as_mut().unwrap().value = vec![7; block_len];
+            s.on_message(Message::Data(first)).unwrap();
+            s.drain_actions();
+            s.on_applied(reqs[0].id, ApplyOutcome::Applied, info(1000, 1));
+            let reqs = block_requests(&s.drain_actions());
+            assert_eq!(reqs.len(), expected, "blocks of {block_len} bytes");
+            assert!(expected as u64 * block_len as u64 <= IN_FLIGHT_BYTES || expected == 32);
+        }
+        // Before any block is seen (a resumed sync needs no upgrade first), the
+        // window is small until the size is known.
+        let mut s = FeedSync::new(32);
+        s.start(info(1000, 10));
+        s.drain_actions();
+        s.on_message(sync(1000, 10)).unwrap();
+        s.on_message(range(0, 1000)).unwrap();
+        assert_eq!(block_requests(&s.drain_actions()).len(), UNSIZED_WINDOW);
+    }
+
     #[test]
     fn upgrade_alone_when_remote_lacks_block_and_no_repeat_after_refusal() {
         let mut s = FeedSync::new(4);
@@ -843,11 +900,21 @@ mod tests {
         s.on_message(sync(8, 10)).unwrap();
         s.on_message(range(2, 3)).unwrap();
         s.on_message(range(6, u64::MAX)).unwrap(); // lying remote
-        let idx: Vec<u64> = block_requests(&s.drain_actions())
-            .iter()
-            .map(|r| r.index)
-            .collect();
-        assert_eq!(idx, vec![2, 3, 4, 6, 7]);
+        let indexes = |reqs: &[BlockRequest]| reqs.iter().map(|r| r.index).collect::<Vec<_>>();
+        let reqs = block_requests(&s.drain_actions());
+        // The first few (the block size is unknown yet)...
+        assert_eq!(indexes(&reqs), vec![2, 3, 4, 6]);
+        for r in &reqs {
+            s.on_message(data(r.id, Some(r.index), false)).unwrap();
+        }
+        // ...then the rest (requests overlap the applies), and nothing at or past
+        // the remote's length of 8.
+        let mut more = block_requests(&s.drain_actions());
+        for r in &reqs {
+            s.on_applied(r.id, ApplyOutcome::Applied, info(10, 0));
+        }
+        more.extend(block_requests(&s.drain_actions()));
+        assert_eq!(indexes(&more), vec![7]);
     }
 
     #[test]

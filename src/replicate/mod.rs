@@ -55,7 +55,10 @@ pub struct ReplicateOptions {
     pub max_offered_feeds: usize,
     /// Largest feed-exchange message or block accepted from the peer. Default 4 MiB.
     pub max_message_len: usize,
-    /// Block requests in flight per feed. Default 32.
+    /// Block requests in flight per feed. Default 32. A feed with large blocks gets
+    /// fewer, so that at most 4 MiB of its blocks are requested and not yet stored
+    /// (1 MiB blocks: 4 requests); a connection's memory for data in flight thus
+    /// stays near `max_active_feeds` × 4 MiB.
     pub window: usize,
     /// Client name sent in the handshake; peers must use the same. Default `multifeed-rs`.
     pub client_name: String,
