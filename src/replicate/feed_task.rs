@@ -101,7 +101,7 @@ pub enum OneShotClose {
 /// Extension message on a feed channel: "in sync; nothing more from me but answers".
 pub(crate) const FEED_DONE: &str = "multifeed/feed-done";
 
-/// Cumulative counts for this connection, sent after each verified block.
+/// Cumulative counts for this connection, sent after each batch of verified blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Progress {
     /// The feed's key (the channel's key).
@@ -391,20 +391,13 @@ async fn run_jobs(
         .await
         .map_err(|e| FeedSyncError::Task(e.to_string()))?;
     let local = LocalInfo::from(info);
+    let received_before = sum.blocks_received;
     for r in results {
         match r {
             JobResult::Applied { id, outcome, bytes } => {
                 if outcome == ApplyOutcome::Applied {
                     sum.blocks_received += 1;
                     sum.bytes_received += bytes;
-                    if let Some(p) = progress {
-                        // Never stall replication on a slow consumer.
-                        let _ = p.try_send(Progress {
-                            key: *channel.key(),
-                            blocks: sum.blocks_received,
-                            bytes: sum.bytes_received,
-                        });
-                    }
                 }
                 fsm.on_applied(id, outcome, local);
             }
@@ -418,6 +411,18 @@ async fn run_jobs(
                 out.push(msg);
             }
         }
+    }
+    // One report per batch (counts are cumulative): a per-block report woke the
+    // session once per block.
+    if let Some(p) = progress
+        && sum.blocks_received > received_before
+    {
+        // Never stall replication on a slow consumer.
+        let _ = p.try_send(Progress {
+            key: *channel.key(),
+            blocks: sum.blocks_received,
+            bytes: sum.bytes_received,
+        });
     }
     fsm.on_local_update(local);
     // Sending what we owe (e.g. served data) is pointless now: fail fast.
