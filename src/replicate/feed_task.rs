@@ -17,6 +17,7 @@ use super::feed_sync::{
     Action, Apply, ApplyOutcome, BlockRequest, DEFAULT_WINDOW, FeedSync, LocalInfo,
     ProtocolViolation,
 };
+use super::transport::TransportStatus;
 use crate::residency::{CoreInfo, SharedFeed};
 
 #[derive(Debug, Clone)]
@@ -33,6 +34,9 @@ pub struct FeedSyncOptions {
     pub active_feeds: Option<Arc<AtomicUsize>>,
     /// Touched whenever the channel receives a message, if shared.
     pub activity: Option<Arc<Activity>>,
+    /// The connection, which counts this channel's queued messages to pause reading
+    /// when too many wait (see `transport::MAX_QUEUED_INBOUND`).
+    pub inbound: Option<TransportStatus>,
 }
 
 impl Default for FeedSyncOptions {
@@ -43,6 +47,7 @@ impl Default for FeedSyncOptions {
             close: OneShotClose::Immediate,
             active_feeds: None,
             activity: None,
+            inbound: None,
         }
     }
 }
@@ -171,6 +176,10 @@ pub async fn run_feed(
     let rx = channel
         .take_receiver()
         .ok_or(FeedSyncError::ReceiverTaken)?;
+    let _counted = opts
+        .inbound
+        .as_ref()
+        .map(|status| status.watch_inbound(&rx));
     // Subscribe before reading info so no change between the two is missed.
     let mut changed = feed.changed.subscribe();
     let mut fsm = FeedSync::new(opts.window);

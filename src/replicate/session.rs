@@ -62,7 +62,13 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (protocol, status) = connect(io, &options).await?;
-    let mut session = Session::new(multifeed, options, protocol.commands(), events);
+    let mut session = Session::new(
+        multifeed,
+        options,
+        protocol.commands(),
+        events,
+        status.clone(),
+    );
     let result = session.drive(protocol, &status, stop).await;
     session.tasks.abort_all();
     session.synced.abort_all();
@@ -131,6 +137,9 @@ struct Session {
     root_dk: DiscoveryKey,
     root: Option<Channel>,
     root_rx: Option<hypercore_protocol::ChannelReceiver<Message>>,
+    /// The connection; its inbound backlog counts the root channel's queue.
+    status: TransportStatus,
+    _root_watch: Option<transport::InboundWatch>,
     handshake_done: bool,
     /// Member feeds we told the peer about, by discovery key.
     offered: HashMap<DiscoveryKey, FeedKey>,
@@ -173,6 +182,7 @@ impl Session {
         options: ReplicateOptions,
         commands: CommandTx,
         events: mpsc::Sender<ReplicationEvent>,
+        status: TransportStatus,
     ) -> Self {
         let root_dk = discovery_key(multifeed.shared_key().as_bytes());
         let (progress_tx, progress_rx) = mpsc::channel(1024);
@@ -189,6 +199,8 @@ impl Session {
             root_dk,
             root: None,
             root_rx: None,
+            status,
+            _root_watch: None,
             handshake_done: false,
             offered: HashMap::new(),
             offered_keys: HashSet::new(),
@@ -389,6 +401,10 @@ impl Session {
             ProtocolEvent::Channel(mut channel) => {
                 if *channel.discovery_key() == self.root_dk {
                     self.root_rx = channel.take_receiver();
+                    self._root_watch = self
+                        .root_rx
+                        .as_ref()
+                        .map(|rx| self.status.watch_inbound(rx));
                     self.root = Some(channel);
                     self.send(ExchangeMessage::Handshake(Handshake {
                         client: self.options.client_name.clone(),
@@ -459,6 +475,7 @@ impl Session {
             },
             active_feeds: Some(self.active_feeds.clone()),
             activity: Some(self.activity.clone()),
+            inbound: Some(self.status.clone()),
         };
         let shared = feed.shared().clone();
         let progress = self.progress_tx.clone();
@@ -892,6 +909,7 @@ where
         close: OneShotClose::Immediate,
         active_feeds: None,
         activity: None,
+        inbound: Some(status.clone()),
     };
     let mut task = tokio::spawn(run_feed(
         channel,

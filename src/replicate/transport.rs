@@ -14,6 +14,12 @@
 //!   without a capability when `open` is called early, and the remote rejects the channel.
 //!   As a side effect `Event::Handshake` is always the first event (defect 6 cannot occur).
 //!
+//! - hypercore-protocol queues inbound messages per channel without bound: receivers
+//!   registered with [`TransportStatus::watch_inbound`] are counted, and while more
+//!   than [`MAX_QUEUED_INBOUND`] messages wait in them, no further frame is read from
+//!   the socket (TCP then slows the peer down). A peer flooding requests faster than
+//!   they are served cannot grow our memory without bound.
+//!
 //! Caller notes: keep polling the `Protocol` (faults are only noticed while it is polled);
 //! `Protocol` has no keepalive, so idle detection is the caller's job via
 //! [`TransportStatus::last_received`].
@@ -31,7 +37,7 @@ use futures::{Sink, Stream};
 use hypercore_handshake::state_machine::PUBLIC_KEYLEN;
 use hypercore_handshake::state_machine::hc_specific::generate_keypair;
 use hypercore_handshake::{Cipher, CipherEvent, CipherTrait, HandshakePattern};
-use hypercore_protocol::Protocol;
+use hypercore_protocol::{ChannelReceiver, Message, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_util::codec::{
@@ -97,11 +103,23 @@ impl From<TransportFault> for io::Error {
     }
 }
 
+/// Messages that may wait in registered channel receivers before reading pauses.
+pub const MAX_QUEUED_INBOUND: usize = 4096;
+/// How soon a paused read looks at the queues again.
+const INBOUND_RECHECK: Duration = Duration::from_millis(1);
+
 struct StatusInner {
     epoch: Instant,
     last_received_nanos: AtomicU64,
     fault: watch::Sender<Option<TransportFault>>,
+    /// Receivers whose queues count against [`MAX_QUEUED_INBOUND`], each with a token
+    /// that its user holds: a dead token drops the entry.
+    inbound: std::sync::Mutex<Vec<(std::sync::Weak<()>, ChannelReceiver<Message>)>>,
 }
+
+/// Keeps a receiver counted by [`TransportStatus::watch_inbound`] while held.
+#[must_use = "the receiver is only counted while this is held"]
+pub struct InboundWatch(#[allow(dead_code)] Arc<()>);
 
 /// Shared view of the connection's liveness; cheap to clone.
 #[derive(Clone)]
@@ -121,7 +139,28 @@ impl TransportStatus {
             epoch: Instant::now(),
             last_received_nanos: AtomicU64::new(0),
             fault: watch::Sender::new(None),
+            inbound: std::sync::Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Counts the messages waiting in `receiver` against [`MAX_QUEUED_INBOUND`] for as
+    /// long as the returned watch is held. (It keeps a clone of the receiver; dropping
+    /// the watch releases it at the next count.)
+    pub fn watch_inbound(&self, receiver: &ChannelReceiver<Message>) -> InboundWatch {
+        let token = Arc::new(());
+        if let Ok(mut inbound) = self.0.inbound.lock() {
+            inbound.push((Arc::downgrade(&token), receiver.clone()));
+        }
+        InboundWatch(token)
+    }
+
+    /// Messages waiting in watched receivers (forgetting released ones).
+    fn queued_inbound(&self) -> usize {
+        let Ok(mut inbound) = self.0.inbound.lock() else {
+            return 0;
+        };
+        inbound.retain(|(token, _)| token.strong_count() > 0);
+        inbound.iter().map(|(_, rx)| rx.len()).sum()
     }
 
     /// Time of the last inbound frame (connection start if none yet).
@@ -218,6 +257,8 @@ impl Encoder<Vec<u8>> for FrameCodec {
 struct FramedIo<S> {
     framed: Framed<S, FrameCodec>,
     status: TransportStatus,
+    /// Set while reading is paused for a full inbound backlog.
+    paused: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Stream for FramedIo<S> {
@@ -226,6 +267,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for FramedIo<S> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.status.is_closed() {
             return Poll::Pending;
+        }
+        loop {
+            if let Some(pause) = &mut self.paused {
+                if pause.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.paused = None;
+            }
+            if self.status.queued_inbound() <= MAX_QUEUED_INBOUND {
+                break;
+            }
+            // Writing goes on meanwhile: only reading waits for the queues to drain.
+            self.paused = Some(Box::pin(tokio::time::sleep(INBOUND_RECHECK)));
         }
         match Pin::new(&mut self.framed).poll_next(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -624,6 +678,7 @@ where
     let framed = FramedIo {
         framed: Framed::new(io, FrameCodec::new(limits.max_frame_len)),
         status: status.clone(),
+        paused: None,
     };
     let io = Some(Box::new(framed) as Box<dyn hypercore_handshake::CipherIo<Error = io::Error>>);
     let setup = |e: hypercore_handshake::Error| TransportFault::Cipher(e.to_string());

@@ -470,3 +470,71 @@ fn splitter_rejects_huge_channel_ids() {
         Ok(Inspected::Pass)
     ); // = max
 }
+
+/// A peer sending far more than we take from a channel: once the watched queue holds
+/// `MAX_QUEUED_INBOUND` messages, reading from the socket pauses, so the queue stops
+/// growing while the peer still has tens of thousands to send; every message still
+/// arrives, in order, once the queue is drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_inbound_queue_pauses_reading_without_losing_messages() {
+    use super::MAX_QUEUED_INBOUND;
+    const TOTAL: u32 = 60_000;
+    const BATCH: u32 = 250;
+    // 1 KiB each: 60 MB in all, more than socket buffers can hide.
+    let payload = |i: u32| {
+        let mut bytes = i.to_le_bytes().to_vec();
+        bytes.resize(1024, 0xab);
+        bytes
+    };
+    let (mut a, mut b) = tcp_pair().await;
+    let key = random_key();
+    within("open a", a.commands.open(key)).await.unwrap();
+    within("open b", b.commands.open(key)).await.unwrap();
+    let ca = a.channel().await;
+    let mut cb = b.channel().await;
+    let rx = cb.take_receiver().unwrap();
+    let _watch = b.status.watch_inbound(&rx);
+
+    let sender = tokio::spawn(async move {
+        for start in (0..TOTAL).step_by(BATCH as usize) {
+            let batch: Vec<Message> = (start..start + BATCH)
+                .map(|i| extension(payload(i)))
+                .collect();
+            ca.send_batch(&batch).await.unwrap();
+        }
+        ca
+    });
+    // Polls the queue's length: there is no event for "the queue grew".
+    within("the queue fills up", async {
+        while rx.len() < MAX_QUEUED_INBOUND {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    // Frames the cipher took in before the check paused reading still land: the
+    // queue settles a little above the limit, far below what the peer has to send.
+    let bound = 2 * MAX_QUEUED_INBOUND;
+    let mut lens = Vec::new();
+    let read_before = b.status.last_received();
+    for _ in 0..50 {
+        lens.push(rx.len());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(lens.iter().all(|&n| n <= bound), "queue grew: {lens:?}");
+    assert_eq!(
+        b.status.last_received(),
+        read_before,
+        "no frame was read while the queue was full"
+    );
+
+    for expected in 0..TOTAL {
+        match within("next message", rx.recv()).await {
+            Ok(Message::Extension(ext)) => {
+                assert_eq!(ext.message, payload(expected));
+            }
+            other => panic!("message {expected}: {other:?}"),
+        }
+    }
+    within("sender done", sender).await.unwrap();
+    assert!(!b.status.is_closed());
+}
