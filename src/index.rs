@@ -165,17 +165,10 @@ impl IndexCore {
 
     /// Appends a record; durable as the multifeed's [`Durability`] says.
     pub(crate) async fn append(&mut self, record: &IndexRecord) -> Result<()> {
-        self.core
-            .append(&record.encode())
-            .await
-            .map_err(|e| Error::core("index", e))?;
-        if self.durability == Durability::PowerLoss {
-            self.flusher().flush().await?;
-        }
-        Ok(())
+        self.append_batch(std::slice::from_ref(record)).await
     }
 
-    /// Appends several records in one signed batch.
+    /// Appends several records in one signed batch, durable alike.
     pub(crate) async fn append_batch(&mut self, records: &[IndexRecord]) -> Result<()> {
         if records.is_empty() {
             return Ok(());

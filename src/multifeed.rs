@@ -381,20 +381,14 @@ impl Multifeed {
             match self.create_feed(&record, keypair).await {
                 Ok(feed) => created.push((feed, record)),
                 Err(error) => {
-                    let mut unrecorded: Vec<FeedKey> =
-                        created.iter().map(|(f, _)| f.key()).collect();
-                    unrecorded.push(key);
-                    self.discard_unrecorded(created.into_iter().map(|(f, _)| f), &unrecorded)
-                        .await;
+                    self.discard_unrecorded(created, Some(key)).await;
                     return Err(error);
                 }
             }
         }
         let records: Vec<IndexRecord> = created.iter().map(|(_, r)| r.clone()).collect();
         if let Err(error) = index.append_batch(&records).await {
-            let unrecorded: Vec<FeedKey> = records.iter().map(|r| r.key).collect();
-            self.discard_unrecorded(created.into_iter().map(|(f, _)| f), &unrecorded)
-                .await;
+            self.discard_unrecorded(created, None).await;
             return Err(error);
         }
         let count = created.len();
@@ -404,17 +398,21 @@ impl Multifeed {
         Ok(count)
     }
 
-    /// Undoes the creation of feeds that never made it into the index, so a failed
-    /// admission leaves no directories behind (best effort: what cannot be removed
-    /// is reported as an orphan at the next open).
-    async fn discard_unrecorded(&self, feeds: impl Iterator<Item = Feed>, keys: &[FeedKey]) {
-        for feed in feeds {
+    /// Undoes the creation of feeds that never made it into the index (and of the
+    /// `failed` one, if its creation got half-way), so a failed admission leaves no
+    /// directories behind (best effort: what cannot be removed is reported as an
+    /// orphan at the next open).
+    async fn discard_unrecorded(&self, created: Vec<(Feed, IndexRecord)>, failed: Option<FeedKey>) {
+        let mut keys = Vec::with_capacity(created.len() + 1);
+        for (feed, _) in created {
+            keys.push(feed.key());
             if let Err(error) = feed.close().await {
                 tracing::debug!(key = %feed.key(), %error, "closing an unrecorded feed");
             }
         }
+        keys.extend(failed);
         if let StorageConfig::Dir(root) = &self.inner.storage {
-            for key in keys {
+            for key in &keys {
                 let dir = feed_dir(root, key);
                 match std::fs::remove_dir_all(&dir) {
                     Ok(()) => {}

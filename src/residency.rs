@@ -134,16 +134,22 @@ impl SharedFeed {
         if self.closed.swap(true, Ordering::AcqRel) {
             return false;
         }
-        if let (Some(core), Some(source)) = (slot.as_mut(), &self.source)
+        self.unload(&mut slot).await;
+        true
+    }
+
+    /// Drops the core in `slot` (this feed's, locked), first settling a remote
+    /// feed's downloads. In-memory cores stay: their storage is the core itself.
+    async fn unload(&self, slot: &mut Option<Hypercore>) {
+        let Some(source) = &self.source else {
+            return;
+        };
+        if let Some(core) = slot.as_mut()
             && !self.local
         {
             settle_downloads(core, &source.sync).await;
         }
-        // In-memory cores stay: their storage is the core itself.
-        if self.source.is_some() {
-            *slot = None;
-        }
-        true
+        *slot = None;
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -215,16 +221,10 @@ type Victim = (Arc<SharedFeed>, OwnedMutexGuard<Option<Hypercore>>);
 /// Unloads cores picked by [`Residency::loaded`], each still locked.
 async fn unload_all(victims: Vec<Victim>) {
     for (feed, mut slot) in victims {
-        let Some(source) = &feed.source else {
-            continue;
-        };
-        if let Some(core) = slot.as_mut()
-            && !feed.local
-        {
-            settle_downloads(core, &source.sync).await;
+        feed.unload(&mut slot).await;
+        if let Some(source) = &feed.source {
+            source.sync.release_files();
         }
-        *slot = None;
-        source.sync.release_files();
     }
 }
 

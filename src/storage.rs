@@ -337,6 +337,11 @@ impl HeldWrites {
         let Some(file) = &self.file else {
             return Err(io::Error::other("held tree writes without a file"));
         };
+        let write_run = |(start, buf): (u64, Vec<u8>)| {
+            file.with(|f| f.write_all_at(&buf, start))?;
+            self.issued.fetch_add(1, Ordering::Release);
+            io::Result::Ok(())
+        };
         let mut run: Option<(u64, Vec<u8>)> = None;
         for (at, data) in writes {
             match &mut run {
@@ -344,25 +349,19 @@ impl HeldWrites {
                     buf.extend_from_slice(&data)
                 }
                 _ => {
-                    if let Some((start, buf)) = run.replace((at, data)) {
-                        file.with(|f| f.write_all_at(&buf, start))?;
-                        self.issued.fetch_add(1, Ordering::Release);
+                    if let Some(done) = run.replace((at, data)) {
+                        write_run(done)?;
                     }
                 }
             }
         }
-        if let Some((start, buf)) = run {
-            file.with(|f| f.write_all_at(&buf, start))?;
-            self.issued.fetch_add(1, Ordering::Release);
-        }
-        Ok(())
+        run.map_or(Ok(()), write_run)
     }
 }
 
-fn flush_held(held: &StdMutex<HeldWrites>) -> io::Result<()> {
+fn lock_held(held: &StdMutex<HeldWrites>) -> io::Result<std::sync::MutexGuard<'_, HeldWrites>> {
     held.lock()
-        .map_err(|_| io::Error::other("held writes lock poisoned"))?
-        .flush()
+        .map_err(|_| io::Error::other("held writes lock poisoned"))
 }
 
 /// A file's part in holding tree writes back (see [`HeldWrites`]).
@@ -401,15 +400,15 @@ impl PlainFile {
     fn flush_held(&self) -> io::Result<()> {
         match &self.held {
             Held::No => Ok(()),
-            Held::Holder(held) | Held::Barrier(held) => flush_held(held),
+            Held::Holder(held) | Held::Barrier(held) => lock_held(held)?.flush(),
         }
     }
 }
 
 impl Drop for PlainFile {
     fn drop(&mut self) {
-        if let Held::Holder(held) = &self.held
-            && let Err(error) = flush_held(held)
+        if matches!(self.held, Held::Holder(_))
+            && let Err(error) = self.flush_held()
         {
             tracing::warn!(path = %self.file.path.display(), %error, "writing held tree nodes failed");
         }
@@ -427,20 +426,13 @@ fn io_err(context: &str, path: &Path, e: io::Error) -> RandomAccessError {
 #[async_trait::async_trait]
 impl RandomAccess for PlainFile {
     async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
-        match &self.held {
-            Held::Holder(held) => held
-                .lock()
-                .map_err(|_| io::Error::other("held writes lock poisoned"))?
-                .hold(offset, data)?,
-            Held::Barrier(held) => {
-                flush_held(held)?;
-                self.file.with(|f| f.write_all_at(data, offset))?;
-                self.writes.fetch_add(1, Ordering::Release);
-            }
-            Held::No => {
-                self.file.with(|f| f.write_all_at(data, offset))?;
-                self.writes.fetch_add(1, Ordering::Release);
-            }
+        if let Held::Holder(held) = &self.held {
+            lock_held(held)?.hold(offset, data)?;
+        } else {
+            // An oplog write is the barrier: held tree writes go first.
+            self.flush_held()?;
+            self.file.with(|f| f.write_all_at(data, offset))?;
+            self.writes.fetch_add(1, Ordering::Release);
         }
         if let Some(cache) = &mut self.cache {
             cache.write(offset, data);
@@ -464,9 +456,7 @@ impl RandomAccess for PlainFile {
             // write past the range may extend the file: without it the read would
             // meet the file's end.
             let start = offset / PAGE * PAGE;
-            let mut held = held
-                .lock()
-                .map_err(|_| io::Error::other("held writes lock poisoned"))?;
+            let mut held = lock_held(held)?;
             if held.ends_after(start) {
                 held.flush()?;
             }
@@ -628,7 +618,7 @@ impl SyncSet {
         let dir = self.dir.clone();
         let held = self.held.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
-            flush_held(&held)?;
+            lock_held(&held)?.flush()?;
             for file in &files {
                 file.with(|f| f.sync_data())?;
             }
@@ -827,14 +817,13 @@ fn new_slot(
                 .map_err(|e| io_err("create", &path, e))?,
         )
     };
-    let opened = !exists;
     let slot = Arc::new(FileSlot {
         path,
         file: RwLock::new(file),
         referenced: AtomicBool::new(true),
         pool: pool.clone(),
     });
-    if opened {
+    if !exists {
         pool.register(&slot);
     }
     Ok(slot)

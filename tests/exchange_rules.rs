@@ -435,6 +435,14 @@ async fn index_core_key(dir: &Path) -> [u8; 32] {
     core.key_pair().public.to_bytes()
 }
 
+/// M's summary once its session with the rogue ended, which must be cleanly.
+async fn m_summary(replication: multifeed::Replication) -> multifeed::ReplicationSummary {
+    tokio::time::timeout(WAIT, replication.finish())
+        .await
+        .expect("M's session did not end")
+        .expect("M's session failed")
+}
+
 fn block_request(id: u64, index: u64) -> Message {
     Message::Request(Request {
         id,
@@ -583,11 +591,8 @@ async fn key_exchange_serves_only_offered_feeds_and_ignores_unknown_requests() {
     .await
     .expect("the exchange with M stalled");
     drop(rogue);
-
-    let summary = tokio::time::timeout(WAIT, replication.finish())
-        .await
-        .expect("M's session did not end")
-        .expect("M's session failed: an unknown requested key must not fail it");
+    // An unknown requested key must not fail M's session.
+    let summary = m_summary(replication).await;
 
     // The handshake, as the .proto describes it.
     let m_handshake = m_handshake.expect("M sent its handshake");
@@ -744,11 +749,7 @@ async fn key_exchange_requests_only_feeds_it_lacks() {
     .await
     .expect("the exchange with M stalled");
     drop(rogue);
-
-    let summary = tokio::time::timeout(WAIT, replication.finish())
-        .await
-        .expect("M's session did not end")
-        .expect("M's session failed");
+    let summary = m_summary(replication).await;
 
     let request = m_request.expect("M sent its request");
     assert_eq!(request.keys.len(), 2, "{request:?}");

@@ -57,7 +57,7 @@ impl Admission {
         }
     }
 
-    /// Queues `key` to be created as a remote member; ignored if already queued.
+    /// Queues `keys` to be created as remote members; keys already queued are skipped.
     pub(crate) fn submit(&mut self, keys: impl IntoIterator<Item = FeedKey>) {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         for key in keys {

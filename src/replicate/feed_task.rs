@@ -1,11 +1,8 @@
 //! Async driver: runs a [`FeedSync`] over one `Channel` against a shared core.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
 };
 
 use hypercore::{Hypercore, HypercoreError};
@@ -17,7 +14,7 @@ use super::feed_sync::{
     Action, Apply, ApplyOutcome, BlockRequest, DEFAULT_WINDOW, FeedSync, LocalInfo,
     ProtocolViolation,
 };
-use super::transport::TransportStatus;
+use super::transport::{LastSeen, TransportStatus};
 use crate::residency::{CoreInfo, SharedFeed};
 
 #[derive(Debug, Clone)]
@@ -32,8 +29,9 @@ pub struct FeedSyncOptions {
     /// more than [`OVERLAP_MAX_FEEDS`], a feed does not overlap downloading and
     /// applying (the feeds overlap each other instead).
     pub active_feeds: Option<Arc<AtomicUsize>>,
-    /// Touched whenever the channel receives a message, if shared.
-    pub activity: Option<Arc<Activity>>,
+    /// Touched whenever the channel receives a message, if shared: the session
+    /// tells a stalled peer from a busy one by it.
+    pub activity: Option<Arc<LastSeen>>,
     /// The connection, which counts this channel's queued messages to pause reading
     /// when too many wait (see `transport::MAX_QUEUED_INBOUND`).
     pub inbound: Option<TransportStatus>,
@@ -49,41 +47,6 @@ impl Default for FeedSyncOptions {
             activity: None,
             inbound: None,
         }
-    }
-}
-
-/// When the peer last sent something that moves replication on (a message on a
-/// feed channel, an exchange message other than a keep-alive), shared by a
-/// session's tasks so the session can tell a stalled peer from a busy one.
-#[derive(Debug)]
-pub struct Activity {
-    epoch: Instant,
-    last_millis: AtomicU64,
-}
-
-impl Activity {
-    pub fn new() -> Self {
-        Activity {
-            epoch: Instant::now(),
-            last_millis: AtomicU64::new(0),
-        }
-    }
-
-    pub fn touch(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_millis.fetch_max(now, Ordering::Relaxed);
-    }
-
-    /// Time since the last [`Activity::touch`] (or since creation).
-    pub fn quiet_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last)
-    }
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -228,12 +191,7 @@ pub async fn run_feed(
                     // Best effort: the peer may already have closed.
                     let _ = channel.close().await;
                     if !closed {
-                        // hypercore-protocol ends the whole connection if a message
-                        // arrives for a channel whose receiver is gone, and the peer
-                        // may still send a few before it sees our Close: keep
-                        // receiving (and discarding) until the channel closes, which at
-                        // the latest happens with the connection.
-                        tokio::spawn(async move { while rx.recv().await.is_ok() {} });
+                        drain(rx);
                     }
                     return Ok(sum);
                 }
@@ -250,7 +208,7 @@ pub async fn run_feed(
                         // Nothing follows the peer's FEED_DONE but its answers to our
                         // requests, and we have none in flight: the channel is quiet.
                         let _ = channel.close().await;
-                        tokio::spawn(async move { while rx.recv().await.is_ok() {} });
+                        drain(rx);
                         return Ok(sum);
                     }
                 }
@@ -304,6 +262,14 @@ pub async fn run_feed(
             }
         }
     }
+}
+
+/// Receives and discards until the channel closes (at the latest, with the
+/// connection). hypercore-protocol ends the whole connection if a message arrives
+/// for a channel whose receiver is gone, and the peer may still send a few before it
+/// sees our Close.
+fn drain(rx: hypercore_protocol::ChannelReceiver<Message>) {
+    tokio::spawn(async move { while rx.recv().await.is_ok() {} });
 }
 
 fn feed_done() -> Message {

@@ -33,7 +33,7 @@ use super::{
     ReplicateOptions, ReplicationEvent, ReplicationSummary,
     admission::{Admission, Admitted},
     feed_task::{
-        Activity, FeedSyncError, FeedSyncOptions, FeedSyncSummary, OneShotClose, Progress, run_feed,
+        FeedSyncError, FeedSyncOptions, FeedSyncSummary, OneShotClose, Progress, run_feed,
     },
     transport::{self, TransportFault, TransportLimits, TransportStatus},
 };
@@ -160,7 +160,7 @@ struct Session {
     /// Count of running feed tasks, which they read to pick their pipelining.
     active_feeds: Arc<AtomicUsize>,
     /// When the peer last moved replication on (see [`Session::waiting_on_peer`]).
-    activity: Arc<Activity>,
+    activity: Arc<transport::LastSeen>,
     /// Times a feed was re-requested after the peer closed its channel early.
     retries: HashMap<FeedKey, u8>,
     got_manifest: bool,
@@ -210,7 +210,7 @@ impl Session {
             serving: HashSet::new(),
             running: HashSet::new(),
             active_feeds: Arc::new(AtomicUsize::new(0)),
-            activity: Arc::new(Activity::new()),
+            activity: Arc::new(transport::LastSeen::new()),
             retries: HashMap::new(),
             got_manifest: false,
             got_request: false,
@@ -359,7 +359,7 @@ impl Session {
                 after: self.options.idle_timeout,
             });
         }
-        if self.waiting_on_peer() && self.activity.quiet_for() >= self.options.stall_timeout {
+        if self.waiting_on_peer() && self.activity.at().elapsed() >= self.options.stall_timeout {
             return Err(Error::Stalled {
                 after: self.options.stall_timeout,
             });
@@ -727,12 +727,10 @@ impl Session {
 
     /// Opens queued feeds while fewer than `max_active_feeds` are syncing.
     async fn pump_queue(&mut self) -> Result<()> {
-        let room = self
-            .options
-            .max_active_feeds
-            .saturating_sub(self.syncing.len());
-        let batch: Vec<FeedKey> = std::iter::from_fn(|| self.queue.pop()).take(room).collect();
-        for key in batch {
+        while self.syncing.len() < self.options.max_active_feeds {
+            let Some(key) = self.queue.pop() else {
+                break;
+            };
             tracing::trace!(%key, "opening feed channel");
             self.syncing.insert(key);
             self.open(key).await?;

@@ -108,9 +108,40 @@ pub const MAX_QUEUED_INBOUND: usize = 4096;
 /// How soon a paused read looks at the queues again.
 const INBOUND_RECHECK: Duration = Duration::from_millis(1);
 
-struct StatusInner {
+/// When something last happened; touched and read from any thread.
+#[derive(Debug)]
+pub struct LastSeen {
     epoch: Instant,
-    last_received_nanos: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl LastSeen {
+    /// Starts as "just now".
+    pub fn new() -> Self {
+        LastSeen {
+            epoch: Instant::now(),
+            nanos: AtomicU64::new(0),
+        }
+    }
+
+    pub fn touch(&self) {
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    pub fn at(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+}
+
+impl Default for LastSeen {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct StatusInner {
+    last_received: LastSeen,
     fault: watch::Sender<Option<TransportFault>>,
     /// Receivers whose queues count against [`MAX_QUEUED_INBOUND`], each with a token
     /// that its user holds: a dead token drops the entry.
@@ -136,8 +167,7 @@ impl std::fmt::Debug for TransportStatus {
 impl TransportStatus {
     fn new() -> Self {
         Self(Arc::new(StatusInner {
-            epoch: Instant::now(),
-            last_received_nanos: AtomicU64::new(0),
+            last_received: LastSeen::new(),
             fault: watch::Sender::new(None),
             inbound: std::sync::Mutex::new(Vec::new()),
         }))
@@ -165,8 +195,7 @@ impl TransportStatus {
 
     /// Time of the last inbound frame (connection start if none yet).
     pub fn last_received(&self) -> Instant {
-        let nanos = self.0.last_received_nanos.load(Ordering::Relaxed);
-        self.0.epoch + Duration::from_nanos(nanos)
+        self.0.last_received.at()
     }
 
     /// True once the connection has ended (EOF, IO error or a protocol fault).
@@ -200,8 +229,7 @@ impl TransportStatus {
     }
 
     fn touch(&self) {
-        let nanos = self.0.epoch.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-        self.0.last_received_nanos.store(nanos, Ordering::Relaxed);
+        self.0.last_received.touch();
     }
 }
 
