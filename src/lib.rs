@@ -80,7 +80,7 @@ pub use crate::{
     feed::Feed,
     keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
     multifeed::{Event, Multifeed, Options, SkippedFeed},
-    replicate::{ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary},
+    replicate::{ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary, SessionEnd},
     storage::{Durability, StorageConfig},
     topics::Topics,
     verify::{FeedReport, FeedStatus, VerifyReport},

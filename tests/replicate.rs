@@ -220,7 +220,8 @@ async fn events_report_remote_feeds_progress_and_sync() {
     ra.finish().await.unwrap();
     rb.finish().await.unwrap();
     assert!(events.contains(&ReplicationEvent::RemoteFeeds {
-        keys: vec![w.key()]
+        keys: vec![w.key()],
+        lengths: vec![Some(w.len().await)],
     }));
     assert!(events.contains(&ReplicationEvent::FeedSynced { key: w.key() }));
     let last_progress = events

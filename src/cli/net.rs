@@ -290,7 +290,7 @@ async fn sync_inner(
             event = replication.next_event() => {
                 let Some(event) = event else { break };
                 match event {
-                    ReplicationEvent::RemoteFeeds { keys } => {
+                    ReplicationEvent::RemoteFeeds { keys, .. } => {
                         expected.extend(keys.iter().copied());
                         if let Some(bar) = &bar {
                             bar.set_length(expected.len() as u64);

@@ -165,6 +165,32 @@ pub struct ReplicationSummary {
     pub bytes_sent: u64,
     /// The `user_data` of the peer's handshake.
     pub remote_user_data: Option<Vec<u8>>,
+    /// How the session ended.
+    pub ended: SessionEnd,
+}
+
+/// Why a session that ended without an error ended. Errors say why the others did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEnd {
+    /// One-shot: both sides hold every agreed feed and said `Done`.
+    #[default]
+    Completed,
+    /// This side asked to stop ([`Replication::stop`]).
+    LocalStop,
+    /// Live: the peer closed the session on purpose (it stopped, or it was a
+    /// one-shot peer that got what it wanted).
+    PeerClosed,
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SessionEnd::Completed => "completed",
+            SessionEnd::LocalStop => "stopped here",
+            SessionEnd::PeerClosed => "the peer closed the session",
+        })
+    }
 }
 
 /// Something that happened during a session.
@@ -175,6 +201,9 @@ pub enum ReplicationEvent {
     RemoteFeeds {
         /// The offered keys.
         keys: Vec<FeedKey>,
+        /// The length the peer announced for each key, in the same order (`None`:
+        /// not said). With what this side holds, it tells how much is to come.
+        lengths: Vec<Option<u64>>,
     },
     /// Download progress of one feed: running totals on this connection.
     Progress {

@@ -30,7 +30,7 @@ use tokio::{
 };
 
 use super::{
-    ReplicateOptions, ReplicationEvent, ReplicationSummary,
+    ReplicateOptions, ReplicationEvent, ReplicationSummary, SessionEnd,
     admission::{Admission, Admitted},
     feed_task::{
         FeedSyncError, FeedSyncOptions, FeedSyncSummary, OneShotClose, Progress, run_feed,
@@ -157,6 +157,14 @@ struct Session {
     serving: HashSet<FeedKey>,
     /// Feeds with a running channel on this connection.
     running: HashSet<FeedKey>,
+    /// Feed channels we asked the protocol to open and that have not closed since, by
+    /// discovery key. hypercore-protocol makes a second `Channel` for a second open of
+    /// the same key and routes the peer's messages to it alone, so a key is opened at
+    /// most once until its channel closes.
+    open_channels: HashMap<DiscoveryKey, FeedKey>,
+    /// A channel that opened again while the task of its previous channel was still
+    /// finishing; it starts when that task ends (its messages queue meanwhile).
+    next_channels: HashMap<FeedKey, Channel>,
     /// Count of running feed tasks, which they read to pick their pipelining.
     active_feeds: Arc<AtomicUsize>,
     /// When the peer last moved replication on (see [`Session::waiting_on_peer`]).
@@ -165,6 +173,12 @@ struct Session {
     retries: HashMap<FeedKey, u8>,
     got_manifest: bool,
     got_request: bool,
+    /// Live: the peer closed the group channel on purpose.
+    peer_left: bool,
+    /// The connection ended after the agreed end of the session.
+    connection_ended: bool,
+    /// The connection ended; decided on after the protocol's last events.
+    lost: Option<Error>,
     done_sent: bool,
     done_received: bool,
     tasks: JoinSet<FeedResult>,
@@ -209,11 +223,16 @@ impl Session {
             syncing: HashSet::new(),
             serving: HashSet::new(),
             running: HashSet::new(),
+            open_channels: HashMap::new(),
+            next_channels: HashMap::new(),
             active_feeds: Arc::new(AtomicUsize::new(0)),
             activity: Arc::new(transport::LastSeen::new()),
             retries: HashMap::new(),
             got_manifest: false,
             got_request: false,
+            peer_left: false,
+            connection_ended: false,
+            lost: None,
             done_sent: false,
             done_received: false,
             tasks: JoinSet::new(),
@@ -258,8 +277,14 @@ impl Session {
             let step = tokio::select! {
                 event = protocol.next() => match event {
                     Some(Ok(event)) => self.on_protocol_event(event).await,
-                    Some(Err(e)) => Err(status.fault().map(transport_error).unwrap_or(Error::ConnectionLost { reason: e.to_string() })),
-                    None => Err(Error::ConnectionLost { reason: "the protocol stream ended".into() }),
+                    Some(Err(e)) => {
+                        self.lost = Some(status.fault().map(transport_error).unwrap_or(Error::ConnectionLost { reason: e.to_string() }));
+                        Ok(())
+                    }
+                    None => {
+                        self.lost = Some(Error::ConnectionLost { reason: "the protocol stream ended".into() });
+                        Ok(())
+                    }
                 },
                 message = recv_root(&mut self.root_rx) => match message {
                     Some(message) => self.on_root_message(message).await,
@@ -298,10 +323,24 @@ impl Session {
                     Err(Error::HandshakeTimeout { after: self.options.handshake_timeout })
                 },
                 _ = keepalive.tick() => self.on_tick(status).await,
-                _ = stop.changed() => break Ok(()),
+                _ = stop.changed() => {
+                    self.summary.ended = SessionEnd::LocalStop;
+                    break Ok(());
+                },
+            };
+            let step = match (step, self.lost.take()) {
+                (Ok(()), Some(lost)) => self.on_connection_end(&mut protocol, lost).await,
+                (step, _) => step,
             };
             if let Err(e) = step {
                 break Err(e);
+            }
+            if self.peer_left {
+                self.summary.ended = SessionEnd::PeerClosed;
+                break Ok(());
+            }
+            if self.connection_ended {
+                break Ok(());
             }
             // A live session answering a one-shot peer keeps its channels open, so it
             // ends when that peer, having both Dones, closes the group channel.
@@ -331,7 +370,7 @@ impl Session {
                         | Error::SharedKeyMismatch
                 ) {
                     // The peer must get our handshake too, so both sides see the mismatch.
-                    linger(&mut protocol).await;
+                    flush(&mut protocol);
                 }
                 Err(error)
             }
@@ -425,6 +464,10 @@ impl Session {
                     return Err(Error::SharedKeyMismatch);
                 }
                 if let Some(key) = self.offered.get(&dk).copied() {
+                    // The peer's channel also serves our own want of this feed.
+                    if self.queue.remove(&key) {
+                        self.syncing.insert(key);
+                    }
                     self.open(key).await?;
                 } else {
                     tracing::debug!(dk = %hex::encode(dk), "peer opened a feed we did not offer; ignored");
@@ -432,6 +475,16 @@ impl Session {
             }
             ProtocolEvent::Close(dk) if dk == self.root_dk => {
                 return self.on_root_closed().await;
+            }
+            ProtocolEvent::Close(dk) => {
+                // A feed we still want whose task already ended (it was re-queued
+                // while this close was on its way) opens a fresh channel now.
+                if let Some(key) = self.open_channels.remove(&dk)
+                    && self.syncing.contains(&key)
+                    && !self.running.contains(&key)
+                {
+                    self.open(key).await?;
+                }
             }
             _ => {}
         }
@@ -447,6 +500,13 @@ impl Session {
             }
         }
         if self.done_sent && self.done_received {
+            if self.options.live {
+                self.peer_left = true;
+            }
+            Ok(())
+        } else if self.options.live && self.handshake_done {
+            // A live session has no end of its own: the peer leaving is one.
+            self.peer_left = true;
             Ok(())
         } else {
             Err(Error::ConnectionLost {
@@ -458,12 +518,18 @@ impl Session {
     fn start_feed(&mut self, channel: Channel) {
         let key = FeedKey::from_bytes(*channel.key());
         let Some(feed) = self.multifeed.feed(key) else {
-            tracing::debug!(%key, "channel for a feed that is not a member; ignored");
+            tracing::debug!(%key, "channel for a feed that is not a member; closed");
+            refuse_channel(channel);
             return;
         };
-        if !self.running.insert(key) {
+        if self.running.contains(&key) {
+            // The previous channel's task is still finishing: this one waits for it.
+            if let Some(older) = self.next_channels.insert(key, channel) {
+                refuse_channel(older);
+            }
             return;
         }
+        self.running.insert(key);
         let (synced_tx, synced_rx) = oneshot::channel();
         self.synced
             .spawn(async move { synced_rx.await.ok().map(|()| key) });
@@ -487,7 +553,12 @@ impl Session {
         });
     }
 
-    async fn open(&self, key: FeedKey) -> Result<()> {
+    /// Opens the feed's channel unless it is open or opening already.
+    async fn open(&mut self, key: FeedKey) -> Result<()> {
+        let dk = discovery_key(key.as_bytes());
+        if self.open_channels.insert(dk, key).is_some() {
+            return Ok(());
+        }
         self.commands
             .open(*key.as_bytes())
             .await
@@ -502,6 +573,21 @@ impl Session {
         result: std::result::Result<FeedSyncSummary, FeedSyncError>,
     ) -> Result<()> {
         tracing::trace!(%key, ?result, "feed channel finished");
+        let outcome = self.on_feed_result(key, result).await;
+        if outcome.is_ok()
+            && !self.running.contains(&key)
+            && let Some(channel) = self.next_channels.remove(&key)
+        {
+            self.start_feed(channel);
+        }
+        outcome
+    }
+
+    async fn on_feed_result(
+        &mut self,
+        key: FeedKey,
+        result: std::result::Result<FeedSyncSummary, FeedSyncError>,
+    ) -> Result<()> {
         match result {
             Ok(summary) => {
                 self.count_finished(key, summary);
@@ -541,13 +627,16 @@ impl Session {
         }
     }
 
-    /// Keeps the protocol polled for at most [`LINGER`] so queued messages reach the
-    /// peer, counting feed tasks as they finish; ends early once the peer closes
-    /// and no task is left.
+    /// Writes out what we queued (our close), then, one-shot, waits (at most
+    /// [`LINGER`]) for feed tasks still finishing their channels, to count them.
+    /// Nothing waits for the peer to hang up: it has what it needs once our
+    /// messages are written.
     async fn linger_collecting(&mut self, protocol: &mut Protocol) {
+        flush(protocol);
         let deadline = tokio::time::Instant::now() + LINGER;
+        let status = self.status.clone();
         let mut connected = true;
-        while connected || (!self.options.live && !self.tasks.is_empty()) {
+        while !self.options.live && !self.tasks.is_empty() {
             tokio::select! {
                 biased;
                 Some(joined) = self.tasks.join_next() => {
@@ -558,8 +647,42 @@ impl Session {
                 event = protocol.next(), if connected => {
                     connected = matches!(event, Some(Ok(_)));
                 }
+                _ = status.closed(), if connected => connected = false,
                 _ = tokio::time::sleep_until(deadline) => break,
             }
+        }
+        flush(protocol);
+    }
+
+    /// The connection ended. The peer's last exchange messages (its `Done`, its
+    /// handshake) may still wait in the group channel's queue: they decide whether
+    /// this was the agreed end of a one-shot session, a refusal, or a lost link.
+    async fn on_connection_end(&mut self, protocol: &mut Protocol, lost: Error) -> Result<()> {
+        // Events the protocol queued before it met the end (the peer's open of
+        // another group's channel, say) come first.
+        for _ in 0..64 {
+            match futures::FutureExt::now_or_never(protocol.next()) {
+                Some(Some(Ok(event))) => self.on_protocol_event(event).await?,
+                _ => break,
+            }
+        }
+        let mut closed_by_peer = false;
+        if let Some(rx) = self.root_rx.take() {
+            while let Ok(message) = rx.try_recv() {
+                closed_by_peer |= matches!(message, Message::Close(_));
+                self.on_root_message(message).await?;
+            }
+        }
+        if self.done_sent && self.done_received {
+            self.peer_left = self.options.live;
+            self.connection_ended = true;
+            Ok(())
+        } else if self.peer_left || (closed_by_peer && self.options.live && self.handshake_done) {
+            // It closed the group channel before hanging up: it left on purpose.
+            self.peer_left = true;
+            Ok(())
+        } else {
+            Err(lost)
         }
     }
 
@@ -690,6 +813,7 @@ impl Session {
         self.got_manifest = true;
         self.emit(ReplicationEvent::RemoteFeeds {
             keys: feeds.iter().map(|f| f.key).collect(),
+            lengths: feeds.iter().map(|f| f.length).collect(),
         });
         self.send(ExchangeMessage::Request(wanted.clone())).await?;
         let (known, new): (Vec<FeedKey>, Vec<FeedKey>) = wanted
@@ -804,6 +928,19 @@ impl Drop for ActiveFeed {
     }
 }
 
+/// Closes a channel we will not run, and reads what the peer sent before seeing the
+/// close: hypercore-protocol ends the whole connection when a message arrives for a
+/// channel whose receiver is gone.
+fn refuse_channel(mut channel: Channel) {
+    let receiver = channel.take_receiver();
+    tokio::spawn(async move {
+        let _ = channel.close().await;
+        if let Some(receiver) = receiver {
+            while receiver.recv().await.is_ok() {}
+        }
+    });
+}
+
 /// Feeds waiting for a channel, in request order, with O(1) membership.
 #[derive(Default)]
 struct FeedQueue {
@@ -819,9 +956,18 @@ impl FeedQueue {
     }
 
     fn pop(&mut self) -> Option<FeedKey> {
-        let key = self.order.pop_front()?;
-        self.members.remove(&key);
-        Some(key)
+        // Keys removed out of order are skipped here.
+        while let Some(key) = self.order.pop_front() {
+            if self.members.remove(&key) {
+                return Some(key);
+            }
+        }
+        None
+    }
+
+    /// Takes `key` out of the queue; whether it was queued.
+    fn remove(&mut self, key: &FeedKey) -> bool {
+        self.members.remove(key)
     }
 
     fn contains(&self, key: &FeedKey) -> bool {
@@ -829,11 +975,24 @@ impl FeedQueue {
     }
 
     fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.members.is_empty()
     }
 
     fn len(&self) -> usize {
-        self.order.len()
+        self.members.len()
+    }
+}
+
+/// Writes out what the protocol has queued (its close, say) without waiting for
+/// anything to arrive: each poll that finds nothing to read has written the outbound
+/// queue and flushed it.
+fn flush(protocol: &mut Protocol) {
+    use futures::FutureExt;
+    for _ in 0..64 {
+        match protocol.next().now_or_never() {
+            Some(Some(Ok(_))) => continue,
+            _ => break,
+        }
     }
 }
 

@@ -204,7 +204,6 @@ impl TransportStatus {
     }
 
     /// Resolves once the connection has ended.
-    #[cfg(test)]
     pub async fn closed(&self) {
         let mut rx = self.0.fault.subscribe();
         // The sender lives in `self`, so this cannot fail while we wait.
