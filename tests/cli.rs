@@ -317,7 +317,7 @@ fn read_from_a_cursor_resumes_after_its_last_message_even_with_older_late_arriva
     let out = gws[0].run(&["read", "t", "--from", &cursor2]);
     assert!(out.status.success());
     assert!(out.stdout.is_empty());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cursor: v1."));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cursor: v2."));
 }
 
 #[test]
