@@ -30,7 +30,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// The tokio clock, so idle and stall timeouts follow a paused test clock.
+use tokio::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use futures::{Sink, Stream};
