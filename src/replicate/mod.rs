@@ -3,12 +3,16 @@
 //! - `admission`: creates the feeds a peer offers, beside the session loop.
 //! - `session`: one connection — root channel, feed exchange, per-feed channels.
 //! - `transport`: framing, Noise, and the workarounds for hypercore-protocol's defects.
+//! - `frame_check`: IO-less check of every inbound frame before hypercore-protocol decodes it.
 //! - `feed_sync`: IO-less state machine replicating one feed over one channel.
 //! - `feed_task`: the async driver of `feed_sync` against a shared core.
 
 mod admission;
 pub(crate) mod feed_sync;
 pub(crate) mod feed_task;
+pub(crate) mod frame_check;
+#[cfg(test)]
+mod frame_samples;
 mod session;
 pub(crate) mod transport;
 

@@ -8,8 +8,12 @@
 //!   cipher then yields one error to `Protocol` (its `next()` returns `Some(Err(_))`);
 //! - inbound batch frames that switch channel are split per channel (upstream decoder misreads
 //!   them); outbound batches are split per channel and chunked under the frame limit;
-//! - channel ids above [`TransportLimits::max_channel_id`] end the connection before
-//!   `alloc_remote` can grow a Vec to that size;
+//! - every inbound frame is checked by [`frame_check`] before `Protocol` decodes it: each
+//!   declared length and element count against the bytes present (compact-encoding
+//!   reserves vectors by the peer's count, and a failed allocation aborts the process),
+//!   and channel ids above [`TransportLimits::max_channel_id`] (`alloc_remote` grows a Vec
+//!   to the id). A frame that fails ends that connection with [`TransportFault::Frame`];
+//! - inbound batches reach `Protocol` in pieces of at most [`MAX_INBOUND_BATCH_MESSAGES`];
 //! - the handshake completes before `Protocol` is built: otherwise the responder sends `Open`
 //!   without a capability when `open` is called early, and the remote rejects the channel.
 //!   As a side effect `Event::Handshake` is always the first event (defect 6 cannot occur).
@@ -17,8 +21,9 @@
 //! - hypercore-protocol queues inbound messages per channel without bound: receivers
 //!   registered with [`TransportStatus::watch_inbound`] are counted, and while more
 //!   than [`MAX_QUEUED_INBOUND`] messages wait in them, no further frame is read from
-//!   the socket (TCP then slows the peer down). A peer flooding requests faster than
-//!   they are served cannot grow our memory without bound.
+//!   the socket (TCP then slows the peer down), and frames already read wait as bytes
+//!   instead of being handed to `Protocol`. A peer flooding requests faster than they
+//!   are served cannot grow our memory without bound.
 //!
 //! Caller notes: keep polling the `Protocol` (faults are only noticed while it is polled);
 //! `Protocol` has no keepalive, so idle detection is the caller's job via
@@ -35,7 +40,8 @@ use std::time::Duration;
 // The tokio clock, so idle and stall timeouts follow a paused test clock.
 use tokio::time::Instant;
 
-use bytes::{Buf, BytesMut};
+use super::frame_check::{self, FrameFault, Unit};
+use bytes::BytesMut;
 use futures::{Sink, Stream};
 use hypercore_handshake::state_machine::PUBLIC_KEYLEN;
 use hypercore_handshake::state_machine::hc_specific::generate_keypair;
@@ -78,10 +84,8 @@ pub enum TransportFault {
     Io(String),
     #[error("frame of {len} bytes exceeds limit of {max}")]
     FrameTooLarge { len: usize, max: usize },
-    #[error("channel id {id} exceeds limit of {max}")]
-    ChannelIdTooLarge { id: u64, max: u64 },
-    #[error("malformed frame: {0}")]
-    MalformedFrame(&'static str),
+    #[error("invalid frame: {0}")]
+    Frame(#[from] FrameFault),
     #[error("cipher error: {0}")]
     Cipher(String),
 }
@@ -110,6 +114,41 @@ impl From<TransportFault> for io::Error {
 pub const MAX_QUEUED_INBOUND: usize = 4096;
 /// How soon a paused read looks at the queues again.
 const INBOUND_RECHECK: Duration = Duration::from_millis(1);
+/// Inbound batches are handed to `Protocol` in pieces of at most this many messages: it
+/// decodes a whole frame into one `Vec` (a 4 MiB frame of 3-byte messages would be over
+/// a million entries of ~250 bytes), and the inbound gate can only act between pieces.
+pub const MAX_INBOUND_BATCH_MESSAGES: usize = 256;
+
+/// Holds inbound frames back while more than [`MAX_QUEUED_INBOUND`] messages wait in
+/// watched receivers, looking again every [`INBOUND_RECHECK`].
+struct InboundGate {
+    status: TransportStatus,
+    paused: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl InboundGate {
+    fn new(status: TransportStatus) -> Self {
+        Self {
+            status,
+            paused: None,
+        }
+    }
+
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if let Some(pause) = &mut self.paused {
+                if pause.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.paused = None;
+            }
+            if self.status.queued_inbound() <= MAX_QUEUED_INBOUND {
+                return Poll::Ready(());
+            }
+            self.paused = Some(Box::pin(tokio::time::sleep(INBOUND_RECHECK)));
+        }
+    }
+}
 
 /// When something last happened; touched and read from any thread.
 #[derive(Debug)]
@@ -287,8 +326,8 @@ impl Encoder<Vec<u8>> for FrameCodec {
 struct FramedIo<S> {
     framed: Framed<S, FrameCodec>,
     status: TransportStatus,
-    /// Set while reading is paused for a full inbound backlog.
-    paused: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Closed while the inbound backlog is full.
+    gate: InboundGate,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Stream for FramedIo<S> {
@@ -298,18 +337,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for FramedIo<S> {
         if self.status.is_closed() {
             return Poll::Pending;
         }
-        loop {
-            if let Some(pause) = &mut self.paused {
-                if pause.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                self.paused = None;
-            }
-            if self.status.queued_inbound() <= MAX_QUEUED_INBOUND {
-                break;
-            }
-            // Writing goes on meanwhile: only reading waits for the queues to drain.
-            self.paused = Some(Box::pin(tokio::time::sleep(INBOUND_RECHECK)));
+        // Writing goes on meanwhile: only reading waits for the queues to drain.
+        if self.gate.poll_open(cx).is_pending() {
+            return Poll::Pending;
         }
         match Pin::new(&mut self.framed).poll_next(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -410,128 +440,39 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SyncIo<S> {
     }
 }
 
-/// Reads a compact-encoding uint (`<0xfd` | `0xfd u16` | `0xfe u32` | `0xff u64`, LE).
-fn read_uint(buf: &mut &[u8]) -> Option<u64> {
-    let (&first, rest) = buf.split_first()?;
-    let width = match first {
-        0xfd => 2,
-        0xfe => 4,
-        0xff => 8,
-        n => {
-            *buf = rest;
-            return Some(u64::from(n));
-        }
-    };
-    if rest.len() < width {
-        return None;
-    }
-    let mut bytes = [0u8; 8];
-    bytes[..width].copy_from_slice(&rest[..width]);
-    *buf = &rest[width..];
-    Some(u64::from_le_bytes(bytes))
-}
-
-fn write_uint(out: &mut Vec<u8>, n: u64) {
-    if n < 0xfd {
-        out.push(n as u8);
-    } else if n <= u64::from(u16::MAX) {
-        out.push(0xfd);
-        out.extend_from_slice(&(n as u16).to_le_bytes());
-    } else if n <= u64::from(u32::MAX) {
-        out.push(0xfe);
-        out.extend_from_slice(&(n as u32).to_le_bytes());
-    } else {
-        out.push(0xff);
-        out.extend_from_slice(&n.to_le_bytes());
-    }
-}
-
-fn check_channel(id: u64, max: u64) -> Result<u64, TransportFault> {
-    if id > max {
-        return Err(TransportFault::ChannelIdTooLarge { id, max });
-    }
-    Ok(id)
-}
-
 /// Outcome of inspecting one frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inspected {
     /// Use the frame unchanged.
     Pass,
-    /// Use these batches instead, in order: one channel each, each at most `max_len` bytes
-    /// unless a single message is larger.
+    /// Use these frames instead, in order: batches of one channel each, each at most
+    /// `max_len` bytes (unless a single message is larger) and `max_messages` messages;
+    /// or the frame without bytes past its message.
     Split(Vec<Vec<u8>>),
 }
 
-/// Checks channel ids and splits batches that switch channel or exceed `max_len`.
-///
-/// Layouts (hypercore-protocol `message.rs`): batch `00 00 <ch> (<len> <msg>)*` with channel
-/// switches `00 <ch>` (a zero length); open `00 01 <ch> ...`; close `00 03 <ch>`;
-/// single message `<ch> <type> ...` (also any frame shorter than 3 bytes).
+/// Checks a frame ([`frame_check::check_frame`]: every declared length and count against
+/// the bytes present, channel ids up to `max_channel_id`) and says what to forward:
+/// batches that switch channel or exceed `max_len` bytes or `max_messages` messages are
+/// split, and bytes past a message are cut off.
 pub fn inspect_frame(
     frame: &[u8],
     max_channel_id: u64,
     max_len: usize,
-) -> Result<Inspected, TransportFault> {
-    const TRUNCATED: TransportFault = TransportFault::MalformedFrame("truncated channel id");
-    if frame.is_empty() {
-        return Ok(Inspected::Pass); // keepalive-style empty message; decodes to nothing
-    }
-    if frame.len() < 3 || frame[0] != 0 {
-        let mut rest = frame;
-        check_channel(read_uint(&mut rest).ok_or(TRUNCATED)?, max_channel_id)?;
+    max_messages: usize,
+) -> Result<Inspected, FrameFault> {
+    let checked = frame_check::check_frame(frame, max_channel_id)?;
+    let Some(unit) = checked.unit else {
+        return Ok(Inspected::Pass); // empty: decodes to nothing
+    };
+    let fits = match &unit {
+        Unit::Batch(entries) => entries.len() <= max_messages && frame.len() <= max_len,
+        _ => true,
+    };
+    if checked.exact && fits {
         return Ok(Inspected::Pass);
     }
-    let mut rest = &frame[2..];
-    match frame[1] {
-        0x00 => {}
-        0x01 | 0x03 => {
-            check_channel(read_uint(&mut rest).ok_or(TRUNCATED)?, max_channel_id)?;
-            return Ok(Inspected::Pass);
-        }
-        _ => return Ok(Inspected::Pass), // upstream rejects it as an invalid special message
-    }
-
-    let mut channel = check_channel(read_uint(&mut rest).ok_or(TRUNCATED)?, max_channel_id)?;
-    let mut out: Vec<Vec<u8>> = Vec::new();
-    let mut current: Option<Vec<u8>> = None;
-    let mut switched = false;
-    while !rest.is_empty() {
-        let before = rest;
-        let len = read_uint(&mut rest)
-            .ok_or(TransportFault::MalformedFrame("truncated message length"))?;
-        if len == 0 {
-            channel = check_channel(read_uint(&mut rest).ok_or(TRUNCATED)?, max_channel_id)?;
-            out.extend(current.take());
-            switched = true;
-            continue;
-        }
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        if len > rest.len() {
-            return Err(TransportFault::MalformedFrame(
-                "message length past end of frame",
-            ));
-        }
-        let entry = &before[..before.len() - rest.len() + len]; // `<len> <msg>`
-        rest.advance(len);
-        if current
-            .as_ref()
-            .is_some_and(|c| c.len() + entry.len() > max_len)
-        {
-            out.extend(current.take());
-        }
-        let batch = current.get_or_insert_with(|| {
-            let mut b = vec![0, 0];
-            write_uint(&mut b, channel);
-            b
-        });
-        batch.extend_from_slice(entry);
-    }
-    out.extend(current);
-    if !switched && out.len() <= 1 {
-        return Ok(Inspected::Pass);
-    }
-    Ok(Inspected::Split(out))
+    Ok(Inspected::Split(unit.frames(max_len, max_messages)))
 }
 
 /// `Cipher` wrapper that `Protocol` talks to: sanitises decrypted frames and turns a recorded
@@ -541,7 +482,11 @@ struct GuardedCipher {
     status: TransportStatus,
     max_channel_id: u64,
     max_out_len: usize,
+    /// Checked frames not yet handed to `Protocol`.
     queued: VecDeque<Vec<u8>>,
+    /// Closed while the inbound backlog is full: frames the cipher already holds or a
+    /// split batch's pieces wait here instead of growing the channel queues.
+    gate: InboundGate,
     reported: bool,
 }
 
@@ -555,10 +500,8 @@ impl GuardedCipher {
             let pending = polled.is_pending();
             match polled {
                 Poll::Ready(Some(CipherEvent::Message(frame))) => {
-                    match inspect_frame(&frame, self.max_channel_id, usize::MAX) {
-                        Ok(Inspected::Pass) => self.queued.push_back(frame),
-                        Ok(Inspected::Split(frames)) => self.queued.extend(frames),
-                        Err(fault) => self.status.set_fault(fault),
+                    if let Err(fault) = self.accept(frame) {
+                        self.status.set_fault(fault);
                     }
                 }
                 Poll::Ready(Some(CipherEvent::HandshakePayload(_))) => {} // Protocol drops it too
@@ -581,6 +524,20 @@ impl GuardedCipher {
         }
     }
 
+    /// Checks an inbound frame and queues what `Protocol` may decode.
+    fn accept(&mut self, frame: Vec<u8>) -> Result<(), TransportFault> {
+        match inspect_frame(
+            &frame,
+            self.max_channel_id,
+            usize::MAX,
+            MAX_INBOUND_BATCH_MESSAGES,
+        )? {
+            Inspected::Pass => self.queued.push_back(frame),
+            Inspected::Split(frames) => self.queued.extend(frames),
+        }
+        Ok(())
+    }
+
     fn report(&mut self, fault: TransportFault) -> Poll<Option<CipherEvent>> {
         self.status.set_fault(fault);
         self.reported = true;
@@ -595,8 +552,13 @@ impl Stream for GuardedCipher {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<CipherEvent>> {
         let this = &mut *self;
         loop {
-            if let Some(frame) = this.queued.pop_front() {
-                return Poll::Ready(Some(CipherEvent::Message(frame)));
+            if !this.queued.is_empty() {
+                if this.gate.poll_open(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if let Some(frame) = this.queued.pop_front() {
+                    return Poll::Ready(Some(CipherEvent::Message(frame)));
+                }
             }
             if this.reported {
                 return Poll::Pending; // connection is over; the error was already surfaced
@@ -605,12 +567,8 @@ impl Stream for GuardedCipher {
             // before EOF. Our inner stream is pending by then, so this only drains.
             match Pin::new(&mut this.cipher).poll_next(cx) {
                 Poll::Ready(Some(CipherEvent::Message(frame))) => {
-                    match inspect_frame(&frame, this.max_channel_id, usize::MAX) {
-                        Ok(Inspected::Pass) => {
-                            return Poll::Ready(Some(CipherEvent::Message(frame)));
-                        }
-                        Ok(Inspected::Split(frames)) => this.queued.extend(frames),
-                        Err(fault) => return this.report(fault),
+                    if let Err(fault) = this.accept(frame) {
+                        return this.report(fault);
                     }
                 }
                 // Report at once: the cipher may repeat a write error on every poll.
@@ -654,7 +612,7 @@ impl Sink<Vec<u8>> for GuardedCipher {
     /// everything queued into one frame, with no size bound).
     fn start_send(mut self: Pin<&mut Self>, item: Vec<u8>) -> io::Result<()> {
         self.check()?;
-        match inspect_frame(&item, u64::MAX, self.max_out_len) {
+        match inspect_frame(&item, u64::MAX, self.max_out_len, usize::MAX) {
             Ok(Inspected::Split(frames)) => {
                 for frame in frames {
                     Pin::new(&mut self.cipher).start_send(frame)?;
@@ -708,7 +666,7 @@ where
     let framed = FramedIo {
         framed: Framed::new(io, FrameCodec::new(limits.max_frame_len)),
         status: status.clone(),
-        paused: None,
+        gate: InboundGate::new(status.clone()),
     };
     let io = Some(Box::new(framed) as Box<dyn hypercore_handshake::CipherIo<Error = io::Error>>);
     let setup = |e: hypercore_handshake::Error| TransportFault::Cipher(e.to_string());
@@ -726,6 +684,7 @@ where
         // Room for the cipher's per-message overhead (17 bytes) within the frame limit.
         max_out_len: limits.max_frame_len.min(U24_MAX).saturating_sub(64),
         queued: VecDeque::new(),
+        gate: InboundGate::new(status.clone()),
         reported: false,
     };
     futures::future::poll_fn(|cx| guarded.poll_handshake(cx)).await?;

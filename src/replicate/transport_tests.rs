@@ -3,6 +3,7 @@ use std::io;
 use std::time::Duration;
 
 use super::{Inspected, TransportFault, TransportLimits, TransportStatus, inspect_frame, protocol};
+use crate::replicate::frame_check::FrameFault;
 use futures::{SinkExt, StreamExt, TryStreamExt, future};
 use hypercore_handshake::{Cipher, HandshakePattern};
 use hypercore_protocol::schema::Extension;
@@ -278,10 +279,10 @@ async fn huge_channel_id_from_peer_is_a_fault() {
     within("status closed", side.status.closed()).await;
     assert_eq!(
         side.status.fault(),
-        Some(TransportFault::ChannelIdTooLarge {
+        Some(TransportFault::Frame(FrameFault::ChannelIdTooLarge {
             id: 1 << 24,
             max: 65_536
-        })
+        }))
     );
     assert!(within("protocol error", side.task).await.unwrap().is_err());
 }
@@ -369,61 +370,65 @@ async fn three_hundred_channels_with_cross_channel_batch() {
 
 const MAX: u64 = 65_536;
 
+/// Inbound splitting as the transport does it.
+fn inspect(frame: &[u8], max_len: usize) -> Result<Inspected, FrameFault> {
+    inspect_frame(frame, MAX, max_len, usize::MAX)
+}
+
 #[test]
 fn splitter_passes_non_switching_frames() {
+    // `9 0 1 x` is an Extension named "" carrying [x].
     // single message on channel 1: <ch> <type 9> ...
-    assert_eq!(
-        inspect_frame(&[1, 9, 0, 0], MAX, usize::MAX),
-        Ok(Inspected::Pass)
-    );
+    assert_eq!(inspect(&[1, 9, 0, 1, 7], usize::MAX), Ok(Inspected::Pass));
     // batch on channel 1 with two messages
     assert_eq!(
-        inspect_frame(&[0, 0, 1, 2, 9, 9, 1, 4], MAX, usize::MAX),
+        inspect(&[0, 0, 1, 4, 9, 0, 1, 7, 4, 9, 0, 1, 8], usize::MAX),
         Ok(Inspected::Pass)
     );
     // open / close on small channels
     assert_eq!(
-        inspect_frame(&[0, 1, 3, 1, 2, 3], MAX, usize::MAX),
+        inspect(&[0, 1, 3, 1, b'p', 2, 5, 6], usize::MAX),
         Ok(Inspected::Pass)
     );
-    assert_eq!(
-        inspect_frame(&[0, 3, 3], MAX, usize::MAX),
-        Ok(Inspected::Pass)
-    );
-    assert_eq!(inspect_frame(&[], MAX, usize::MAX), Ok(Inspected::Pass));
+    assert_eq!(inspect(&[0, 3, 3], usize::MAX), Ok(Inspected::Pass));
+    assert_eq!(inspect(&[], usize::MAX), Ok(Inspected::Pass));
 }
 
 #[test]
 fn splitter_splits_channel_switches() {
-    // ch 1: [9 9]; switch to ch 0x1234 (0xfd u16); [4]; switch to ch 2; [9 1 2], [4]
+    // ch 1: [a]; switch to ch 0x1234 (0xfd u16); [b]; switch to ch 2; [c], [d]
     let frame = [
-        0, 0, 1, 2, 9, 9, 0, 0xfd, 0x34, 0x12, 1, 4, 0, 2, 3, 9, 1, 2, 1, 4,
+        0, 0, 1, 4, 9, 0, 1, 0xa, 0, 0xfd, 0x34, 0x12, 4, 9, 0, 1, 0xb, 0, 2, 4, 9, 0, 1, 0xc, 4,
+        9, 0, 1, 0xd,
     ];
     let expected = vec![
-        vec![0, 0, 1, 2, 9, 9],
-        vec![0, 0, 0xfd, 0x34, 0x12, 1, 4],
-        vec![0, 0, 2, 3, 9, 1, 2, 1, 4],
+        vec![0, 0, 1, 4, 9, 0, 1, 0xa],
+        vec![0, 0, 0xfd, 0x34, 0x12, 4, 9, 0, 1, 0xb],
+        vec![0, 0, 2, 4, 9, 0, 1, 0xc, 4, 9, 0, 1, 0xd],
     ];
-    assert_eq!(
-        inspect_frame(&frame, MAX, usize::MAX),
-        Ok(Inspected::Split(expected))
-    );
+    assert_eq!(inspect(&frame, usize::MAX), Ok(Inspected::Split(expected)));
 }
 
 #[test]
 fn splitter_chunks_oversized_batches() {
-    // three 3-byte entries on channel 1, at most 6 bytes per batch: header (3) + one entry
-    let frame = [0, 0, 1, 2, 9, 1, 2, 9, 2, 2, 9, 3];
+    // three 5-byte entries on channel 1, at most 8 bytes per batch: header (3) + one entry
+    let frame = [0, 0, 1, 4, 9, 0, 1, 1, 4, 9, 0, 1, 2, 4, 9, 0, 1, 3];
     let expected = vec![
-        vec![0, 0, 1, 2, 9, 1],
-        vec![0, 0, 1, 2, 9, 2],
-        vec![0, 0, 1, 2, 9, 3],
+        vec![0, 0, 1, 4, 9, 0, 1, 1],
+        vec![0, 0, 1, 4, 9, 0, 1, 2],
+        vec![0, 0, 1, 4, 9, 0, 1, 3],
     ];
+    assert_eq!(inspect(&frame, 8), Ok(Inspected::Split(expected.clone())));
+    assert_eq!(inspect(&frame, 18), Ok(Inspected::Pass));
+    // and by message count, as inbound batches are
     assert_eq!(
-        inspect_frame(&frame, MAX, 6),
+        inspect_frame(&frame, MAX, usize::MAX, 1),
         Ok(Inspected::Split(expected))
     );
-    assert_eq!(inspect_frame(&frame, MAX, 12), Ok(Inspected::Pass));
+    assert_eq!(
+        inspect_frame(&frame, MAX, usize::MAX, 3),
+        Ok(Inspected::Pass)
+    );
 }
 
 #[test]
@@ -431,8 +436,8 @@ fn splitter_rejects_malformed_input() {
     let malformed = |frame: &[u8]| {
         assert!(
             matches!(
-                inspect_frame(frame, MAX, usize::MAX),
-                Err(TransportFault::MalformedFrame(_))
+                inspect(frame, usize::MAX),
+                Err(FrameFault::Truncated { .. } | FrameFault::LengthPastEnd { .. })
             ),
             "{frame:?}"
         )
@@ -443,8 +448,8 @@ fn splitter_rejects_malformed_input() {
     malformed(&[
         0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
     ]); // u64::MAX length
-    malformed(&[0, 0, 1, 1, 9, 0]); // switch with no channel
-    malformed(&[0, 0, 1, 1, 9, 0, 0xff, 1]); // switch with truncated channel
+    malformed(&[0, 0, 1, 4, 9, 0, 1, 1, 0]); // switch with no channel
+    malformed(&[0, 0, 1, 4, 9, 0, 1, 1, 0, 0xff, 1]); // switch with truncated channel
     malformed(&[0xfe, 1]); // single message with truncated channel
     malformed(&[0, 1, 0xff, 1, 2]); // open with truncated channel
 }
@@ -453,20 +458,20 @@ fn splitter_rejects_malformed_input() {
 fn splitter_rejects_huge_channel_ids() {
     let too_large = |frame: &[u8], id: u64| {
         assert_eq!(
-            inspect_frame(frame, MAX, usize::MAX),
-            Err(TransportFault::ChannelIdTooLarge { id, max: MAX })
+            inspect(frame, usize::MAX),
+            Err(FrameFault::ChannelIdTooLarge { id, max: MAX })
         )
     };
     too_large(&[0xfe, 0, 0, 0, 1, 9, 0], 1 << 24); // single message
     too_large(&[0, 0, 0xfe, 0, 0, 0, 1, 1, 9], 1 << 24); // batch
     too_large(
-        &[0, 0, 1, 1, 9, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0x80],
+        &[0, 0, 1, 4, 9, 0, 1, 1, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0x80],
         1 << 63,
     ); // batch switch
     too_large(&[0, 1, 0xfe, 1, 0, 1, 0, 5], 65_537); // open
     too_large(&[0, 3, 0xfe, 1, 0, 1, 0], 65_537); // close
     assert_eq!(
-        inspect_frame(&[0, 3, 0xfe, 0, 0, 1, 0], MAX, usize::MAX),
+        inspect(&[0, 3, 0xfe, 0, 0, 1, 0], usize::MAX),
         Ok(Inspected::Pass)
     ); // = max
 }
@@ -538,3 +543,6 @@ async fn a_full_inbound_queue_pauses_reading_without_losing_messages() {
     within("sender done", sender).await.unwrap();
     assert!(!b.status.is_closed());
 }
+
+#[path = "transport_fuzz.rs"]
+mod fuzz;
