@@ -15,6 +15,10 @@
 //!   used, so memory stays bounded however many feeds a group has.
 //! - `storage.rs`: the plain-file storage backend and group-commit syncs
 //!   ([`Durability`]).
+//! - [`replicate`]: replication with one peer over any byte stream
+//!   ([`Multifeed::start_replication`], [`Replication`]), and the [`Dialer`]
+//!   ([`Multifeed::dial`]) that keeps a live session going across connection
+//!   losses, reconnecting with capped, jittered exponential [`Backoff`].
 //! - [`keys`]: [`SharedKey`], [`FeedKey`], [`Keypair`].
 //! - [`topics`]: [`Topics`] — timestamped messages published to topics by many
 //!   writers, read merged with a resumable cursor, or followed live.
@@ -84,7 +88,10 @@ pub use crate::{
     feed::Feed,
     keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
     multifeed::{Event, Multifeed, Options, SkippedFeed},
-    replicate::{ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary, SessionEnd},
+    replicate::{
+        Backoff, BackoffPolicy, DialEvent, DialOptions, DialSummary, Dialer, ReplicateOptions,
+        Replication, ReplicationEvent, ReplicationSummary, SessionEnd,
+    },
     storage::{Durability, StorageConfig},
     topics::Topics,
     verify::{FeedReport, FeedStatus, VerifyReport},

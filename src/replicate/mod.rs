@@ -1,6 +1,8 @@
 //! Replication: the feed exchange over the Hypercore v10 wire protocol.
 //!
 //! - `admission`: creates the feeds a peer offers, beside the session loop.
+//! - [`dialer`]: keeps a live session with one peer going, reconnecting with
+//!   backoff ([`Dialer`], [`Backoff`]).
 //! - `session`: one connection — root channel, feed exchange, per-feed channels.
 //! - `transport`: framing, Noise, and the workarounds for hypercore-protocol's defects.
 //! - `frame_check`: IO-less check of every inbound frame before hypercore-protocol decodes it.
@@ -8,6 +10,7 @@
 //! - `feed_task`: the async driver of `feed_sync` against a shared core.
 
 mod admission;
+pub mod dialer;
 pub(crate) mod feed_sync;
 pub(crate) mod feed_task;
 pub(crate) mod frame_check;
@@ -24,6 +27,9 @@ use tokio::{
     task::JoinHandle,
 };
 
+pub use self::dialer::{
+    Backoff, BackoffPolicy, DialEvent, DialOptions, DialSummary, Dialer, is_fatal,
+};
 use crate::{
     FeedKey, Multifeed,
     error::{Error, Result},
