@@ -1,7 +1,10 @@
 //! Replication: the feed exchange over the Hypercore v10 wire protocol.
 //!
 //! - `admission`: creates the feeds a peer offers, beside the session loop.
-//! - `session`: one connection — root channel, feed exchange, per-feed channels.
+//! - `session_core`: IO-less state machine of a session — the feed exchange and the
+//!   bookkeeping of feed channels.
+//! - `session`: the tokio driver of `session_core` over one connection — root
+//!   channel, feed channels, feed tasks, timers.
 //! - `transport`: framing, Noise, and the workarounds for hypercore-protocol's defects.
 //! - `feed_sync`: IO-less state machine replicating one feed over one channel.
 //! - `feed_task`: the async driver of `feed_sync` against a shared core.
@@ -10,6 +13,7 @@ mod admission;
 pub(crate) mod feed_sync;
 pub(crate) mod feed_task;
 mod session;
+mod session_core;
 pub(crate) mod transport;
 
 use std::time::Duration;
