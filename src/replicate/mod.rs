@@ -3,7 +3,10 @@
 //! - `admission`: creates the feeds a peer offers, beside the session loop.
 //! - [`dialer`]: keeps a live session with one peer going, reconnecting with
 //!   backoff ([`Dialer`], [`Backoff`]).
-//! - `session`: one connection — root channel, feed exchange, per-feed channels.
+//! - `session_core`: IO-less state machine of a session — the feed exchange and the
+//!   bookkeeping of feed channels.
+//! - `session`: the tokio driver of `session_core` over one connection — root
+//!   channel, feed channels, feed tasks, timers.
 //! - `transport`: framing, Noise, and the workarounds for hypercore-protocol's defects.
 //! - `frame_check`: IO-less check of every inbound frame before hypercore-protocol decodes it.
 //! - `feed_sync`: IO-less state machine replicating one feed over one channel.
@@ -17,6 +20,7 @@ pub(crate) mod frame_check;
 #[cfg(test)]
 mod frame_samples;
 mod session;
+mod session_core;
 pub(crate) mod transport;
 
 use std::time::Duration;
