@@ -596,7 +596,9 @@ mod tests {
     /// The ceiling of the n-th failure's delay (from 0).
     fn ceiling(n: u32) -> Duration {
         let p = policy();
-        p.initial.saturating_mul(2u32.saturating_pow(n + 1)).min(p.max)
+        p.initial
+            .saturating_mul(2u32.saturating_pow(n + 1))
+            .min(p.max)
     }
 
     #[test]
