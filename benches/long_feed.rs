@@ -5,7 +5,7 @@
 //! a time to another), closes the group, then times reopening it, reading every
 //! block and verifying it. Set `LONG_FEED_N` to change the count.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use multifeed::{Multifeed, Options, SharedKey, StorageConfig};
 
@@ -16,12 +16,42 @@ fn count(var: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn rate(n: u64, elapsed: std::time::Duration) -> String {
-    format!(
-        "{:>9.2?} ({:>9.0} blocks/s)",
-        elapsed,
-        n as f64 / elapsed.as_secs_f64()
-    )
+/// CPU time (user + system) of this process so far, from /proc (Linux): on a
+/// shared machine it tells the work apart from the waiting.
+fn cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses: utime and stime are
+    // the 12th and 13th, in clock ticks (100 per second on Linux).
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().skip(11).take(2))
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Times a phase: wall clock, CPU and rate.
+struct Phase(Instant, Duration);
+
+impl Phase {
+    fn start() -> Self {
+        Phase(Instant::now(), cpu())
+    }
+
+    fn done(self, what: &str, n: u64) {
+        let (wall, cpu) = (self.0.elapsed(), cpu().saturating_sub(self.1));
+        let rate = if n > 0 {
+            format!(
+                ", {:.0} blocks/s of CPU",
+                n as f64 / cpu.as_secs_f64().max(0.01)
+            )
+        } else {
+            String::new()
+        };
+        println!("{what}: {wall:.2?} ({cpu:.2?} CPU{rate})");
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -42,31 +72,25 @@ async fn main() {
 
     let feed = group.writer("batched").await.unwrap();
     let batch = vec![block; 1000];
-    let start = Instant::now();
+    let phase = Phase::start();
     let mut len = 0;
     while len < n {
         let k = 1000.min(n - len) as usize;
         feed.append_batch(&batch[..k]).await.unwrap();
         len += k as u64;
     }
-    println!(
-        "append {n} x 100 B, batches of 1,000: {}",
-        rate(n, start.elapsed())
-    );
+    phase.done(&format!("append {n} x 100 B, batches of 1,000"), n);
     let feed = group.writer("single").await.unwrap();
-    let start = Instant::now();
+    let phase = Phase::start();
     for _ in 0..single {
         feed.append(&block).await.unwrap();
     }
-    println!(
-        "append {single} x 100 B, one at a time: {}",
-        rate(single, start.elapsed())
-    );
-    let start = Instant::now();
+    phase.done(&format!("append {single} x 100 B, one at a time"), single);
+    let phase = Phase::start();
     group.close().await.unwrap();
-    println!("close: {:.2?}", start.elapsed());
+    phase.done("close", 0);
 
-    let start = Instant::now();
+    let phase = Phase::start();
     let group = open().await.unwrap();
     let feeds = group.feeds();
     assert_eq!(feeds.len(), 2, "{:?}", group.skipped());
@@ -74,23 +98,20 @@ async fn main() {
         // Reading one block loads the feed's core.
         feed.get(0).await.unwrap();
     }
-    println!("reopen and load both feeds: {:.2?}", start.elapsed());
+    phase.done("reopen and load both feeds", 0);
 
     let total = n + single;
-    let start = Instant::now();
+    let phase = Phase::start();
     for feed in &feeds {
         for seq in 0..feed.len().await {
             feed.get(seq).await.unwrap().unwrap();
         }
     }
-    println!("read all {total} blocks: {}", rate(total, start.elapsed()));
+    phase.done(&format!("read all {total} blocks"), total);
 
-    let start = Instant::now();
+    let phase = Phase::start();
     let report = group.verify().await.unwrap();
     assert!(report.is_ok(), "{report:?}");
-    println!(
-        "verify all {total} blocks: {}",
-        rate(total, start.elapsed())
-    );
+    phase.done(&format!("verify all {total} blocks"), total);
     group.close().await.unwrap();
 }
