@@ -18,13 +18,14 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use futures::StreamExt;
 use hypercore_protocol::{
     Channel, CommandTx, Event as ProtocolEvent, Message, Protocol, schema::Extension,
 };
+use tokio::time::Instant;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::{mpsc, oneshot, watch},
@@ -499,7 +500,7 @@ impl Session {
 /// Sleeps until `deadline`; forever without one.
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
 }

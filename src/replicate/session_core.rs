@@ -12,10 +12,11 @@
 //! `C` is the driver's handle of an open feed channel; the core only holds it
 //! while an older channel of the same feed is finishing.
 
-use std::{
-    collections::{HashMap, HashSet, VecDeque},
-    time::Instant,
-};
+use std::collections::{HashMap, HashSet, VecDeque};
+
+// The tokio clock (a plain instant type: nothing here sleeps), so a paused test
+// clock drives every timeout.
+use tokio::time::Instant;
 
 use hypercore_protocol::{DiscoveryKey, discovery_key};
 
