@@ -683,6 +683,15 @@ impl<C> SessionCore<C> {
                 reason: format!("it offered {}, which is not a feed public key", bad.key),
             });
         }
+        if self.done_sent {
+            // We said we want nothing more, and the peer may end the session on it: a
+            // member it announced since is for a later session.
+            tracing::debug!(
+                feeds = feeds.len(),
+                "ignored feeds the peer announced after our Done"
+            );
+            return Ok(());
+        }
         let mut wanted = Vec::new();
         for offered in &feeds {
             let key = offered.key;
@@ -988,5 +997,33 @@ mod tests {
         );
         core.handle(now, Input::FeedSynced(b), &store);
         assert!(!core.waiting_on_peer());
+    }
+
+    /// A one-shot side that said `Done` wants nothing more: a member the peer
+    /// announces afterwards is neither requested nor created (the session could end
+    /// on both Dones with the new feed created, unsynced and uncounted, or the peer
+    /// waiting to serve it). Found by the simulator.
+    #[test]
+    fn a_one_shot_side_ignores_feeds_announced_after_its_done() {
+        let a = feed(1);
+        let store = Store(vec![(a, 3)]);
+        let (mut core, now) = handshaken(ReplicateOptions::new(true), &store);
+        core.handle(now, manifest(&[(a, 3)]), &store);
+        core.handle(now, exchange(ExchangeMessage::Request(Vec::new())), &store);
+        let actions = drain(&mut core);
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Send(ExchangeMessage::Done))),
+            "{actions:?}"
+        );
+        core.handle(now, manifest(&[(feed(2), 5)]), &store);
+        let actions = drain(&mut core);
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::Admit(_) | Action::Send(ExchangeMessage::Request(_)))),
+            "{actions:?}"
+        );
     }
 }
