@@ -5,6 +5,7 @@
 //!   bookkeeping of feed channels.
 //! - `session`: the tokio driver of `session_core` over one connection — root
 //!   channel, feed channels, feed tasks, timers.
+//! - `sim` (tests): a deterministic simulator of many sessions around `session_core`.
 //! - `transport`: framing, Noise, and the workarounds for hypercore-protocol's defects.
 //! - `feed_sync`: IO-less state machine replicating one feed over one channel.
 //! - `feed_task`: the async driver of `feed_sync` against a shared core.
@@ -14,6 +15,8 @@ pub(crate) mod feed_sync;
 pub(crate) mod feed_task;
 mod session;
 mod session_core;
+#[cfg(test)]
+mod sim;
 pub(crate) mod transport;
 
 use std::time::Duration;
