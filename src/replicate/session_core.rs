@@ -543,7 +543,15 @@ impl<C> SessionCore<C> {
     ) -> Result<()> {
         match result {
             Ok(summary) => {
+                let synced = summary.synced;
                 self.count_finished(key, summary);
+                // A live channel the peer closed before it reached sync: a feed we
+                // still want is asked for again, as below (its close may already be
+                // handled, so nothing else would reopen it and the session would
+                // stall on it).
+                if !synced && self.syncing.contains(&key) {
+                    self.ask_again(key);
+                }
                 self.pump_queue();
                 self.maybe_done();
                 Ok(())
@@ -555,16 +563,28 @@ impl<C> SessionCore<C> {
             {
                 self.running.remove(&key);
                 self.synced_channels.remove(&key);
-                *self.retries.entry(key).or_insert(0) += 1;
-                self.serving.remove(&key);
-                if self.syncing.remove(&key) {
-                    self.queue.push(key);
-                }
+                self.ask_again(key);
                 self.pump_queue();
                 self.maybe_done();
                 Ok(())
             }
             Err(error) => Err(feed_error(key, error)),
+        }
+    }
+
+    /// Requeues a wanted feed whose channel closed before it reached sync, at most
+    /// [`MAX_RETRIES`] times; then (live) it is not wanted on this connection any more.
+    fn ask_again(&mut self, key: FeedKey) {
+        self.serving.remove(&key);
+        let retries = self.retries.entry(key).or_insert(0);
+        let again = *retries < MAX_RETRIES;
+        *retries = retries.saturating_add(1);
+        if self.syncing.remove(&key) {
+            if again {
+                self.queue.push(key);
+            } else {
+                tracing::debug!(%key, "the peer keeps closing this feed's channel; not asked again");
+            }
         }
     }
 
@@ -974,27 +994,13 @@ mod tests {
         let (mut core, now) = handshaken(options, &store);
         core.handle(now, Input::PeerOpened(discovery_key(a.as_bytes())), &store);
         assert_eq!(opened(&drain(&mut core)), vec![a]);
-        core.handle(
-            now,
-            Input::ChannelReady {
-                key: a,
-                channel: 1,
-            },
-            &store,
-        );
+        core.handle(now, Input::ChannelReady { key: a, channel: 1 }, &store);
         core.handle(now, Input::FeedSynced(a), &store);
         drain(&mut core);
         core.handle(now, manifest(&[(a, 3), (b, 3)]), &store);
         // Its slot goes to the next feed, and nothing is left to wait for on `a`.
         assert_eq!(opened(&drain(&mut core)), vec![b]);
-        core.handle(
-            now,
-            Input::ChannelReady {
-                key: b,
-                channel: 2,
-            },
-            &store,
-        );
+        core.handle(now, Input::ChannelReady { key: b, channel: 2 }, &store);
         core.handle(now, Input::FeedSynced(b), &store);
         assert!(!core.waiting_on_peer());
     }
@@ -1020,10 +1026,43 @@ mod tests {
         core.handle(now, manifest(&[(feed(2), 5)]), &store);
         let actions = drain(&mut core);
         assert!(
-            !actions
-                .iter()
-                .any(|a| matches!(a, Action::Admit(_) | Action::Send(ExchangeMessage::Request(_)))),
+            !actions.iter().any(|a| matches!(
+                a,
+                Action::Admit(_) | Action::Send(ExchangeMessage::Request(_))
+            )),
             "{actions:?}"
         );
+    }
+
+    /// The peer closes a live feed channel before it reached sync, and the close is
+    /// handled before the feed task's end: the feed is asked for again (bounded)
+    /// instead of staying wanted with no channel, which stalled the session. Found
+    /// by the simulator, with a peer whose feed tasks close early.
+    #[test]
+    fn a_live_feed_closed_before_sync_is_asked_for_again() {
+        let a = feed(1);
+        let store = Store(vec![(a, 3)]);
+        let (mut core, now) = handshaken(ReplicateOptions::new(true).live(true), &store);
+        let unsynced = || Input::FeedFinished {
+            key: a,
+            result: Ok(FeedSyncSummary::default()),
+        };
+        let dk = discovery_key(a.as_bytes());
+        core.handle(now, manifest(&[(a, 5)]), &store);
+        assert_eq!(opened(&drain(&mut core)), vec![a]);
+        for _ in 0..MAX_RETRIES {
+            core.handle(now, Input::ChannelReady { key: a, channel: 1 }, &store);
+            core.handle(now, Input::ChannelClosed(dk), &store);
+            core.handle(now, unsynced(), &store);
+            assert_eq!(opened(&drain(&mut core)), vec![a]);
+            assert!(core.waiting_on_peer());
+        }
+        // A peer that keeps doing it: the feed is not wanted here any more.
+        core.handle(now, Input::ChannelReady { key: a, channel: 1 }, &store);
+        core.handle(now, Input::ChannelClosed(dk), &store);
+        core.handle(now, unsynced(), &store);
+        assert!(opened(&drain(&mut core)).is_empty());
+        assert!(!core.waiting_on_peer());
+        assert!(core.take_outcome().is_none());
     }
 }
