@@ -353,6 +353,9 @@ enum Ev {
     Stop,
     /// A side sends an undecodable exchange message (a peer fault).
     Garbage,
+    /// A side's feed task closes its channel early, before the agreed close (as
+    /// a plain hypercore peer would).
+    EarlyClose,
     FinalPhase,
     Check,
 }
@@ -393,6 +396,7 @@ pub(super) struct SeedStats {
     /// Sessions that ended on the peer's fault (it sent garbage).
     pub(super) peer_faults: u64,
     pub(super) garbage_sent: u64,
+    pub(super) early_closes: u64,
     /// Feed tasks that ended with `ClosedBeforeSync` (the core retries them).
     pub(super) closed_before_sync: u64,
     /// Channels that opened while their feed's previous task was still running.
@@ -414,6 +418,7 @@ impl SeedStats {
         self.connections_lost += other.connections_lost;
         self.peer_faults += other.peer_faults;
         self.garbage_sent += other.garbage_sent;
+        self.early_closes += other.early_closes;
         self.closed_before_sync += other.closed_before_sync;
         self.reopened_while_running += other.reopened_while_running;
         self.refused += other.refused;
@@ -532,6 +537,12 @@ impl Sim {
         if sim.rng.chance(10) {
             let t = at(&mut sim);
             sim.schedule_at(t, Ev::Garbage);
+        }
+        if sim.rng.chance(20) {
+            for _ in 0..sim.rng.range(1, 4) {
+                let t = at(&mut sim);
+                sim.schedule_at(t, Ev::EarlyClose);
+            }
         }
         sim.schedule_at(churn_end, Ev::FinalPhase);
         sim
@@ -679,6 +690,36 @@ impl Sim {
                 s.outbound
                     .push_back((id, ChanMsg::Exchange(vec![0xff; 3]), SHARED_KEY));
                 self.wake(conn, side, Source::Outbound, MS);
+            }
+            Ev::EarlyClose => {
+                let running: Vec<(usize, usize, TaskId)> = (0..self.conns.len())
+                    .flat_map(|c| [(c, 0), (c, 1)])
+                    .filter(|&(c, s)| self.conns[c].sides[s].state == State::Running)
+                    .flat_map(|(c, s)| {
+                        let mut ids: Vec<TaskId> =
+                            self.conns[c].sides[s].tasks.keys().copied().collect();
+                        ids.sort_unstable();
+                        ids.into_iter().map(move |id| (c, s, id))
+                    })
+                    .collect();
+                if running.is_empty() {
+                    return;
+                }
+                let (conn, side, id) = running[self.rng.below(running.len() as u64) as usize];
+                trace!(
+                    self,
+                    "conn {conn} side {side}: task {id} closes its channel early"
+                );
+                self.conns[conn].faulted = true;
+                self.stats.early_closes += 1;
+                let task = self.conns[conn].sides[side]
+                    .tasks
+                    .remove(&id)
+                    .expect("picked among the running tasks");
+                self.chan_close(conn, side, task.chan);
+                self.conns[conn].sides[side].chans[task.chan].owner = Owner::Drain;
+                let sum = task.sum;
+                self.end_task(conn, side, task, Ok(sum));
             }
             Ev::FinalPhase => {
                 trace!(self, "final phase: a live chain through every peer");
