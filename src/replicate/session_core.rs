@@ -545,11 +545,12 @@ impl<C> SessionCore<C> {
             Ok(summary) => {
                 let synced = summary.synced;
                 self.count_finished(key, summary);
-                // A live channel the peer closed before it reached sync: a feed we
-                // still want is asked for again, as below (its close may already be
-                // handled, so nothing else would reopen it and the session would
-                // stall on it).
-                if !synced && self.syncing.contains(&key) {
+                // A live channel that closed before it reached sync, as below: a feed
+                // we still want is asked for again (its close may already be handled,
+                // so nothing else would reopen it and the session would stall on it),
+                // and a feed we served is no longer owed (a peer that still wants it
+                // opens it again).
+                if !synced {
                     self.ask_again(key);
                 }
                 self.pump_queue();
@@ -572,8 +573,9 @@ impl<C> SessionCore<C> {
         }
     }
 
-    /// Requeues a wanted feed whose channel closed before it reached sync, at most
-    /// [`MAX_RETRIES`] times; then (live) it is not wanted on this connection any more.
+    /// A feed whose channel closed before it reached sync: not owed to the peer any
+    /// more, and requeued if we want it, at most [`MAX_RETRIES`] times; then (live)
+    /// it is not wanted on this connection any more.
     fn ask_again(&mut self, key: FeedKey) {
         self.serving.remove(&key);
         let retries = self.retries.entry(key).or_insert(0);
