@@ -7,6 +7,7 @@
 //!   bookkeeping of feed channels.
 //! - `session`: the tokio driver of `session_core` over one connection — root
 //!   channel, feed channels, feed tasks, timers.
+//! - `sim` (tests): a deterministic simulator of many sessions around `session_core`.
 //! - `transport`: framing, Noise, and the workarounds for hypercore-protocol's defects.
 //! - `frame_check`: IO-less check of every inbound frame before hypercore-protocol decodes it.
 //! - `feed_sync`: IO-less state machine replicating one feed over one channel.
@@ -21,6 +22,8 @@ pub(crate) mod frame_check;
 mod frame_samples;
 mod session;
 mod session_core;
+#[cfg(test)]
+mod sim;
 pub(crate) mod transport;
 
 use std::time::Duration;
