@@ -35,10 +35,11 @@ use std::{
     collections::{BinaryHeap, HashMap, HashSet, VecDeque},
     fmt::Write as _,
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use hypercore_protocol::{DiscoveryKey, discovery_key};
+use tokio::time::Instant;
 
 use super::{
     ReplicateOptions, ReplicationEvent, ReplicationSummary, SessionEnd,
