@@ -591,6 +591,9 @@ pub(crate) struct SyncSet {
     synced: tokio::sync::Mutex<u64>,
     /// Copy of `synced` readable without the lock.
     durable: AtomicU64,
+    /// Syncs waiting for the lock (tests).
+    #[cfg(test)]
+    waiting: AtomicU64,
 }
 
 impl SyncSet {
@@ -644,7 +647,11 @@ impl SyncSet {
     /// appends cost one round of fsyncs, not N.
     pub(crate) async fn sync(self: &Arc<Self>) -> Result<()> {
         let wanted = self.writes.load(Ordering::Acquire);
+        #[cfg(test)]
+        self.waiting.fetch_add(1, Ordering::AcqRel);
         let mut synced = self.synced.lock().await;
+        #[cfg(test)]
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
         if *synced >= wanted {
             return Ok(());
         }
@@ -670,6 +677,19 @@ impl SyncSet {
         *synced = target;
         self.durable.fetch_max(target, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Holds off every sync of this set until the guard drops (tests of what
+    /// must not wait behind an fsync).
+    #[cfg(test)]
+    pub(crate) async fn hold_syncs(&self) -> tokio::sync::MutexGuard<'_, u64> {
+        self.synced.lock().await
+    }
+
+    /// Syncs waiting for the sync lock right now (tests).
+    #[cfg(test)]
+    pub(crate) fn waiting_syncs(&self) -> u64 {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// Whether writes were issued since they were last made durable.
