@@ -67,7 +67,7 @@ pub enum Error {
     Closed,
 
     /// An I/O error on local storage.
-    #[error("storage I/O error ({context}): {source}")]
+    #[error("storage I/O error ({context}): {}", describe_io(source))]
     Io {
         /// What was being done.
         context: String,
@@ -235,11 +235,37 @@ impl Error {
     }
 
     pub(crate) fn core(key: impl std::fmt::Display, source: hypercore::HypercoreError) -> Self {
-        Error::Core {
-            key: key.to_string(),
-            source,
+        match source {
+            // hypercore's text for these is its own internals ("RandomAccess IO
+            // error. Context: None"); the OS error is what the user can act on.
+            hypercore::HypercoreError::IO { source, .. } => Error::Io {
+                context: format!("feed {key}"),
+                source,
+            },
+            source => Error::Core {
+                key: key.to_string(),
+                source,
+            },
         }
     }
+}
+
+/// An OS error in our words, with what to do where there is something to do.
+fn describe_io(error: &io::Error) -> String {
+    let advice = match error.kind() {
+        io::ErrorKind::StorageFull => "the disk is full; free some space, then try again",
+        io::ErrorKind::PermissionDenied => {
+            "permission denied; check the owner and permissions of the store's files"
+        }
+        io::ErrorKind::ReadOnlyFilesystem => {
+            "the file system is read-only; writes need a writable store"
+        }
+        io::ErrorKind::QuotaExceeded => {
+            "the disk quota is used up; free some space, then try again"
+        }
+        _ => return error.to_string(),
+    };
+    format!("{advice} ({error})")
 }
 
 /// Shorthand for results in this crate.

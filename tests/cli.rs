@@ -257,3 +257,50 @@ fn demo_runs() {
         "{stdout}"
     );
 }
+
+/// A full disk is reported in our words, once, with what to do: not hypercore's
+/// internals ("RandomAccess IO error. Context: None") twice over. The disk is
+/// made full by pointing a feed's data file at /dev/full.
+#[test]
+fn a_full_disk_is_one_line_that_says_what_to_do() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    gw.ok(&["write", "t", "kept"]);
+    let feed = std::fs::read_dir(gw.dir.join("feeds"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::remove_file(feed.join("data")).unwrap();
+    std::os::unix::fs::symlink("/dev/full", feed.join("data")).unwrap();
+    let stderr = gw.fails(&["write", "t", "lost"]);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("the disk is full; free some space"),
+        "{stderr}"
+    );
+    for internal in ["Context", "RandomAccess", "Unrecoverable", "return_code"] {
+        assert!(!stderr.contains(internal), "{internal} in: {stderr}");
+    }
+}
+
+/// Logs into a pipe carry no terminal colour codes.
+#[test]
+fn logs_into_a_pipe_have_no_colour_codes() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    let mut child = gw
+        .cmd(&["-v", "write", "t"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"x\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("published"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in: {stderr:?}");
+}
