@@ -304,3 +304,55 @@ fn logs_into_a_pipe_have_no_colour_codes() {
     assert!(stderr.contains("published"), "{stderr}");
     assert!(!stderr.contains('\u{1b}'), "colour codes in: {stderr:?}");
 }
+
+/// Only `init` and `join` create a store: with a key in the environment, a
+/// mistyped `--dir` is refused by every other command and left uncreated.
+#[test]
+fn only_init_and_join_create_a_store() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = Gw::new(root.path(), "gw");
+    let key = gw.ok(&["init"]);
+    gw.ok(&["write", "t", "kept"]);
+    let typo = Gw::new(root.path(), "gw-typo");
+    for args in [
+        &["write", "t", "lost"][..],
+        &["read", "t"],
+        &["topics"],
+        &["feeds"],
+        &["verify"],
+    ] {
+        let out = typo
+            .cmd(args)
+            .env("MULTIFEED_KEY", key.trim())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded on a typo");
+        assert!(
+            stderr.contains("no multifeed store at") && stderr.contains("multifeed init"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !typo.dir.exists(),
+            "{args:?} created {}",
+            typo.dir.display()
+        );
+    }
+}
+
+/// A malformed key given to `join` is not echoed back (it is most of a secret).
+#[test]
+fn join_never_echoes_a_malformed_key() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = Gw::new(root.path(), "joiner");
+    let almost = "c7".repeat(31) + "c";
+    let stderr = gw.fails(&["join", &almost]);
+    assert!(
+        stderr.contains("malformed shared key (63 characters)"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&almost[..16]),
+        "the key was echoed: {stderr}"
+    );
+}
