@@ -211,6 +211,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// A refusal decided at the handshake that both sides must see (our
+    /// handshake still goes out before the connection ends).
+    pub(crate) fn is_handshake_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::VersionMismatch { .. } | Error::ClientMismatch { .. } | Error::SharedKeyMismatch
+        )
+    }
+
     /// Whether the error was caused by the peer (or the link to it) rather than locally.
     pub fn is_peer_fault(&self) -> bool {
         matches!(

@@ -291,12 +291,7 @@ impl Session {
                 Ok(self.core.summary().clone())
             }
             Err(error) => {
-                if matches!(
-                    error,
-                    Error::VersionMismatch { .. }
-                        | Error::ClientMismatch { .. }
-                        | Error::SharedKeyMismatch
-                ) {
+                if error.is_handshake_refusal() {
                     // The peer must get our handshake too, so both sides see the mismatch.
                     flush(&mut protocol);
                 }

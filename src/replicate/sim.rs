@@ -297,6 +297,23 @@ struct Side {
     result: Option<Result<ReplicationSummary, String>>,
 }
 
+impl Side {
+    /// The protocol's handle for `dk`, made (with its closed flag) on first use.
+    fn handle(&mut self, dk: DiscoveryKey) -> &mut Handle {
+        let hid = self.handle_closed.len();
+        let handle = self.handles.entry(dk).or_insert_with(|| Handle {
+            hid,
+            local: None,
+            remote: None,
+            inbound: None,
+        });
+        if handle.hid == hid {
+            self.handle_closed.push(false);
+        }
+        handle
+    }
+}
+
 struct Conn {
     sides: [Side; 2],
     cut: bool,
@@ -1068,19 +1085,11 @@ impl Sim {
                 } else {
                     s.remote_ids.resize(ch + 1, None);
                 }
-                let hid = s.handle_closed.len();
-                let handle = s.handles.entry(dk).or_insert_with(|| Handle {
-                    hid,
-                    local: None,
-                    remote: None,
-                    inbound: None,
-                });
-                if handle.hid == hid {
-                    s.handle_closed.push(false);
-                }
+                let handle = s.handle(dk);
                 handle.remote = Some(ch);
+                let ours_open = handle.local.is_some();
                 s.remote_ids[ch] = Some(dk);
-                if handle.local.is_some() {
+                if ours_open {
                     self.accept(conn, side, dk);
                 } else {
                     self.proto_event(conn, side, ProtoEvent::DiscoveryKey(dk));
@@ -1257,19 +1266,11 @@ impl Sim {
                 s.local_ids.len() - 1
             }
         };
-        let hid = s.handle_closed.len();
-        let handle = s.handles.entry(dk).or_insert_with(|| Handle {
-            hid,
-            local: None,
-            remote: None,
-            inbound: None,
-        });
-        if handle.hid == hid {
-            s.handle_closed.push(false);
-        }
+        let handle = s.handle(dk);
         handle.local = Some((id, key));
+        let theirs_open = handle.remote.is_some();
         s.local_ids[id] = Some(dk);
-        if handle.remote.is_some() {
+        if theirs_open {
             self.accept(conn, side, dk);
         }
         self.send_frame(conn, side, Frame::Open { ch: id, dk });
@@ -1587,12 +1588,7 @@ impl Sim {
                 }
             }
             Err(error) => {
-                if matches!(
-                    error,
-                    Error::VersionMismatch { .. }
-                        | Error::ClientMismatch { .. }
-                        | Error::SharedKeyMismatch
-                ) {
+                if error.is_handshake_refusal() {
                     self.flush(conn, side);
                 }
                 self.conns[conn].sides[side].pending_end = Some(Err(error));
