@@ -4,6 +4,8 @@
 //! - `session`: one connection — root channel, feed exchange, per-feed channels.
 //! - `transport`: framing, Noise, and the workarounds for hypercore-protocol's defects.
 //! - `frame_check`: IO-less check of every inbound frame before hypercore-protocol decodes it.
+//! - [`preauth`]: limits on a connection until the peer authenticates, and slots for
+//!   unauthenticated connections.
 //! - `feed_sync`: IO-less state machine replicating one feed over one channel.
 //! - `feed_task`: the async driver of `feed_sync` against a shared core.
 
@@ -13,6 +15,7 @@ pub(crate) mod feed_task;
 pub(crate) mod frame_check;
 #[cfg(test)]
 mod frame_samples;
+pub mod preauth;
 mod session;
 pub(crate) mod transport;
 
