@@ -68,6 +68,82 @@ pub(crate) enum DecodeError {
     Malformed(String),
     #[error("a feed key of {0} bytes (keys are 32 bytes)")]
     BadKey(usize),
+    #[error("a feed carries {count} metadata entries, more than the limit of {max}")]
+    TooMuchMetadata { count: usize, max: usize },
+}
+
+/// Most metadata entries one offered feed may carry.
+pub(crate) const MAX_METADATA_ENTRIES: usize = 64;
+
+/// Walks the protobuf without decoding it and refuses a message listing more feeds
+/// (manifest entries or requested keys, over every repetition of the body, which
+/// protobuf merges) or more metadata entries per feed than the limits allow. An
+/// entry can be two bytes on the wire and a hundred in memory, so this is what
+/// keeps a maximum-size message from costing more than a small multiple of its size.
+fn count_entries(bytes: &[u8], limits: &ExchangeLimits) -> Result<(), DecodeError> {
+    const MANIFEST: u32 = 2;
+    const REQUEST: u32 = 3;
+    const FEED_INFO: u32 = 1;
+    const METADATA: u32 = 3;
+    let mut feeds = 0usize;
+    for_each_field(bytes, |tag, body| {
+        if tag != MANIFEST && tag != REQUEST {
+            return Ok(());
+        }
+        for_each_field(body, |inner, feed| {
+            if inner != FEED_INFO {
+                return Ok(());
+            }
+            feeds += 1;
+            if feeds > limits.max_feeds_per_message {
+                return Err(DecodeError::TooManyFeeds {
+                    count: feeds,
+                    max: limits.max_feeds_per_message,
+                });
+            }
+            if tag == MANIFEST {
+                let mut entries = 0usize;
+                for_each_field(feed, |field, _| {
+                    entries += usize::from(field == METADATA);
+                    if entries > MAX_METADATA_ENTRIES {
+                        return Err(DecodeError::TooMuchMetadata {
+                            count: entries,
+                            max: MAX_METADATA_ENTRIES,
+                        });
+                    }
+                    Ok(())
+                })?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Calls `f(tag, bytes)` for each field of an encoded message; `bytes` is the body
+/// of a length-delimited field and empty for other wire types.
+fn for_each_field(
+    mut buf: &[u8],
+    mut f: impl FnMut(u32, &[u8]) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError> {
+    use prost::encoding::{WireType, decode_key, decode_varint, skip_field};
+    let malformed = |e: prost::DecodeError| DecodeError::Malformed(e.to_string());
+    while !buf.is_empty() {
+        let (tag, wire_type) = decode_key(&mut buf).map_err(malformed)?;
+        if wire_type == WireType::LengthDelimited {
+            let len = decode_varint(&mut buf).map_err(malformed)?;
+            let len = usize::try_from(len)
+                .ok()
+                .filter(|&len| len <= buf.len())
+                .ok_or_else(|| DecodeError::Malformed("a field runs past the message".into()))?;
+            let (body, rest) = buf.split_at(len);
+            buf = rest;
+            f(tag, body)?;
+        } else {
+            skip_field(wire_type, tag, &mut buf, Default::default()).map_err(malformed)?;
+            f(tag, &[])?;
+        }
+    }
+    Ok(())
 }
 
 fn key_from(bytes: &[u8]) -> Result<FeedKey, DecodeError> {
@@ -113,6 +189,8 @@ impl ExchangeMessage {
             });
         }
         // prost allocates at most what the (already bounded) input holds.
+        // Count before prost allocates a struct per (possibly empty) entry.
+        count_entries(bytes, limits)?;
         let message = pb::ExchangeMessage::decode(bytes)
             .map_err(|e| DecodeError::Malformed(e.to_string()))?;
         let check_count = |count: usize| {
@@ -173,6 +251,70 @@ mod tests {
         assert_eq!(
             ExchangeMessage::decode(&bytes, &ExchangeLimits::default()).unwrap(),
             message
+        );
+    }
+
+    /// A maximum-size message of the cheapest entries (empty feed infos, empty
+    /// keys, empty metadata entries) is refused, or decoded, without allocating
+    /// more than a small multiple of its size.
+    #[test]
+    fn hostile_maximum_size_messages_are_bounded_before_allocation() {
+        let limits = ExchangeLimits {
+            max_message_len: 4 * 1024 * 1024,
+            max_feeds_per_message: 100_000,
+        };
+        let max = limits.max_message_len;
+        // ExchangeMessage { manifest (2) { feeds (1): empty FeedInfo } x N }.
+        let nested = |outer: u8, inner: &[u8], room: usize| {
+            let count = room / inner.len();
+            let body: Vec<u8> = inner.repeat(count);
+            let mut message = vec![outer];
+            prost::encoding::encode_varint(body.len() as u64, &mut message);
+            message.extend_from_slice(&body);
+            message
+        };
+        let empty_feeds = nested(0x12, &[0x0a, 0x00], max - 8);
+        let empty_keys = nested(0x1a, &[0x0a, 0x00], max - 8);
+        // One feed with a huge number of empty metadata entries.
+        let entries: Vec<u8> = [0x1a, 0x00].repeat((max - 16) / 2);
+        let mut feed = vec![0x0a];
+        prost::encoding::encode_varint(entries.len() as u64, &mut feed);
+        feed.extend_from_slice(&entries);
+        let mut metadata = vec![0x12];
+        prost::encoding::encode_varint(feed.len() as u64, &mut metadata);
+        metadata.extend_from_slice(&feed);
+        // The manifest field repeated: protobuf merges the repetitions.
+        let one = nested(0x12, &[0x0a, 0x00], 60_000 * 2);
+        let repeated: Vec<u8> = one.repeat(3);
+        for (name, bytes) in [
+            ("empty feeds", empty_feeds),
+            ("empty keys", empty_keys),
+            ("metadata entries", metadata),
+            ("repeated manifest", repeated),
+        ] {
+            assert!(bytes.len() <= max, "{name}");
+            let (result, peak) =
+                crate::alloc_probe::peak_bytes(|| ExchangeMessage::decode(&bytes, &limits));
+            assert!(
+                matches!(
+                    result,
+                    Err(DecodeError::TooManyFeeds { .. } | DecodeError::TooMuchMetadata { .. })
+                ),
+                "{name}: {result:?}"
+            );
+            assert!(
+                peak <= 1024,
+                "{name}: {peak} bytes allocated before refusing"
+            );
+        }
+        // At the limit: decoded (or refused for bad keys) within 32 bytes per input byte.
+        let at_limit = nested(0x12, &[0x0a, 0x00], 100_000 * 2);
+        let (_, peak) =
+            crate::alloc_probe::peak_bytes(|| ExchangeMessage::decode(&at_limit, &limits));
+        assert!(
+            peak <= 64 * at_limit.len(),
+            "{peak} bytes for {} input bytes",
+            at_limit.len()
         );
     }
 

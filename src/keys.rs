@@ -51,9 +51,16 @@ impl SharedKey {
         from_slice(bytes).map(Self)
     }
 
-    /// The key from 64 hex characters (either case).
+    /// The key from 64 hex characters (either case). An error never repeats the
+    /// input: a mistyped shared key is still almost all of the secret.
     pub fn from_hex(text: &str) -> Result<Self> {
-        parse_32(text).map(Self)
+        parse_32(text).map(Self).map_err(|e| match e {
+            Error::InvalidKey { reason, .. } => Error::InvalidKey {
+                input: "(the shared key, not shown)".into(),
+                reason,
+            },
+            other => other,
+        })
     }
 
     /// The raw bytes.
@@ -217,5 +224,23 @@ impl Keypair {
 impl fmt::Debug for Keypair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Keypair(public={:?})", self.public_key())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mistyped shared key (one character short, or one wrong character) is
+    /// refused without echoing any of it.
+    #[test]
+    fn a_bad_shared_key_is_never_echoed() {
+        let secret = "3f1c9a7e".repeat(8);
+        for bad in [&secret[..63], &format!("{}x", &secret[..63])] {
+            let message = SharedKey::from_hex(bad).unwrap_err().to_string();
+            assert!(!message.contains(&secret[..16]), "{message}");
+            assert!(!message.contains(&secret[40..56]), "{message}");
+        }
+        assert!(SharedKey::from_hex(&secret).is_ok());
     }
 }

@@ -15,6 +15,10 @@
 //!   used, so memory stays bounded however many feeds a group has.
 //! - `storage.rs`: the plain-file storage backend and group-commit syncs
 //!   ([`Durability`]).
+//! - [`replicate`]: replication with one peer over any byte stream
+//!   ([`Multifeed::start_replication`], [`Replication`]), and the [`Dialer`]
+//!   ([`Multifeed::dial`]) that keeps a live session going across connection
+//!   losses, reconnecting with capped, jittered exponential [`Backoff`].
 //! - [`keys`]: [`SharedKey`], [`FeedKey`], [`Keypair`].
 //! - [`topics`]: [`Topics`] — timestamped messages published to topics by many
 //!   writers, read merged with a resumable cursor, or followed live.
@@ -53,9 +57,13 @@
 //! assert_eq!(temperature.get(0).await?, Some(b"21.5".to_vec()));
 //! # Ok(()) }
 //! ```
-#![forbid(unsafe_code)]
+// No unsafe code, but for the test-only allocator probe (`alloc_probe.rs`).
+#![cfg_attr(not(test), forbid(unsafe_code))]
+#![cfg_attr(test, deny(unsafe_code))]
 #![deny(missing_docs)]
 
+#[cfg(test)]
+mod alloc_probe;
 mod error;
 mod exchange;
 mod feed;
@@ -80,7 +88,10 @@ pub use crate::{
     feed::Feed,
     keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
     multifeed::{Event, Multifeed, Options, SkippedFeed},
-    replicate::{ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary},
+    replicate::{
+        Backoff, BackoffPolicy, DialEvent, DialOptions, DialSummary, Dialer, ReplicateOptions,
+        Replication, ReplicationEvent, ReplicationSummary, SessionEnd,
+    },
     storage::{Durability, StorageConfig},
     topics::Topics,
     verify::{FeedReport, FeedStatus, VerifyReport},

@@ -170,6 +170,10 @@ async fn main() {
         Command::Demo { dir } => cli::demo::run(dir).await,
     };
     if let Err(e) = result {
+        if let Some(interrupted) = e.downcast_ref::<cli::signal::Interrupted>() {
+            eprintln!("{interrupted}");
+            std::process::exit(interrupted.signal.exit_code());
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -286,10 +286,10 @@ impl Residency {
 /// Folds a remote feed's pending oplog entries into its tree and bitfield.
 ///
 /// hypercore 0.16 cannot replay downloaded-block entries from its oplog on open
-/// (see `storage::replayable_oplog_len`), so without this the last few downloads
-/// would be fetched again after a reload. It folds entries in on every fourth
-/// operation; re-applying a proof of a block we already hold is such an operation
-/// and changes nothing, and its own entry carries no tree nodes, so it replays fine.
+/// (docs/upstream-defects.md, defect 10: replay stops before them), so without
+/// this the last few downloads would be fetched again after a reload. It folds
+/// entries in on every fourth operation; re-applying a proof of a block we already
+/// hold is such an operation and changes nothing.
 async fn settle_downloads(core: &mut Hypercore, sync: &SyncSet) {
     for _ in 0..4 {
         if !sync.has_oplog_entries() {

@@ -24,6 +24,10 @@ use random_access_storage::{RandomAccess, RandomAccessError};
 
 use crate::error::{Error, Result};
 
+mod open_view;
+
+use open_view::{OPLOG_ENTRIES_AT, OpenView, open_view};
+
 /// Where a multifeed keeps its feeds.
 #[derive(Debug, Clone)]
 pub enum StorageConfig {
@@ -167,38 +171,6 @@ impl FileSlot {
             *file = SlotFile::Closed;
         }
     }
-}
-
-/// Where oplog entries start (after the two 4 KiB header slots).
-const OPLOG_ENTRIES_AT: usize = 8192;
-
-/// The prefix of an oplog that hypercore 0.16 can replay correctly.
-///
-/// Its entry decoder tests the "has tree nodes" flag (2) where it should test the
-/// "has upgrade" (4) and "has bitfield" (8) flags, so only entries with all three,
-/// or with none of them, decode as written. Local appends always carry all three;
-/// a downloaded block or upgrade-only proof does not, and replaying it fails
-/// ("Could not parse changeset signature") or misreads the bitfield. Replay stops
-/// before the first such entry: those downloads are simply fetched again, and no
-/// local append is affected.
-fn replayable_oplog_len(oplog: &[u8]) -> usize {
-    let mut at = OPLOG_ENTRIES_AT;
-    while let Some(leader) = oplog.get(at..at + 8) {
-        let combined = u32::from_le_bytes([leader[4], leader[5], leader[6], leader[7]]);
-        let len = (combined >> 2) as usize;
-        let Some(flags) = oplog
-            .get(at + 8)
-            .filter(|_| len > 0 && at + 8 + len <= oplog.len())
-        else {
-            break;
-        };
-        let decodable = flags & 0b1110 == 0b1110 || flags & 0b1110 == 0;
-        if !decodable {
-            return at;
-        }
-        at += 8 + len;
-    }
-    oplog.len()
 }
 
 /// Page size of the tree read cache.
@@ -375,14 +347,30 @@ enum Held {
     Barrier(Arc<StdMutex<HeldWrites>>),
 }
 
+/// What hypercore reads of a file while the core opens (see [`open_view`]).
+#[derive(Debug, Default)]
+enum AtOpen {
+    /// The file as it is.
+    #[default]
+    AsStored,
+    /// The oplog: these bytes instead of the file, for the one whole-file read.
+    Shown(Vec<u8>),
+    /// The bitfield: empty until hypercore has read it.
+    Hidden,
+}
+
 /// One file of a hypercore, written with positioned writes and no fsync.
 #[derive(Debug)]
 struct PlainFile {
     /// Read cache, for the tree file only.
     cache: Option<PageCache>,
-    /// For the core's oplog: its length, mirrored for [`SyncSet::has_oplog_entries`]
-    /// (see also [`replayable_oplog_len`]).
+    /// For the core's oplog: its length, mirrored for [`SyncSet::has_oplog_entries`].
     oplog_len: Option<Arc<AtomicU64>>,
+    at_open: AtOpen,
+    /// For the oplog: stored entries kept for replay at open, until hypercore
+    /// folds them in. Its own entry offsets count from none (upstream defect 11),
+    /// so its entries are written after these rather than over them.
+    kept_entries: u64,
     file: Arc<FileSlot>,
     length: u64,
     writes: Arc<AtomicU64>,
@@ -390,6 +378,15 @@ struct PlainFile {
 }
 
 impl PlainFile {
+    /// Where a write or read hypercore addresses at `offset` lands in the file.
+    fn file_offset(&self, offset: u64) -> u64 {
+        if offset >= OPLOG_ENTRIES_AT as u64 {
+            offset + self.kept_entries
+        } else {
+            offset
+        }
+    }
+
     fn mirror_oplog_len(&self) {
         if let Some(len) = &self.oplog_len {
             len.store(self.length, Ordering::Release);
@@ -426,6 +423,8 @@ fn io_err(context: &str, path: &Path, e: io::Error) -> RandomAccessError {
 #[async_trait::async_trait]
 impl RandomAccess for PlainFile {
     async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
+        self.at_open = AtOpen::AsStored;
+        let offset = self.file_offset(offset);
         if let Held::Holder(held) = &self.held {
             lock_held(held)?.hold(offset, data)?;
         } else {
@@ -443,6 +442,29 @@ impl RandomAccess for PlainFile {
     }
 
     async fn read(&mut self, offset: u64, length: u64) -> Result<Vec<u8>, RandomAccessError> {
+        match std::mem::take(&mut self.at_open) {
+            AtOpen::AsStored => {}
+            AtOpen::Shown(view) => {
+                let end = offset.saturating_add(length);
+                return match view.get(offset as usize..end as usize) {
+                    Some(bytes) => Ok(bytes.to_vec()),
+                    None => Err(RandomAccessError::OutOfBounds {
+                        offset,
+                        end: Some(end),
+                        length: view.len() as u64,
+                    }),
+                };
+            }
+            AtOpen::Hidden if length == 0 => return Ok(Vec::new()),
+            AtOpen::Hidden => {
+                return Err(RandomAccessError::OutOfBounds {
+                    offset,
+                    end: Some(offset.saturating_add(length)),
+                    length: 0,
+                });
+            }
+        }
+        let offset = self.file_offset(offset);
         let end = offset.saturating_add(length);
         if end > self.length {
             return Err(RandomAccessError::OutOfBounds {
@@ -479,14 +501,12 @@ impl RandomAccess for PlainFile {
                 self.file.with(|f| f.read_exact_at(&mut buf, offset))?;
             }
         }
-        if self.oplog_len.is_some() && offset == 0 && length == self.length {
-            // The whole-oplog read happens once, when the core opens.
-            buf.truncate(replayable_oplog_len(&buf));
-        }
         Ok(buf)
     }
 
     async fn del(&mut self, offset: u64, length: u64) -> Result<(), RandomAccessError> {
+        self.at_open = AtOpen::AsStored;
+        let offset = self.file_offset(offset);
         if offset > self.length {
             return Err(RandomAccessError::OutOfBounds {
                 offset,
@@ -519,6 +539,13 @@ impl RandomAccess for PlainFile {
     }
 
     async fn truncate(&mut self, length: u64) -> Result<(), RandomAccessError> {
+        self.at_open = AtOpen::AsStored;
+        // Hypercore cuts its oplog back to the header slots only once everything
+        // is folded into the tree and bitfield, kept entries included.
+        if length <= OPLOG_ENTRIES_AT as u64 {
+            self.kept_entries = 0;
+        }
+        let length = self.file_offset(length);
         self.flush_held()?;
         self.file.with(|f| f.set_len(length))?;
         if let Some(cache) = &mut self.cache {
@@ -531,11 +558,15 @@ impl RandomAccess for PlainFile {
     }
 
     async fn len(&mut self) -> Result<u64, RandomAccessError> {
-        Ok(self.length)
+        Ok(match &self.at_open {
+            AtOpen::AsStored => self.length,
+            AtOpen::Shown(view) => view.len() as u64,
+            AtOpen::Hidden => 0,
+        })
     }
 
     async fn is_empty(&mut self) -> Result<bool, RandomAccessError> {
-        Ok(self.length == 0)
+        Ok(self.len().await? == 0)
     }
 
     async fn sync_all(&mut self) -> Result<(), RandomAccessError> {
@@ -722,6 +753,8 @@ pub(crate) async fn open_dir_with(
     // A directory made just now holds no files: they need no stat (four system
     // calls per feed, a twentieth of the time taken to learn 10,000 new feeds).
     let fresh = create && make_dir(dir)?;
+    let view = if fresh { None } else { read_open_view(dir)? };
+    let view = Arc::new(StdMutex::new(view));
     let dir_owned = dir.to_path_buf();
     let set_for_open = set.clone();
     let pool = pool.clone();
@@ -731,6 +764,7 @@ pub(crate) async fn open_dir_with(
             let store = store.clone();
             let set = set_for_open.clone();
             let pool = pool.clone();
+            let view = view.clone();
             Box::pin(async move {
                 // Existing files are only stat'ed here; they open on first use.
                 let length = if fresh {
@@ -763,9 +797,24 @@ pub(crate) async fn open_dir_with(
                     Store::Oplog => Held::Barrier(set.held.clone()),
                     Store::Data | Store::Bitfield => Held::No,
                 };
+                let (at_open, kept_entries) = {
+                    let mut view = view.lock().map_err(|_| {
+                        io_err("open", &path, io::Error::other("open view lock poisoned"))
+                    })?;
+                    match (&store, view.as_mut()) {
+                        (Store::Oplog, Some(view)) => (
+                            AtOpen::Shown(std::mem::take(&mut view.oplog)),
+                            view.kept_entries,
+                        ),
+                        (Store::Bitfield, Some(view)) if view.hide_bitfield => (AtOpen::Hidden, 0),
+                        _ => (AtOpen::AsStored, 0),
+                    }
+                };
                 let file = PlainFile {
                     cache: matches!(store, Store::Tree).then(PageCache::default),
                     oplog_len: matches!(store, Store::Oplog).then(|| set.oplog_len.clone()),
+                    at_open,
+                    kept_entries,
                     file: slot,
                     length,
                     writes: set.writes.clone(),
@@ -782,6 +831,24 @@ pub(crate) async fn open_dir_with(
         path: dir.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+/// What hypercore is to read of the oplog and bitfield in `dir` when the core
+/// opens, or `None` if it has no oplog yet.
+fn read_open_view(dir: &Path) -> Result<Option<OpenView>> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
+        }
+    };
+    let Some(oplog) = read(store_file_name(&Store::Oplog))? else {
+        return Ok(None);
+    };
+    let bitfield = read(store_file_name(&Store::Bitfield))?.unwrap_or_default();
+    Ok(Some(open_view(&oplog, &bitfield)))
 }
 
 /// Creates `dir` (and missing parents); returns whether it did not exist before.
@@ -856,6 +923,220 @@ mod tests {
         exercise_tree_file(true).await;
     }
 
+    use hypercore::{Hypercore, HypercoreBuilder, PartialKeypair};
+    use hypercore_schema::{RequestBlock, RequestUpgrade};
+
+    /// Blocks a page of hypercore's bitfield covers.
+    const PAGE_BITS: u64 = 32_768;
+
+    fn value(seq: u64) -> Vec<u8> {
+        format!("block {seq}").into_bytes()
+    }
+
+    /// An in-memory writer holding `length` blocks.
+    async fn writer_core(length: u64) -> Hypercore {
+        let mut core = HypercoreBuilder::new(Storage::new_memory().await.unwrap())
+            .build()
+            .await
+            .unwrap();
+        let mut at = 0;
+        while at < length {
+            let n = 5000.min(length - at);
+            let batch: Vec<Vec<u8>> = (at..at + n).map(value).collect();
+            core.append_batch(&batch).await.unwrap();
+            at += n;
+        }
+        core
+    }
+
+    /// Opens the core stored in `dir` as our storage does for a member feed.
+    async fn reopen_core(dir: &Path, pool: &Arc<FilePool>) -> Hypercore {
+        let storage = open_dir(dir, false, pool).await.unwrap().storage;
+        HypercoreBuilder::new(storage)
+            .open(true)
+            .build()
+            .await
+            .unwrap()
+    }
+
+    /// Downloads block `seq` of `source` into `copy`, as the replicator does.
+    async fn download(source: &mut Hypercore, copy: &mut Hypercore, seq: u64) {
+        let nodes = copy.missing_nodes(seq).await.unwrap();
+        let request = RequestBlock { index: seq, nodes };
+        let proof = source
+            .create_proof(Some(request), None, None, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(copy.verify_and_apply_proof(&proof).await.unwrap());
+    }
+
+    /// `core` holds exactly `held` (reading each back), and nothing else.
+    async fn assert_holds(core: &mut Hypercore, held: &std::collections::BTreeSet<u64>) {
+        let length = core.info().length;
+        for seq in 0..length {
+            assert_eq!(core.has(seq), held.contains(&seq), "block {seq}");
+        }
+        for &seq in held {
+            assert_eq!(
+                core.get(seq).await.unwrap(),
+                Some(value(seq)),
+                "block {seq}"
+            );
+        }
+        let contiguous = (0..).find(|seq| !held.contains(seq)).unwrap_or(0);
+        assert_eq!(core.info().contiguous_length, contiguous);
+    }
+
+    /// A remote core downloaded sparsely across several bitfield pages reopens
+    /// holding exactly the blocks it downloaded, round after round of further
+    /// downloads and reopens (upstream defect 7: hypercore alone panics or
+    /// misreads pages after the first).
+    #[tokio::test]
+    async fn sparse_remote_cores_reopen_with_exactly_their_blocks() {
+        let length = 4 * PAGE_BITS + 1234;
+        let mut source = writer_core(length).await;
+        let dir = tempfile::tempdir().unwrap();
+        let pool = FilePool::new(64);
+        let storage = open_dir(dir.path(), true, &pool).await.unwrap().storage;
+        let public = source.key_pair().public;
+        let mut copy = HypercoreBuilder::new(storage)
+            .key_pair(PartialKeypair {
+                public,
+                secret: None,
+            })
+            .build()
+            .await
+            .unwrap();
+        let upgrade = RequestUpgrade { start: 0, length };
+        let proof = source
+            .create_proof(None, None, None, Some(upgrade))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(copy.verify_and_apply_proof(&proof).await.unwrap());
+
+        let mut seed = 0x853c_49e6_748f_ea9bu64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut held = std::collections::BTreeSet::new();
+        for round in 0..6 {
+            // Runs of blocks here and there, some across page boundaries.
+            let mut downloaded = Vec::new();
+            for _ in 0..12 {
+                let start = match next() % 3 {
+                    0 => (next() % 5) * PAGE_BITS - next() % 40,
+                    _ => next() % length,
+                }
+                .min(length - 1);
+                let run = 1 + next() % 90;
+                for seq in start..(start + run).min(length) {
+                    if held.insert(seq) {
+                        download(&mut source, &mut copy, seq).await;
+                        downloaded.push(seq);
+                    }
+                }
+            }
+            drop(copy);
+            copy = reopen_core(dir.path(), &pool).await;
+            // Up to three downloads after hypercore last folded its oplog in are
+            // not replayed (defect 10): they are fetched again, never misread.
+            for seq in downloaded.iter().rev().take(3) {
+                if !copy.has(*seq) {
+                    held.remove(seq);
+                }
+            }
+            assert_eq!(copy.info().length, length, "round {round}");
+            assert_holds(&mut copy, &held).await;
+        }
+        assert!(held.len() > 1000, "{} blocks held", held.len());
+    }
+
+    /// Bits set in a bitfield file past the feed's signed length (a store written
+    /// when pages were misread) are not taken as held, and a zeroed bitfield is
+    /// taken as holding nothing, whatever the oplog header's hint says.
+    #[tokio::test]
+    async fn bitfield_bits_beyond_the_length_and_stale_hints_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = FilePool::new(64);
+        let storage = open_dir(dir.path(), true, &pool).await.unwrap().storage;
+        let mut core = HypercoreBuilder::new(storage).build().await.unwrap();
+        let batch: Vec<Vec<u8>> = (0..100).map(value).collect();
+        // The first append is folded into the bitfield file at once, the next
+        // three stay oplog entries: the reopen sees both kinds.
+        for part in batch.chunks(25) {
+            core.append_batch(part).await.unwrap();
+        }
+        drop(core);
+        let path = dir.path().join("bitfield");
+        let mut bits = std::fs::read(&path).unwrap();
+        assert_eq!(bits.len(), 4096);
+        bits[12..40].fill(0xff); // blocks 96..320
+        std::fs::write(&path, &bits).unwrap();
+
+        let mut core = reopen_core(dir.path(), &pool).await;
+        assert_eq!(core.info().length, 100);
+        assert_eq!(core.info().contiguous_length, 100);
+        assert!(!core.has(100) && !core.has(200));
+        let more: Vec<Vec<u8>> = (100..150).map(value).collect();
+        core.append_batch(&more).await.unwrap();
+        drop(core);
+        let mut core = reopen_core(dir.path(), &pool).await;
+        assert_eq!(core.info().contiguous_length, 150);
+        assert!(!core.has(150) && !core.has(300));
+        assert_holds(&mut core, &(0..150).collect()).await;
+        drop(core);
+
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let mut core = reopen_core(dir.path(), &pool).await;
+        assert_eq!(core.info().length, 150);
+        assert_holds(&mut core, &Default::default()).await;
+    }
+
+    /// The first operation after a reopen writes its oplog entry, then folds the
+    /// replayed entries into the tree and bitfield. A crash between the two must
+    /// lose no entry (upstream defect 11: hypercore writes its entry over the
+    /// stored ones, whose tree nodes are not on disk yet).
+    #[tokio::test]
+    async fn a_crash_in_the_first_operation_after_reopen_loses_no_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = FilePool::new(64);
+        let storage = open_dir(dir.path(), true, &pool).await.unwrap().storage;
+        let mut core = HypercoreBuilder::new(storage).build().await.unwrap();
+        let blocks: Vec<Vec<u8>> = (0..400).map(value).collect();
+        // One append folded in at once, three left as oplog entries.
+        for part in blocks[..200].chunks(50) {
+            core.append_batch(part).await.unwrap();
+        }
+        drop(core);
+        assert!(std::fs::metadata(dir.path().join("oplog")).unwrap().len() > 8192);
+
+        let mut core = reopen_core(dir.path(), &pool).await;
+        assert_eq!(core.info().length, 200);
+        // The bitfield cannot be written: the operation stops after its entry.
+        let bitfield = dir.path().join("bitfield");
+        let saved = std::fs::read(&bitfield).unwrap();
+        std::fs::remove_file(&bitfield).unwrap();
+        std::fs::create_dir(&bitfield).unwrap();
+        assert!(core.append_batch(&blocks[200..250]).await.is_err());
+        drop(core);
+        std::fs::remove_dir(&bitfield).unwrap();
+        std::fs::write(&bitfield, saved).unwrap();
+
+        let mut core = reopen_core(dir.path(), &pool).await;
+        let length = core.info().length;
+        assert!(length == 200 || length == 250, "length {length}");
+        assert_holds(&mut core, &(0..length).collect()).await;
+        core.append_batch(&blocks[length as usize..]).await.unwrap();
+        drop(core);
+        let mut core = reopen_core(dir.path(), &pool).await;
+        assert_holds(&mut core, &(0..400).collect()).await;
+    }
+
     fn slot(pool: &Arc<FilePool>, path: &Path) -> Arc<FileSlot> {
         std::fs::write(path, b"").unwrap();
         Arc::new(FileSlot {
@@ -883,6 +1164,8 @@ mod tests {
         let mut file = PlainFile {
             cache: Some(PageCache::default()),
             oplog_len: None,
+            at_open: AtOpen::AsStored,
+            kept_entries: 0,
             file: tree_slot,
             length: 0,
             writes: issued.clone(),
@@ -895,6 +1178,8 @@ mod tests {
         let mut oplog = PlainFile {
             cache: None,
             oplog_len: None,
+            at_open: AtOpen::AsStored,
+            kept_entries: 0,
             file: slot(&pool, &dir.path().join("oplog")),
             length: 0,
             writes: issued.clone(),

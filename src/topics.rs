@@ -201,6 +201,12 @@ impl Topics {
         &self.inner.group
     }
 
+    /// The fingerprint of `topic` in this group that cursors carry.
+    fn scope(&self, topic: &str) -> cursor::Scope {
+        let group_id = hypercore_protocol::discovery_key(self.inner.group.shared_key().as_bytes());
+        cursor::Scope::new(&group_id, topic)
+    }
+
     /// Publishes one message in a block of its own; returns its address.
     pub async fn publish(&self, message: Message) -> Result<MessageAddress> {
         let mut addresses = self
@@ -326,6 +332,9 @@ impl Topics {
         limit: usize,
     ) -> Result<(Vec<ReceivedMessage>, Cursor)> {
         validate_topic(topic)?;
+        let mut cursor = cursor.clone();
+        cursor.check_scope(self.scope(topic))?;
+        let cursor = &cursor;
         let feeds = self.topic_feeds(topic).await?;
         let mut merge = Merge::new(feeds.iter().map(Feed::key), cursor, limit);
         let mut messages = Vec::new();

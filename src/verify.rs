@@ -1,17 +1,17 @@
 //! [`Multifeed::verify`]: re-checks every held block of every member feed against
 //! the feed's signed Merkle tree.
 //!
-//! For each feed, a fresh in-memory, read-only hypercore with the same public key
-//! is fed proofs made from the stored core, exactly as a peer would be: the first
-//! proof carries the signed upgrade to the stored length (checking the signature
-//! over the tree's roots), then one proof per held block (checking the block's hash
-//! and its path up to those roots). A flipped bit in a block, a tree node or the
-//! signature shows up as a failed proof, or as a value differing from what `get`
-//! returns, at the first block it touches.
+//! For each feed, the signature over the tree's roots is checked by feeding a
+//! fresh in-memory, read-only hypercore with the same public key the upgrade proof
+//! a peer would get. Then every held block is checked against those roots: whole
+//! subtrees by recomputing them from the blocks as `get` returns them, partly held
+//! ones (and any that does not match) block by block with the proofs a peer would
+//! get, which names the first damaged block. A flipped bit in a block, in a tree
+//! node that reads depend on, or in the signature is found.
 
 use futures::FutureExt;
 use hypercore::{Hypercore, HypercoreBuilder, PartialKeypair, Storage};
-use hypercore_schema::{RequestBlock, RequestUpgrade};
+use hypercore_schema::{Hash, Node, Proof, RequestBlock, RequestUpgrade};
 
 use crate::{
     error::{Error, Result},
@@ -136,8 +136,8 @@ async fn verify_feed(feed: &Feed) -> Result<FeedReport> {
     Ok(report)
 }
 
-/// A fresh core is dropped and rebuilt after this many blocks, so verifying a
-/// long feed holds at most this many blocks in memory.
+/// A checker core is dropped and rebuilt after this many blocks, so verifying a
+/// long feed through proofs holds at most this many blocks in memory.
 const BLOCKS_PER_CHECKER: u64 = 4096;
 
 /// An empty in-memory, read-only core of the feed with key `public`.
@@ -151,101 +151,234 @@ async fn checker(public: hypercore::VerifyingKey) -> Result<Hypercore, hypercore
         .await
 }
 
-/// Feeds fresh cores the signed upgrade and every held block of `core`.
+/// The roots of a tree of `length` blocks, as (flat-tree index, first block, blocks).
+fn full_roots(length: u64) -> Vec<(u64, u64, u64)> {
+    let mut roots = Vec::new();
+    let mut start = 0;
+    let mut left = length;
+    while left > 0 {
+        let span = 1u64 << (63 - left.leading_zeros());
+        roots.push((2 * start + span - 1, start, span));
+        start += span;
+        left -= span;
+    }
+    roots
+}
+
+fn damaged(seq: Option<u64>, reason: impl Into<String>) -> FeedStatus {
+    FeedStatus::Damaged {
+        seq,
+        reason: reason.into(),
+    }
+}
+
+/// Checks every held block of `core` against its signed tree.
+///
+/// The signed roots are checked once, by feeding a fresh checker core the upgrade
+/// proof a peer would get. Each root's subtree whose blocks are all held is then
+/// recomputed from the blocks as read (one hash per block and per parent) and
+/// compared with its signed root. Blocks of partly held subtrees, and of a subtree
+/// that does not match, are checked one by one with block proofs, which names the
+/// first damaged block. (hypercore 0.16 panics when one proof carries both the
+/// upgrade and a block past the first root: docs/upstream-defects.md, defect 8.)
 async fn check_blocks(
     core: &mut Hypercore,
     public: hypercore::VerifyingKey,
     length: u64,
 ) -> Result<(u64, FeedStatus), hypercore::HypercoreError> {
-    let damaged = |seq: Option<u64>, reason: String| FeedStatus::Damaged { seq, reason };
-    let mut fresh = checker(public).await?;
-    let mut upgraded = false;
+    let upgrade = RequestUpgrade { start: 0, length };
+    let signed = match core.create_proof(None, None, None, Some(upgrade)).await {
+        Ok(Some(proof)) => proof,
+        Ok(None) => return Ok((0, damaged(None, "its signed Merkle tree cannot be read"))),
+        Err(e) => {
+            return Ok((
+                0,
+                damaged(None, format!("its Merkle tree is unreadable: {e}")),
+            ));
+        }
+    };
+    let mut checker = Checker::new(public, signed).await?;
+    if let Some(status) = checker.trust_roots().await? {
+        return Ok((0, status));
+    }
+    let roots: Vec<Node> = checker
+        .signed
+        .upgrade
+        .as_ref()
+        .map(|u| u.nodes.clone())
+        .unwrap_or_default();
     let mut checked = 0;
-    for seq in 0..length {
-        if checked > 0 && checked % BLOCKS_PER_CHECKER == 0 && upgraded {
-            fresh = checker(public).await?;
-            upgraded = false;
-        }
-        let stored = match core.get(seq).await {
-            Ok(Some(value)) => value,
-            Ok(None) => continue, // not held here (sparse): nothing to check
-            Err(e) => {
-                return Ok((
-                    checked,
-                    damaged(Some(seq), format!("cannot read the block: {e}")),
-                ));
-            }
+    for (index, start, span) in full_roots(length) {
+        let Some(root) = roots.iter().find(|n| n.index == index) else {
+            return Ok((
+                checked,
+                damaged(None, "its signed Merkle tree lacks a root"),
+            ));
         };
-        let nodes = match fresh.missing_nodes(seq).await {
-            Ok(nodes) => nodes,
-            Err(e) => {
-                return Ok((
-                    checked,
-                    damaged(Some(seq), format!("cannot check the block: {e}")),
-                ));
-            }
-        };
-        let upgrade = (!upgraded).then_some(RequestUpgrade { start: 0, length });
-        let proof = match core
-            .create_proof(
-                Some(RequestBlock { index: seq, nodes }),
-                None,
-                None,
-                upgrade,
-            )
-            .await
-        {
-            Ok(Some(proof)) => proof,
-            Ok(None) => {
-                return Ok((
-                    checked,
-                    damaged(Some(seq), "its proof cannot be built".into()),
-                ));
-            }
-            Err(e) => {
-                let seq = upgraded.then_some(seq);
-                return Ok((
-                    checked,
-                    damaged(seq, format!("its Merkle tree is unreadable: {e}")),
-                ));
-            }
-        };
-        match fresh.verify_and_apply_proof(&proof).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return Ok((
-                    checked,
-                    damaged(Some(seq), "its proof does not apply".into()),
-                ));
-            }
-            Err(e) => {
-                let what = if upgraded {
-                    "the block does not match the signed Merkle tree"
-                } else {
-                    "the block or the signed Merkle tree does not verify"
-                };
-                return Ok((checked, damaged(Some(seq), format!("{what}: {e}"))));
+        let root = (root.hash.clone(), root.length);
+        let end = start + span;
+        let all_held = (start..end).all(|seq| core.has(seq));
+        if all_held {
+            match recompute(core, start, end).await {
+                Ok(computed) if computed == root => {
+                    checked += span;
+                    continue;
+                }
+                Ok(_) => {}
+                Err((seq, e)) => {
+                    return Ok((
+                        checked,
+                        damaged(Some(seq), format!("cannot read the block: {e}")),
+                    ));
+                }
             }
         }
-        upgraded = true;
-        match fresh.get(seq).await {
-            Ok(Some(verified)) if verified == stored => checked += 1,
-            Ok(_) => {
-                return Ok((
-                    checked,
-                    damaged(
-                        Some(seq),
-                        "the stored value differs from the verified one".into(),
-                    ),
-                ));
+        for seq in start..end {
+            if !core.has(seq) {
+                continue; // not held here (sparse): nothing to check
             }
-            Err(e) => {
-                return Ok((
-                    checked,
-                    damaged(Some(seq), format!("cannot re-read the block: {e}")),
-                ));
+            if let Some(status) = checker.check(core, seq).await? {
+                return Ok((checked, status));
             }
+            checked += 1;
+        }
+        if all_held {
+            // Every block checked out one by one, yet they did not add up.
+            return Ok((
+                checked,
+                damaged(None, "its blocks do not add up to the signed Merkle tree"),
+            ));
         }
     }
     Ok((checked, FeedStatus::Ok))
+}
+
+/// The (hash, byte length) of the subtree over blocks `start..end` (a whole
+/// subtree), computed from the blocks as `core` reads them.
+async fn recompute(
+    core: &mut Hypercore,
+    start: u64,
+    end: u64,
+) -> std::result::Result<(Vec<u8>, u64), (u64, String)> {
+    // Pending subtrees, largest first; two of equal size merge into their parent.
+    let mut stack: Vec<(Node, u64)> = Vec::new();
+    for seq in start..end {
+        let value = match core.get(seq).await {
+            Ok(Some(value)) => value,
+            Ok(None) => return Err((seq, "it is not there".into())),
+            Err(e) => return Err((seq, e.to_string())),
+        };
+        let hash = Hash::data(&value).as_bytes().to_vec();
+        let mut node = (Node::new(2 * seq, hash, value.len() as u64), 1);
+        while let Some((left, blocks)) = stack.pop_if(|(_, blocks)| *blocks == node.1) {
+            let parent = Hash::parent(&left, &node.0).as_bytes().to_vec();
+            let index = (left.index + node.0.index) / 2;
+            node = (
+                Node::new(index, parent, left.length + node.0.length),
+                blocks * 2,
+            );
+        }
+        stack.push(node);
+    }
+    match stack.pop() {
+        Some((root, _)) if stack.is_empty() => Ok((root.hash, root.length)),
+        _ => Err((start, "the range is not a whole subtree".into())),
+    }
+}
+
+/// Checks blocks one by one, as a peer would on receiving them.
+struct Checker {
+    public: hypercore::VerifyingKey,
+    /// The upgrade proof to the stored length: the signed roots.
+    signed: Proof,
+    core: Hypercore,
+    blocks: u64,
+}
+
+impl Checker {
+    async fn new(
+        public: hypercore::VerifyingKey,
+        signed: Proof,
+    ) -> Result<Self, hypercore::HypercoreError> {
+        Ok(Checker {
+            public,
+            signed,
+            core: checker(public).await?,
+            blocks: 0,
+        })
+    }
+
+    /// Has the checker trust the signed roots; a status if they do not verify.
+    async fn trust_roots(&mut self) -> Result<Option<FeedStatus>, hypercore::HypercoreError> {
+        Ok(match self.core.verify_and_apply_proof(&self.signed).await {
+            Ok(true) => None,
+            Ok(false) => Some(damaged(None, "its signed Merkle tree does not apply")),
+            Err(e) => Some(damaged(
+                None,
+                format!("its signed Merkle tree does not verify: {e}"),
+            )),
+        })
+    }
+
+    /// Checks block `seq` of `core` with a proof; a status if it is damaged.
+    async fn check(
+        &mut self,
+        core: &mut Hypercore,
+        seq: u64,
+    ) -> Result<Option<FeedStatus>, hypercore::HypercoreError> {
+        if self.blocks == BLOCKS_PER_CHECKER {
+            self.core = checker(self.public).await?;
+            self.blocks = 0;
+            if let Some(status) = self.trust_roots().await? {
+                return Ok(Some(status));
+            }
+        }
+        let nodes = match self.core.missing_nodes(seq).await {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                return Ok(Some(damaged(
+                    Some(seq),
+                    format!("cannot check the block: {e}"),
+                )));
+            }
+        };
+        let request = RequestBlock { index: seq, nodes };
+        let proof = match core.create_proof(Some(request), None, None, None).await {
+            Ok(Some(proof)) => proof,
+            Ok(None) => return Ok(Some(damaged(Some(seq), "its proof cannot be built"))),
+            Err(e) => {
+                return Ok(Some(damaged(
+                    Some(seq),
+                    format!("its Merkle tree is unreadable: {e}"),
+                )));
+            }
+        };
+        self.blocks += 1;
+        Ok(match self.core.verify_and_apply_proof(&proof).await {
+            Ok(true) => None,
+            Ok(false) => Some(damaged(Some(seq), "its proof does not apply")),
+            Err(e) => Some(damaged(
+                Some(seq),
+                format!("the block does not match the signed Merkle tree: {e}"),
+            )),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::full_roots;
+
+    #[test]
+    fn full_roots_cover_the_length_largest_first() {
+        assert_eq!(full_roots(0), []);
+        assert_eq!(full_roots(1), [(0, 0, 1)]);
+        assert_eq!(full_roots(5), [(3, 0, 4), (8, 4, 1)]);
+        assert_eq!(full_roots(6), [(3, 0, 4), (9, 4, 2)]);
+        assert_eq!(
+            full_roots(4097),
+            [(4095, 0, 4096), (8192, 4096, 1)],
+            "4,097 blocks: the case that made hypercore panic"
+        );
+    }
 }

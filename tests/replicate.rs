@@ -220,7 +220,8 @@ async fn events_report_remote_feeds_progress_and_sync() {
     ra.finish().await.unwrap();
     rb.finish().await.unwrap();
     assert!(events.contains(&ReplicationEvent::RemoteFeeds {
-        keys: vec![w.key()]
+        keys: vec![w.key()],
+        lengths: vec![Some(w.len().await)],
     }));
     assert!(events.contains(&ReplicationEvent::FeedSynced { key: w.key() }));
     let last_progress = events
@@ -384,7 +385,7 @@ async fn a_newer_minor_version_replicates() {
 }
 
 // [regression] MFs with different root keys cannot replicate
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn wrong_shared_key_fails_fast_and_leaks_no_keys() {
     let a = open_memory().await;
     let b = Multifeed::open(
@@ -410,7 +411,7 @@ async fn wrong_shared_key_fails_fast_and_leaks_no_keys() {
     let (x, y) = tokio::io::duplex(64 * 1024);
     let mut ra = a.start_replication(x, ReplicateOptions::new(true).handshake_timeout(timeout));
     let mut rb = b.start_replication(y, ReplicateOptions::new(false).handshake_timeout(timeout));
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let mut seen = Vec::new();
     while let Some(event) = tokio::time::timeout(timeout * 2, ra.next_event())
         .await
@@ -426,7 +427,9 @@ async fn wrong_shared_key_fails_fast_and_leaks_no_keys() {
     }
     let ea = ra.finish().await.unwrap_err();
     let eb = rb.finish().await.unwrap_err();
-    assert!(started.elapsed() < timeout + Duration::from_secs(1));
+    // Virtual time: a wrong key is noticed as soon as the peer's channel arrives,
+    // long before the handshake timeout.
+    assert!(started.elapsed() < timeout, "took {:?}", started.elapsed());
     for e in [&ea, &eb] {
         assert!(
             matches!(e, Error::SharedKeyMismatch | Error::HandshakeTimeout { .. }),
@@ -650,4 +653,70 @@ async fn a_failed_admission_leaves_no_half_created_feeds() {
     for key in keys {
         assert_eq!(m.feed(key).unwrap().len().await, 1);
     }
+}
+
+/// A half-open link: after the peers synced, the link silently stops carrying
+/// anything (both ends stay open, as when a cable is pulled or a NAT forgets the
+/// flow). The live session ends with `IdleTimeout` once its idle timeout passed
+/// with nothing received, on a virtual clock: exactly then, never before.
+#[tokio::test(start_paused = true)]
+async fn a_half_open_link_ends_a_live_session_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let w = a.writer("w").await.unwrap();
+    w.append(b"x").await.unwrap();
+    let (a_io, a_link) = tokio::io::duplex(64 * 1024);
+    let (b_io, b_link) = tokio::io::duplex(64 * 1024);
+    let (cut_tx, cut) = tokio::sync::watch::channel(false);
+    // Carries bytes one way until cut; then holds both ends open, silent.
+    async fn forward(
+        mut from: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+        mut to: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+        mut cut: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            tokio::select! {
+                n = from.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => if to.write_all(&buf[..n]).await.is_err() { return },
+                },
+                _ = cut.changed() => break,
+            }
+        }
+        // Both ends stay open (owned here), and nothing moves any more.
+        std::future::pending::<()>().await;
+        drop((from, to));
+    }
+    let (ar, aw) = tokio::io::split(a_link);
+    let (br, bw) = tokio::io::split(b_link);
+    let link = tokio::spawn(async move {
+        tokio::join!(forward(ar, bw, cut.clone()), forward(br, aw, cut));
+    });
+    let idle = Duration::from_secs(30);
+    let ra = a.start_replication(
+        a_io,
+        ReplicateOptions::new(true).live(true).idle_timeout(idle),
+    );
+    let rb = b.start_replication(
+        b_io,
+        ReplicateOptions::new(false).live(true).idle_timeout(idle),
+    );
+    wait_for_len(&b, w.key(), 1).await;
+    let cut_at = tokio::time::Instant::now();
+    cut_tx.send(true).unwrap();
+    let result = ra.finish().await;
+    let after = cut_at.elapsed();
+    assert!(
+        matches!(result, Err(Error::IdleTimeout { .. })),
+        "{result:?}"
+    );
+    // Checked at keep-alive ticks (a third of the timeout): between 1 and 4/3 of it.
+    assert!(
+        after >= idle && after <= idle + idle / 3,
+        "ended {after:?} after the cut"
+    );
+    assert!(matches!(rb.finish().await, Err(Error::IdleTimeout { .. })));
+    link.abort();
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{open_dir, open_memory, sync_pair};
 use futures::{Stream, StreamExt};
 use multifeed::{
-    Error, ReplicateOptions, Result, Topics,
+    Error, Multifeed, Options, ReplicateOptions, Result, SharedKey, StorageConfig, Topics,
     topics::{Cursor, Message, Packing, ReceivedMessage},
 };
 
@@ -297,4 +297,35 @@ async fn follow_of_an_invalid_topic_yields_one_error() {
         Some(Err(Error::InvalidTopic { .. }))
     ));
     assert!(stream.next().await.is_none());
+}
+
+/// A cursor from another topic or another group is refused with a clear error
+/// instead of silently re-reading everything; its own topic resumes from it.
+#[tokio::test]
+async fn a_cursor_from_another_topic_or_group_is_refused() {
+    let topics = Topics::new(open_memory().await);
+    topics.publish(Message::new("t", "1")).await.unwrap();
+    topics.publish(Message::new("u", "2")).await.unwrap();
+    let (_, cursor) = topics.read("t", &Cursor::default(), 10).await.unwrap();
+    let text = cursor.to_string();
+    let cursor: Cursor = text.parse().unwrap();
+    let refused = topics.read("u", &cursor, 10).await.unwrap_err();
+    assert!(matches!(refused, Error::InvalidCursor { .. }), "{refused}");
+    assert!(refused.to_string().contains("another topic"), "{refused}");
+    let other_group = Topics::new(
+        Multifeed::open(
+            StorageConfig::Memory,
+            SharedKey::from_bytes([0x77; 32]),
+            Options::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    other_group.publish(Message::new("t", "x")).await.unwrap();
+    assert!(matches!(
+        other_group.read("t", &cursor, 10).await,
+        Err(Error::InvalidCursor { .. })
+    ));
+    let (rest, _) = topics.read("t", &cursor, 10).await.unwrap();
+    assert!(rest.is_empty());
 }

@@ -10,8 +10,10 @@ use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
 use super::{
-    output,
-    store::{self, KeySource, Store},
+    net, output,
+    report::{DialReport, tell},
+    signal::shutdown_signal,
+    store::{self, KeySource, Store, open},
 };
 use crate::Global;
 
@@ -19,19 +21,6 @@ use crate::Global;
 const STDIN_BATCH: usize = 1024;
 /// Messages fetched per read.
 const READ_BATCH: usize = 1024;
-
-/// Opens the group of the global options.
-pub async fn open(global: &Global) -> anyhow::Result<Store> {
-    let dir = store::resolve_dir(global.dir.as_deref())?;
-    let (key, source) = store::resolve_key(global.key.as_deref(), &dir)?;
-    if source == KeySource::File && !store::is_group_dir(&dir) {
-        bail!(
-            "no group at {} although its key file exists; run `multifeed join <key>` to set it up again",
-            dir.display()
-        );
-    }
-    Store::open(&dir, key, source).await
-}
 
 pub async fn init(global: &Global) -> anyhow::Result<()> {
     let dir = store::resolve_dir(global.dir.as_deref())?;
@@ -264,17 +253,23 @@ async fn follow_topic(
     limit: Option<usize>,
     peer: Option<String>,
 ) -> anyhow::Result<()> {
-    let mut replication = match &peer {
-        Some(addr) => Some(super::net::connect_live(&store.group, addr, 10).await?),
+    let mut dialer = match &peer {
+        Some(addr) => Some(net::dial(&store.group, addr, 10).await?),
         None => None,
     };
-    if let Some(peer) = &peer {
-        eprintln!("following {topic:?}, replicating live with {peer}");
+    let mut report = peer
+        .as_deref()
+        .map(|addr| DialReport::new(addr, global.json));
+    if let Some(peer) = &peer
+        && !global.json
+    {
+        tell!("following {topic:?}, replicating live with {peer}");
     }
     let mut stream = store.topics.follow(topic, cursor.clone());
     let mut left = limit.unwrap_or(usize::MAX);
-    let shutdown = super::net::shutdown_signal();
+    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let mut outcome = Ok(());
     while left > 0 {
         tokio::select! {
             item = stream.next() => {
@@ -288,32 +283,35 @@ async fn follow_topic(
                 left -= 1;
             }
             event = async {
-                match replication.as_mut() {
-                    Some(r) => r.next_event().await,
+                match dialer.as_mut() {
+                    Some(d) => d.next_event().await,
                     None => std::future::pending().await,
                 }
-            } => {
-                if event.is_none() {
-                    // The session ended: report why and keep following locally.
-                    if let Some(r) = replication.take() {
-                        match r.finish().await {
-                            Ok(_) => eprintln!("the peer closed the connection; following local data only"),
-                            Err(e) => eprintln!("warning: replication with the peer ended: {e}; following local data only"),
-                        }
+            } => match event {
+                Some(event) => {
+                    if let Some(report) = &mut report {
+                        report.event(&event);
                     }
                 }
-            }
-            () = &mut shutdown => break,
+                // Only a refusal ends a dialer that was not stopped.
+                None => {
+                    if let (Some(d), Some(addr)) = (dialer.take(), &peer) {
+                        outcome = d.finish().await.map(drop).map_err(|e| net::gave_up(addr, e));
+                    }
+                    break;
+                }
+            },
+            _ = &mut shutdown => break,
         }
     }
-    if let Some(r) = replication {
-        r.stop();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), r.finish()).await;
+    if let Some(d) = dialer {
+        d.stop();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), d.finish()).await;
     }
     if !global.json {
         print_cursor(false, &cursor);
     }
-    Ok(())
+    outcome
 }
 
 pub async fn topics(global: &Global) -> anyhow::Result<()> {

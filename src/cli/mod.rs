@@ -4,4 +4,7 @@ pub mod commands;
 pub mod demo;
 pub mod net;
 pub mod output;
+pub mod progress;
+pub mod report;
+pub mod signal;
 pub mod store;

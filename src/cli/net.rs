@@ -1,9 +1,16 @@
 //! The network commands: `serve` and `sync`.
 
-use std::{collections::HashSet, io::IsTerminal, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    io::IsTerminal,
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use multifeed::{
-    FeedKey, Multifeed, ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary,
+    DialEvent, DialOptions, Dialer, FeedKey, Multifeed, ReplicateOptions, ReplicationEvent,
+    ReplicationSummary, SessionEnd,
 };
 use serde_json::json;
 use tokio::{
@@ -12,24 +19,14 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::{commands::open, output};
+use super::{
+    output,
+    progress::{self, Settled, Tally},
+    report::{DialReport, end_reason, say, summary_json, summary_text, tell},
+    signal::{Interrupted, Signal, shutdown_signal},
+    store,
+};
 use crate::Global;
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
-}
 
 /// Connects to `addr` within `timeout_secs`, with errors that say what to do.
 pub async fn connect(addr: &str, timeout_secs: u64) -> anyhow::Result<TcpStream> {
@@ -53,57 +50,27 @@ pub async fn connect(addr: &str, timeout_secs: u64) -> anyhow::Result<TcpStream>
     }
 }
 
-/// Starts live replication with the peer at `addr`.
-pub async fn connect_live(
-    group: &Multifeed,
-    addr: &str,
-    timeout_secs: u64,
-) -> anyhow::Result<Replication> {
-    let socket = connect(addr, timeout_secs).await?;
-    Ok(group.start_replication(
-        socket,
-        ReplicateOptions::new(true)
-            .live(true)
-            .handshake_timeout(Duration::from_secs(timeout_secs)),
+/// Replicates live with the peer at `addr`, reconnecting after every loss until
+/// stopped. The address must resolve now; reaching it may wait.
+pub async fn dial(group: &Multifeed, addr: &str, timeout_secs: u64) -> anyhow::Result<Dialer> {
+    crate::resolve_addr(addr).await?;
+    let timeout = Duration::from_secs(timeout_secs);
+    Ok(group.dial(
+        addr,
+        DialOptions::default()
+            .connect_timeout(timeout)
+            .replicate(ReplicateOptions::new(true).handshake_timeout(timeout)),
     ))
 }
 
-fn summary_json(peer: &str, s: &ReplicationSummary) -> serde_json::Value {
-    json!({
-        "peer": peer,
-        "feeds_learnt": s.feeds_learnt,
-        "feeds_synced": s.feeds_synced,
-        "blocks_received": s.blocks_received,
-        "bytes_received": s.bytes_received,
-        "blocks_sent": s.blocks_sent,
-        "bytes_sent": s.bytes_sent,
-    })
-}
-
-fn summary_text(s: &ReplicationSummary) -> String {
-    format!(
-        "received {} blocks ({}), sent {} blocks ({}), learnt {} feeds, {} feeds in sync",
-        s.blocks_received,
-        output::bytes(s.bytes_received),
-        s.blocks_sent,
-        output::bytes(s.bytes_sent),
-        s.feeds_learnt,
-        s.feeds_synced
-    )
-}
-
-/// Prints a line on stdout. A long-running `serve` must not die because whoever
-/// read its output went away (println! panics on a broken pipe).
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
-    }};
+/// The error a dialer gave up with, for the user.
+pub fn gave_up(addr: &str, error: multifeed::Error) -> anyhow::Error {
+    anyhow::anyhow!("replication with {addr} refused: {error}")
 }
 
 pub async fn serve(global: &Global, listen: &str, max_peers: usize) -> anyhow::Result<()> {
     let addr = crate::resolve_addr(listen).await?;
-    let store = open(global).await?;
+    let store = store::open(global).await?;
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -129,7 +96,7 @@ pub async fn serve(global: &Global, listen: &str, max_peers: usize) -> anyhow::R
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            _ = &mut shutdown => break,
             Some(done) = peers.join_next(), if !peers.is_empty() => {
                 if let Err(e) = done {
                     tracing::warn!("a peer task failed: {e}");
@@ -170,7 +137,7 @@ pub async fn serve(global: &Global, listen: &str, max_peers: usize) -> anyhow::R
     }
     store.close().await?;
     if !global.json {
-        eprintln!("stopped");
+        tell!("stopped");
     }
     Ok(())
 }
@@ -189,6 +156,9 @@ async fn serve_peer(
         say!("peer {peer} connected");
     }
     let mut replication = group.start_replication(socket, ReplicateOptions::new(false).live(true));
+    // A live session's summary counts only feed channels that finished; what the
+    // progress reports said counts too.
+    let mut tally = Tally::default();
     loop {
         tokio::select! {
             event = replication.next_event() => match event {
@@ -200,6 +170,9 @@ async fn serve_peer(
                         say!("peer {peer}: feed {} in sync", &key.to_hex()[..16]);
                     }
                 }
+                Some(ReplicationEvent::Progress { key, blocks, bytes }) => {
+                    tally.on_progress(key, blocks, bytes);
+                }
                 Some(event) => tracing::debug!(%peer, ?event, "replication"),
             },
             _ = stop.changed() => {
@@ -208,43 +181,135 @@ async fn serve_peer(
             }
         }
     }
-    match replication.finish().await {
-        Ok(summary) => {
-            if json {
-                let mut line = summary_json(&peer, &summary);
-                line["event"] = json!("disconnected");
-                say!("{line}");
-            } else {
-                say!("peer {peer} disconnected: {}", summary_text(&summary));
-            }
-        }
-        // A peer that goes away without finishing.
-        Err(multifeed::Error::ConnectionLost { .. }) => {
-            if json {
-                say!("{}", json!({"event": "disconnected", "peer": peer}));
-            } else {
-                say!("peer {peer} disconnected");
-            }
-        }
-        Err(e) => {
-            if json {
-                say!(
-                    "{}",
-                    json!({"event": "error", "peer": peer, "error": e.to_string()})
-                );
-            } else {
-                say!("peer {peer}: {e}");
-            }
+    let mut result = replication.finish().await;
+    if let Ok(summary) = &mut result {
+        let (blocks, bytes) = tally.received();
+        summary.blocks_received = summary.blocks_received.max(blocks);
+        summary.bytes_received = summary.bytes_received.max(bytes);
+    }
+    let (code, words) = end_reason(result.as_ref());
+    if json {
+        let mut line = match &result {
+            Ok(summary) => summary_json(&peer, summary),
+            Err(e) => json!({"peer": peer, "error": e.to_string()}),
+        };
+        line["event"] = json!("disconnected");
+        line["reason"] = json!(code);
+        say!("{line}");
+    } else {
+        match &result {
+            Ok(summary) => say!(
+                "peer {peer} disconnected ({words}): {}",
+                summary_text(summary)
+            ),
+            Err(_) => say!("peer {peer} disconnected ({words})"),
         }
     }
 }
 
 pub async fn sync(global: &Global, addr: &str, live: bool, timeout: u64) -> anyhow::Result<()> {
-    let store = open(global).await?;
-    let result = sync_inner(global, &store.group, addr, live, timeout).await;
+    let store = store::open(global).await?;
+    let result = if live {
+        sync_live(global, &store.group, addr, timeout).await
+    } else {
+        sync_once(global, &store.group, addr, timeout).await
+    };
     let closed = store.close().await;
-    let summary = result?;
-    closed?;
+    result.and(closed)
+}
+
+/// Prints a feed that reached sync (without a progress bar).
+fn feed_synced(json: bool, key: FeedKey, received: (u64, u64)) {
+    let (blocks, bytes) = received;
+    if json {
+        say!(
+            "{}",
+            json!({"event": "feed_synced", "key": key.to_hex(), "blocks": blocks, "bytes": bytes})
+        );
+    } else if blocks > 0 {
+        tell!(
+            "feed {} in sync ({blocks} blocks received, {})",
+            &key.to_hex()[..16],
+            output::bytes(bytes)
+        );
+    } else {
+        tell!("feed {} in sync", &key.to_hex()[..16]);
+    }
+}
+
+fn progress_json(key: FeedKey, blocks: u64, bytes: u64, tally: &Tally) -> serde_json::Value {
+    let (total, total_bytes) = tally.received();
+    json!({"event": "progress", "key": key.to_hex(), "blocks": blocks, "bytes": bytes,
+           "received_blocks": total, "received_bytes": total_bytes, "expected_blocks": tally.expected()})
+}
+
+/// A bar on a terminal (and not with --json).
+fn progress_bar(global: &Global) -> Option<indicatif::ProgressBar> {
+    (std::io::stderr().is_terminal() && !global.json).then(progress::bar)
+}
+
+async fn sync_once(
+    global: &Global,
+    group: &Multifeed,
+    addr: &str,
+    timeout: u64,
+) -> anyhow::Result<()> {
+    let mut tally = Tally::of(group).await;
+    let socket = connect(addr, timeout).await?;
+    let mut replication = group.start_replication(
+        socket,
+        ReplicateOptions::new(true).handshake_timeout(Duration::from_secs(timeout)),
+    );
+    let bar = progress_bar(global);
+    let mut synced: HashSet<FeedKey> = HashSet::new();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut interrupted: Option<Signal> = None;
+    loop {
+        tokio::select! {
+            event = replication.next_event() => {
+                let Some(event) = event else { break };
+                match event {
+                    ReplicationEvent::RemoteFeeds { keys, lengths } => {
+                        tally.on_remote_feeds(&keys, &lengths);
+                    }
+                    ReplicationEvent::Progress { key, blocks, bytes } => {
+                        tally.on_progress(key, blocks, bytes);
+                        if global.json {
+                            say!("{}", progress_json(key, blocks, bytes, &tally));
+                        }
+                    }
+                    ReplicationEvent::FeedSynced { key } => {
+                        if synced.insert(key) && bar.is_none() {
+                            feed_synced(global.json, key, tally.received_of(&key));
+                        }
+                    }
+                    other => tracing::debug!(?other, "replication event"),
+                }
+                if let Some(bar) = &bar {
+                    progress::show(bar, &tally);
+                }
+            }
+            signal = &mut shutdown, if interrupted.is_none() => {
+                replication.stop();
+                interrupted = Some(signal);
+            }
+        }
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let summary = replication
+        .finish()
+        .await
+        .map_err(|e| anyhow::anyhow!("sync with {addr} failed: {e}"))?;
+    if let Some(signal) = interrupted
+        && summary.ended != SessionEnd::Completed
+    {
+        let mut settled = tally.settle(group).await;
+        settled.bytes = settled.bytes.max(summary.bytes_received);
+        return Err(interrupted_sync(global.json, addr, signal, &summary, settled).into());
+    }
     if global.json {
         say!("{}", summary_json(addr, &summary));
     } else {
@@ -253,89 +318,129 @@ pub async fn sync(global: &Global, addr: &str, live: bool, timeout: u64) -> anyh
     Ok(())
 }
 
-async fn sync_inner(
+fn interrupted_sync(
+    json: bool,
+    addr: &str,
+    signal: Signal,
+    summary: &ReplicationSummary,
+    settled: Settled,
+) -> Interrupted {
+    if json {
+        let mut line = summary_json(addr, summary);
+        line["event"] = json!("interrupted");
+        line["signal"] = json!(signal.to_string());
+        line["blocks_received"] = json!(settled.blocks);
+        line["bytes_received"] = json!(settled.bytes);
+        line["blocks_missing"] = json!(settled.missing);
+        say!("{line}");
+    }
+    let missing = if settled.missing > 0 {
+        format!(
+            "{} blocks the peer announced are still missing",
+            settled.missing
+        )
+    } else {
+        "every block the peer announced is here, but the peer may not hold all of ours".into()
+    };
+    Interrupted {
+        signal,
+        report: format!(
+            "received {} blocks ({}) before stopping, {missing}; what arrived is kept, run `multifeed sync {addr}` again to finish",
+            settled.blocks,
+            output::bytes(settled.bytes),
+        ),
+    }
+}
+
+async fn sync_live(
     global: &Global,
     group: &Multifeed,
     addr: &str,
-    live: bool,
     timeout: u64,
-) -> anyhow::Result<ReplicationSummary> {
-    let socket = connect(addr, timeout).await?;
-    let mut replication = group.start_replication(
-        socket,
-        ReplicateOptions::new(true)
-            .live(live)
-            .handshake_timeout(Duration::from_secs(timeout)),
-    );
-    let bar = (std::io::stdout().is_terminal() && !global.json).then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} feeds  {msg}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
-        bar.enable_steady_tick(Duration::from_millis(120));
-        bar
-    });
+) -> anyhow::Result<()> {
+    let mut dialer = dial(group, addr, timeout).await?;
+    let mut report = DialReport::new(addr, global.json);
+    // Per session: what is expected and what arrived; feeds already reported in sync.
+    let mut tally = Tally::default();
     let mut synced: HashSet<FeedKey> = HashSet::new();
-    let mut per_feed: std::collections::HashMap<FeedKey, (u64, u64)> = Default::default();
-    // Feeds either side holds: the length of the progress bar.
-    let mut expected: HashSet<FeedKey> = group.feeds().iter().map(|f| f.key()).collect();
+    // Per session: what each feed's last line reported.
+    let mut printed: HashMap<FeedKey, (u64, u64)> = HashMap::new();
+    let bar = progress_bar(global);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let mut stopping = false;
     loop {
-        tokio::select! {
-            event = replication.next_event() => {
-                let Some(event) = event else { break };
-                match event {
-                    ReplicationEvent::RemoteFeeds { keys } => {
-                        expected.extend(keys.iter().copied());
-                        if let Some(bar) = &bar {
-                            bar.set_length(expected.len() as u64);
-                        }
-                    }
-                    ReplicationEvent::Progress { key, blocks, bytes } => {
-                        per_feed.insert(key, (blocks, bytes));
-                        if let Some(bar) = &bar {
-                            let (b, n) = per_feed.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
-                            bar.set_message(format!("{b} blocks, {}", output::bytes(n)));
-                        }
-                    }
-                    ReplicationEvent::FeedSynced { key } => {
-                        if synced.insert(key) {
-                            let (blocks, bytes) = per_feed.get(&key).copied().unwrap_or_default();
-                            match &bar {
-                                Some(bar) => bar.set_position(synced.len() as u64),
-                                None if global.json => say!(
-                                    "{}",
-                                    json!({"event": "feed_synced", "key": key.to_hex(), "blocks": blocks, "bytes": bytes})
-                                ),
-                                None if blocks > 0 => eprintln!(
-                                    "feed {} in sync ({blocks} blocks received, {})",
-                                    &key.to_hex()[..16],
-                                    output::bytes(bytes)
-                                ),
-                                None => eprintln!("feed {} in sync", &key.to_hex()[..16]),
-                            }
-                        }
-                    }
-                    other => tracing::debug!(?other, "replication event"),
+        let event = tokio::select! {
+            event = dialer.next_event() => match event {
+                Some(event) => event,
+                None => break,
+            },
+            _ = &mut shutdown, if !stopping => {
+                dialer.stop();
+                stopping = true;
+                continue;
+            }
+        };
+        if let Some(bar) = &bar {
+            bar.suspend(|| report.event(&event));
+        } else {
+            report.event(&event);
+        }
+        match event {
+            DialEvent::Connected { .. } => {
+                tally = Tally::of(group).await;
+                printed.clear();
+            }
+            DialEvent::Replication(ReplicationEvent::RemoteFeeds { keys, lengths }) => {
+                tally.on_remote_feeds(&keys, &lengths);
+            }
+            DialEvent::Replication(ReplicationEvent::Progress { key, blocks, bytes }) => {
+                tally.on_progress(key, blocks, bytes);
+                if global.json {
+                    say!("{}", progress_json(key, blocks, bytes, &tally));
+                } else if bar.is_none() && tally.caught_up(&key) {
+                    // A line once a feed has what the peer announced, then one per
+                    // live update.
+                    let now = tally.received_of(&key);
+                    let shown = printed.insert(key, now).unwrap_or_default();
+                    tell!(
+                        "feed {}: received {} blocks ({})",
+                        &key.to_hex()[..16],
+                        now.0.saturating_sub(shown.0),
+                        output::bytes(now.1.saturating_sub(shown.1))
+                    );
                 }
             }
-            () = &mut shutdown => {
-                replication.stop();
-                break;
+            DialEvent::Replication(ReplicationEvent::FeedSynced { key })
+                if synced.insert(key) && bar.is_none() =>
+            {
+                feed_synced(global.json, key, tally.received_of(&key));
             }
+            _ => {}
+        }
+        if let Some(bar) = &bar {
+            progress::show(bar, &tally);
         }
     }
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let peer = addr.to_owned();
-    replication
-        .finish()
-        .await
-        .map_err(|e| anyhow::anyhow!("sync with {peer} failed: {e}"))
+    let summary = dialer.finish().await.map_err(|e| gave_up(addr, e))?;
+    if global.json {
+        say!(
+            "{}",
+            json!({"event": "stopped", "peer": addr, "sessions": summary.sessions,
+                   "attempts": summary.attempts, "blocks_received": summary.blocks_received,
+                   "bytes_received": summary.bytes_received, "blocks_sent": summary.blocks_sent,
+                   "bytes_sent": summary.bytes_sent, "feeds_learnt": summary.feeds_learnt})
+        );
+    } else {
+        say!(
+            "stopped live sync with {addr}: received {} blocks ({}) over {} sessions",
+            summary.blocks_received,
+            output::bytes(summary.bytes_received),
+            summary.sessions
+        );
+    }
+    Ok(())
 }

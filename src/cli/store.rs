@@ -20,6 +20,21 @@ use anyhow::{Context, bail};
 use fs4::fs_std::FileExt;
 use multifeed::{Multifeed, Options, SharedKey, StorageConfig, Topics};
 
+use crate::Global;
+
+/// Opens the group of the global options.
+pub async fn open(global: &Global) -> anyhow::Result<Store> {
+    let dir = resolve_dir(global.dir.as_deref())?;
+    let (key, source) = resolve_key(global.key.as_deref(), &dir)?;
+    if source == KeySource::File && !is_group_dir(&dir) {
+        bail!(
+            "no group at {} although its key file exists; run `multifeed join <key>` to set it up again",
+            dir.display()
+        );
+    }
+    Store::open(&dir, key, source).await
+}
+
 /// Environment variable holding the shared key.
 pub const KEY_ENV: &str = "MULTIFEED_KEY";
 const GROUP_ID_FILE: &str = "group-id";

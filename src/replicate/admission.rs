@@ -69,15 +69,6 @@ impl Admission {
         self.wake.notify_one();
     }
 
-    pub(crate) fn contains(&self, key: &FeedKey) -> bool {
-        self.pending.contains(key)
-    }
-
-    /// Whether every submitted key was handed back.
-    pub(crate) fn is_idle(&self) -> bool {
-        self.pending.is_empty()
-    }
-
     /// The next created batch. Pending forever when nothing is in progress, so it
     /// can sit in a `select!`.
     pub(crate) async fn next(&mut self) -> Result<Admitted> {

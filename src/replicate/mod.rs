@@ -1,7 +1,12 @@
 //! Replication: the feed exchange over the Hypercore v10 wire protocol.
 //!
 //! - `admission`: creates the feeds a peer offers, beside the session loop.
-//! - `session`: one connection — root channel, feed exchange, per-feed channels.
+//! - [`dialer`]: keeps a live session with one peer going, reconnecting with
+//!   backoff ([`Dialer`], [`Backoff`]).
+//! - `session_core`: IO-less state machine of a session — the feed exchange and the
+//!   bookkeeping of feed channels.
+//! - `session`: the tokio driver of `session_core` over one connection — root
+//!   channel, feed channels, feed tasks, timers.
 //! - `transport`: framing, Noise, and the workarounds for hypercore-protocol's defects.
 //! - `frame_check`: IO-less check of every inbound frame before hypercore-protocol decodes it.
 //! - [`preauth`]: limits on a connection until the peer authenticates, and slots for
@@ -10,6 +15,7 @@
 //! - `feed_task`: the async driver of `feed_sync` against a shared core.
 
 mod admission;
+pub mod dialer;
 pub(crate) mod feed_sync;
 pub(crate) mod feed_task;
 pub(crate) mod frame_check;
@@ -17,6 +23,7 @@ pub(crate) mod frame_check;
 mod frame_samples;
 pub mod preauth;
 mod session;
+mod session_core;
 pub(crate) mod transport;
 
 use std::time::Duration;
@@ -27,6 +34,9 @@ use tokio::{
     task::JoinHandle,
 };
 
+pub use self::dialer::{
+    Backoff, BackoffPolicy, DialEvent, DialOptions, DialSummary, Dialer, is_fatal,
+};
 use crate::{
     FeedKey, Multifeed,
     error::{Error, Result},
@@ -172,6 +182,32 @@ pub struct ReplicationSummary {
     pub bytes_sent: u64,
     /// The `user_data` of the peer's handshake.
     pub remote_user_data: Option<Vec<u8>>,
+    /// How the session ended.
+    pub ended: SessionEnd,
+}
+
+/// Why a session that ended without an error ended. Errors say why the others did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEnd {
+    /// One-shot: both sides hold every agreed feed and said `Done`.
+    #[default]
+    Completed,
+    /// This side asked to stop ([`Replication::stop`]).
+    LocalStop,
+    /// Live: the peer closed the session on purpose (it stopped, or it was a
+    /// one-shot peer that got what it wanted).
+    PeerClosed,
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SessionEnd::Completed => "completed",
+            SessionEnd::LocalStop => "stopped here",
+            SessionEnd::PeerClosed => "the peer closed the session",
+        })
+    }
 }
 
 /// Something that happened during a session.
@@ -182,6 +218,9 @@ pub enum ReplicationEvent {
     RemoteFeeds {
         /// The offered keys.
         keys: Vec<FeedKey>,
+        /// The length the peer announced for each key, in the same order (`None`:
+        /// not said). With what this side holds, it tells how much is to come.
+        lengths: Vec<Option<u64>>,
     },
     /// Download progress of one feed: running totals on this connection.
     Progress {

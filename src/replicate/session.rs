@@ -8,9 +8,12 @@
 //! feed, at most `max_active_feeds` syncing at once; the other side answers each open
 //! → per-feed replication. One-shot: each side sends `Done` when it wants nothing
 //! more and has served every request; the session ends when both have.
+//!
+//! The rules live in [`SessionCore`](super::session_core), which does no IO; this
+//! module is its driver: it polls the protocol, the group channel, the feed tasks
+//! and the timers, hands what happened to the core, and carries out its actions.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -20,9 +23,9 @@ use std::{
 
 use futures::StreamExt;
 use hypercore_protocol::{
-    Channel, CommandTx, DiscoveryKey, Event as ProtocolEvent, Message, Protocol, discovery_key,
-    schema::Extension,
+    Channel, CommandTx, Event as ProtocolEvent, Message, Protocol, schema::Extension,
 };
+use tokio::time::Instant;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::{mpsc, oneshot, watch},
@@ -35,18 +38,19 @@ use super::{
     feed_task::{
         FeedSyncError, FeedSyncOptions, FeedSyncSummary, OneShotClose, Progress, run_feed,
     },
+    session_core::{Action, Input, LocalFeeds, SessionCore, feed_error},
     transport::{self, TransportFault, TransportLimits, TransportStatus},
 };
 use crate::{
     Event, FeedKey, Multifeed,
     error::{Error, Result},
-    exchange::{DecodeError, ExchangeLimits, ExchangeMessage, Handshake, OfferedFeed},
+    exchange::ExchangeMessage,
 };
 
 /// Name of the Extension message that carries the feed exchange.
 const EXCHANGE_EXTENSION: &str = "multifeed/exchange";
-/// How long a session that fails the handshake keeps the link up so the peer
-/// receives our handshake too (both sides must see the mismatch).
+/// How long a finished one-shot session waits for feed tasks still closing their
+/// channels (to count them), and a raw session for the peer to hang up.
 const LINGER: Duration = Duration::from_millis(500);
 
 type FeedResult = (FeedKey, std::result::Result<FeedSyncSummary, FeedSyncError>);
@@ -69,7 +73,7 @@ where
         events,
         status.clone(),
     );
-    let result = session.drive(protocol, &status, stop).await;
+    let result = session.drive(protocol, stop).await;
     session.tasks.abort_all();
     session.synced.abort_all();
     session.admission.shutdown().await;
@@ -109,71 +113,52 @@ fn transport_error(fault: TransportFault) -> Error {
     }
 }
 
-fn feed_error(key: FeedKey, error: FeedSyncError) -> Error {
-    match error {
-        FeedSyncError::InvalidData { reason, .. } => Error::InvalidData {
-            key: key.to_hex(),
-            reason,
-        },
-        FeedSyncError::Protocol(violation) => Error::PeerFault {
-            reason: format!("feed {key}: {violation}"),
-        },
-        FeedSyncError::Core(source) => Error::core(key, source),
-        FeedSyncError::Load(error) => *error,
-        FeedSyncError::ClosedBeforeSync | FeedSyncError::Io(_) => Error::ConnectionLost {
-            reason: format!("feed {key}: {error}"),
-        },
-        other => Error::PeerFault {
-            reason: format!("feed {key}: {other}"),
-        },
+/// The session's view of the local store.
+struct Store<'a>(&'a Multifeed);
+
+impl LocalFeeds for Store<'_> {
+    fn members(&self) -> Vec<(FeedKey, u64)> {
+        self.0
+            .feeds()
+            .iter()
+            .map(|feed| (feed.key(), feed.shared().info().length))
+            .collect()
+    }
+
+    fn length(&self, key: &FeedKey) -> Option<u64> {
+        self.0.feed(*key).map(|feed| feed.shared().info().length)
+    }
+
+    fn contiguous_length(&self, key: &FeedKey) -> Option<u64> {
+        self.0
+            .feed(*key)
+            .map(|feed| feed.shared().info().contiguous_length)
     }
 }
 
+/// The tokio driver of a [`SessionCore`]: turns protocol events, channel messages,
+/// task ends and timers into its inputs, and carries out its actions.
 struct Session {
     multifeed: Multifeed,
     options: ReplicateOptions,
     commands: CommandTx,
     events: mpsc::Sender<ReplicationEvent>,
-    root_dk: DiscoveryKey,
+    core: SessionCore<Channel>,
     root: Option<Channel>,
     root_rx: Option<hypercore_protocol::ChannelReceiver<Message>>,
     /// The connection; its inbound backlog counts the root channel's queue.
     status: TransportStatus,
     _root_watch: Option<transport::InboundWatch>,
-    handshake_done: bool,
-    /// Member feeds we told the peer about, by discovery key.
-    offered: HashMap<DiscoveryKey, FeedKey>,
-    /// The same feeds by key, so membership events need no hashing.
-    offered_keys: HashSet<FeedKey>,
-    /// Feeds the peer told us about.
-    remote_offer: HashSet<FeedKey>,
-    /// Feeds we requested that are new to us, being created.
-    admission: Admission,
-    /// Feeds we requested and have not opened yet (all members by now).
-    queue: FeedQueue,
-    /// Feeds we opened and that are not in sync yet.
-    syncing: HashSet<FeedKey>,
-    /// Feeds the peer requested from us and that are not in sync yet.
-    serving: HashSet<FeedKey>,
-    /// Feeds with a running channel on this connection.
-    running: HashSet<FeedKey>,
     /// Count of running feed tasks, which they read to pick their pipelining.
     active_feeds: Arc<AtomicUsize>,
-    /// When the peer last moved replication on (see [`Session::waiting_on_peer`]).
+    /// When a feed channel last received a message (see `SessionCore::waiting_on_peer`).
     activity: Arc<transport::LastSeen>,
-    /// Times a feed was re-requested after the peer closed its channel early.
-    retries: HashMap<FeedKey, u8>,
-    got_manifest: bool,
-    got_request: bool,
-    done_sent: bool,
-    done_received: bool,
+    admission: Admission,
     tasks: JoinSet<FeedResult>,
-    /// Resolves with a feed's key when its channel first reaches sync (live mode).
+    /// Resolves with a feed's key when its channel first reaches sync.
     synced: JoinSet<Option<FeedKey>>,
     progress_tx: mpsc::Sender<Progress>,
     progress_rx: mpsc::Receiver<Progress>,
-    summary: ReplicationSummary,
-    limits: ExchangeLimits,
 }
 
 impl Session {
@@ -184,50 +169,31 @@ impl Session {
         events: mpsc::Sender<ReplicationEvent>,
         status: TransportStatus,
     ) -> Self {
-        let root_dk = discovery_key(multifeed.shared_key().as_bytes());
         let (progress_tx, progress_rx) = mpsc::channel(1024);
-        let limits = ExchangeLimits {
-            max_message_len: options.max_message_len,
-            max_feeds_per_message: options.max_offered_feeds,
-        };
+        let core = SessionCore::new(
+            options.clone(),
+            *multifeed.shared_key().as_bytes(),
+            Instant::now(),
+            rand::random(),
+        );
         Self {
             admission: Admission::spawn(multifeed.clone()),
             multifeed,
             options,
             commands,
             events,
-            root_dk,
+            core,
             root: None,
             root_rx: None,
             status,
             _root_watch: None,
-            handshake_done: false,
-            offered: HashMap::new(),
-            offered_keys: HashSet::new(),
-            remote_offer: HashSet::new(),
-            queue: FeedQueue::default(),
-            syncing: HashSet::new(),
-            serving: HashSet::new(),
-            running: HashSet::new(),
             active_feeds: Arc::new(AtomicUsize::new(0)),
             activity: Arc::new(transport::LastSeen::new()),
-            retries: HashMap::new(),
-            got_manifest: false,
-            got_request: false,
-            done_sent: false,
-            done_received: false,
             tasks: JoinSet::new(),
             synced: JoinSet::new(),
             progress_tx,
             progress_rx,
-            summary: ReplicationSummary::default(),
-            limits,
         }
-    }
-
-    fn offer(&mut self, key: FeedKey) {
-        self.offered.insert(discovery_key(key.as_bytes()), key);
-        self.offered_keys.insert(key);
     }
 
     fn emit(&self, event: ReplicationEvent) {
@@ -238,10 +204,8 @@ impl Session {
     async fn drive(
         &mut self,
         mut protocol: Protocol,
-        status: &TransportStatus,
         mut stop: watch::Receiver<bool>,
     ) -> Result<ReplicationSummary> {
-        let handshake_deadline = tokio::time::Instant::now() + self.options.handshake_timeout;
         self.commands
             .open(*self.multifeed.shared_key().as_bytes())
             .await
@@ -255,31 +219,33 @@ impl Session {
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let outcome: Result<()> = loop {
+            let timeout = self.core.timeout();
             let step = tokio::select! {
                 event = protocol.next() => match event {
                     Some(Ok(event)) => self.on_protocol_event(event).await,
-                    Some(Err(e)) => Err(status.fault().map(transport_error).unwrap_or(Error::ConnectionLost { reason: e.to_string() })),
-                    None => Err(Error::ConnectionLost { reason: "the protocol stream ended".into() }),
+                    Some(Err(e)) => {
+                        let lost = self.status.fault().map(transport_error).unwrap_or(Error::ConnectionLost { reason: e.to_string() });
+                        self.on_connection_end(&mut protocol, lost).await
+                    }
+                    None => {
+                        let lost = Error::ConnectionLost { reason: "the protocol stream ended".into() };
+                        self.on_connection_end(&mut protocol, lost).await
+                    }
                 },
                 message = recv_root(&mut self.root_rx) => match message {
                     Some(message) => self.on_root_message(message).await,
                     None => self.on_root_closed().await,
                 },
                 Some(joined) = self.tasks.join_next() => match joined {
-                    Ok((key, result)) => self.on_feed_finished(key, result).await,
+                    Ok((key, result)) => self.step(Input::FeedFinished { key, result }).await,
                     Err(e) => Err(Error::PeerFault { reason: format!("feed task failed: {e}") }),
                 },
                 Some(Ok(Some(key))) = self.synced.join_next() => {
-                    self.syncing.remove(&key);
-                    self.serving.remove(&key);
-                    match self.pump_queue().await {
-                        Ok(()) => self.maybe_done().await,
-                        Err(e) => Err(e),
-                    }
+                    self.step(Input::FeedSynced(key)).await
                 },
-                admitted = self.admission.next(), if self.queue.len() < self.options.max_active_feeds * 4 => {
+                admitted = self.admission.next(), if self.core.accepts_admitted() => {
                     match admitted {
-                        Ok(admitted) => self.on_admitted(admitted).await,
+                        Ok(Admitted { keys, created }) => self.step(Input::Admitted { keys, created }).await,
                         Err(e) => Err(e),
                     }
                 },
@@ -291,25 +257,26 @@ impl Session {
                     });
                     Ok(())
                 },
-                Some(event) = member_events.next(), if self.handshake_done => {
-                    self.on_member_event(event).await
+                Some(event) = member_events.next(), if self.core.handshake_done() => {
+                    match event {
+                        Event::FeedAdded { key, .. } => self.step(Input::MemberAdded(key)).await,
+                        Event::Lagged { .. } => self.step(Input::MembersLagged).await,
+                    }
                 },
-                _ = tokio::time::sleep_until(handshake_deadline), if !self.handshake_done => {
-                    Err(Error::HandshakeTimeout { after: self.options.handshake_timeout })
+                _ = sleep_until(timeout), if timeout.is_some() => self.step(Input::Timeout).await,
+                _ = keepalive.tick() => {
+                    self.step(Input::Tick {
+                        last_received: self.status.last_received(),
+                        feed_activity: self.activity.at(),
+                    }).await
                 },
-                _ = keepalive.tick() => self.on_tick(status).await,
-                _ = stop.changed() => break Ok(()),
+                _ = stop.changed() => self.step(Input::Stop).await,
             };
             if let Err(e) = step {
                 break Err(e);
             }
-            // A live session answering a one-shot peer keeps its channels open, so it
-            // ends when that peer, having both Dones, closes the group channel.
-            if self.done_sent
-                && self.done_received
-                && (self.running.is_empty() || self.root_rx.is_none())
-            {
-                break Ok(());
+            if let Some(outcome) = self.core.take_outcome() {
+                break outcome;
             }
         };
 
@@ -321,7 +288,7 @@ impl Session {
                 // Let the close (and anything queued before it) reach the peer, and
                 // count feed tasks that were still finishing their channels.
                 self.linger_collecting(&mut protocol).await;
-                Ok(self.summary.clone())
+                Ok(self.core.summary().clone())
             }
             Err(error) => {
                 if matches!(
@@ -331,55 +298,56 @@ impl Session {
                         | Error::SharedKeyMismatch
                 ) {
                     // The peer must get our handshake too, so both sides see the mismatch.
-                    linger(&mut protocol).await;
+                    flush(&mut protocol);
                 }
                 Err(error)
             }
         }
     }
 
-    async fn on_tick(&mut self, status: &TransportStatus) -> Result<()> {
-        if !self.handshake_done {
-            return Ok(());
+    /// Hands `input` to the core and carries out what it decides. An action that
+    /// fails (the connection is gone) ends the session, unless it has ended already.
+    async fn step(&mut self, input: Input<Channel>) -> Result<()> {
+        self.core
+            .handle(Instant::now(), input, &Store(&self.multifeed));
+        while let Some(action) = self.core.poll_action() {
+            if let Err(error) = self.execute(action).await
+                && !self.core.is_ended()
+            {
+                return Err(error);
+            }
         }
-        tracing::debug!(
-            queued = self.queue.len(),
-            admitting = !self.admission.is_idle(),
-            syncing = self.syncing.len(),
-            serving = self.serving.len(),
-            running = self.running.len(),
-            got_manifest = self.got_manifest,
-            got_request = self.got_request,
-            done_sent = self.done_sent,
-            done_received = self.done_received,
-            "replication state"
-        );
-        if status.last_received().elapsed() >= self.options.idle_timeout {
-            return Err(Error::IdleTimeout {
-                after: self.options.idle_timeout,
-            });
-        }
-        if self.waiting_on_peer() && self.activity.at().elapsed() >= self.options.stall_timeout {
-            return Err(Error::Stalled {
-                after: self.options.stall_timeout,
-            });
-        }
-        // Both Dones exchanged: the peer may already have closed the group channel.
-        if self.done_sent && self.done_received {
-            return Ok(());
-        }
-        self.send(ExchangeMessage::Ping(rand::random())).await
+        Ok(())
     }
 
-    /// Whether the next step is the peer's: its exchange messages, its answer to a
-    /// feed channel we opened, or data on a running feed channel. A live session
-    /// with every feed in sync waits on nobody; feeds still being created or queued
-    /// wait on us.
-    fn waiting_on_peer(&self) -> bool {
-        let exchange = !self.got_manifest || (!self.options.live && !self.got_request);
-        let feeds = !self.syncing.is_empty() || (!self.options.live && !self.running.is_empty());
-        let done = !self.options.live && self.done_sent && !self.done_received;
-        exchange || feeds || done
+    async fn execute(&mut self, action: Action<Channel>) -> Result<()> {
+        match action {
+            Action::Send(message) => self.send(message).await,
+            Action::Open(key) => {
+                self.commands
+                    .open(*key.as_bytes())
+                    .await
+                    .map_err(|e| Error::ConnectionLost {
+                        reason: e.to_string(),
+                    })
+            }
+            Action::StartFeed { key, channel } => {
+                self.start_feed(key, channel);
+                Ok(())
+            }
+            Action::Refuse(channel) => {
+                refuse_channel(channel);
+                Ok(())
+            }
+            Action::Admit(keys) => {
+                self.admission.submit(keys);
+                Ok(())
+            }
+            Action::Emit(event) => {
+                self.emit(event);
+                Ok(())
+            }
+        }
     }
 
     async fn send(&self, message: ExchangeMessage) -> Result<()> {
@@ -399,71 +367,53 @@ impl Session {
     async fn on_protocol_event(&mut self, event: ProtocolEvent) -> Result<()> {
         match event {
             ProtocolEvent::Channel(mut channel) => {
-                if *channel.discovery_key() == self.root_dk {
+                if channel.discovery_key() == self.core.root_discovery_key() {
                     self.root_rx = channel.take_receiver();
                     self._root_watch = self
                         .root_rx
                         .as_ref()
                         .map(|rx| self.status.watch_inbound(rx));
                     self.root = Some(channel);
-                    self.send(ExchangeMessage::Handshake(Handshake {
-                        client: self.options.client_name.clone(),
-                        protocol_version: self.options.protocol_version.clone(),
-                        user_data: self.options.user_data.clone(),
-                    }))
-                    .await?;
+                    self.step(Input::RootOpened).await
                 } else {
-                    self.start_feed(channel);
+                    let key = FeedKey::from_bytes(*channel.key());
+                    self.step(Input::ChannelReady { key, channel }).await
                 }
             }
-            ProtocolEvent::DiscoveryKey(dk) => {
-                if dk == self.root_dk {
-                    return Ok(());
-                }
-                if self.root.is_none() {
-                    // The peer's first channel is another group's root: another shared key.
-                    return Err(Error::SharedKeyMismatch);
-                }
-                if let Some(key) = self.offered.get(&dk).copied() {
-                    self.open(key).await?;
-                } else {
-                    tracing::debug!(dk = %hex::encode(dk), "peer opened a feed we did not offer; ignored");
-                }
+            ProtocolEvent::DiscoveryKey(dk) => self.step(Input::PeerOpened(dk)).await,
+            ProtocolEvent::Close(dk) if &dk == self.core.root_discovery_key() => {
+                self.on_root_closed().await
             }
-            ProtocolEvent::Close(dk) if dk == self.root_dk => {
-                return self.on_root_closed().await;
-            }
-            _ => {}
+            ProtocolEvent::Close(dk) => self.step(Input::ChannelClosed(dk)).await,
+            _ => Ok(()),
         }
-        Ok(())
     }
 
-    /// The peer closed the group channel: fine once both sides said `Done`.
+    /// The group channel closed. Messages the peer sent before closing may still
+    /// be queued behind the close event: they go first.
     async fn on_root_closed(&mut self) -> Result<()> {
-        // Messages it sent before closing may still be queued behind the close event.
         if let Some(rx) = self.root_rx.take() {
             while let Ok(message) = rx.try_recv() {
                 self.on_root_message(message).await?;
             }
         }
-        if self.done_sent && self.done_received {
-            Ok(())
-        } else {
-            Err(Error::ConnectionLost {
-                reason: "the peer closed the group channel before replication finished".into(),
-            })
+        self.step(Input::RootClosed).await
+    }
+
+    async fn on_root_message(&mut self, message: Message) -> Result<()> {
+        match message {
+            Message::Extension(Extension { name, message }) if name == EXCHANGE_EXTENSION => {
+                self.step(Input::Exchange(message)).await
+            }
+            _ => Ok(()),
         }
     }
 
-    fn start_feed(&mut self, channel: Channel) {
-        let key = FeedKey::from_bytes(*channel.key());
+    fn start_feed(&mut self, key: FeedKey, channel: Channel) {
         let Some(feed) = self.multifeed.feed(key) else {
-            tracing::debug!(%key, "channel for a feed that is not a member; ignored");
+            refuse_channel(channel);
             return;
         };
-        if !self.running.insert(key) {
-            return;
-        }
         let (synced_tx, synced_rx) = oneshot::channel();
         self.synced
             .spawn(async move { synced_rx.await.ok().map(|()| key) });
@@ -487,304 +437,71 @@ impl Session {
         });
     }
 
-    async fn open(&self, key: FeedKey) -> Result<()> {
-        self.commands
-            .open(*key.as_bytes())
-            .await
-            .map_err(|e| Error::ConnectionLost {
-                reason: e.to_string(),
-            })
-    }
-
-    async fn on_feed_finished(
-        &mut self,
-        key: FeedKey,
-        result: std::result::Result<FeedSyncSummary, FeedSyncError>,
-    ) -> Result<()> {
-        tracing::trace!(%key, ?result, "feed channel finished");
-        match result {
-            Ok(summary) => {
-                self.count_finished(key, summary);
-                self.pump_queue().await?;
-                self.maybe_done().await
-            }
-            // The peer judged the feed in sync and closed first, before our view caught
-            // up: ask for it again (bounded), which settles it on a fresh channel.
-            Err(FeedSyncError::ClosedBeforeSync)
-                if self.retries.get(&key).copied().unwrap_or(0) < 3 =>
-            {
-                self.running.remove(&key);
-                *self.retries.entry(key).or_insert(0) += 1;
-                self.serving.remove(&key);
-                if self.syncing.remove(&key) {
-                    self.queue.push(key);
-                }
-                self.pump_queue().await?;
-                self.maybe_done().await
-            }
-            Err(error) => Err(feed_error(key, error)),
-        }
-    }
-
-    /// Adds a feed task's counts to the summary.
-    fn count_finished(&mut self, key: FeedKey, summary: FeedSyncSummary) {
-        self.running.remove(&key);
-        self.summary.blocks_received += summary.blocks_received;
-        self.summary.bytes_received += summary.bytes_received;
-        self.summary.blocks_sent += summary.blocks_sent;
-        self.summary.bytes_sent += summary.bytes_sent;
-        if summary.synced {
-            self.summary.feeds_synced += 1;
-            self.syncing.remove(&key);
-            self.serving.remove(&key);
-            self.emit(ReplicationEvent::FeedSynced { key });
-        }
-    }
-
-    /// Keeps the protocol polled for at most [`LINGER`] so queued messages reach the
-    /// peer, counting feed tasks as they finish; ends early once the peer closes
-    /// and no task is left.
+    /// Writes out what we queued (our close), then, one-shot, waits (at most
+    /// [`LINGER`]) for feed tasks still finishing their channels, to count them.
+    /// Nothing waits for the peer to hang up: it has what it needs once our
+    /// messages are written.
     async fn linger_collecting(&mut self, protocol: &mut Protocol) {
+        flush(protocol);
         let deadline = tokio::time::Instant::now() + LINGER;
+        let status = self.status.clone();
         let mut connected = true;
-        while connected || (!self.options.live && !self.tasks.is_empty()) {
+        while !self.options.live && !self.tasks.is_empty() {
             tokio::select! {
                 biased;
                 Some(joined) = self.tasks.join_next() => {
                     if let Ok((key, Ok(summary))) = joined {
-                        self.count_finished(key, summary);
+                        self.core.count_late(key, summary);
+                        // The session has ended: only its events still go out.
+                        while let Some(action) = self.core.poll_action() {
+                            if let Action::Emit(event) = action {
+                                self.emit(event);
+                            }
+                        }
                     }
                 }
                 event = protocol.next(), if connected => {
                     connected = matches!(event, Some(Ok(_)));
                 }
+                _ = status.closed(), if connected => connected = false,
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
+        flush(protocol);
     }
 
-    async fn on_root_message(&mut self, message: Message) -> Result<()> {
-        let Message::Extension(Extension { name, message }) = message else {
-            return Ok(());
-        };
-        if name != EXCHANGE_EXTENSION {
-            return Ok(());
-        }
-        let message = ExchangeMessage::decode(&message, &self.limits).map_err(|e| match e {
-            DecodeError::TooManyFeeds { count, max } => Error::PeerFault {
-                reason: format!("it offered {count} feeds in one message (limit {max})"),
-            },
-            other => Error::PeerFault {
-                reason: format!("undecodable exchange message: {other}"),
-            },
-        })?;
-        if !matches!(message, ExchangeMessage::Ping(_)) {
-            self.activity.touch();
-        }
-        match message {
-            ExchangeMessage::Handshake(handshake) => self.on_handshake(handshake).await,
-            ExchangeMessage::Manifest(feeds) if self.handshake_done => {
-                self.on_manifest(feeds).await
+    /// The connection ended. The peer's last exchange messages (its `Done`, its
+    /// handshake) may still wait in the group channel's queue: they decide whether
+    /// this was the agreed end of a one-shot session, a refusal, or a lost link.
+    async fn on_connection_end(&mut self, protocol: &mut Protocol, lost: Error) -> Result<()> {
+        // Events the protocol queued before it met the end (the peer's open of
+        // another group's channel, say) come first.
+        for _ in 0..64 {
+            match futures::FutureExt::now_or_never(protocol.next()) {
+                Some(Some(Ok(event))) => self.on_protocol_event(event).await?,
+                _ => break,
             }
-            ExchangeMessage::Request(keys) if self.handshake_done => self.on_request(keys).await,
-            ExchangeMessage::Done if self.handshake_done => {
-                self.done_received = true;
-                self.maybe_done().await
-            }
-            ExchangeMessage::Ping(_) => Ok(()),
-            ExchangeMessage::Unknown if self.handshake_done => {
-                tracing::debug!(
-                    "ignored a feed-exchange message of a kind this version does not know"
-                );
-                Ok(())
-            }
-            _ => Err(Error::PeerFault {
-                reason: "it sent feed-exchange messages before its handshake".into(),
-            }),
         }
+        let mut root_closed_by_peer = false;
+        if let Some(rx) = self.root_rx.take() {
+            while let Ok(message) = rx.try_recv() {
+                root_closed_by_peer |= matches!(message, Message::Close(_));
+                self.on_root_message(message).await?;
+            }
+        }
+        self.step(Input::ConnectionLost {
+            error: lost,
+            root_closed_by_peer,
+        })
+        .await
     }
+}
 
-    async fn on_handshake(&mut self, handshake: Handshake) -> Result<()> {
-        if self.handshake_done {
-            return Err(Error::PeerFault {
-                reason: "it sent a second handshake".into(),
-            });
-        }
-        if handshake.client != self.options.client_name {
-            return Err(Error::ClientMismatch {
-                ours: self.options.client_name.clone(),
-                theirs: handshake.client.chars().take(100).collect(),
-            });
-        }
-        let ours = semver::Version::parse(&self.options.protocol_version).ok();
-        let theirs = semver::Version::parse(&handshake.protocol_version).ok();
-        match (ours, theirs) {
-            (Some(ours), Some(theirs)) if ours.major == theirs.major => {}
-            _ => {
-                return Err(Error::VersionMismatch {
-                    ours: self.options.protocol_version.clone(),
-                    theirs: handshake.protocol_version.chars().take(100).collect(),
-                });
-            }
-        }
-        self.handshake_done = true;
-        self.summary.remote_user_data = handshake.user_data;
-        // Offer every member; later members are announced as they are added.
-        let feeds = self.multifeed.feeds();
-        let mut offer = Vec::with_capacity(feeds.len());
-        for feed in feeds {
-            let key = feed.key();
-            self.offer(key);
-            offer.push(OfferedFeed {
-                key,
-                length: Some(feed.len().await),
-                metadata: Default::default(),
-            });
-        }
-        for chunk in offer.chunks(self.limits.max_feeds_per_message.clamp(1, 10_000)) {
-            self.send(ExchangeMessage::Manifest(chunk.to_vec())).await?;
-        }
-        if offer.is_empty() {
-            self.send(ExchangeMessage::Manifest(Vec::new())).await?;
-        }
-        Ok(())
-    }
-
-    async fn on_manifest(&mut self, feeds: Vec<OfferedFeed>) -> Result<()> {
-        if self.remote_offer.len() + feeds.len() > self.options.max_offered_feeds {
-            return Err(Error::PeerFault {
-                reason: format!(
-                    "it offered more than {} feeds (ReplicateOptions::max_offered_feeds)",
-                    self.options.max_offered_feeds
-                ),
-            });
-        }
-        // A correct peer offers only feed public keys; refuse before admitting any.
-        if let Some(bad) = feeds.iter().find(|f| f.key.verifying_key().is_err()) {
-            return Err(Error::PeerFault {
-                reason: format!("it offered {}, which is not a feed public key", bad.key),
-            });
-        }
-        let mut wanted = Vec::new();
-        for offered in &feeds {
-            let key = offered.key;
-            if key.as_bytes() == self.multifeed.shared_key().as_bytes() {
-                continue;
-            }
-            self.remote_offer.insert(key);
-            let want = match self.multifeed.feed(key) {
-                None => true,
-                // Live: keep a channel on every shared feed so appends flow both ways.
-                Some(_) if self.options.live => true,
-                // Compare with what we hold without gaps: a cut sync leaves holes.
-                Some(feed) => offered.length.unwrap_or(u64::MAX) > feed.contiguous_len().await,
-            };
-            if want
-                && !self.queue.contains(&key)
-                && !self.syncing.contains(&key)
-                && !self.admission.contains(&key)
-            {
-                wanted.push(key);
-            }
-        }
-        self.got_manifest = true;
-        self.emit(ReplicationEvent::RemoteFeeds {
-            keys: feeds.iter().map(|f| f.key).collect(),
-        });
-        self.send(ExchangeMessage::Request(wanted.clone())).await?;
-        let (known, new): (Vec<FeedKey>, Vec<FeedKey>) = wanted
-            .into_iter()
-            .partition(|key| self.multifeed.contains(key));
-        self.admission.submit(new);
-        for key in known {
-            self.queue.push(key);
-        }
-        self.pump_queue().await?;
-        self.maybe_done().await
-    }
-
-    /// Feeds the admission task created: they join the queue.
-    async fn on_admitted(&mut self, admitted: Admitted) -> Result<()> {
-        self.summary.feeds_learnt += admitted.created;
-        for key in admitted.keys {
-            self.queue.push(key);
-        }
-        self.pump_queue().await?;
-        self.maybe_done().await
-    }
-
-    async fn on_request(&mut self, keys: Vec<FeedKey>) -> Result<()> {
-        for key in keys {
-            if self.offered_keys.contains(&key) {
-                self.serving.insert(key);
-            } else {
-                tracing::debug!(%key, "peer requested a feed we did not offer; ignored");
-            }
-        }
-        self.got_request = true;
-        self.maybe_done().await
-    }
-
-    /// Opens queued feeds while fewer than `max_active_feeds` are syncing.
-    async fn pump_queue(&mut self) -> Result<()> {
-        while self.syncing.len() < self.options.max_active_feeds {
-            let Some(key) = self.queue.pop() else {
-                break;
-            };
-            tracing::trace!(%key, "opening feed channel");
-            self.syncing.insert(key);
-            self.open(key).await?;
-        }
-        Ok(())
-    }
-
-    /// One-shot: says `Done` once we want nothing more and served every request.
-    /// Live: says it only in answer to a one-shot peer's `Done`, so that peer's
-    /// `replicate` can return; the live session stays up for other peers' sake.
-    async fn maybe_done(&mut self) -> Result<()> {
-        if self.done_sent || (self.options.live && !self.done_received) {
-            return Ok(());
-        }
-        if self.got_manifest
-            && self.got_request
-            && self.queue.is_empty()
-            && self.admission.is_idle()
-            && self.syncing.is_empty()
-            && self.serving.is_empty()
-        {
-            self.done_sent = true;
-            self.send(ExchangeMessage::Done).await?;
-        }
-        Ok(())
-    }
-
-    async fn on_member_event(&mut self, event: Event) -> Result<()> {
-        if self.done_sent {
-            return Ok(());
-        }
-        let keys: Vec<FeedKey> = match event {
-            Event::FeedAdded { key, .. } => vec![key],
-            Event::Lagged { .. } => self.multifeed.feeds().iter().map(|f| f.key()).collect(),
-        };
-        let mut announce = Vec::new();
-        for key in keys {
-            if self.offered_keys.contains(&key) || self.remote_offer.contains(&key) {
-                continue;
-            }
-            let Some(feed) = self.multifeed.feed(key) else {
-                continue;
-            };
-            self.offer(key);
-            announce.push(OfferedFeed {
-                key,
-                length: Some(feed.len().await),
-                metadata: Default::default(),
-            });
-        }
-        if announce.is_empty() {
-            return Ok(());
-        }
-        self.send(ExchangeMessage::Manifest(announce)).await
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -804,36 +521,29 @@ impl Drop for ActiveFeed {
     }
 }
 
-/// Feeds waiting for a channel, in request order, with O(1) membership.
-#[derive(Default)]
-struct FeedQueue {
-    order: VecDeque<FeedKey>,
-    members: HashSet<FeedKey>,
+/// Closes a channel we will not run, and reads what the peer sent before seeing the
+/// close: hypercore-protocol ends the whole connection when a message arrives for a
+/// channel whose receiver is gone.
+fn refuse_channel(mut channel: Channel) {
+    let receiver = channel.take_receiver();
+    tokio::spawn(async move {
+        let _ = channel.close().await;
+        if let Some(receiver) = receiver {
+            while receiver.recv().await.is_ok() {}
+        }
+    });
 }
 
-impl FeedQueue {
-    fn push(&mut self, key: FeedKey) {
-        if self.members.insert(key) {
-            self.order.push_back(key);
+/// Writes out what the protocol has queued (its close, say) without waiting for
+/// anything to arrive: each poll that finds nothing to read has written the outbound
+/// queue and flushed it.
+fn flush(protocol: &mut Protocol) {
+    use futures::FutureExt;
+    for _ in 0..64 {
+        match protocol.next().now_or_never() {
+            Some(Some(Ok(_))) => continue,
+            _ => break,
         }
-    }
-
-    fn pop(&mut self) -> Option<FeedKey> {
-        let key = self.order.pop_front()?;
-        self.members.remove(&key);
-        Some(key)
-    }
-
-    fn contains(&self, key: &FeedKey) -> bool {
-        self.members.contains(key)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.order.is_empty()
-    }
-
-    fn len(&self) -> usize {
-        self.order.len()
     }
 }
 

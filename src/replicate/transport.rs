@@ -35,7 +35,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// The tokio clock, so idle and stall timeouts follow a paused test clock.
+use tokio::time::Instant;
 
 use super::frame_check::{self, FrameFault, Unit};
 use super::preauth::{self, PreAuth};
@@ -259,7 +262,6 @@ impl TransportStatus {
     }
 
     /// Resolves once the connection has ended.
-    #[cfg(test)]
     pub async fn closed(&self) {
         let mut rx = self.0.fault.subscribe();
         // The sender lives in `self`, so this cannot fail while we wait.

@@ -8,8 +8,12 @@ use prost::Message as _;
 use super::Message;
 use crate::{error::Error, keys::FeedKey, proto::pb};
 
-/// Prefix of a cursor's text form; names the format version.
-const CURSOR_PREFIX: &str = "v1.";
+/// Prefix of a cursor's text form; names the format version. Version 2 adds the
+/// scope; version 1 cursors (no scope) are still read.
+const CURSOR_PREFIX: &str = "v2.";
+const CURSOR_PREFIX_V1: &str = "v1.";
+/// Bytes of a cursor's scope fingerprint.
+const SCOPE_LEN: usize = 8;
 /// Most feeds a cursor's text form may list.
 pub const MAX_CURSOR_FEEDS: usize = 65_536;
 /// Longest text form of a cursor that is parsed (4 MiB).
@@ -54,6 +58,30 @@ pub struct ReceivedMessage {
 pub struct Cursor {
     /// Next unread (seq, index) per feed; never holds (0, 0).
     positions: BTreeMap<FeedKey, (u64, u32)>,
+    /// The group and topic it was read from, once it was (see [`Scope`]).
+    scope: Option<Scope>,
+}
+
+/// A short fingerprint of a group and a topic: a cursor read from one is refused
+/// for another, instead of silently re-reading everything. It reveals neither the
+/// shared key nor the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scope([u8; SCOPE_LEN]);
+
+impl Scope {
+    /// The scope of `topic` in the group whose public id is `group_id`.
+    pub(crate) fn new(group_id: &[u8; 32], topic: &str) -> Self {
+        use blake2::{Blake2b512, Digest};
+        let mut hasher = Blake2b512::new();
+        hasher.update(b"multifeed cursor scope v2\0");
+        hasher.update(group_id);
+        hasher.update((topic.len() as u64).to_le_bytes());
+        hasher.update(topic.as_bytes());
+        let digest = hasher.finalize();
+        let mut out = [0u8; SCOPE_LEN];
+        out.copy_from_slice(&digest[..SCOPE_LEN]);
+        Scope(out)
+    }
 }
 
 impl Cursor {
@@ -108,6 +136,20 @@ impl Cursor {
         }
     }
 
+    /// Checks that the cursor may be used for `scope` (an unscoped one may be used
+    /// anywhere) and marks it as belonging to it.
+    pub(crate) fn check_scope(&mut self, scope: Scope) -> Result<(), Error> {
+        match self.scope {
+            Some(own) if own != scope => Err(Error::InvalidCursor {
+                reason: "it was read from another topic or another group".into(),
+            }),
+            _ => {
+                self.scope = Some(scope);
+                Ok(())
+            }
+        }
+    }
+
     pub(crate) fn position(&self, key: &FeedKey) -> (u64, u32) {
         self.positions.get(key).copied().unwrap_or((0, 0))
     }
@@ -132,16 +174,23 @@ impl Cursor {
                     index,
                 })
                 .collect(),
+            scope: self.scope.map(|scope| scope.0.to_vec()),
         }
     }
 }
 
 impl fmt::Display for Cursor {
-    /// `v1.` followed by the base64url (unpadded) protobuf `Cursor`.
+    /// `v2.` (`v1.` for a cursor without a scope) followed by the base64url
+    /// (unpadded) protobuf `Cursor`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // An unscoped cursor (never read from a topic) keeps the v1 form.
+        let prefix = match self.scope {
+            Some(_) => CURSOR_PREFIX,
+            None => CURSOR_PREFIX_V1,
+        };
         write!(
             f,
-            "{CURSOR_PREFIX}{}",
+            "{prefix}{}",
             URL_SAFE_NO_PAD.encode(self.to_pb().encode_to_vec())
         )
     }
@@ -160,21 +209,38 @@ impl FromStr for Cursor {
                 text.len()
             )));
         }
-        let body = text
-            .strip_prefix(CURSOR_PREFIX)
-            .ok_or_else(|| invalid(format!("it does not start with {CURSOR_PREFIX:?}")))?;
+        let (body, scoped) = match (
+            text.strip_prefix(CURSOR_PREFIX),
+            text.strip_prefix(CURSOR_PREFIX_V1),
+        ) {
+            (Some(body), _) => (body, true),
+            (None, Some(body)) => (body, false),
+            (None, None) => {
+                return Err(invalid(format!(
+                    "it does not start with {CURSOR_PREFIX:?} or {CURSOR_PREFIX_V1:?}"
+                )));
+            }
+        };
         let bytes = URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|e| invalid(format!("not base64url: {e}")))?;
-        let decoded =
-            pb::Cursor::decode(&bytes[..]).map_err(|e| invalid(format!("malformed: {e}")))?;
-        if decoded.positions.len() > MAX_CURSOR_FEEDS {
+        // Count before prost allocates a struct per (possibly empty) position.
+        let listed = crate::proto::count_field(&bytes, 1).map_err(|e| invalid(e.to_string()))?;
+        if listed > MAX_CURSOR_FEEDS {
             return Err(invalid(format!(
-                "{} feeds, more than the limit of {MAX_CURSOR_FEEDS}",
-                decoded.positions.len()
+                "{listed} feeds, more than the limit of {MAX_CURSOR_FEEDS}"
             )));
         }
+        let decoded =
+            pb::Cursor::decode(&bytes[..]).map_err(|e| invalid(format!("malformed: {e}")))?;
         let mut cursor = Cursor::default();
+        if scoped {
+            let scope = decoded.scope.as_deref().unwrap_or_default();
+            let scope: [u8; SCOPE_LEN] = scope
+                .try_into()
+                .map_err(|_| invalid(format!("a scope of {} bytes", scope.len())))?;
+            cursor.scope = Some(Scope(scope));
+        }
         for position in decoded.positions {
             let key = FeedKey::from_slice(&position.key).map_err(|_| {
                 invalid(format!(
@@ -197,6 +263,14 @@ mod tests {
 
     fn key(n: u8) -> FeedKey {
         FeedKey::from_bytes([n; 32])
+    }
+
+    fn at(seq: u64, index: u32) -> MessageAddress {
+        MessageAddress {
+            key: key(1),
+            seq,
+            index,
+        }
     }
 
     #[test]
@@ -238,6 +312,44 @@ mod tests {
         }));
     }
 
+    /// A cursor read from one topic (or group) is refused for another; one without
+    /// a scope (v1, or never read) is taken anywhere; the scope survives the text form.
+    #[test]
+    fn a_cursor_belongs_to_its_group_and_topic() {
+        let group = [7u8; 32];
+        let mut cursor = Cursor::default();
+        cursor.check_scope(Scope::new(&group, "t")).unwrap();
+        cursor.advance(&at(0, 0));
+        let parsed: Cursor = cursor.to_string().parse().unwrap();
+        assert_eq!(parsed, cursor);
+        assert!(cursor.to_string().starts_with("v2."));
+        for other in [Scope::new(&group, "u"), Scope::new(&[8; 32], "t")] {
+            assert!(matches!(
+                parsed.clone().check_scope(other),
+                Err(Error::InvalidCursor { .. })
+            ));
+        }
+        parsed.clone().check_scope(Scope::new(&group, "t")).unwrap();
+        // A v1 cursor (no scope) keeps working for any topic.
+        let v1 = format!(
+            "v1.{}",
+            URL_SAFE_NO_PAD.encode(
+                pb::Cursor {
+                    positions: vec![pb::FeedPosition {
+                        key: vec![1; 32],
+                        seq: 1,
+                        index: 0
+                    }],
+                    scope: None,
+                }
+                .encode_to_vec()
+            )
+        );
+        let mut old: Cursor = v1.parse().unwrap();
+        assert_eq!(old.next_address(&key(1)), at(1, 0));
+        old.check_scope(Scope::new(&group, "u")).unwrap();
+    }
+
     #[test]
     fn malformed_cursor_text_is_a_typed_error_not_a_panic() {
         let dup = pb::Cursor {
@@ -249,6 +361,7 @@ mod tests {
                 };
                 2
             ],
+            scope: None,
         };
         let short = pb::Cursor {
             positions: vec![pb::FeedPosition {
@@ -256,6 +369,7 @@ mod tests {
                 seq: 1,
                 index: 0,
             }],
+            scope: None,
         };
         let too_many = pb::Cursor {
             positions: (0..=MAX_CURSOR_FEEDS as u32)
@@ -265,6 +379,7 @@ mod tests {
                     index: 0,
                 })
                 .collect(),
+            scope: None,
         };
         let enc = |c: &pb::Cursor| format!("v1.{}", URL_SAFE_NO_PAD.encode(c.encode_to_vec()));
         for text in [

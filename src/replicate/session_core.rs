@@ -1,0 +1,863 @@
+//! IO-less state machine of one replication session: the feed exchange and the
+//! bookkeeping of feed channels, without sockets, tasks or clocks.
+//!
+//! The driver (`session`) turns what happens on the connection into [`Input`]s,
+//! hands them to [`SessionCore::handle`] with the current time and a view of the
+//! local store, and carries out the [`Action`]s it then drains with
+//! [`SessionCore::poll_action`]. Once [`SessionCore::outcome`] is set the session
+//! has decided to end. Every rule of the exchange (handshake and versions,
+//! manifests, requests, `Done`, retries, when to open or refuse a channel, when to
+//! end) lives here, so a simulator can drive many sessions deterministically.
+//!
+//! `C` is the driver's handle of an open feed channel; the core only holds it
+//! while an older channel of the same feed is finishing.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+// The tokio clock (a plain instant type: nothing here sleeps), so a paused test
+// clock drives every timeout.
+use tokio::time::Instant;
+
+use hypercore_protocol::{DiscoveryKey, discovery_key};
+
+use super::{
+    ReplicateOptions, ReplicationEvent, ReplicationSummary, SessionEnd,
+    feed_task::{FeedSyncError, FeedSyncSummary},
+};
+use crate::{
+    FeedKey,
+    error::{Error, Result},
+    exchange::{DecodeError, ExchangeLimits, ExchangeMessage, Handshake, OfferedFeed},
+};
+
+/// Times a feed is asked for again after the peer closed its channel early.
+const MAX_RETRIES: u8 = 3;
+
+/// What the core needs to know of the local store. Reads only, and synchronous:
+/// a member's lengths are kept in memory.
+pub(crate) trait LocalFeeds {
+    /// Every member feed with its length, in order of admission.
+    fn members(&self) -> Vec<(FeedKey, u64)>;
+    /// A member's length, or `None` if it is not a member.
+    fn length(&self, key: &FeedKey) -> Option<u64>;
+    /// A member's length counted from the start without a gap.
+    fn contiguous_length(&self, key: &FeedKey) -> Option<u64>;
+}
+
+/// Something that happened to the session.
+#[derive(Debug)]
+pub(crate) enum Input<C> {
+    /// Both sides opened the group channel (the shared key checked out).
+    RootOpened,
+    /// A feed-exchange message from the peer, as received (not yet decoded).
+    Exchange(Vec<u8>),
+    /// The peer opened a channel that we have not opened (yet).
+    PeerOpened(DiscoveryKey),
+    /// A feed channel is open on both sides.
+    ChannelReady { key: FeedKey, channel: C },
+    /// A feed channel closed (either side's close).
+    ChannelClosed(DiscoveryKey),
+    /// The group channel closed. Exchange messages received before the close are
+    /// handed in first.
+    RootClosed,
+    /// A feed task ended.
+    FeedFinished {
+        key: FeedKey,
+        result: std::result::Result<FeedSyncSummary, FeedSyncError>,
+    },
+    /// A feed channel reached sync for the first time.
+    FeedSynced(FeedKey),
+    /// Feeds handed to admission were created (`created` of them were new members).
+    Admitted { keys: Vec<FeedKey>, created: usize },
+    /// A feed became a member of the local store.
+    MemberAdded(FeedKey),
+    /// Member events were missed: every member is looked at again.
+    MembersLagged,
+    /// The keep-alive period passed. `last_received`: when the connection last
+    /// received anything; `feed_activity`: when a feed channel last did.
+    Tick {
+        last_received: Instant,
+        feed_activity: Instant,
+    },
+    /// The deadline of [`SessionCore::timeout`] passed.
+    Timeout,
+    /// This side asked to end the session.
+    Stop,
+    /// The connection ended. Events and exchange messages received before the end
+    /// are handed in first; `root_closed_by_peer` says whether the peer's close of
+    /// the group channel was among them.
+    ConnectionLost {
+        error: Error,
+        root_closed_by_peer: bool,
+    },
+}
+
+/// What the driver must do.
+#[derive(Debug)]
+pub(crate) enum Action<C> {
+    /// Send on the group channel.
+    Send(ExchangeMessage),
+    /// Open the feed's channel (never twice before it closed).
+    Open(FeedKey),
+    /// Replicate the feed over this channel until the task ends.
+    StartFeed { key: FeedKey, channel: C },
+    /// Close this channel without running it, reading what the peer still sends.
+    Refuse(C),
+    /// Create these feeds as remote members (in the background).
+    Admit(Vec<FeedKey>),
+    /// Tell the session's owner.
+    Emit(ReplicationEvent),
+}
+
+/// The session's state. See the module documentation.
+pub(crate) struct SessionCore<C> {
+    options: ReplicateOptions,
+    shared_key: [u8; 32],
+    root_dk: DiscoveryKey,
+    limits: ExchangeLimits,
+    root_opened: bool,
+    root_closed: bool,
+    handshake_done: bool,
+    handshake_deadline: Instant,
+    /// Member feeds we told the peer about, by discovery key.
+    offered: HashMap<DiscoveryKey, FeedKey>,
+    /// The same feeds by key, so membership events need no hashing.
+    offered_keys: HashSet<FeedKey>,
+    /// Feeds the peer told us about.
+    remote_offer: HashSet<FeedKey>,
+    /// Feeds we requested that are new to us, being created.
+    admitting: HashSet<FeedKey>,
+    /// Feeds we requested and have not opened yet (all members by now).
+    queue: FeedQueue,
+    /// Feeds we opened and that are not in sync yet.
+    syncing: HashSet<FeedKey>,
+    /// Feeds the peer requested from us and that are not in sync yet.
+    serving: HashSet<FeedKey>,
+    /// Feeds with a running channel on this connection.
+    running: HashSet<FeedKey>,
+    /// Feed channels we asked to open and that have not closed since, by discovery
+    /// key. hypercore-protocol makes a second `Channel` for a second open of the
+    /// same key and routes the peer's messages to it alone, so a key is opened at
+    /// most once until its channel closes.
+    open_channels: HashMap<DiscoveryKey, FeedKey>,
+    /// A channel that opened again while the task of its previous channel was still
+    /// finishing; it starts when that task ends (its messages queue meanwhile).
+    next_channels: HashMap<FeedKey, C>,
+    /// Times a feed was re-requested after the peer closed its channel early.
+    retries: HashMap<FeedKey, u8>,
+    /// When the peer last sent an exchange message other than a ping.
+    exchange_activity: Instant,
+    got_manifest: bool,
+    got_request: bool,
+    done_sent: bool,
+    done_received: bool,
+    next_ping: u64,
+    summary: ReplicationSummary,
+    actions: VecDeque<Action<C>>,
+    ended: bool,
+    outcome: Option<Result<()>>,
+}
+
+impl<C> SessionCore<C> {
+    /// A session of the group with `shared_key`, starting at `now`; `ping_seed`
+    /// numbers its keep-alives.
+    pub(crate) fn new(
+        options: ReplicateOptions,
+        shared_key: [u8; 32],
+        now: Instant,
+        ping_seed: u64,
+    ) -> Self {
+        let limits = ExchangeLimits {
+            max_message_len: options.max_message_len,
+            max_feeds_per_message: options.max_offered_feeds,
+        };
+        Self {
+            root_dk: discovery_key(&shared_key),
+            shared_key,
+            limits,
+            root_opened: false,
+            root_closed: false,
+            handshake_done: false,
+            handshake_deadline: now + options.handshake_timeout,
+            offered: HashMap::new(),
+            offered_keys: HashSet::new(),
+            remote_offer: HashSet::new(),
+            admitting: HashSet::new(),
+            queue: FeedQueue::default(),
+            syncing: HashSet::new(),
+            serving: HashSet::new(),
+            running: HashSet::new(),
+            open_channels: HashMap::new(),
+            next_channels: HashMap::new(),
+            retries: HashMap::new(),
+            exchange_activity: now,
+            got_manifest: false,
+            got_request: false,
+            done_sent: false,
+            done_received: false,
+            next_ping: ping_seed,
+            summary: ReplicationSummary::default(),
+            actions: VecDeque::new(),
+            ended: false,
+            outcome: None,
+            options,
+        }
+    }
+
+    /// The discovery key of the group channel.
+    pub(crate) fn root_discovery_key(&self) -> &DiscoveryKey {
+        &self.root_dk
+    }
+
+    /// Whether both handshakes were exchanged (membership events matter from then on).
+    pub(crate) fn handshake_done(&self) -> bool {
+        self.handshake_done
+    }
+
+    /// When to hand in [`Input::Timeout`], if at all.
+    pub(crate) fn timeout(&self) -> Option<Instant> {
+        (!self.handshake_done && !self.ended).then_some(self.handshake_deadline)
+    }
+
+    /// Whether the driver may hand in more admitted feeds now: created feeds wait
+    /// in the queue, and admission pauses while it is long.
+    pub(crate) fn accepts_admitted(&self) -> bool {
+        self.queue.len() < self.options.max_active_feeds * 4
+    }
+
+    /// The next thing to do.
+    pub(crate) fn poll_action(&mut self) -> Option<Action<C>> {
+        self.actions.pop_front()
+    }
+
+    /// Whether the session decided to end.
+    pub(crate) fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Takes the end decision: `Some` once, when the session has ended.
+    pub(crate) fn take_outcome(&mut self) -> Option<Result<()>> {
+        self.outcome.take()
+    }
+
+    /// What the session did so far.
+    pub(crate) fn summary(&self) -> &ReplicationSummary {
+        &self.summary
+    }
+
+    /// Counts a feed task that finished after the session ended; its
+    /// [`Action::Emit`] still follows.
+    pub(crate) fn count_late(&mut self, key: FeedKey, summary: FeedSyncSummary) {
+        self.count_finished(key, summary);
+    }
+
+    /// Hands in one input. Inputs after the end are ignored (see [`Self::count_late`]).
+    pub(crate) fn handle(&mut self, now: Instant, input: Input<C>, store: &impl LocalFeeds) {
+        if self.ended {
+            return;
+        }
+        let step = match input {
+            Input::RootOpened => self.on_root_opened(),
+            Input::Exchange(bytes) => self.on_exchange(now, &bytes, store),
+            Input::PeerOpened(dk) => self.on_peer_opened(dk),
+            Input::ChannelReady { key, channel } => {
+                self.start_feed(key, channel, store);
+                Ok(())
+            }
+            Input::ChannelClosed(dk) => {
+                self.on_channel_closed(dk);
+                Ok(())
+            }
+            Input::RootClosed => self.on_root_closed(),
+            Input::FeedFinished { key, result } => self.on_feed_finished(key, result, store),
+            Input::FeedSynced(key) => {
+                self.syncing.remove(&key);
+                self.serving.remove(&key);
+                self.pump_queue();
+                self.maybe_done();
+                Ok(())
+            }
+            Input::Admitted { keys, created } => {
+                self.on_admitted(keys, created);
+                Ok(())
+            }
+            Input::MemberAdded(key) => {
+                self.on_members(vec![key], store);
+                Ok(())
+            }
+            Input::MembersLagged => {
+                let keys = store.members().into_iter().map(|(key, _)| key).collect();
+                self.on_members(keys, store);
+                Ok(())
+            }
+            Input::Tick {
+                last_received,
+                feed_activity,
+            } => self.on_tick(now, last_received, feed_activity),
+            Input::Timeout => {
+                if !self.handshake_done && now >= self.handshake_deadline {
+                    Err(Error::HandshakeTimeout {
+                        after: self.options.handshake_timeout,
+                    })
+                } else {
+                    Ok(())
+                }
+            }
+            Input::Stop => {
+                self.summary.ended = SessionEnd::LocalStop;
+                self.end(Ok(()));
+                Ok(())
+            }
+            Input::ConnectionLost {
+                error,
+                root_closed_by_peer,
+            } => self.on_connection_lost(error, root_closed_by_peer),
+        };
+        match step {
+            Err(error) => self.end(Err(error)),
+            // A live session answering a one-shot peer keeps its channels open, so it
+            // ends when that peer, having both Dones, closes the group channel.
+            Ok(())
+                if self.done_sent
+                    && self.done_received
+                    && (self.running.is_empty() || self.root_closed) =>
+            {
+                self.end(Ok(()))
+            }
+            Ok(()) => {}
+        }
+    }
+
+    fn end(&mut self, outcome: Result<()>) {
+        if !self.ended {
+            self.ended = true;
+            self.outcome = Some(outcome);
+        }
+    }
+
+    fn send(&mut self, message: ExchangeMessage) {
+        self.actions.push_back(Action::Send(message));
+    }
+
+    fn emit(&mut self, event: ReplicationEvent) {
+        self.actions.push_back(Action::Emit(event));
+    }
+
+    fn offer(&mut self, key: FeedKey) {
+        self.offered.insert(discovery_key(key.as_bytes()), key);
+        self.offered_keys.insert(key);
+    }
+
+    fn on_root_opened(&mut self) -> Result<()> {
+        self.root_opened = true;
+        self.send(ExchangeMessage::Handshake(Handshake {
+            client: self.options.client_name.clone(),
+            protocol_version: self.options.protocol_version.clone(),
+            user_data: self.options.user_data.clone(),
+        }));
+        Ok(())
+    }
+
+    fn on_tick(
+        &mut self,
+        now: Instant,
+        last_received: Instant,
+        feed_activity: Instant,
+    ) -> Result<()> {
+        if !self.handshake_done {
+            return Ok(());
+        }
+        tracing::debug!(
+            queued = self.queue.len(),
+            admitting = self.admitting.len(),
+            syncing = self.syncing.len(),
+            serving = self.serving.len(),
+            running = self.running.len(),
+            got_manifest = self.got_manifest,
+            got_request = self.got_request,
+            done_sent = self.done_sent,
+            done_received = self.done_received,
+            "replication state"
+        );
+        if now.saturating_duration_since(last_received) >= self.options.idle_timeout {
+            return Err(Error::IdleTimeout {
+                after: self.options.idle_timeout,
+            });
+        }
+        let activity = feed_activity.max(self.exchange_activity);
+        if self.waiting_on_peer()
+            && now.saturating_duration_since(activity) >= self.options.stall_timeout
+        {
+            return Err(Error::Stalled {
+                after: self.options.stall_timeout,
+            });
+        }
+        // Both Dones exchanged: the peer may already have closed the group channel.
+        if self.done_sent && self.done_received {
+            return Ok(());
+        }
+        let nonce = self.next_ping;
+        self.next_ping = self.next_ping.wrapping_add(1);
+        self.send(ExchangeMessage::Ping(nonce));
+        Ok(())
+    }
+
+    /// Whether the next step is the peer's: its exchange messages, its answer to a
+    /// feed channel we opened, or data on a running feed channel. A live session
+    /// with every feed in sync waits on nobody; feeds still being created or queued
+    /// wait on us.
+    pub(crate) fn waiting_on_peer(&self) -> bool {
+        let live = self.options.live;
+        let exchange = !self.got_manifest || (!live && !self.got_request);
+        let feeds = !self.syncing.is_empty() || (!live && !self.running.is_empty());
+        let done = !live && self.done_sent && !self.done_received;
+        exchange || feeds || done
+    }
+
+    fn on_peer_opened(&mut self, dk: DiscoveryKey) -> Result<()> {
+        if dk == self.root_dk {
+            return Ok(());
+        }
+        if !self.root_opened {
+            // The peer's first channel is another group's root: another shared key.
+            return Err(Error::SharedKeyMismatch);
+        }
+        if let Some(key) = self.offered.get(&dk).copied() {
+            // The peer's channel also serves our own want of this feed.
+            if self.queue.remove(&key) {
+                self.syncing.insert(key);
+            }
+            self.open(key);
+        } else {
+            tracing::debug!(dk = %hex::encode(dk), "peer opened a feed we did not offer; ignored");
+        }
+        Ok(())
+    }
+
+    fn on_channel_closed(&mut self, dk: DiscoveryKey) {
+        // A feed we still want whose task already ended (it was re-queued while
+        // this close was on its way) opens a fresh channel now.
+        if let Some(key) = self.open_channels.remove(&dk)
+            && self.syncing.contains(&key)
+            && !self.running.contains(&key)
+        {
+            self.open(key);
+        }
+    }
+
+    /// The peer closed the group channel: fine once both sides said `Done`, and a
+    /// live session's end otherwise.
+    fn on_root_closed(&mut self) -> Result<()> {
+        self.root_closed = true;
+        if self.done_sent && self.done_received {
+            if self.options.live {
+                self.summary.ended = SessionEnd::PeerClosed;
+            }
+            self.end(Ok(()));
+            Ok(())
+        } else if self.options.live && self.handshake_done {
+            // A live session has no end of its own: the peer leaving is one.
+            self.summary.ended = SessionEnd::PeerClosed;
+            self.end(Ok(()));
+            Ok(())
+        } else {
+            Err(Error::ConnectionLost {
+                reason: "the peer closed the group channel before replication finished".into(),
+            })
+        }
+    }
+
+    /// The connection ended: the agreed end of a one-shot session, a live peer
+    /// that closed the group channel before hanging up, or a lost link.
+    fn on_connection_lost(&mut self, lost: Error, root_closed_by_peer: bool) -> Result<()> {
+        self.root_closed = true;
+        if self.done_sent && self.done_received {
+            if self.options.live {
+                self.summary.ended = SessionEnd::PeerClosed;
+            }
+            self.end(Ok(()));
+            Ok(())
+        } else if root_closed_by_peer && self.options.live && self.handshake_done {
+            // It closed the group channel before hanging up: it left on purpose.
+            self.summary.ended = SessionEnd::PeerClosed;
+            self.end(Ok(()));
+            Ok(())
+        } else {
+            Err(lost)
+        }
+    }
+
+    fn start_feed(&mut self, key: FeedKey, channel: C, store: &impl LocalFeeds) {
+        if store.length(&key).is_none() {
+            tracing::debug!(%key, "channel for a feed that is not a member; closed");
+            self.actions.push_back(Action::Refuse(channel));
+            return;
+        }
+        if self.running.contains(&key) {
+            // The previous channel's task is still finishing: this one waits for it.
+            if let Some(older) = self.next_channels.insert(key, channel) {
+                self.actions.push_back(Action::Refuse(older));
+            }
+            return;
+        }
+        self.running.insert(key);
+        self.actions.push_back(Action::StartFeed { key, channel });
+    }
+
+    /// Opens the feed's channel unless it is open or opening already.
+    fn open(&mut self, key: FeedKey) {
+        let dk = discovery_key(key.as_bytes());
+        if self.open_channels.insert(dk, key).is_some() {
+            return;
+        }
+        self.actions.push_back(Action::Open(key));
+    }
+
+    fn on_feed_finished(
+        &mut self,
+        key: FeedKey,
+        result: std::result::Result<FeedSyncSummary, FeedSyncError>,
+        store: &impl LocalFeeds,
+    ) -> Result<()> {
+        tracing::trace!(%key, ?result, "feed channel finished");
+        self.on_feed_result(key, result)?;
+        if !self.running.contains(&key)
+            && let Some(channel) = self.next_channels.remove(&key)
+        {
+            self.start_feed(key, channel, store);
+        }
+        Ok(())
+    }
+
+    fn on_feed_result(
+        &mut self,
+        key: FeedKey,
+        result: std::result::Result<FeedSyncSummary, FeedSyncError>,
+    ) -> Result<()> {
+        match result {
+            Ok(summary) => {
+                self.count_finished(key, summary);
+                self.pump_queue();
+                self.maybe_done();
+                Ok(())
+            }
+            // The peer judged the feed in sync and closed first, before our view caught
+            // up: ask for it again (bounded), which settles it on a fresh channel.
+            Err(FeedSyncError::ClosedBeforeSync)
+                if self.retries.get(&key).copied().unwrap_or(0) < MAX_RETRIES =>
+            {
+                self.running.remove(&key);
+                *self.retries.entry(key).or_insert(0) += 1;
+                self.serving.remove(&key);
+                if self.syncing.remove(&key) {
+                    self.queue.push(key);
+                }
+                self.pump_queue();
+                self.maybe_done();
+                Ok(())
+            }
+            Err(error) => Err(feed_error(key, error)),
+        }
+    }
+
+    /// Adds a feed task's counts to the summary.
+    fn count_finished(&mut self, key: FeedKey, summary: FeedSyncSummary) {
+        self.running.remove(&key);
+        self.summary.blocks_received += summary.blocks_received;
+        self.summary.bytes_received += summary.bytes_received;
+        self.summary.blocks_sent += summary.blocks_sent;
+        self.summary.bytes_sent += summary.bytes_sent;
+        if summary.synced {
+            self.summary.feeds_synced += 1;
+            self.syncing.remove(&key);
+            self.serving.remove(&key);
+            self.emit(ReplicationEvent::FeedSynced { key });
+        }
+    }
+
+    fn on_exchange(&mut self, now: Instant, bytes: &[u8], store: &impl LocalFeeds) -> Result<()> {
+        let message = ExchangeMessage::decode(bytes, &self.limits).map_err(|e| match e {
+            DecodeError::TooManyFeeds { count, max } => Error::PeerFault {
+                reason: format!("it offered {count} feeds in one message (limit {max})"),
+            },
+            other => Error::PeerFault {
+                reason: format!("undecodable exchange message: {other}"),
+            },
+        })?;
+        if !matches!(message, ExchangeMessage::Ping(_)) {
+            self.exchange_activity = self.exchange_activity.max(now);
+        }
+        match message {
+            ExchangeMessage::Handshake(handshake) => self.on_handshake(handshake, store),
+            ExchangeMessage::Manifest(feeds) if self.handshake_done => {
+                self.on_manifest(feeds, store)
+            }
+            ExchangeMessage::Request(keys) if self.handshake_done => {
+                self.on_request(keys);
+                Ok(())
+            }
+            ExchangeMessage::Done if self.handshake_done => {
+                self.done_received = true;
+                self.maybe_done();
+                Ok(())
+            }
+            ExchangeMessage::Ping(_) => Ok(()),
+            ExchangeMessage::Unknown if self.handshake_done => {
+                tracing::debug!(
+                    "ignored a feed-exchange message of a kind this version does not know"
+                );
+                Ok(())
+            }
+            _ => Err(Error::PeerFault {
+                reason: "it sent feed-exchange messages before its handshake".into(),
+            }),
+        }
+    }
+
+    fn on_handshake(&mut self, handshake: Handshake, store: &impl LocalFeeds) -> Result<()> {
+        if self.handshake_done {
+            return Err(Error::PeerFault {
+                reason: "it sent a second handshake".into(),
+            });
+        }
+        if handshake.client != self.options.client_name {
+            return Err(Error::ClientMismatch {
+                ours: self.options.client_name.clone(),
+                theirs: handshake.client.chars().take(100).collect(),
+            });
+        }
+        let ours = semver::Version::parse(&self.options.protocol_version).ok();
+        let theirs = semver::Version::parse(&handshake.protocol_version).ok();
+        match (ours, theirs) {
+            (Some(ours), Some(theirs)) if ours.major == theirs.major => {}
+            _ => {
+                return Err(Error::VersionMismatch {
+                    ours: self.options.protocol_version.clone(),
+                    theirs: handshake.protocol_version.chars().take(100).collect(),
+                });
+            }
+        }
+        self.handshake_done = true;
+        self.summary.remote_user_data = handshake.user_data;
+        // Offer every member; later members are announced as they are added.
+        let members = store.members();
+        let mut offer = Vec::with_capacity(members.len());
+        for (key, length) in members {
+            self.offer(key);
+            offer.push(OfferedFeed {
+                key,
+                length: Some(length),
+                metadata: Default::default(),
+            });
+        }
+        for chunk in offer.chunks(self.limits.max_feeds_per_message.clamp(1, 10_000)) {
+            self.send(ExchangeMessage::Manifest(chunk.to_vec()));
+        }
+        if offer.is_empty() {
+            self.send(ExchangeMessage::Manifest(Vec::new()));
+        }
+        Ok(())
+    }
+
+    fn on_manifest(&mut self, feeds: Vec<OfferedFeed>, store: &impl LocalFeeds) -> Result<()> {
+        if self.remote_offer.len() + feeds.len() > self.options.max_offered_feeds {
+            return Err(Error::PeerFault {
+                reason: format!(
+                    "it offered more than {} feeds (ReplicateOptions::max_offered_feeds)",
+                    self.options.max_offered_feeds
+                ),
+            });
+        }
+        // A correct peer offers only feed public keys; refuse before admitting any.
+        if let Some(bad) = feeds.iter().find(|f| f.key.verifying_key().is_err()) {
+            return Err(Error::PeerFault {
+                reason: format!("it offered {}, which is not a feed public key", bad.key),
+            });
+        }
+        let mut wanted = Vec::new();
+        for offered in &feeds {
+            let key = offered.key;
+            if key.as_bytes() == &self.shared_key {
+                continue;
+            }
+            self.remote_offer.insert(key);
+            let want = match store.contiguous_length(&key) {
+                None => true,
+                // Live: keep a channel on every shared feed so appends flow both ways.
+                Some(_) if self.options.live => true,
+                // Compare with what we hold without gaps: a cut sync leaves holes.
+                Some(held) => offered.length.unwrap_or(u64::MAX) > held,
+            };
+            if want
+                && !self.queue.contains(&key)
+                && !self.syncing.contains(&key)
+                && !self.admitting.contains(&key)
+            {
+                wanted.push(key);
+            }
+        }
+        self.got_manifest = true;
+        self.emit(ReplicationEvent::RemoteFeeds {
+            keys: feeds.iter().map(|f| f.key).collect(),
+            lengths: feeds.iter().map(|f| f.length).collect(),
+        });
+        self.send(ExchangeMessage::Request(wanted.clone()));
+        let mut new = Vec::new();
+        for key in wanted {
+            if store.length(&key).is_some() {
+                self.queue.push(key);
+            } else if self.admitting.insert(key) {
+                new.push(key);
+            }
+        }
+        if !new.is_empty() {
+            self.actions.push_back(Action::Admit(new));
+        }
+        self.pump_queue();
+        self.maybe_done();
+        Ok(())
+    }
+
+    /// Feeds the admission task created: they join the queue.
+    fn on_admitted(&mut self, keys: Vec<FeedKey>, created: usize) {
+        self.summary.feeds_learnt += created;
+        for key in keys {
+            self.admitting.remove(&key);
+            self.queue.push(key);
+        }
+        self.pump_queue();
+        self.maybe_done();
+    }
+
+    fn on_request(&mut self, keys: Vec<FeedKey>) {
+        for key in keys {
+            if self.offered_keys.contains(&key) {
+                self.serving.insert(key);
+            } else {
+                tracing::debug!(%key, "peer requested a feed we did not offer; ignored");
+            }
+        }
+        self.got_request = true;
+        self.maybe_done();
+    }
+
+    /// Opens queued feeds while fewer than `max_active_feeds` are syncing.
+    fn pump_queue(&mut self) {
+        while self.syncing.len() < self.options.max_active_feeds {
+            let Some(key) = self.queue.pop() else {
+                break;
+            };
+            tracing::trace!(%key, "opening feed channel");
+            self.syncing.insert(key);
+            self.open(key);
+        }
+    }
+
+    /// One-shot: says `Done` once we want nothing more and served every request.
+    /// Live: says it only in answer to a one-shot peer's `Done`, so that peer's
+    /// `replicate` can return; the live session stays up for other peers' sake.
+    fn maybe_done(&mut self) {
+        if self.done_sent || (self.options.live && !self.done_received) {
+            return;
+        }
+        if self.got_manifest
+            && self.got_request
+            && self.queue.is_empty()
+            && self.admitting.is_empty()
+            && self.syncing.is_empty()
+            && self.serving.is_empty()
+        {
+            self.done_sent = true;
+            self.send(ExchangeMessage::Done);
+        }
+    }
+
+    /// Announces members added during the session that the peer does not know.
+    fn on_members(&mut self, keys: Vec<FeedKey>, store: &impl LocalFeeds) {
+        if self.done_sent || !self.handshake_done {
+            return;
+        }
+        let mut announce = Vec::new();
+        for key in keys {
+            if self.offered_keys.contains(&key) || self.remote_offer.contains(&key) {
+                continue;
+            }
+            let Some(length) = store.length(&key) else {
+                continue;
+            };
+            self.offer(key);
+            announce.push(OfferedFeed {
+                key,
+                length: Some(length),
+                metadata: Default::default(),
+            });
+        }
+        if !announce.is_empty() {
+            self.send(ExchangeMessage::Manifest(announce));
+        }
+    }
+}
+
+/// A feed task's failure as the session reports it: the peer's fault, ours, or
+/// the link's.
+pub(crate) fn feed_error(key: FeedKey, error: FeedSyncError) -> Error {
+    match error {
+        FeedSyncError::InvalidData { reason, .. } => Error::InvalidData {
+            key: key.to_hex(),
+            reason,
+        },
+        FeedSyncError::Protocol(violation) => Error::PeerFault {
+            reason: format!("feed {key}: {violation}"),
+        },
+        FeedSyncError::Core(source) => Error::core(key, source),
+        FeedSyncError::Load(error) => *error,
+        FeedSyncError::ClosedBeforeSync | FeedSyncError::Io(_) => Error::ConnectionLost {
+            reason: format!("feed {key}: {error}"),
+        },
+        other => Error::PeerFault {
+            reason: format!("feed {key}: {other}"),
+        },
+    }
+}
+
+/// Feeds waiting for a channel, in request order, with O(1) membership.
+#[derive(Default)]
+struct FeedQueue {
+    order: VecDeque<FeedKey>,
+    members: HashSet<FeedKey>,
+}
+
+impl FeedQueue {
+    fn push(&mut self, key: FeedKey) {
+        if self.members.insert(key) {
+            self.order.push_back(key);
+        }
+    }
+
+    fn pop(&mut self) -> Option<FeedKey> {
+        // Keys removed out of order are skipped here.
+        while let Some(key) = self.order.pop_front() {
+            if self.members.remove(&key) {
+                return Some(key);
+            }
+        }
+        None
+    }
+
+    /// Takes `key` out of the queue; whether it was queued.
+    fn remove(&mut self, key: &FeedKey) -> bool {
+        self.members.remove(key)
+    }
+
+    fn contains(&self, key: &FeedKey) -> bool {
+        self.members.contains(key)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.members.len()
+    }
+}
