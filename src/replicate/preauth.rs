@@ -11,6 +11,11 @@
 //!   address, for an accept loop; a slot held in a [`PreAuth`] is released on
 //!   authentication (or when the connection ends), so silent or slow strangers never
 //!   hold a member's place. Refusals are counted and reported at most once per interval.
+//! - [`PeerSlots`]: the places of authenticated peers (`serve --max-peers`). A
+//!   [`PreAuth`] given them takes one the moment its peer authenticates, and holds it
+//!   while the connection lives; with none left, the session tells that peer the
+//!   server is busy ([`crate::Error::ServerBusy`]). Only a member learns it: the
+//!   answer goes on the group channel, which a stranger never opens.
 //!
 //! The capability check is written here from the protocol (JS hypercore `caps.replicate`:
 //! BLAKE2b-256 keyed with the Noise handshake hash over a role constant and the key).
@@ -21,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blake2::digest::{FixedOutput, Update, typenum::U32};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 /// What a connection may do before it authenticates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +55,20 @@ struct PreAuthInner {
     limits: PreAuthLimits,
     authenticated: watch::Sender<bool>,
     slot: Mutex<Option<PreAuthSlot>>,
+    peer_slots: Option<PeerSlots>,
+    /// Taken on authentication: a peer's place, or `Busy` when none was left.
+    peer_place: Mutex<PeerPlace>,
+}
+
+/// What an authenticated connection got from its [`PeerSlots`].
+enum PeerPlace {
+    /// Not authenticated yet, or no peer slots to take one from.
+    None,
+    /// Held while the connection lives (dropped with the last clone of its PreAuth).
+    Held {
+        _permit: OwnedSemaphorePermit,
+    },
+    Busy,
 }
 
 /// One connection's pre-authentication state, shared by the transport that enforces it
@@ -73,6 +92,20 @@ impl PreAuth {
             limits,
             authenticated: watch::Sender::new(false),
             slot: Mutex::new(None),
+            peer_slots: None,
+            peer_place: Mutex::new(PeerPlace::None),
+        }))
+    }
+
+    /// Not yet authenticated, with these limits; on authentication the peer takes a
+    /// place in `peer_slots` (see [`PreAuth::busy`]).
+    pub fn with_peer_slots(limits: PreAuthLimits, peer_slots: PeerSlots) -> Self {
+        Self(Arc::new(PreAuthInner {
+            limits,
+            authenticated: watch::Sender::new(false),
+            slot: Mutex::new(None),
+            peer_slots: Some(peer_slots),
+            peer_place: Mutex::new(PeerPlace::None),
         }))
     }
 
@@ -102,12 +135,61 @@ impl PreAuth {
         let _ = rx.wait_for(|&done| done).await;
     }
 
-    /// Records authentication and gives the slot back.
+    /// `Some(max peers)` if the peer authenticated and found every peer slot taken:
+    /// its session then tells it so and ends.
+    pub fn busy(&self) -> Option<usize> {
+        let place = self.0.peer_place.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*place, &self.0.peer_slots) {
+            (PeerPlace::Busy, Some(slots)) => Some(slots.max),
+            _ => None,
+        }
+    }
+
+    /// Records authentication, gives the unauthenticated slot back and takes a peer
+    /// slot (before anyone waiting on [`PreAuth::authenticated`] wakes up).
     pub(crate) fn mark_authenticated(&self) {
-        self.0.authenticated.send_replace(true);
+        if let Some(slots) = &self.0.peer_slots {
+            let mut place = self.0.peer_place.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*place, PeerPlace::None) {
+                *place = match slots.semaphore.clone().try_acquire_owned() {
+                    Ok(permit) => PeerPlace::Held { _permit: permit },
+                    Err(_) => PeerPlace::Busy,
+                };
+            }
+        }
         if let Ok(mut held) = self.0.slot.lock() {
             held.take();
         }
+        self.0.authenticated.send_replace(true);
+    }
+}
+
+/// Places for authenticated peers (`serve --max-peers`), taken at authentication by
+/// each [`PreAuth`] made with them. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PeerSlots {
+    semaphore: Arc<Semaphore>,
+    max: usize,
+}
+
+impl PeerSlots {
+    /// Room for `max` authenticated peers at once (at least one).
+    pub fn new(max: usize) -> Self {
+        let max = max.max(1);
+        Self {
+            semaphore: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// Authenticated peers holding a place now.
+    pub fn in_use(&self) -> usize {
+        self.max - self.semaphore.available_permits()
+    }
+
+    /// The most authenticated peers at once.
+    pub fn max(&self) -> usize {
+        self.max
     }
 }
 
@@ -393,10 +475,34 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        assert_eq!(pre_auth.busy(), None, "no peer slots: never busy");
         // A connection that ends unauthenticated gives its slot back too.
         let pre_auth =
             PreAuth::new(PreAuthLimits::default()).with_slot(slots.try_admit(ip(1)).unwrap());
         drop(pre_auth);
         assert_eq!(slots.in_use(), 0);
+    }
+
+    #[test]
+    fn a_peer_slot_is_taken_on_authentication_and_held_while_the_connection_lives() {
+        let peers = PeerSlots::new(1);
+        let first = PreAuth::with_peer_slots(PreAuthLimits::default(), peers.clone());
+        let second = PreAuth::with_peer_slots(PreAuthLimits::default(), peers.clone());
+        // Strangers hold no peer slot, however many there are.
+        assert_eq!(peers.in_use(), 0);
+        first.mark_authenticated();
+        first.mark_authenticated(); // once per connection, however often it is said
+        assert_eq!((peers.in_use(), first.busy()), (1, None));
+        second.mark_authenticated();
+        assert_eq!(second.busy(), Some(1), "no slot left");
+        drop(first);
+        assert_eq!(
+            peers.in_use(),
+            0,
+            "the place comes back when the connection ends"
+        );
+        let third = PreAuth::with_peer_slots(PreAuthLimits::default(), peers.clone());
+        third.mark_authenticated();
+        assert_eq!(third.busy(), None);
     }
 }

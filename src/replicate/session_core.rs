@@ -350,12 +350,21 @@ impl<C> SessionCore<C> {
 
     fn on_root_opened(&mut self) -> Result<()> {
         self.root_opened = true;
+        // The root channel opens only for a peer that proved it holds the key, so a
+        // stranger never learns that we are full.
+        let busy = self.options.pre_auth.as_ref().and_then(|p| p.busy());
         self.send(ExchangeMessage::Handshake(Handshake {
             client: self.options.client_name.clone(),
             protocol_version: self.options.protocol_version.clone(),
             user_data: self.options.user_data.clone(),
+            busy_max_peers: busy.map(|max| u32::try_from(max).unwrap_or(u32::MAX)),
         }));
-        Ok(())
+        match busy {
+            Some(max) => Err(Error::ServerBusy {
+                max_peers: u32::try_from(max).unwrap_or(u32::MAX),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn on_tick(
@@ -619,6 +628,9 @@ impl<C> SessionCore<C> {
             return Err(Error::PeerFault {
                 reason: "it sent a second handshake".into(),
             });
+        }
+        if let Some(max_peers) = handshake.busy_max_peers {
+            return Err(Error::ServerBusy { max_peers });
         }
         if handshake.client != self.options.client_name {
             return Err(Error::ClientMismatch {
