@@ -10,7 +10,12 @@
 //! - [`ConnectionSlots`]: caps on unauthenticated connections in total and per source
 //!   address, for an accept loop; a slot held in a [`PreAuth`] is released on
 //!   authentication (or when the connection ends), so silent or slow strangers never
-//!   hold a member's place. Refusals are counted and reported at most once per interval.
+//!   hold a member's place. An address over its cap is refused; when all slots are
+//!   taken, the connection that has waited longest is cut off to make room, so
+//!   strangers from many addresses cannot keep a member out either (they would
+//!   have to open the whole cap's worth of connections within one member
+//!   handshake). Refusals and evictions are counted and reported at most once per
+//!   interval.
 //! - [`PeerSlots`]: the places of authenticated peers (`serve --max-peers`). A
 //!   [`PreAuth`] given them takes one the moment its peer authenticates, and holds it
 //!   while the connection lives; with none left, the session tells that peer the
@@ -122,6 +127,26 @@ impl PreAuth {
         self.0.limits
     }
 
+    /// Resolves if the slot this connection holds is taken away for a newer one
+    /// (see [`ConnectionSlots`]); never, without a slot or once authenticated.
+    pub(crate) fn evicted(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
+        let evicted = self
+            .0
+            .slot
+            .lock()
+            .ok()
+            .and_then(|held| held.as_ref().map(|slot| slot.evicted.clone()));
+        async move {
+            if let Some(mut rx) = evicted
+                // An Err means the slot was released, not taken away.
+                && rx.wait_for(|&e| e).await.is_ok()
+            {
+                return;
+            }
+            std::future::pending().await
+        }
+    }
+
     /// True once the peer has opened the root channel with a valid capability.
     pub fn is_authenticated(&self) -> bool {
         *self.0.authenticated.borrow()
@@ -217,7 +242,7 @@ impl Default for SlotLimits {
 /// Why a connection got no slot.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SlotRefused {
-    /// Every unauthenticated slot is taken.
+    /// No unauthenticated slot at all ([`SlotLimits::max_total`] is 0).
     #[error("{max} connections are already waiting to authenticate")]
     Total {
         /// [`SlotLimits::max_total`].
@@ -240,6 +265,8 @@ pub struct RefusalReport {
     pub total_full: u64,
     /// Connections refused because their address had all its slots.
     pub address_full: u64,
+    /// Waiting connections cut off to make room for newer ones.
+    pub evicted: u64,
     /// How long these were counted over.
     pub over: Duration,
 }
@@ -248,21 +275,44 @@ impl std::fmt::Display for RefusalReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "refused {} connections in the last {:.0?} ({} with every unauthenticated slot taken, {} over the per-address cap)",
+            "refused {} connections in the last {:.0?} ({} with no unauthenticated slot, {} over the per-address cap); cut off {} that waited longest to make room",
             self.total_full + self.address_full,
             self.over,
             self.total_full,
-            self.address_full
+            self.address_full,
+            self.evicted
         )
     }
 }
 
+/// A connection holding a slot, oldest first in [`SlotState::holders`].
+struct Holder {
+    id: u64,
+    address: IpAddr,
+    evict: watch::Sender<bool>,
+}
+
 struct SlotState {
-    total: usize,
+    holders: std::collections::VecDeque<Holder>,
+    next_id: u64,
     per_address: HashMap<IpAddr, usize>,
     refused_total_full: u64,
     refused_address_full: u64,
+    evicted: u64,
     counting_since: Instant,
+}
+
+impl SlotState {
+    fn remove_at(&mut self, position: usize) -> Option<Holder> {
+        let holder = self.holders.remove(position)?;
+        if let Some(n) = self.per_address.get_mut(&holder.address) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_address.remove(&holder.address);
+            }
+        }
+        Some(holder)
+    }
 }
 
 struct SlotsInner {
@@ -280,10 +330,12 @@ impl ConnectionSlots {
         Self(Arc::new(SlotsInner {
             limits,
             state: Mutex::new(SlotState {
-                total: 0,
+                holders: std::collections::VecDeque::new(),
+                next_id: 0,
                 per_address: HashMap::new(),
                 refused_total_full: 0,
                 refused_address_full: 0,
+                evicted: 0,
                 counting_since: Instant::now(),
             }),
         }))
@@ -295,14 +347,14 @@ impl ConnectionSlots {
     }
 
     /// A slot for a connection from `address`, held until the returned slot is dropped.
+    /// With every slot taken, the connection that has waited longest is cut off (its
+    /// transport ends it) and this one takes its place.
     pub fn try_admit(&self, address: IpAddr) -> Result<PreAuthSlot, SlotRefused> {
         let limits = self.0.limits;
         let mut state = self.state();
-        if state.total >= limits.max_total {
+        if limits.max_total == 0 {
             state.refused_total_full += 1;
-            return Err(SlotRefused::Total {
-                max: limits.max_total,
-            });
+            return Err(SlotRefused::Total { max: 0 });
         }
         let from_address = state.per_address.get(&address).copied().unwrap_or(0);
         if from_address >= limits.max_per_address {
@@ -312,17 +364,28 @@ impl ConnectionSlots {
                 max: limits.max_per_address,
             });
         }
-        state.total += 1;
-        state.per_address.insert(address, from_address + 1);
+        if state.holders.len() >= limits.max_total
+            && let Some(oldest) = state.remove_at(0)
+        {
+            oldest.evict.send_replace(true);
+            state.evicted += 1;
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        let (evict, evicted) = watch::channel(false);
+        state.holders.push_back(Holder { id, address, evict });
+        *state.per_address.entry(address).or_insert(0) += 1;
         Ok(PreAuthSlot {
             slots: self.clone(),
+            id,
             address,
+            evicted,
         })
     }
 
     /// Unauthenticated connections holding a slot now.
     pub fn in_use(&self) -> usize {
-        self.state().total
+        self.state().holders.len()
     }
 
     /// The refusals since the last report, once per `report_interval` and only if there
@@ -331,29 +394,28 @@ impl ConnectionSlots {
         let mut state = self.state();
         let over = state.counting_since.elapsed();
         if over < self.0.limits.report_interval
-            || state.refused_total_full + state.refused_address_full == 0
+            || state.refused_total_full + state.refused_address_full + state.evicted == 0
         {
             return None;
         }
         let report = RefusalReport {
             total_full: state.refused_total_full,
             address_full: state.refused_address_full,
+            evicted: state.evicted,
             over,
         };
         state.refused_total_full = 0;
         state.refused_address_full = 0;
+        state.evicted = 0;
         state.counting_since = Instant::now();
         Some(report)
     }
 
-    fn release(&self, address: IpAddr) {
+    /// Gives a slot back, unless it was already taken away by an eviction.
+    fn release(&self, id: u64) {
         let mut state = self.state();
-        state.total = state.total.saturating_sub(1);
-        if let Some(n) = state.per_address.get_mut(&address) {
-            *n -= 1;
-            if *n == 0 {
-                state.per_address.remove(&address);
-            }
+        if let Some(position) = state.holders.iter().position(|h| h.id == id) {
+            state.remove_at(position);
         }
     }
 }
@@ -361,7 +423,17 @@ impl ConnectionSlots {
 /// One unauthenticated connection's slot; released on drop.
 pub struct PreAuthSlot {
     slots: ConnectionSlots,
+    id: u64,
     address: IpAddr,
+    /// Turns true if the slot is taken away for a newer connection.
+    evicted: watch::Receiver<bool>,
+}
+
+impl PreAuthSlot {
+    /// Whether the slot was taken away for a newer connection.
+    pub fn is_evicted(&self) -> bool {
+        *self.evicted.borrow()
+    }
 }
 
 impl std::fmt::Debug for PreAuthSlot {
@@ -374,7 +446,7 @@ impl std::fmt::Debug for PreAuthSlot {
 
 impl Drop for PreAuthSlot {
     fn drop(&mut self) {
-        self.slots.release(self.address);
+        self.slots.release(self.id);
     }
 }
 
@@ -431,17 +503,22 @@ mod tests {
             }
         );
         let b1 = slots.try_admit(ip(2)).unwrap();
-        assert_eq!(
-            slots.try_admit(ip(3)).unwrap_err(),
-            SlotRefused::Total { max: 3 }
-        );
         assert_eq!(slots.in_use(), 3);
-        drop(a1);
+        // Full: the one that waited longest makes room.
+        let c1 = slots.try_admit(ip(3)).unwrap();
+        assert!(a1.is_evicted() && !a2.is_evicted() && !b1.is_evicted());
+        assert_eq!(slots.in_use(), 3);
+        drop(a1); // an evicted slot is not given back twice
+        assert_eq!(slots.in_use(), 3);
         let a3 = slots.try_admit(ip(1)).unwrap();
-        drop((a2, a3, b1));
+        assert!(a2.is_evicted());
+        drop((a2, a3, b1, c1));
         assert_eq!(slots.in_use(), 0);
         let report = slots.refusals_due().unwrap();
-        assert_eq!((report.total_full, report.address_full), (1, 1));
+        assert_eq!(
+            (report.total_full, report.address_full, report.evicted),
+            (0, 1, 2)
+        );
         assert_eq!(slots.refusals_due(), None, "reported once");
     }
 

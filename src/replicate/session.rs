@@ -113,6 +113,9 @@ fn transport_error(fault: TransportFault) -> Error {
         // A stranger that never proved it holds the key: to the user, a peer that
         // never completed the handshake.
         TransportFault::NotAuthenticated { after } => Error::HandshakeTimeout { after },
+        TransportFault::Evicted => Error::ConnectionLost {
+            reason: fault.to_string(),
+        },
         TransportFault::Eof | TransportFault::Io(_) | TransportFault::Cipher(_) => {
             Error::ConnectionLost {
                 reason: fault.to_string(),

@@ -100,6 +100,8 @@ pub enum TransportFault {
     Cipher(String),
     #[error("the peer did not authenticate within {after:?}")]
     NotAuthenticated { after: Duration },
+    #[error("cut off before authenticating: newer connections needed its slot")]
+    Evicted,
     #[error("the peer sent more than {budget} bytes before authenticating")]
     PreAuthBudget { budget: usize },
     #[error("the peer broke the Noise handshake: {0}")]
@@ -379,21 +381,29 @@ const STREAM_HEADER_LEN: usize = 32 + 24;
 struct PreAuthWatch {
     pre_auth: PreAuth,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Resolves if its unauthenticated slot is taken for a newer connection.
+    evicted: Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>,
     read: usize,
 }
 
 impl PreAuthWatch {
     fn new(pre_auth: PreAuth) -> Self {
         let deadline = Box::pin(tokio::time::sleep(pre_auth.limits().deadline));
+        let evicted = Box::pin(pre_auth.evicted());
         Self {
             pre_auth,
             deadline,
+            evicted,
             read: 0,
         }
     }
 
-    /// A fault once the deadline has passed (registers the timer otherwise).
+    /// A fault once the deadline has passed or the slot was taken away (registers
+    /// the timer and the eviction waker otherwise).
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Option<TransportFault> {
+        if self.evicted.as_mut().poll(cx).is_ready() {
+            return Some(TransportFault::Evicted);
+        }
         self.deadline
             .as_mut()
             .poll(cx)
