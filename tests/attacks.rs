@@ -5,7 +5,9 @@
 //! and that nothing from the attackers reached the store.
 //!
 //! CI runs them at small sizes (seconds each). `scripts/attack-figures.sh` runs
-//! `full_size_figures` (ignored here), which prints the figures at full size.
+//! `full_size_figures` (ignored here), which prints the figures at full size; with
+//! `ATTACK_SERVE_BIN=<another multifeed binary>` serve runs from that binary (an
+//! older build, for figures before the fix), and failures are printed, not asserted.
 //!
 //! On loopback every host is 127.0.0.1; the attackers connect from 127.0.0.2 and
 //! up (all of 127/8 is local on Linux) so that the per-address cap on
@@ -80,8 +82,9 @@ impl Attack {
         }
     }
 
-    /// Opens the connections and starts sending; the returned task holds them open
-    /// until aborted.
+    /// Opens the connections and sends what each sends (until written, refused, or
+    /// 20 s without the server reading); the returned task holds them open until
+    /// aborted.
     async fn start(self, to: SocketAddr) -> tokio::task::JoinHandle<()> {
         let connections = match self {
             Attack::BigPartialFrames { connections, .. } | Attack::Silent { connections } => {
@@ -95,9 +98,12 @@ impl Attack {
                 sockets.push(socket);
             }
         }
-        tokio::spawn(async move {
+        let opened = sockets.len();
+        let (written_tx, mut written) = tokio::sync::mpsc::channel(opened.max(1));
+        let holding = tokio::spawn(async move {
             let mut writers = tokio::task::JoinSet::new();
             for mut socket in sockets {
+                let written_tx = written_tx.clone();
                 writers.spawn(async move {
                     if let Attack::BigPartialFrames { bytes, .. } = self {
                         let declared: u32 = 4 * 1024 * 1024;
@@ -106,13 +112,21 @@ impl Attack {
                         // The server may close on the header: write errors are expected.
                         let _ = socket.write_all(&frame).await;
                     }
+                    let _ = written_tx.send(()).await;
                     // Hold the connection open until the attack is stopped.
                     std::future::pending::<()>().await;
                     drop(socket);
                 });
             }
             while writers.join_next().await.is_some() {}
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(20), async {
+            for _ in 0..opened {
+                written.recv().await;
+            }
         })
+        .await;
+        holding
     }
 }
 
@@ -168,7 +182,25 @@ impl Setup {
         let member = gws.pop().unwrap();
         let server_gw = gws.pop().unwrap();
         server_gw.write_stdin("t", "one\ntwo\nthree\n");
-        let server = server_gw.serve();
+        let server = match std::env::var_os("ATTACK_SERVE_BIN") {
+            None => server_gw.serve(),
+            Some(bin) => {
+                let mut cmd = std::process::Command::new(bin);
+                cmd.arg("--dir")
+                    .arg(&server_gw.dir)
+                    .args(["serve", "--listen", "127.0.0.1:0"])
+                    .env_remove("MULTIFEED_KEY")
+                    .env_remove("RUST_LOG");
+                let mut running = Running::spawn(cmd);
+                let line = running.line();
+                running.addr = line
+                    .strip_prefix("listening on ")
+                    .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+                    .trim()
+                    .to_owned();
+                running
+            }
+        };
         Self {
             _root: root,
             server_gw,
@@ -277,13 +309,28 @@ async fn silent_connections_do_not_keep_a_member_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full size; run by scripts/attack-figures.sh"]
 async fn full_size_figures() {
-    for attack in [
+    let attacks = [
         Attack::BigPartialFrames {
             connections: 256,
             bytes: 4 * 1024 * 1024 - 1,
         },
         Attack::Silent { connections: 256 },
-    ] {
+    ];
+    if std::env::var_os("ATTACK_SERVE_BIN").is_some() {
+        // Another build: figures only.
+        for attack in attacks {
+            let setup = Setup::new();
+            let (ok, _, stderr) = setup.member_sync();
+            assert!(ok, "{stderr}");
+            let figures = setup.run(attack).await;
+            println!("{figures}");
+            if !figures.sync_ok {
+                println!("  member sync: {}", figures.sync_stderr.trim());
+            }
+        }
+        return;
+    }
+    for attack in attacks {
         attack_once(attack).await;
     }
 }
