@@ -14,6 +14,7 @@
 //! unauthenticated connections tells them from the member, as it would on a network.
 
 mod cli_common;
+mod common;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -70,6 +71,8 @@ enum Attack {
     BigPartialFrames { connections: usize, bytes: usize },
     /// Connections that never send a byte.
     Silent { connections: usize },
+    /// Members (they hold the key) that each open `opens` channels for random keys.
+    ChannelFlood { connections: usize, opens: usize },
 }
 
 impl Attack {
@@ -79,7 +82,50 @@ impl Attack {
                 format!("{connections} pre-auth connections, each {bytes} bytes of a 4 MiB frame")
             }
             Attack::Silent { connections } => format!("{connections} silent connections"),
+            Attack::ChannelFlood { connections, opens } => {
+                format!("{connections} authenticated connections opening {opens} channels each")
+            }
         }
+    }
+
+    /// The member connections open their channels (each stays open until aborted).
+    async fn start_members(self, to: SocketAddr, key: [u8; 32]) -> tokio::task::JoinHandle<()> {
+        let Attack::ChannelFlood { connections, opens } = self else {
+            unreachable!("only members flood channels")
+        };
+        let mut flooders = tokio::task::JoinSet::new();
+        let (opened_tx, mut opened) = tokio::sync::mpsc::channel(connections.max(1));
+        for i in 0..connections {
+            let socket = connect_from(attacker_address(i), to).await.unwrap();
+            let mut protocol = common::rogue::member_protocol(socket, key).await;
+            let opened_tx = opened_tx.clone();
+            flooders.spawn(async move {
+                use futures::StreamExt;
+                let commands = protocol.commands();
+                let driver = async {
+                    // Events dropped: the rogue only opens.
+                    while let Some(Ok(_)) = protocol.next().await {}
+                    std::future::pending::<()>().await;
+                };
+                let flood = async {
+                    for _ in 0..opens {
+                        if commands.open(rand::random()).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = opened_tx.send(()).await;
+                    std::future::pending::<()>().await;
+                };
+                tokio::join!(driver, flood);
+            });
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(120), async {
+            for _ in 0..connections {
+                opened.recv().await;
+            }
+        })
+        .await;
+        tokio::spawn(async move { while flooders.join_next().await.is_some() {} })
     }
 
     /// Opens the connections and sends what each sends (until written, refused, or
@@ -87,9 +133,9 @@ impl Attack {
     /// aborted.
     async fn start(self, to: SocketAddr) -> tokio::task::JoinHandle<()> {
         let connections = match self {
-            Attack::BigPartialFrames { connections, .. } | Attack::Silent { connections } => {
-                connections
-            }
+            Attack::BigPartialFrames { connections, .. }
+            | Attack::Silent { connections }
+            | Attack::ChannelFlood { connections, .. } => connections,
         };
         let mut sockets = Vec::new();
         for i in 0..connections {
@@ -209,6 +255,14 @@ impl Setup {
         }
     }
 
+    /// The group's shared key, from the key file beside the server's directory.
+    fn key(&self) -> [u8; 32] {
+        let mut file = self.server_gw.dir.as_os_str().to_os_string();
+        file.push(".key");
+        let hex = std::fs::read_to_string(file).unwrap();
+        hex::decode(hex.trim()).unwrap().try_into().unwrap()
+    }
+
     fn addr(&self) -> SocketAddr {
         self.server.addr.parse().unwrap()
     }
@@ -227,7 +281,10 @@ impl Setup {
     async fn run(&self, attack: Attack) -> Figures {
         let pid = self.server.pid();
         let (peak_before_kib, _) = memory_kib(pid);
-        let attacking = attack.start(self.addr()).await;
+        let attacking = match attack {
+            Attack::ChannelFlood { .. } => attack.start_members(self.addr(), self.key()).await,
+            _ => attack.start(self.addr()).await,
+        };
         // The member syncs while every attacking connection is open (and each has
         // sent what it sends, or been cut off).
         let synced = tokio::task::spawn_blocking({
@@ -274,7 +331,7 @@ fn assert_survived(figures: &Figures) {
     assert!(figures.extra_peak_mib() < 64.0, "{figures}");
 }
 
-async fn attack_once(attack: Attack) -> Figures {
+async fn attack_once(attack: Attack) -> (Figures, Setup) {
     let setup = Setup::new();
     // Warm up: one sync before, so the peak counts the attack and not the first sync.
     let (ok, _, stderr) = setup.member_sync();
@@ -287,8 +344,7 @@ async fn attack_once(attack: Attack) -> Figures {
     let (ok, _, stderr) = setup.member_sync();
     assert!(ok, "{stderr}");
     assert_eq!(setup.member_feeds(), feeds_before, "nothing junk arrived");
-    drop(setup.server_gw);
-    figures
+    (figures, setup)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,6 +352,15 @@ async fn big_partial_frames_before_authentication_cost_serve_little() {
     attack_once(Attack::BigPartialFrames {
         connections: 256,
         bytes: 64 * 1024,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_opening_channels_nobody_offered_cost_serve_little() {
+    attack_once(Attack::ChannelFlood {
+        connections: 2,
+        opens: 2_000,
     })
     .await;
 }
@@ -315,6 +380,10 @@ async fn full_size_figures() {
             bytes: 4 * 1024 * 1024 - 1,
         },
         Attack::Silent { connections: 256 },
+        Attack::ChannelFlood {
+            connections: 10,
+            opens: 65_000,
+        },
     ];
     if std::env::var_os("ATTACK_SERVE_BIN").is_some() {
         // Another build: figures only.
