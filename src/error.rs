@@ -125,6 +125,16 @@ pub enum Error {
         after: std::time::Duration,
     },
 
+    /// The peer is a server with every peer slot taken: it turned this connection
+    /// away after checking it was a member. Not a fault; retry later.
+    #[error(
+        "the peer is full (it serves at most {max_peers} peers at once) and turned this connection away; try again later"
+    )]
+    ServerBusy {
+        /// How many peers it serves at once.
+        max_peers: u32,
+    },
+
     /// Nothing was received from the peer for the idle timeout.
     #[error(
         "the peer went silent for {after:?} (dead or cut off); reconnect to resume, nothing received so far is lost"
@@ -212,11 +222,14 @@ pub enum Error {
 
 impl Error {
     /// A refusal decided at the handshake that both sides must see (our
-    /// handshake still goes out before the connection ends).
+    /// handshake still goes out before the connection ends), a full server included.
     pub(crate) fn is_handshake_refusal(&self) -> bool {
         matches!(
             self,
-            Error::VersionMismatch { .. } | Error::ClientMismatch { .. } | Error::SharedKeyMismatch
+            Error::VersionMismatch { .. }
+                | Error::ClientMismatch { .. }
+                | Error::SharedKeyMismatch
+                | Error::ServerBusy { .. }
         )
     }
 
@@ -228,6 +241,7 @@ impl Error {
                 | Error::ClientMismatch { .. }
                 | Error::SharedKeyMismatch
                 | Error::HandshakeTimeout { .. }
+                | Error::ServerBusy { .. }
                 | Error::IdleTimeout { .. }
                 | Error::Stalled { .. }
                 | Error::PeerFault { .. }

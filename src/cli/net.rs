@@ -4,18 +4,22 @@ use std::{
     collections::{HashMap, HashSet},
     io::IsTerminal,
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use multifeed::{
-    DialEvent, DialOptions, Dialer, FeedKey, Multifeed, ReplicateOptions, ReplicationEvent,
-    ReplicationSummary, SessionEnd,
+    DialEvent, DialOptions, Dialer, Error, FeedKey, Multifeed, PreAuth, ReplicateOptions,
+    ReplicationEvent, ReplicationSummary, SessionEnd,
+    replicate::preauth::{ConnectionSlots, PeerSlots, PreAuthLimits, SlotLimits},
 };
 use serde_json::json;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, watch},
+    sync::watch,
     task::JoinSet,
 };
 
@@ -68,6 +72,46 @@ pub fn gave_up(addr: &str, error: multifeed::Error) -> anyhow::Error {
     anyhow::anyhow!("replication with {addr} refused: {error}")
 }
 
+/// A session's error, for the user of `sync`.
+fn sync_failed(addr: &str, error: multifeed::Error) -> anyhow::Error {
+    match error {
+        Error::ServerBusy { max_peers } => anyhow::anyhow!(
+            "the server at {addr} is full (it serves {max_peers} peers at once); try again later, or use `sync --live`, which retries by itself"
+        ),
+        error => anyhow::anyhow!("sync with {addr} failed: {error}"),
+    }
+}
+
+/// Connections `serve` ended without a line each: counted, and logged once per
+/// interval, so a flood of strangers cannot flood the log.
+#[derive(Default)]
+struct Quiet {
+    /// Ended before proving they hold the key (silent, slow, too chatty, strangers).
+    unauthenticated: AtomicU64,
+    /// Members turned away because every peer slot was taken.
+    busy: AtomicU64,
+}
+
+impl Quiet {
+    fn report(&self, slots: &ConnectionSlots, max_peers: usize, over: Duration) {
+        if let Some(refused) = slots.refusals_due() {
+            tracing::warn!("{refused}");
+        }
+        let ended = self.unauthenticated.swap(0, Ordering::Relaxed);
+        if ended > 0 {
+            tracing::info!(
+                "{ended} connections in the last {over:.0?} ended before proving they hold the key (not members, or too slow)"
+            );
+        }
+        let busy = self.busy.swap(0, Ordering::Relaxed);
+        if busy > 0 {
+            tracing::warn!(
+                "turned away {busy} members in the last {over:.0?}: all {max_peers} peer slots were taken (raise --max-peers if this machine can serve more)"
+            );
+        }
+    }
+}
+
 pub async fn serve(global: &Global, listen: &str, max_peers: usize) -> anyhow::Result<()> {
     let addr = crate::resolve_addr(listen).await?;
     let store = store::open(global).await?;
@@ -90,13 +134,20 @@ pub async fn serve(global: &Global, listen: &str, max_peers: usize) -> anyhow::R
         say!("listening on {bound}");
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let permits = Arc::new(Semaphore::new(max_peers.max(1)));
+    // Strangers wait for their handshake in slots of their own; a member takes one of
+    // the `max_peers` places only once it proved it holds the key.
+    let slot_limits = SlotLimits::default();
+    let slots = ConnectionSlots::new(slot_limits);
+    let peer_slots = PeerSlots::new(max_peers);
+    let quiet = Arc::new(Quiet::default());
+    let mut report_tick = tokio::time::interval(slot_limits.report_interval);
     let mut peers = JoinSet::new();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = report_tick.tick() => quiet.report(&slots, peer_slots.max(), slot_limits.report_interval),
             Some(done) = peers.join_next(), if !peers.is_empty() => {
                 if let Err(e) = done {
                     tracing::warn!("a peer task failed: {e}");
@@ -110,18 +161,20 @@ pub async fn serve(global: &Global, listen: &str, max_peers: usize) -> anyhow::R
                         continue;
                     }
                 };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, max_peers, "too many peers; refusing");
+                // Refusals are counted by the slots and reported on the tick.
+                let Ok(slot) = slots.try_admit(peer.ip()) else {
                     drop(socket);
                     continue;
                 };
                 let _ = socket.set_nodelay(true);
+                let pre_auth = PreAuth::with_peer_slots(PreAuthLimits::default(), peer_slots.clone())
+                    .with_slot(slot);
                 let group = store.group.clone();
                 let stop = stop_rx.clone();
                 let json = global.json;
+                let quiet = quiet.clone();
                 peers.spawn(async move {
-                    serve_peer(group, socket, peer, stop, json).await;
-                    drop(permit);
+                    serve_peer(group, socket, peer, pre_auth, stop, json, &quiet).await;
                 });
             }
         }
@@ -146,16 +199,47 @@ async fn serve_peer(
     group: Multifeed,
     socket: TcpStream,
     peer: SocketAddr,
+    pre_auth: PreAuth,
     mut stop: watch::Receiver<bool>,
     json: bool,
+    quiet: &Quiet,
 ) {
     let peer = peer.to_string();
+    let mut replication = group.start_replication(
+        socket,
+        ReplicateOptions::new(false)
+            .live(true)
+            .pre_auth(pre_auth.clone()),
+    );
+    // Until the peer proves it holds the key it gets no line of its own: anyone can
+    // connect, and a line per stranger would flood the log.
+    let authenticated = tokio::select! {
+        biased;
+        _ = pre_auth.authenticated() => true,
+        // No event comes before the group channel opens: `None` is the session's end.
+        event = replication.next_event() => event.is_some() || pre_auth.is_authenticated(),
+        _ = stop.changed() => {
+            replication.stop();
+            false
+        }
+    };
+    if !authenticated || pre_auth.busy().is_some() {
+        let counter = if authenticated {
+            &quiet.busy
+        } else {
+            &quiet.unauthenticated
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let result = replication.finish().await;
+        tracing::debug!(%peer, ?result, "connection ended unheard");
+        return;
+    }
+    drop(pre_auth);
     if json {
         say!("{}", json!({"event": "connected", "peer": peer}));
     } else {
         say!("peer {peer} connected");
     }
-    let mut replication = group.start_replication(socket, ReplicateOptions::new(false).live(true));
     // A live session's summary counts only feed channels that finished; what the
     // progress reports said counts too.
     let mut tally = Tally::default();
@@ -302,7 +386,7 @@ async fn sync_once(
     let summary = replication
         .finish()
         .await
-        .map_err(|e| anyhow::anyhow!("sync with {addr} failed: {e}"))?;
+        .map_err(|e| sync_failed(addr, e))?;
     if let Some(signal) = interrupted
         && summary.ended != SessionEnd::Completed
     {

@@ -32,6 +32,11 @@ use crate::{
     exchange::{DecodeError, ExchangeLimits, ExchangeMessage, Handshake, OfferedFeed},
 };
 
+/// Channels a peer may open for feeds we never offered before the session ends as
+/// its fault. A correct peer opens none (it opens what we offered, or what it
+/// requested from our offer); a few may cross a membership change.
+pub(crate) const MAX_UNOFFERED_OPENS: usize = 256;
+
 /// Times a feed is asked for again after the peer closed its channel early.
 const MAX_RETRIES: u8 = 3;
 
@@ -147,6 +152,8 @@ pub(crate) struct SessionCore<C> {
     /// A channel that opened again while the task of its previous channel was still
     /// finishing; it starts when that task ends (its messages queue meanwhile).
     next_channels: HashMap<FeedKey, C>,
+    /// Channels the peer opened for feeds we never offered (see [`MAX_UNOFFERED_OPENS`]).
+    unoffered_opens: usize,
     /// Times a feed was re-requested after the peer closed its channel early.
     retries: HashMap<FeedKey, u8>,
     /// When the peer last sent an exchange message other than a ping.
@@ -195,6 +202,7 @@ impl<C> SessionCore<C> {
             open_channels: HashMap::new(),
             next_channels: HashMap::new(),
             retries: HashMap::new(),
+            unoffered_opens: 0,
             exchange_activity: now,
             got_manifest: false,
             got_request: false,
@@ -358,12 +366,21 @@ impl<C> SessionCore<C> {
 
     fn on_root_opened(&mut self) -> Result<()> {
         self.root_opened = true;
+        // The root channel opens only for a peer that proved it holds the key, so a
+        // stranger never learns that we are full.
+        let busy = self.options.pre_auth.as_ref().and_then(|p| p.busy());
         self.send(ExchangeMessage::Handshake(Handshake {
             client: self.options.client_name.clone(),
             protocol_version: self.options.protocol_version.clone(),
             user_data: self.options.user_data.clone(),
+            busy_max_peers: busy.map(|max| u32::try_from(max).unwrap_or(u32::MAX)),
         }));
-        Ok(())
+        match busy {
+            Some(max) => Err(Error::ServerBusy {
+                max_peers: u32::try_from(max).unwrap_or(u32::MAX),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn on_tick(
@@ -437,6 +454,16 @@ impl<C> SessionCore<C> {
             }
             self.open(key);
         } else {
+            // hypercore-protocol keeps the state of every channel the peer opens
+            // until the connection ends: a peer may not pile them up.
+            self.unoffered_opens += 1;
+            if self.unoffered_opens > MAX_UNOFFERED_OPENS {
+                return Err(Error::PeerFault {
+                    reason: format!(
+                        "it opened more than {MAX_UNOFFERED_OPENS} channels for feeds we never offered"
+                    ),
+                });
+            }
             tracing::debug!(dk = %hex::encode(dk), "peer opened a feed we did not offer; ignored");
         }
         Ok(())
@@ -651,6 +678,9 @@ impl<C> SessionCore<C> {
             return Err(Error::PeerFault {
                 reason: "it sent a second handshake".into(),
             });
+        }
+        if let Some(max_peers) = handshake.busy_max_peers {
+            return Err(Error::ServerBusy { max_peers });
         }
         if handshake.client != self.options.client_name {
             return Err(Error::ClientMismatch {
