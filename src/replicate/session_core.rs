@@ -994,6 +994,7 @@ mod tests {
             client: CLIENT_NAME.into(),
             protocol_version: PROTOCOL_VERSION.into(),
             user_data: None,
+            busy_max_peers: None,
         });
         core.handle(now, exchange(handshake), store);
         drain(&mut core);
