@@ -28,7 +28,9 @@ impl Gw {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
+        // A soak run points this at a copy, so a rebuild meanwhile cannot swap it.
+        let bin = std::env::var_os("MULTIFEED_TEST_BIN").unwrap_or_else(|| BIN.into());
+        let mut cmd = Command::new(bin);
         cmd.arg("--dir").arg(&self.dir).args(args);
         cmd.env_remove("MULTIFEED_KEY").env_remove("RUST_LOG");
         cmd
