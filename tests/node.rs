@@ -96,7 +96,19 @@ fn two_nodes_dialing_each_other_converge_on_one_session_while_both_publish() {
     publish(&a.http, TOPIC, "after").expect("acknowledged");
     acked.push("after".into());
     assert!(poll_until(WAIT, || converged(&[&b.http], &acked)));
-    a.running.stop();
+    // SIGTERM: the session ends with its reason, and the node exits 0.
+    a.running.signal("TERM");
+    let (status, lines, stderr) = a.running.finish();
+    assert!(status.success(), "{status}: {stderr}");
+    let ended: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "disconnected")
+        .collect();
+    assert!(
+        ended.iter().any(|v| v["reason"] == "local_stop"),
+        "no session ended with local_stop: {lines:?}"
+    );
     b.running.stop();
     for gw in &gws {
         gw.verify();

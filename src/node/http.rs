@@ -10,12 +10,15 @@
 //!
 //! A publish is answered (201, with the messages' addresses) only once the
 //! messages are appended: written to the operating system, so they survive a
-//! kill of the process ([`multifeed::Durability::Process`]). Nothing here holds
-//! a lock across the write: concurrent publishes go to the feeds' own queues.
+//! kill of the process ([`multifeed::Durability::Process`]). Single publishes
+//! that arrive together are committed together (one signed append per topic,
+//! one block per message); no lock is held across the write.
 //!
 //! Off loopback every request must carry `Authorization: Bearer <token>`.
 
-use std::{convert::Infallible, sync::Arc, sync::atomic::Ordering, time::Duration};
+use std::{
+    collections::HashMap, convert::Infallible, sync::Arc, sync::atomic::Ordering, time::Duration,
+};
 
 use axum::{
     Json, Router,
@@ -32,12 +35,15 @@ use axum::{
 use base64::Engine as _;
 use futures::{Stream, StreamExt};
 use multifeed::{
-    Error,
-    topics::{Cursor, Message},
+    Error, Topics,
+    topics::{Cursor, Message, MessageAddress, Packing},
 };
 use serde::Deserialize;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{Shared, peers::PeerState};
@@ -49,9 +55,32 @@ const MAX_READ_LIMIT: usize = 10_000;
 /// Largest request body: one payload, or an NDJSON batch.
 const MAX_BODY: usize = 32 * 1024 * 1024;
 
-/// Serves the API on `listener` until `cancel`; requests in flight finish first.
+/// Single publishes waiting for the group committer; a full queue holds the
+/// next request back (backpressure), it never grows.
+const PUBLISH_QUEUE: usize = 4_096;
+/// Most single publishes of one topic committed in one append.
+const MAX_GROUP: usize = 1_024;
+
+/// One single publish waiting to be committed, and where to answer.
+struct Pending {
+    message: Message,
+    reply: oneshot::Sender<Result<MessageAddress, Error>>,
+}
+
+/// The API's state: the node's, and the queue of the group committer.
+#[derive(Clone)]
+pub struct Api {
+    shared: Arc<Shared>,
+    publish: mpsc::Sender<Pending>,
+}
+
+/// Serves the API on `listener` until `cancel`; requests in flight finish first,
+/// then the committer publishes what is queued and ends.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
-    let app = router(shared);
+    let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
+    // Owned here: it ends once the server (which holds every sender) has.
+    let committer = tokio::spawn(commit_groups(shared.topics.clone(), queue));
+    let app = router(Api { shared, publish });
     let stop = cancel.clone();
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -59,9 +88,61 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellat
     {
         tracing::error!("the HTTP API stopped: {e}");
     }
+    if let Err(e) = committer.await {
+        tracing::error!("the publish committer failed: {e}");
+    }
 }
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// Group commit: single publishes that arrive while an append runs are appended
+/// together, one block each, in one signed append per topic; each is answered
+/// once that append has returned. Should a group fail, its messages are
+/// published one by one if it was refused before anything was written (an
+/// invalid message), so each request gets its own error.
+async fn commit_groups(topics: Topics, mut queue: mpsc::Receiver<Pending>) {
+    let mut waiting = Vec::new();
+    while queue.recv_many(&mut waiting, MAX_GROUP).await > 0 {
+        let mut by_topic: HashMap<String, Vec<Pending>> = HashMap::new();
+        for pending in waiting.drain(..) {
+            by_topic
+                .entry(pending.message.topic.clone())
+                .or_default()
+                .push(pending);
+        }
+        for (_, group) in by_topic {
+            let messages = group.iter().map(|p| p.message.clone());
+            match topics
+                .publish_batch_with(messages, Packing::one_per_block())
+                .await
+            {
+                Ok(addresses) => {
+                    for (pending, address) in group.into_iter().zip(addresses) {
+                        let _ = pending.reply.send(Ok(address));
+                    }
+                }
+                // Refused before anything was written: find whose message it was.
+                Err(Error::InvalidTopic { .. } | Error::InvalidMessage { .. }) => {
+                    for pending in group {
+                        let result = topics.publish(pending.message).await;
+                        let _ = pending.reply.send(result);
+                    }
+                }
+                // The append itself failed: retrying might write twice.
+                Err(e) => {
+                    let reason = e.to_string();
+                    for pending in group {
+                        let _ = pending.reply.send(Err(Error::Io {
+                            context: format!("publishing to {:?}", pending.message.topic),
+                            source: std::io::Error::other(reason.clone()),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn router(api: Api) -> Router {
+    let shared = api.shared.clone();
     Router::new()
         .route("/health", get(health))
         .route("/peers", get(peers))
@@ -75,8 +156,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/topics/{topic}/batch", post(publish_batch))
         .route("/topics/{topic}/events", get(follow))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn_with_state(shared.clone(), authorize))
-        .with_state(shared)
+        .layer(middleware::from_fn_with_state(shared, authorize))
+        .with_state(api)
 }
 
 /// An error answered as `{"error": {"kind", "message"}}`.
@@ -154,7 +235,7 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+async fn health(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value> {
     let peers = shared.peers.snapshot();
     let connected = peers
         .iter()
@@ -170,7 +251,7 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn peers(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+async fn peers(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value> {
     let rows: Vec<serde_json::Value> = shared
         .peers
         .snapshot()
@@ -185,11 +266,13 @@ async fn peers(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(json!({ "peers": rows }))
 }
 
-async fn topics(State(shared): State<Arc<Shared>>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn topics(
+    State(Api { shared, .. }): State<Api>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     Ok(Json(json!({ "topics": shared.topics.topics().await? })))
 }
 
-async fn feeds(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+async fn feeds(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value> {
     let writers: std::collections::HashSet<_> =
         shared.group.writers().iter().map(|f| f.key()).collect();
     let mut feeds = Vec::new();
@@ -203,7 +286,7 @@ async fn feeds(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(json!({ "feeds": feeds }))
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+async fn metrics(State(Api { shared, .. }): State<Api>) -> impl IntoResponse {
     let peers = shared.peers.snapshot();
     let mut text = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
@@ -266,7 +349,7 @@ fn published(shared: &Shared, count: usize, bytes: usize) {
 }
 
 async fn publish_one(
-    State(shared): State<Arc<Shared>>,
+    State(Api { shared, publish }): State<Api>,
     Path(topic): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -278,7 +361,13 @@ async fn publish_one(
     {
         message = message.with_content_type(content_type);
     }
-    let address = shared.topics.publish(message).await?;
+    let (reply, answer) = oneshot::channel();
+    let stopping = || Error::Closed;
+    publish
+        .send(Pending { message, reply })
+        .await
+        .map_err(|_| stopping())?;
+    let address = answer.await.map_err(|_| stopping())??;
     published(&shared, 1, body.len());
     Ok((
         StatusCode::CREATED,
@@ -331,7 +420,7 @@ fn batch_message(topic: &str, number: usize, line: &str) -> Result<Message, ApiE
 }
 
 async fn publish_batch(
-    State(shared): State<Arc<Shared>>,
+    State(Api { shared, .. }): State<Api>,
     Path(topic): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
@@ -371,7 +460,7 @@ fn parse_cursor(text: Option<&str>) -> Result<Cursor, ApiError> {
 }
 
 async fn read_messages(
-    State(shared): State<Arc<Shared>>,
+    State(Api { shared, .. }): State<Api>,
     Path(topic): Path<String>,
     Query(query): Query<ReadQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -388,7 +477,7 @@ async fn read_messages(
 }
 
 async fn follow(
-    State(shared): State<Arc<Shared>>,
+    State(Api { shared, .. }): State<Api>,
     Path(topic): Path<String>,
     Query(query): Query<ReadQuery>,
     headers: HeaderMap,
