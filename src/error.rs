@@ -67,7 +67,7 @@ pub enum Error {
     Closed,
 
     /// An I/O error on local storage.
-    #[error("storage I/O error ({context}): {source}")]
+    #[error("storage I/O error ({context}): {}", describe_io(source))]
     Io {
         /// What was being done.
         context: String,
@@ -123,6 +123,16 @@ pub enum Error {
     HandshakeTimeout {
         /// The configured handshake timeout.
         after: std::time::Duration,
+    },
+
+    /// The peer is a server with every peer slot taken: it turned this connection
+    /// away after checking it was a member. Not a fault; retry later.
+    #[error(
+        "the peer is full (it serves at most {max_peers} peers at once) and turned this connection away; try again later"
+    )]
+    ServerBusy {
+        /// How many peers it serves at once.
+        max_peers: u32,
     },
 
     /// Nothing was received from the peer for the idle timeout.
@@ -211,6 +221,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// A refusal decided at the handshake that both sides must see (our
+    /// handshake still goes out before the connection ends), a full server included.
+    pub(crate) fn is_handshake_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::VersionMismatch { .. }
+                | Error::ClientMismatch { .. }
+                | Error::SharedKeyMismatch
+                | Error::ServerBusy { .. }
+        )
+    }
+
     /// Whether the error was caused by the peer (or the link to it) rather than locally.
     pub fn is_peer_fault(&self) -> bool {
         matches!(
@@ -219,6 +241,7 @@ impl Error {
                 | Error::ClientMismatch { .. }
                 | Error::SharedKeyMismatch
                 | Error::HandshakeTimeout { .. }
+                | Error::ServerBusy { .. }
                 | Error::IdleTimeout { .. }
                 | Error::Stalled { .. }
                 | Error::PeerFault { .. }
@@ -235,11 +258,37 @@ impl Error {
     }
 
     pub(crate) fn core(key: impl std::fmt::Display, source: hypercore::HypercoreError) -> Self {
-        Error::Core {
-            key: key.to_string(),
-            source,
+        match source {
+            // hypercore's text for these is its own internals ("RandomAccess IO
+            // error. Context: None"); the OS error is what the user can act on.
+            hypercore::HypercoreError::IO { source, .. } => Error::Io {
+                context: format!("feed {key}"),
+                source,
+            },
+            source => Error::Core {
+                key: key.to_string(),
+                source,
+            },
         }
     }
+}
+
+/// An OS error in our words, with what to do where there is something to do.
+fn describe_io(error: &io::Error) -> String {
+    let advice = match error.kind() {
+        io::ErrorKind::StorageFull => "the disk is full; free some space, then try again",
+        io::ErrorKind::PermissionDenied => {
+            "permission denied; check the owner and permissions of the store's files"
+        }
+        io::ErrorKind::ReadOnlyFilesystem => {
+            "the file system is read-only; writes need a writable store"
+        }
+        io::ErrorKind::QuotaExceeded => {
+            "the disk quota is used up; free some space, then try again"
+        }
+        _ => return error.to_string(),
+    };
+    format!("{advice} ({error})")
 }
 
 /// Shorthand for results in this crate.

@@ -34,6 +34,8 @@ pub(crate) struct Handshake {
     pub(crate) client: String,
     pub(crate) protocol_version: String,
     pub(crate) user_data: Option<Vec<u8>>,
+    /// The sender is full (it serves at most this many peers) and ends the session.
+    pub(crate) busy_max_peers: Option<u32>,
 }
 
 /// A member feed offered in a manifest.
@@ -158,6 +160,7 @@ impl ExchangeMessage {
                 client: h.client.clone(),
                 protocol_version: h.protocol_version.clone(),
                 user_data: h.user_data.clone(),
+                busy_max_peers: h.busy_max_peers,
             }),
             ExchangeMessage::Manifest(feeds) => Body::Manifest(pb::Manifest {
                 feeds: feeds
@@ -211,6 +214,7 @@ impl ExchangeMessage {
                 client: h.client,
                 protocol_version: h.protocol_version,
                 user_data: h.user_data,
+                busy_max_peers: h.busy_max_peers,
             }),
             Body::Manifest(m) => {
                 check_count(m.feeds.len())?;
@@ -324,6 +328,13 @@ mod tests {
             client: CLIENT_NAME.into(),
             protocol_version: PROTOCOL_VERSION.into(),
             user_data: Some(b"hi".to_vec()),
+            busy_max_peers: None,
+        }));
+        round_trip(ExchangeMessage::Handshake(Handshake {
+            client: CLIENT_NAME.into(),
+            protocol_version: PROTOCOL_VERSION.into(),
+            user_data: None,
+            busy_max_peers: Some(64),
         }));
         round_trip(ExchangeMessage::Manifest(vec![OfferedFeed {
             key: FeedKey::from_bytes([1; 32]),
@@ -352,6 +363,7 @@ mod tests {
                     client: "multifeed-rs".into(),
                     protocol_version: "1.0.0".into(),
                     user_data: Some(b"gateway-7".to_vec()),
+                    busy_max_peers: None,
                 }),
             ),
             (

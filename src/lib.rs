@@ -89,8 +89,8 @@ pub use crate::{
     keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
     multifeed::{Event, Multifeed, Options, SkippedFeed},
     replicate::{
-        Backoff, BackoffPolicy, DialEvent, DialOptions, DialSummary, Dialer, ReplicateOptions,
-        Replication, ReplicationEvent, ReplicationSummary, SessionEnd,
+        Backoff, BackoffPolicy, DialEvent, DialOptions, DialSummary, Dialer, PreAuth,
+        ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary, SessionEnd,
     },
     storage::{Durability, StorageConfig},
     topics::Topics,

@@ -511,8 +511,12 @@ impl Multifeed {
     /// Makes everything written so far, in every feed and the index, survive a
     /// power loss (one round of fsyncs per feed).
     pub async fn flush(&self) -> Result<()> {
-        let index = self.inner.write.lock().await;
-        let index = index.as_ref().ok_or(Error::Closed)?.flusher();
+        // The write lock only for the snapshot: held across the fsyncs, it would
+        // stall `writer()` and replication's admissions for as long as they take.
+        let index = {
+            let index = self.inner.write.lock().await;
+            index.as_ref().ok_or(Error::Closed)?.flusher()
+        };
         let feeds = self.feeds();
         self.sync_many(&feeds).await?;
         for feed in feeds {
@@ -655,5 +659,48 @@ fn report_orphans(root: &Path, members: &Members) {
         if !known {
             tracing::info!(path = %entry.path().display(), "feed directory not in the member index (left by an interrupted writer creation?)");
         }
+    }
+}
+
+#[cfg(test)]
+mod flush_tests {
+    use super::*;
+    use crate::{Options, SharedKey};
+
+    /// `flush` must not hold the group's write lock while it waits on fsyncs: a
+    /// writer is created while a flush is stuck behind a feed's sync.
+    #[tokio::test]
+    async fn a_writer_is_created_while_a_flush_waits_on_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = Multifeed::open(
+            StorageConfig::Dir(dir.path().to_path_buf()),
+            SharedKey::generate(),
+            Options::default(),
+        )
+        .await
+        .unwrap();
+        let first = group.writer("first").await.unwrap();
+        first.append(b"reading").await.unwrap();
+        let sync = first.inner.sync.clone().unwrap();
+        let held = sync.hold_syncs().await;
+
+        let flushing = tokio::spawn({
+            let group = group.clone();
+            async move { group.flush().await }
+        });
+        // Let the flush take its snapshot and block on the held sync.
+        while sync.waiting_syncs() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let second =
+            tokio::time::timeout(std::time::Duration::from_secs(30), group.writer("second"))
+                .await
+                .expect("writer() blocked behind a flush waiting on an fsync")
+                .unwrap();
+        assert!(!flushing.is_finished());
+        drop(held);
+        flushing.await.unwrap().unwrap();
+        second.append(b"after").await.unwrap();
+        group.close().await.unwrap();
     }
 }

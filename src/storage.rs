@@ -591,6 +591,9 @@ pub(crate) struct SyncSet {
     synced: tokio::sync::Mutex<u64>,
     /// Copy of `synced` readable without the lock.
     durable: AtomicU64,
+    /// Syncs waiting for the lock (tests).
+    #[cfg(test)]
+    waiting: AtomicU64,
 }
 
 impl SyncSet {
@@ -608,18 +611,23 @@ impl SyncSet {
         })
     }
 
+    /// The set's file list. A panic elsewhere while it was held can't leave it
+    /// half-changed (it is only pushed to, cloned and drained), so a poisoned lock
+    /// is taken over: skipping the list would sync nothing and still report Ok.
+    fn files(&self) -> std::sync::MutexGuard<'_, Vec<Arc<FileSlot>>> {
+        self.files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The set's slot for the file at `path`, if it has one.
     fn slot(&self, path: &Path) -> Option<Arc<FileSlot>> {
-        let files = self.files.lock().ok()?;
-        files.iter().find(|slot| slot.path == path).cloned()
+        self.files().iter().find(|slot| slot.path == path).cloned()
     }
 
     /// Closes the files' descriptors (their core was unloaded); they reopen on use.
     pub(crate) fn release_files(&self) {
-        let Ok(files) = self.files.lock() else {
-            return;
-        };
-        for slot in files.iter() {
+        for slot in self.files().iter() {
             if let Ok(mut file) = slot.file.write()
                 && matches!(*file, SlotFile::Open(_))
             {
@@ -639,13 +647,17 @@ impl SyncSet {
     /// appends cost one round of fsyncs, not N.
     pub(crate) async fn sync(self: &Arc<Self>) -> Result<()> {
         let wanted = self.writes.load(Ordering::Acquire);
+        #[cfg(test)]
+        self.waiting.fetch_add(1, Ordering::AcqRel);
         let mut synced = self.synced.lock().await;
+        #[cfg(test)]
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
         if *synced >= wanted {
             return Ok(());
         }
         // Everything issued up to now is covered by this round.
         let target = self.writes.load(Ordering::Acquire);
-        let files: Vec<Arc<FileSlot>> = self.files.lock().map(|f| f.clone()).unwrap_or_default();
+        let files: Vec<Arc<FileSlot>> = self.files().clone();
         let dir = self.dir.clone();
         let held = self.held.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
@@ -665,6 +677,19 @@ impl SyncSet {
         *synced = target;
         self.durable.fetch_max(target, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Holds off every sync of this set until the guard drops (tests of what
+    /// must not wait behind an fsync).
+    #[cfg(test)]
+    pub(crate) async fn hold_syncs(&self) -> tokio::sync::MutexGuard<'_, u64> {
+        self.synced.lock().await
+    }
+
+    /// Syncs waiting for the sync lock right now (tests).
+    #[cfg(test)]
+    pub(crate) fn waiting_syncs(&self) -> u64 {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// Whether writes were issued since they were last made durable.
@@ -689,10 +714,8 @@ impl SyncSet {
     /// directory can be removed.
     pub(crate) async fn close(self: &Arc<Self>) -> Result<()> {
         let synced = self.sync().await;
-        if let Ok(mut files) = self.files.lock() {
-            for slot in files.drain(..) {
-                slot.close();
-            }
+        for slot in self.files().drain(..) {
+            slot.close();
         }
         synced
     }
@@ -780,18 +803,16 @@ pub(crate) async fn open_dir_with(
                     Some(slot) => slot,
                     None => {
                         let slot = new_slot(path.clone(), length.is_some(), &pool)?;
-                        if let Ok(mut files) = set.files.lock() {
-                            files.push(slot.clone());
-                        }
+                        set.files().push(slot.clone());
                         slot
                     }
                 };
                 let length = length.unwrap_or(0);
                 let held = match store {
                     Store::Tree => {
-                        if let Ok(mut held) = set.held.lock() {
-                            held.file = Some(slot.clone());
-                        }
+                        lock_held(&set.held)
+                            .map_err(|e| io_err("open", &path, e))?
+                            .file = Some(slot.clone());
                         Held::Holder(set.held.clone())
                     }
                     Store::Oplog => Held::Barrier(set.held.clone()),
@@ -1238,6 +1259,48 @@ mod tests {
             std::fs::read(&path).unwrap(),
             model,
             "dropping writes what is held"
+        );
+    }
+}
+
+#[cfg(test)]
+mod sync_set_tests {
+    use super::*;
+    use hypercore::HypercoreBuilder;
+
+    /// A panic elsewhere while the file list was locked must not turn `sync` into a
+    /// no-op that reports success: the files are still synced (shown here by a
+    /// closed file making the sync fail, which it can only do if it reached it).
+    #[tokio::test]
+    async fn sync_after_a_poisoned_file_list_still_reaches_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = FilePool::new(64);
+        let opened = open_dir(dir.path(), true, &pool).await.unwrap();
+        let set = opened.sync.clone().unwrap();
+        let mut core = HypercoreBuilder::new(opened.storage).build().await.unwrap();
+        core.append(b"acknowledged").await.unwrap();
+        assert!(set.needs_sync());
+
+        let poisoner = set.clone();
+        std::thread::spawn(move || {
+            let _held = poisoner.files.lock().unwrap();
+            panic!("a panic while the file list is locked");
+        })
+        .join()
+        .unwrap_err();
+        assert!(set.files.is_poisoned());
+
+        // Every file is still known to the set ...
+        let known = set.files().len();
+        assert!(known >= 4, "the set lost its files: {known}");
+        // ... and sync visits them: one closed file makes it fail instead of
+        // reporting Ok for writes it never synced.
+        set.files()[0].close();
+        let result = set.sync().await;
+        assert!(result.is_err(), "sync reported {result:?} without syncing");
+        assert!(
+            set.needs_sync(),
+            "writes counted durable after a failed sync"
         );
     }
 }

@@ -257,3 +257,102 @@ fn demo_runs() {
         "{stdout}"
     );
 }
+
+/// A full disk is reported in our words, once, with what to do: not hypercore's
+/// internals ("RandomAccess IO error. Context: None") twice over. The disk is
+/// made full by pointing a feed's data file at /dev/full.
+#[test]
+fn a_full_disk_is_one_line_that_says_what_to_do() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    gw.ok(&["write", "t", "kept"]);
+    let feed = std::fs::read_dir(gw.dir.join("feeds"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::remove_file(feed.join("data")).unwrap();
+    std::os::unix::fs::symlink("/dev/full", feed.join("data")).unwrap();
+    let stderr = gw.fails(&["write", "t", "lost"]);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("the disk is full; free some space"),
+        "{stderr}"
+    );
+    for internal in ["Context", "RandomAccess", "Unrecoverable", "return_code"] {
+        assert!(!stderr.contains(internal), "{internal} in: {stderr}");
+    }
+}
+
+/// Logs into a pipe carry no terminal colour codes.
+#[test]
+fn logs_into_a_pipe_have_no_colour_codes() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    let mut child = gw
+        .cmd(&["-v", "write", "t"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"x\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("published"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in: {stderr:?}");
+}
+
+/// Only `init` and `join` create a store: with a key in the environment, a
+/// mistyped `--dir` is refused by every other command and left uncreated.
+#[test]
+fn only_init_and_join_create_a_store() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = Gw::new(root.path(), "gw");
+    let key = gw.ok(&["init"]);
+    gw.ok(&["write", "t", "kept"]);
+    let typo = Gw::new(root.path(), "gw-typo");
+    for args in [
+        &["write", "t", "lost"][..],
+        &["read", "t"],
+        &["topics"],
+        &["feeds"],
+        &["verify"],
+    ] {
+        let out = typo
+            .cmd(args)
+            .env("MULTIFEED_KEY", key.trim())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded on a typo");
+        assert!(
+            stderr.contains("no multifeed store at") && stderr.contains("multifeed init"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !typo.dir.exists(),
+            "{args:?} created {}",
+            typo.dir.display()
+        );
+    }
+}
+
+/// A malformed key given to `join` is not echoed back (it is most of a secret).
+#[test]
+fn join_never_echoes_a_malformed_key() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = Gw::new(root.path(), "joiner");
+    let almost = "c7".repeat(31) + "c";
+    let stderr = gw.fails(&["join", &almost]);
+    assert!(
+        stderr.contains("malformed shared key (63 characters)"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&almost[..16]),
+        "the key was echoed: {stderr}"
+    );
+}

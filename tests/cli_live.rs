@@ -296,3 +296,44 @@ fn an_interrupted_sync_exits_with_the_signal_and_says_what_it_received() {
     assert_eq!(reader.read("bulk", None).0.len(), n);
     reader.verify();
 }
+
+/// A full server (`--max-peers 1`) tells a member so: a one-shot `sync` fails with
+/// words that say what to do, and a live one keeps retrying and gets in once the
+/// place is free.
+#[test]
+fn a_full_server_says_so_and_a_live_sync_waits_for_a_place() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 3);
+    let (server_gw, first, second) = (&gws[0], &gws[1], &gws[2]);
+    server_gw.ok(&["write", "t", "from-server"]);
+    let mut server =
+        Running::spawn(server_gw.cmd(&["serve", "--listen", "127.0.0.1:0", "--max-peers", "1"]));
+    let line = server.line();
+    let addr = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .trim()
+        .to_owned();
+    let mut holder = Running::spawn(first.cmd(&["--json", "sync", "--live", &addr]));
+    holder.until("the server's message", is_progress);
+
+    let stderr = second.fails(&["sync", &addr]);
+    assert!(
+        stderr.contains(&format!("the server at {addr} is full"))
+            && stderr.contains("serves 1 peers")
+            && stderr.contains("try again later"),
+        "{stderr}"
+    );
+
+    let mut waiting = Running::spawn(second.cmd(&["--json", "sync", "--live", &addr]));
+    let (busy, _) = waiting.event("disconnected");
+    assert_eq!(busy["reason"], "server_busy", "{busy}");
+    assert!(busy["retry_in_ms"].as_u64().is_some(), "{busy}");
+    holder.signal("INT");
+    holder.finish();
+    waiting.until("the server's message once in", is_progress);
+    waiting.signal("INT");
+    let (status, _, stderr) = waiting.finish();
+    assert!(status.success(), "{stderr}");
+    server.stop();
+}

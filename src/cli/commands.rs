@@ -64,9 +64,10 @@ async fn adopt_key(dir: &std::path::Path, key: &SharedKey) -> anyhow::Result<std
 pub async fn join(global: &Global, key_text: &str) -> anyhow::Result<()> {
     let dir = store::resolve_dir(global.dir.as_deref())?;
     let key = SharedKey::from_hex(key_text.trim()).map_err(|_| {
+        // Never echoed: a key with one character missing is still most of a secret.
         anyhow::anyhow!(
-            "malformed shared key {:?}: expected 64 hex characters as printed by `multifeed init`",
-            key_text.chars().take(80).collect::<String>()
+            "malformed shared key ({} characters): expected 64 hex characters as printed by `multifeed init`",
+            key_text.trim().chars().count()
         )
     })?;
     let key_file = adopt_key(&dir, &key).await?;

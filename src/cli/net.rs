@@ -7,7 +7,7 @@ use std::{
 };
 
 use multifeed::{
-    DialEvent, DialOptions, Dialer, FeedKey, Multifeed, ReplicateOptions, ReplicationEvent,
+    DialEvent, DialOptions, Dialer, Error, FeedKey, Multifeed, ReplicateOptions, ReplicationEvent,
     ReplicationSummary, SessionEnd,
 };
 use serde_json::json;
@@ -63,6 +63,16 @@ pub async fn dial(group: &Multifeed, addr: &str, timeout_secs: u64) -> anyhow::R
 /// The error a dialer gave up with, for the user.
 pub fn gave_up(addr: &str, error: multifeed::Error) -> anyhow::Error {
     anyhow::anyhow!("replication with {addr} refused: {error}")
+}
+
+/// A session's error, for the user of `sync`.
+fn sync_failed(addr: &str, error: multifeed::Error) -> anyhow::Error {
+    match error {
+        Error::ServerBusy { max_peers } => anyhow::anyhow!(
+            "the server at {addr} is full (it serves {max_peers} peers at once); try again later, or use `sync --live`, which retries by itself"
+        ),
+        error => anyhow::anyhow!("sync with {addr} failed: {error}"),
+    }
 }
 
 /// Runs the gateway node (see [`crate::node`]) until Ctrl-C or SIGTERM.
@@ -207,7 +217,7 @@ async fn sync_once(
     let summary = replication
         .finish()
         .await
-        .map_err(|e| anyhow::anyhow!("sync with {addr} failed: {e}"))?;
+        .map_err(|e| sync_failed(addr, e))?;
     if let Some(signal) = interrupted
         && summary.ended != SessionEnd::Completed
     {

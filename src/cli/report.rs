@@ -48,6 +48,10 @@ pub fn end_reason(result: Result<&ReplicationSummary, &Error>) -> (&'static str,
             "handshake_timeout",
             format!("no handshake from the peer within {after:?}"),
         ),
+        Err(Error::ServerBusy { max_peers }) => (
+            "server_busy",
+            format!("the server is full (it serves {max_peers} peers at once)"),
+        ),
         Err(Error::ConnectionLost { reason }) => {
             ("connection_lost", format!("connection lost: {reason}"))
         }

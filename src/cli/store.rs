@@ -32,6 +32,14 @@ pub async fn open(global: &Global) -> anyhow::Result<Store> {
             dir.display()
         );
     }
+    // Only init/join create a store: a mistyped --dir with a key at hand must not
+    // quietly start an empty group that reads as "no messages".
+    if !is_group_dir(&dir) {
+        bail!(
+            "no multifeed store at {}; run `multifeed init` to start a group there or `multifeed join <key>` to join one, or check --dir",
+            dir.display()
+        );
+    }
     Store::open(&dir, key, source).await
 }
 

@@ -22,19 +22,23 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use anyhow::Context;
 use multifeed::{
-    DialEvent, DialOptions, FeedKey, Multifeed, ReplicateOptions, ReplicationEvent,
+    DialEvent, DialOptions, FeedKey, Multifeed, PreAuth, ReplicateOptions, ReplicationEvent,
     ReplicationSummary, Topics,
+    replicate::preauth::{ConnectionSlots, PeerSlots, PreAuthLimits, SlotLimits},
 };
 use serde_json::json;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, watch},
+    sync::watch,
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
@@ -282,17 +286,54 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     })
 }
 
+/// Connections the node ended without a line each: counted, and logged once per
+/// interval, so a flood of strangers cannot flood the log.
+#[derive(Default)]
+struct Quiet {
+    /// Ended before proving they hold the key (silent, slow, too chatty, strangers).
+    unauthenticated: AtomicU64,
+    /// Members turned away because every peer slot was taken.
+    busy: AtomicU64,
+}
+
+impl Quiet {
+    fn report(&self, slots: &ConnectionSlots, max_peers: usize, over: Duration) {
+        if let Some(refused) = slots.refusals_due() {
+            tracing::warn!("{refused}");
+        }
+        let ended = self.unauthenticated.swap(0, Ordering::Relaxed);
+        if ended > 0 {
+            tracing::info!(
+                "{ended} connections in the last {over:.0?} ended before proving they hold the key (not members, or too slow)"
+            );
+        }
+        let busy = self.busy.swap(0, Ordering::Relaxed);
+        if busy > 0 {
+            tracing::warn!(
+                "turned away {busy} members in the last {over:.0?}: all {max_peers} peer slots were taken (raise --max-peers if this machine can serve more)"
+            );
+        }
+    }
+}
+
 async fn accept_peers(
     shared: Arc<Shared>,
     listener: TcpListener,
     max_peers: usize,
     cancel: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(max_peers));
+    // Strangers wait for their handshake in slots of their own; a member takes one of
+    // the `max_peers` places only once it proved it holds the key.
+    let slot_limits = SlotLimits::default();
+    let slots = ConnectionSlots::new(slot_limits);
+    let peer_slots = PeerSlots::new(max_peers);
+    let quiet = Arc::new(Quiet::default());
+    let mut report_tick = tokio::time::interval(slot_limits.report_interval);
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
+            _ = report_tick.tick() => quiet.report(&slots, peer_slots.max(), slot_limits.report_interval),
             Some(done) = sessions.join_next(), if !sessions.is_empty() => {
                 if let Err(e) = done {
                     tracing::warn!("a peer task failed: {e}");
@@ -308,12 +349,22 @@ async fn accept_peers(
                         continue;
                     }
                 };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, max_peers, "too many peers; refusing");
+                // Refusals are counted by the slots and reported on the tick.
+                let Ok(slot) = slots.try_admit(peer.ip()) else {
+                    drop(socket);
                     continue;
                 };
                 let _ = socket.set_nodelay(true);
-                sessions.spawn(serve_peer(shared.clone(), socket, peer, cancel.clone(), permit));
+                let pre_auth = PreAuth::with_peer_slots(PreAuthLimits::default(), peer_slots.clone())
+                    .with_slot(slot);
+                sessions.spawn(serve_peer(
+                    shared.clone(),
+                    socket,
+                    peer,
+                    pre_auth,
+                    quiet.clone(),
+                    cancel.clone(),
+                ));
             }
         }
     }
@@ -418,25 +469,61 @@ async fn serve_peer(
     shared: Arc<Shared>,
     socket: TcpStream,
     peer: SocketAddr,
+    pre_auth: PreAuth,
+    quiet: Arc<Quiet>,
     cancel: CancellationToken,
-    _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let peer = peer.to_string();
+    let mut replication = shared.group.start_replication(
+        socket,
+        shared.replicate_options(false).pre_auth(pre_auth.clone()),
+    );
+    // Until the peer proves it holds the key it gets no line and no row of its own:
+    // anyone can connect, and a line per stranger would flood the log.
+    let mut first = None;
+    let authenticated = tokio::select! {
+        biased;
+        () = pre_auth.authenticated() => true,
+        // No event comes before the group channel opens: `None` is the session's end.
+        event = replication.next_event() => {
+            first = event;
+            first.is_some() || pre_auth.is_authenticated()
+        }
+        () = cancel.cancelled() => {
+            replication.stop();
+            false
+        }
+    };
+    if !authenticated || pre_auth.busy().is_some() {
+        let counter = if authenticated {
+            &quiet.busy
+        } else {
+            &quiet.unauthenticated
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let result = replication.finish().await;
+        tracing::debug!(%peer, ?result, "connection ended unheard");
+        return;
+    }
+    // Holds the peer slot for as long as the session runs.
+    let _pre_auth = pre_auth;
     shared
         .peers
         .insert(&peer, Direction::Accepted, PeerState::Connected);
     shared.peers.update(&peer, |row| row.sessions = 1);
     say_connected(shared.json, &peer, Direction::Accepted);
-    let mut replication = shared
-        .group
-        .start_replication(socket, shared.replicate_options(false));
     let (duplicate_tx, mut duplicate_rx) = watch::channel(false);
     let mut _registered = None;
     let mut received = Received::default();
     let (mut duplicate, mut itself) = (false, false);
     loop {
         tokio::select! {
-            event = replication.next_event() => match event {
+            event = async {
+                match first.take() {
+                    Some(event) => Some(event),
+                    None => replication.next_event().await,
+                }
+            } => match event {
                 None => break,
                 Some(ReplicationEvent::Handshake { remote_user_data }) => {
                     let Some(remote) = NodeId::from_hello(remote_user_data.as_deref()) else {

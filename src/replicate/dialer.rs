@@ -184,6 +184,7 @@ fn fatal_copy(error: &Error) -> Option<Error> {
         | Error::Io { .. }
         | Error::Core { .. }
         | Error::HandshakeTimeout { .. }
+        | Error::ServerBusy { .. }
         | Error::IdleTimeout { .. }
         | Error::Stalled { .. }
         | Error::ConnectionLost { .. }

@@ -86,8 +86,14 @@ pub enum FrameFault {
 pub enum Unit<'a> {
     /// One message on one channel (`message` starts with its type).
     Single { channel: u64, message: &'a [u8] },
-    /// An `Open`, without its `00 01` prefix.
-    Open(&'a [u8]),
+    /// An `Open`: its bytes without the `00 01` prefix, and the fields the transport
+    /// reads to authenticate the peer.
+    Open {
+        body: &'a [u8],
+        discovery_key: &'a [u8],
+        /// The 32-byte capability, without the flags byte before it.
+        capability: Option<&'a [u8]>,
+    },
     /// A `Close`, without its `00 03` prefix.
     Close(&'a [u8]),
     /// The messages of a batch, each with its channel, in order.
@@ -107,7 +113,7 @@ impl Unit<'_> {
                 out.extend_from_slice(message);
                 vec![out]
             }
-            Unit::Open(body) => vec![[&[0, 1][..], body].concat()],
+            Unit::Open { body, .. } => vec![[&[0, 1][..], body].concat()],
             Unit::Close(body) => vec![[&[0, 3][..], body].concat()],
             Unit::Batch(entries) => batches(entries, max_len, max_messages),
         }
@@ -185,19 +191,23 @@ pub fn check_frame(frame: &[u8], max_channel_id: u64) -> Result<CheckedFrame<'_>
         0x01 => {
             channel_id(c.uint("Open channel id")?)?;
             c.string("Open protocol")?;
-            c.buffer("Open discovery key")?;
-            match c.0.len() {
-                0 => {}
+            let discovery_key = c.buffer("Open discovery key")?;
+            let capability = match c.0.len() {
+                0 => None,
                 n if n >= CAPABILITY_LEN => {
-                    c.take(CAPABILITY_LEN as u64, "Open capability")?;
+                    Some(&c.take(CAPABILITY_LEN as u64, "Open capability")?[1..])
                 }
                 _ => {
                     return Err(FrameFault::Truncated {
                         field: "Open capability",
                     });
                 }
+            };
+            Unit::Open {
+                body: &body[..body.len() - c.0.len()],
+                discovery_key,
+                capability,
             }
-            Unit::Open(&body[..body.len() - c.0.len()])
         }
         0x03 => {
             channel_id(c.uint("Close channel id")?)?;

@@ -79,7 +79,14 @@ fn open_and_close_from_the_crates_encoder_are_accepted() {
         let frame = open_frame(&open);
         let checked = accepted(&frame);
         assert!(checked.exact);
-        assert_eq!(checked.unit, Some(Unit::Open(&frame[2..])));
+        assert_eq!(
+            checked.unit,
+            Some(Unit::Open {
+                body: &frame[2..],
+                discovery_key: &open.discovery_key,
+                capability: open.capability.as_deref(),
+            })
+        );
     }
     let frame = close_frame(3);
     assert_eq!(accepted(&frame).unit, Some(Unit::Close(&[3])));
@@ -408,7 +415,7 @@ proptest! {
                         decode_as_checked(message);
                     }
                 }
-                Unit::Open(_) | Unit::Close(_) => {}
+                Unit::Open { .. } | Unit::Close(_) => {}
             }
             for rewritten in unit.frames(usize::MAX, usize::MAX) {
                 let again = accepted(&rewritten);

@@ -7,8 +7,11 @@
 //!   bookkeeping of feed channels.
 //! - `session`: the tokio driver of `session_core` over one connection — root
 //!   channel, feed channels, feed tasks, timers.
+//! - `sim` (tests): a deterministic simulator of many sessions around `session_core`.
 //! - `transport`: framing, Noise, and the workarounds for hypercore-protocol's defects.
 //! - `frame_check`: IO-less check of every inbound frame before hypercore-protocol decodes it.
+//! - [`preauth`]: limits on a connection until the peer authenticates, and slots for
+//!   unauthenticated connections.
 //! - `feed_sync`: IO-less state machine replicating one feed over one channel.
 //! - `feed_task`: the async driver of `feed_sync` against a shared core.
 
@@ -19,8 +22,11 @@ pub(crate) mod feed_task;
 pub(crate) mod frame_check;
 #[cfg(test)]
 mod frame_samples;
+pub mod preauth;
 mod session;
 mod session_core;
+#[cfg(test)]
+mod sim;
 pub(crate) mod transport;
 
 use std::time::Duration;
@@ -34,6 +40,7 @@ use tokio::{
 pub use self::dialer::{
     Backoff, BackoffPolicy, DialEvent, DialOptions, DialSummary, Dialer, is_fatal,
 };
+pub use self::preauth::PreAuth;
 use crate::{
     FeedKey, Multifeed,
     error::{Error, Result},
@@ -81,6 +88,14 @@ pub struct ReplicateOptions {
     pub protocol_version: String,
     /// Opaque data handed to the peer in the handshake.
     pub user_data: Option<Vec<u8>>,
+    /// Limits until the peer proves it holds the key by opening the group channel
+    /// (the feed's channel for [`crate::Feed::replicate_raw`]): a deadline, a read
+    /// budget and a smaller frame limit (see [`PreAuth`]). A peer that misses the
+    /// deadline ends as [`Error::HandshakeTimeout`]. A [`PreAuth`] made with
+    /// [`preauth::PeerSlots`] takes a peer slot on authentication, and a server with
+    /// none left answers [`Error::ServerBusy`]. Default `None`: for a server open to
+    /// anyone, set it on every accepted connection. Costs nothing once authenticated.
+    pub pre_auth: Option<PreAuth>,
 }
 
 impl ReplicateOptions {
@@ -99,6 +114,7 @@ impl ReplicateOptions {
             client_name: CLIENT_NAME.to_string(),
             protocol_version: PROTOCOL_VERSION.to_string(),
             user_data: None,
+            pre_auth: None,
         }
     }
 
@@ -153,6 +169,12 @@ impl ReplicateOptions {
     /// Sets [`ReplicateOptions::user_data`].
     pub fn user_data(mut self, data: impl Into<Vec<u8>>) -> Self {
         self.user_data = Some(data.into());
+        self
+    }
+
+    /// Sets [`ReplicateOptions::pre_auth`].
+    pub fn pre_auth(mut self, pre_auth: PreAuth) -> Self {
+        self.pre_auth = Some(pre_auth);
         self
     }
 

@@ -65,7 +65,8 @@ pub(crate) async fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (protocol, status) = connect(io, &options).await?;
+    let root_key = *multifeed.shared_key().as_bytes();
+    let (protocol, status) = connect(io, &options, root_key).await?;
     let mut session = Session::new(
         multifeed,
         options,
@@ -81,12 +82,19 @@ where
 }
 
 /// The encrypted, framed protocol over `io`, within the handshake timeout.
-async fn connect<S>(io: S, options: &ReplicateOptions) -> Result<(Protocol, TransportStatus)>
+/// `root_key`'s channel authenticates the peer (see [`ReplicateOptions::pre_auth`]).
+async fn connect<S>(
+    io: S,
+    options: &ReplicateOptions,
+    root_key: [u8; 32],
+) -> Result<(Protocol, TransportStatus)>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let limits = TransportLimits {
         max_frame_len: options.max_message_len + 64 * 1024,
+        root_key: Some(root_key),
+        pre_auth: options.pre_auth.clone(),
         ..TransportLimits::default()
     };
     tokio::time::timeout(
@@ -102,6 +110,12 @@ where
 
 fn transport_error(fault: TransportFault) -> Error {
     match fault {
+        // A stranger that never proved it holds the key: to the user, a peer that
+        // never completed the handshake.
+        TransportFault::NotAuthenticated { after } => Error::HandshakeTimeout { after },
+        TransportFault::Evicted => Error::ConnectionLost {
+            reason: fault.to_string(),
+        },
         TransportFault::Eof | TransportFault::Io(_) | TransportFault::Cipher(_) => {
             Error::ConnectionLost {
                 reason: fault.to_string(),
@@ -291,13 +305,9 @@ impl Session {
                 Ok(self.core.summary().clone())
             }
             Err(error) => {
-                if matches!(
-                    error,
-                    Error::VersionMismatch { .. }
-                        | Error::ClientMismatch { .. }
-                        | Error::SharedKeyMismatch
-                ) {
-                    // The peer must get our handshake too, so both sides see the mismatch.
+                if error.is_handshake_refusal() {
+                    // The peer must get our handshake too, so both sides see the mismatch
+                    // (or that we are full).
                     flush(&mut protocol);
                 }
                 Err(error)
@@ -574,8 +584,8 @@ pub(crate) async fn run_single<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut protocol, status) = connect(io, &options).await?;
     let key = feed.key();
+    let (mut protocol, status) = connect(io, &options, *key.as_bytes()).await?;
     protocol
         .commands()
         .open(*key.as_bytes())
@@ -665,11 +675,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Options, SharedKey, StorageConfig};
+    use crate::{Options, SharedKey, StorageConfig, replicate::PreAuth};
 
     /// A peer that knows the key and opens the group channel but never sends the
     /// feed-exchange handshake is cut off at the handshake timeout, not at a keep-alive tick.
-    #[tokio::test]
+    /// On the paused clock: the deadline is measured in virtual time, not on a busy host.
+    #[tokio::test(start_paused = true)]
     async fn a_mute_peer_hits_the_handshake_timeout_on_time() {
         let key = SharedKey::from_bytes([3; 32]);
         let group = Multifeed::open(StorageConfig::Memory, key.clone(), Options::default())
@@ -686,7 +697,7 @@ mod tests {
             while let Some(Ok(_)) = protocol.next().await {}
         });
         let timeout = Duration::from_millis(400);
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let result = tokio::time::timeout(
             Duration::from_secs(10),
             group.replicate(ours, ReplicateOptions::new(true).handshake_timeout(timeout)),
@@ -697,11 +708,63 @@ mod tests {
             matches!(result, Err(Error::HandshakeTimeout { .. })),
             "{result:?}"
         );
+        let took = started.elapsed();
         assert!(
-            started.elapsed() < timeout * 3,
-            "took {:?}",
-            started.elapsed()
+            took >= timeout && took < timeout + Duration::from_millis(50),
+            "the timeout was {timeout:?}; the session ended after {took:?}"
         );
         mute.abort();
+    }
+
+    /// A stranger that completes Noise and then stays silent (it cannot open the
+    /// group channel without the key) is cut off at the pre-authentication deadline,
+    /// before the handshake timeout, as a typed handshake timeout. So is one that
+    /// never finishes Noise. Its unauthenticated slot comes back; it took no peer slot.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stranger_ends_as_a_handshake_timeout_at_the_pre_auth_deadline() {
+        use crate::replicate::preauth::{ConnectionSlots, PeerSlots, PreAuthLimits, SlotLimits};
+        let key = SharedKey::from_bytes([3; 32]);
+        let group = Multifeed::open(StorageConfig::Memory, key, Options::default())
+            .await
+            .unwrap();
+        let slots = ConnectionSlots::new(SlotLimits::default());
+        let peers = PeerSlots::new(4);
+        let limits = PreAuthLimits::default();
+        for finishes_noise in [true, false] {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let stranger = tokio::spawn(async move {
+                if finishes_noise {
+                    let (mut protocol, _status) =
+                        transport::protocol(theirs, true, TransportLimits::default())
+                            .await
+                            .unwrap();
+                    while let Some(Ok(_)) = protocol.next().await {}
+                } else {
+                    // Connected, and not a byte sent.
+                    std::future::pending::<()>().await;
+                    drop(theirs);
+                }
+            });
+            let pre_auth = PreAuth::with_peer_slots(limits, peers.clone())
+                .with_slot(slots.try_admit([127, 0, 0, 1].into()).unwrap());
+            let started = tokio::time::Instant::now();
+            let result = group
+                .replicate(
+                    ours,
+                    ReplicateOptions::new(false)
+                        .handshake_timeout(Duration::from_secs(10))
+                        .pre_auth(pre_auth.clone()),
+                )
+                .await;
+            assert!(
+                matches!(result, Err(Error::HandshakeTimeout { after }) if after == limits.deadline),
+                "{result:?}"
+            );
+            assert_eq!(started.elapsed(), limits.deadline);
+            assert!(!pre_auth.is_authenticated());
+            drop(pre_auth);
+            assert_eq!((slots.in_use(), peers.in_use()), (0, 0));
+            stranger.abort();
+        }
     }
 }

@@ -4,10 +4,12 @@
 //! The driver (`session`) turns what happens on the connection into [`Input`]s,
 //! hands them to [`SessionCore::handle`] with the current time and a view of the
 //! local store, and carries out the [`Action`]s it then drains with
-//! [`SessionCore::poll_action`]. Once [`SessionCore::outcome`] is set the session
-//! has decided to end. Every rule of the exchange (handshake and versions,
-//! manifests, requests, `Done`, retries, when to open or refuse a channel, when to
-//! end) lives here, so a simulator can drive many sessions deterministically.
+//! [`SessionCore::poll_action`]. Once [`SessionCore::take_outcome`] gives an
+//! outcome the session has decided to end. Every rule of the exchange (handshake
+//! and versions, manifests, requests, `Done`, retries, when to open or refuse a
+//! channel, when to end) lives here, so a simulator (`sim`) can drive many
+//! sessions deterministically; the split follows iroh-gossip's `proto`/`net` and
+//! quinn-proto/quinn.
 //!
 //! `C` is the driver's handle of an open feed channel; the core only holds it
 //! while an older channel of the same feed is finishing.
@@ -29,6 +31,11 @@ use crate::{
     error::{Error, Result},
     exchange::{DecodeError, ExchangeLimits, ExchangeMessage, Handshake, OfferedFeed},
 };
+
+/// Channels a peer may open for feeds we never offered before the session ends as
+/// its fault. A correct peer opens none (it opens what we offered, or what it
+/// requested from our offer); a few may cross a membership change.
+pub(crate) const MAX_UNOFFERED_OPENS: usize = 256;
 
 /// Times a feed is asked for again after the peer closed its channel early.
 const MAX_RETRIES: u8 = 3;
@@ -135,6 +142,8 @@ pub(crate) struct SessionCore<C> {
     serving: HashSet<FeedKey>,
     /// Feeds with a running channel on this connection.
     running: HashSet<FeedKey>,
+    /// Running feeds whose channel reached sync: a want of them is already met.
+    synced_channels: HashSet<FeedKey>,
     /// Feed channels we asked to open and that have not closed since, by discovery
     /// key. hypercore-protocol makes a second `Channel` for a second open of the
     /// same key and routes the peer's messages to it alone, so a key is opened at
@@ -143,6 +152,8 @@ pub(crate) struct SessionCore<C> {
     /// A channel that opened again while the task of its previous channel was still
     /// finishing; it starts when that task ends (its messages queue meanwhile).
     next_channels: HashMap<FeedKey, C>,
+    /// Channels the peer opened for feeds we never offered (see [`MAX_UNOFFERED_OPENS`]).
+    unoffered_opens: usize,
     /// Times a feed was re-requested after the peer closed its channel early.
     retries: HashMap<FeedKey, u8>,
     /// When the peer last sent an exchange message other than a ping.
@@ -187,9 +198,11 @@ impl<C> SessionCore<C> {
             syncing: HashSet::new(),
             serving: HashSet::new(),
             running: HashSet::new(),
+            synced_channels: HashSet::new(),
             open_channels: HashMap::new(),
             next_channels: HashMap::new(),
             retries: HashMap::new(),
+            unoffered_opens: 0,
             exchange_activity: now,
             got_manifest: false,
             got_request: false,
@@ -271,6 +284,9 @@ impl<C> SessionCore<C> {
             Input::RootClosed => self.on_root_closed(),
             Input::FeedFinished { key, result } => self.on_feed_finished(key, result, store),
             Input::FeedSynced(key) => {
+                if self.running.contains(&key) {
+                    self.synced_channels.insert(key);
+                }
                 self.syncing.remove(&key);
                 self.serving.remove(&key);
                 self.pump_queue();
@@ -350,12 +366,21 @@ impl<C> SessionCore<C> {
 
     fn on_root_opened(&mut self) -> Result<()> {
         self.root_opened = true;
+        // The root channel opens only for a peer that proved it holds the key, so a
+        // stranger never learns that we are full.
+        let busy = self.options.pre_auth.as_ref().and_then(|p| p.busy());
         self.send(ExchangeMessage::Handshake(Handshake {
             client: self.options.client_name.clone(),
             protocol_version: self.options.protocol_version.clone(),
             user_data: self.options.user_data.clone(),
+            busy_max_peers: busy.map(|max| u32::try_from(max).unwrap_or(u32::MAX)),
         }));
-        Ok(())
+        match busy {
+            Some(max) => Err(Error::ServerBusy {
+                max_peers: u32::try_from(max).unwrap_or(u32::MAX),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn on_tick(
@@ -429,6 +454,16 @@ impl<C> SessionCore<C> {
             }
             self.open(key);
         } else {
+            // hypercore-protocol keeps the state of every channel the peer opens
+            // until the connection ends: a peer may not pile them up.
+            self.unoffered_opens += 1;
+            if self.unoffered_opens > MAX_UNOFFERED_OPENS {
+                return Err(Error::PeerFault {
+                    reason: format!(
+                        "it opened more than {MAX_UNOFFERED_OPENS} channels for feeds we never offered"
+                    ),
+                });
+            }
             tracing::debug!(dk = %hex::encode(dk), "peer opened a feed we did not offer; ignored");
         }
         Ok(())
@@ -536,7 +571,16 @@ impl<C> SessionCore<C> {
     ) -> Result<()> {
         match result {
             Ok(summary) => {
+                let synced = summary.synced;
                 self.count_finished(key, summary);
+                // A live channel that closed before it reached sync, as below: a feed
+                // we still want is asked for again (its close may already be handled,
+                // so nothing else would reopen it and the session would stall on it),
+                // and a feed we served is no longer owed (a peer that still wants it
+                // opens it again).
+                if !synced {
+                    self.ask_again(key);
+                }
                 self.pump_queue();
                 self.maybe_done();
                 Ok(())
@@ -547,11 +591,8 @@ impl<C> SessionCore<C> {
                 if self.retries.get(&key).copied().unwrap_or(0) < MAX_RETRIES =>
             {
                 self.running.remove(&key);
-                *self.retries.entry(key).or_insert(0) += 1;
-                self.serving.remove(&key);
-                if self.syncing.remove(&key) {
-                    self.queue.push(key);
-                }
+                self.synced_channels.remove(&key);
+                self.ask_again(key);
                 self.pump_queue();
                 self.maybe_done();
                 Ok(())
@@ -560,9 +601,27 @@ impl<C> SessionCore<C> {
         }
     }
 
+    /// A feed whose channel closed before it reached sync: not owed to the peer any
+    /// more, and requeued if we want it, at most [`MAX_RETRIES`] times; then (live)
+    /// it is not wanted on this connection any more.
+    fn ask_again(&mut self, key: FeedKey) {
+        self.serving.remove(&key);
+        let retries = self.retries.entry(key).or_insert(0);
+        let again = *retries < MAX_RETRIES;
+        *retries = retries.saturating_add(1);
+        if self.syncing.remove(&key) {
+            if again {
+                self.queue.push(key);
+            } else {
+                tracing::debug!(%key, "the peer keeps closing this feed's channel; not asked again");
+            }
+        }
+    }
+
     /// Adds a feed task's counts to the summary.
     fn count_finished(&mut self, key: FeedKey, summary: FeedSyncSummary) {
         self.running.remove(&key);
+        self.synced_channels.remove(&key);
         self.summary.blocks_received += summary.blocks_received;
         self.summary.bytes_received += summary.bytes_received;
         self.summary.blocks_sent += summary.blocks_sent;
@@ -620,6 +679,9 @@ impl<C> SessionCore<C> {
                 reason: "it sent a second handshake".into(),
             });
         }
+        if let Some(max_peers) = handshake.busy_max_peers {
+            return Err(Error::ServerBusy { max_peers });
+        }
         if handshake.client != self.options.client_name {
             return Err(Error::ClientMismatch {
                 ours: self.options.client_name.clone(),
@@ -676,6 +738,15 @@ impl<C> SessionCore<C> {
             return Err(Error::PeerFault {
                 reason: format!("it offered {}, which is not a feed public key", bad.key),
             });
+        }
+        if self.done_sent {
+            // We said we want nothing more, and the peer may end the session on it: a
+            // member it announced since is for a later session.
+            tracing::debug!(
+                feeds = feeds.len(),
+                "ignored feeds the peer announced after our Done"
+            );
+            return Ok(());
         }
         let mut wanted = Vec::new();
         for offered in &feeds {
@@ -750,6 +821,11 @@ impl<C> SessionCore<C> {
             let Some(key) = self.queue.pop() else {
                 break;
             };
+            // Its channel opened in answer to the peer and already reached sync: the
+            // want is met (waiting for a second sync of it would wait forever).
+            if self.synced_channels.contains(&key) {
+                continue;
+            }
             tracing::trace!(%key, "opening feed channel");
             self.syncing.insert(key);
             self.open(key);
@@ -862,5 +938,168 @@ impl FeedQueue {
 
     fn len(&self) -> usize {
         self.members.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        exchange::{CLIENT_NAME, PROTOCOL_VERSION},
+        keys::Keypair,
+    };
+
+    const SHARED: [u8; 32] = [9; 32];
+
+    struct Store(Vec<(FeedKey, u64)>);
+
+    impl LocalFeeds for Store {
+        fn members(&self) -> Vec<(FeedKey, u64)> {
+            self.0.clone()
+        }
+
+        fn length(&self, key: &FeedKey) -> Option<u64> {
+            self.0.iter().find(|(k, _)| k == key).map(|(_, len)| *len)
+        }
+
+        fn contiguous_length(&self, key: &FeedKey) -> Option<u64> {
+            self.length(key)
+        }
+    }
+
+    fn feed(i: u8) -> FeedKey {
+        Keypair::from_secret_bytes([i; 32]).public_key()
+    }
+
+    fn exchange(message: ExchangeMessage) -> Input<u32> {
+        Input::Exchange(message.encode())
+    }
+
+    fn manifest(feeds: &[(FeedKey, u64)]) -> Input<u32> {
+        exchange(ExchangeMessage::Manifest(
+            feeds
+                .iter()
+                .map(|(key, len)| OfferedFeed {
+                    key: *key,
+                    length: Some(*len),
+                    metadata: Default::default(),
+                })
+                .collect(),
+        ))
+    }
+
+    /// A core past the handshake, and what it did so far.
+    fn handshaken(options: ReplicateOptions, store: &Store) -> (SessionCore<u32>, Instant) {
+        let now = Instant::now();
+        let mut core = SessionCore::new(options, SHARED, now, 0);
+        core.handle(now, Input::RootOpened, store);
+        let handshake = ExchangeMessage::Handshake(Handshake {
+            client: CLIENT_NAME.into(),
+            protocol_version: PROTOCOL_VERSION.into(),
+            user_data: None,
+            busy_max_peers: None,
+        });
+        core.handle(now, exchange(handshake), store);
+        drain(&mut core);
+        (core, now)
+    }
+
+    fn drain(core: &mut SessionCore<u32>) -> Vec<Action<u32>> {
+        std::iter::from_fn(|| core.poll_action()).collect()
+    }
+
+    fn opened(actions: &[Action<u32>]) -> Vec<FeedKey> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Open(key) => Some(*key),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A live side opens a feed in answer to the peer and syncs it before the
+    /// peer's manifest, which lists the feed too, arrives. The want is met: the feed
+    /// must not wait for a second sync (it stalled the session after
+    /// `stall_timeout`, and held a `max_active_feeds` slot for good). Found by the
+    /// simulator.
+    #[test]
+    fn a_feed_synced_on_the_peers_channel_is_not_waited_for_again() {
+        let (a, b) = (feed(1), feed(2));
+        let store = Store(vec![(a, 3), (b, 3)]);
+        let options = ReplicateOptions::new(false).live(true).max_active_feeds(1);
+        let (mut core, now) = handshaken(options, &store);
+        core.handle(now, Input::PeerOpened(discovery_key(a.as_bytes())), &store);
+        assert_eq!(opened(&drain(&mut core)), vec![a]);
+        core.handle(now, Input::ChannelReady { key: a, channel: 1 }, &store);
+        core.handle(now, Input::FeedSynced(a), &store);
+        drain(&mut core);
+        core.handle(now, manifest(&[(a, 3), (b, 3)]), &store);
+        // Its slot goes to the next feed, and nothing is left to wait for on `a`.
+        assert_eq!(opened(&drain(&mut core)), vec![b]);
+        core.handle(now, Input::ChannelReady { key: b, channel: 2 }, &store);
+        core.handle(now, Input::FeedSynced(b), &store);
+        assert!(!core.waiting_on_peer());
+    }
+
+    /// A one-shot side that said `Done` wants nothing more: a member the peer
+    /// announces afterwards is neither requested nor created (the session could end
+    /// on both Dones with the new feed created, unsynced and uncounted, or the peer
+    /// waiting to serve it). Found by the simulator.
+    #[test]
+    fn a_one_shot_side_ignores_feeds_announced_after_its_done() {
+        let a = feed(1);
+        let store = Store(vec![(a, 3)]);
+        let (mut core, now) = handshaken(ReplicateOptions::new(true), &store);
+        core.handle(now, manifest(&[(a, 3)]), &store);
+        core.handle(now, exchange(ExchangeMessage::Request(Vec::new())), &store);
+        let actions = drain(&mut core);
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Send(ExchangeMessage::Done))),
+            "{actions:?}"
+        );
+        core.handle(now, manifest(&[(feed(2), 5)]), &store);
+        let actions = drain(&mut core);
+        assert!(
+            !actions.iter().any(|a| matches!(
+                a,
+                Action::Admit(_) | Action::Send(ExchangeMessage::Request(_))
+            )),
+            "{actions:?}"
+        );
+    }
+
+    /// The peer closes a live feed channel before it reached sync, and the close is
+    /// handled before the feed task's end: the feed is asked for again (bounded)
+    /// instead of staying wanted with no channel, which stalled the session. Found
+    /// by the simulator, with a peer whose feed tasks close early.
+    #[test]
+    fn a_live_feed_closed_before_sync_is_asked_for_again() {
+        let a = feed(1);
+        let store = Store(vec![(a, 3)]);
+        let (mut core, now) = handshaken(ReplicateOptions::new(true).live(true), &store);
+        let unsynced = || Input::FeedFinished {
+            key: a,
+            result: Ok(FeedSyncSummary::default()),
+        };
+        let dk = discovery_key(a.as_bytes());
+        core.handle(now, manifest(&[(a, 5)]), &store);
+        assert_eq!(opened(&drain(&mut core)), vec![a]);
+        for _ in 0..MAX_RETRIES {
+            core.handle(now, Input::ChannelReady { key: a, channel: 1 }, &store);
+            core.handle(now, Input::ChannelClosed(dk), &store);
+            core.handle(now, unsynced(), &store);
+            assert_eq!(opened(&drain(&mut core)), vec![a]);
+            assert!(core.waiting_on_peer());
+        }
+        // A peer that keeps doing it: the feed is not wanted here any more.
+        core.handle(now, Input::ChannelReady { key: a, channel: 1 }, &store);
+        core.handle(now, Input::ChannelClosed(dk), &store);
+        core.handle(now, unsynced(), &store);
+        assert!(opened(&drain(&mut core)).is_empty());
+        assert!(!core.waiting_on_peer());
+        assert!(core.take_outcome().is_none());
     }
 }

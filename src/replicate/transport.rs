@@ -41,6 +41,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::frame_check::{self, FrameFault, Unit};
+use super::preauth::{self, PreAuth};
 use bytes::BytesMut;
 use futures::{Sink, Stream};
 use hypercore_handshake::state_machine::PUBLIC_KEYLEN;
@@ -57,12 +58,19 @@ use tokio_util::codec::{
 const U24_MAX: usize = (1 << 24) - 1;
 
 /// Bounds applied to everything a peer sends.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TransportLimits {
     /// Largest accepted encrypted frame (clamped to 2^24-1 by the 3-byte prefix).
     pub max_frame_len: usize,
     /// Largest accepted channel id in any inbound frame.
     pub max_channel_id: u64,
+    /// The key whose channel authenticates the peer: a valid `Open` for it (the
+    /// capability proves the peer holds the key) ends the pre-authentication limits.
+    /// The group's shared key, or the feed key of a single-feed session.
+    pub root_key: Option<[u8; 32]>,
+    /// Limits until the peer authenticates (see [`PreAuth`]); `None`: no limits beyond
+    /// the above. Needs `root_key`, or the connection never authenticates.
+    pub pre_auth: Option<PreAuth>,
 }
 
 impl Default for TransportLimits {
@@ -71,6 +79,8 @@ impl Default for TransportLimits {
         Self {
             max_frame_len: 4 * 1024 * 1024 + 64 * 1024,
             max_channel_id: 65_536,
+            root_key: None,
+            pre_auth: None,
         }
     }
 }
@@ -88,6 +98,14 @@ pub enum TransportFault {
     Frame(#[from] FrameFault),
     #[error("cipher error: {0}")]
     Cipher(String),
+    #[error("the peer did not authenticate within {after:?}")]
+    NotAuthenticated { after: Duration },
+    #[error("cut off before authenticating: newer connections needed its slot")]
+    Evicted,
+    #[error("the peer sent more than {budget} bytes before authenticating")]
+    PreAuthBudget { budget: usize },
+    #[error("the peer broke the Noise handshake: {0}")]
+    Handshake(&'static str),
 }
 
 impl From<io::Error> for TransportFault {
@@ -274,21 +292,38 @@ impl TransportStatus {
     }
 }
 
-/// `LengthDelimitedCodec` with a size check that reports the offending length.
+/// `LengthDelimitedCodec` with a size check that reports the offending length, and a
+/// smaller inbound limit until the peer authenticates.
 struct FrameCodec {
     inner: LengthDelimitedCodec,
     max: usize,
+    pre_auth: Option<PreAuth>,
 }
 
 impl FrameCodec {
-    fn new(max: usize) -> Self {
+    fn new(max: usize, pre_auth: Option<PreAuth>) -> Self {
         let max = max.min(U24_MAX);
         let inner = LengthDelimitedCodec::builder()
             .little_endian()
             .length_field_length(3)
             .max_frame_length(max)
             .new_codec();
-        Self { inner, max }
+        Self {
+            inner,
+            max,
+            pre_auth,
+        }
+    }
+
+    /// The inbound limit now.
+    fn inbound_max(&mut self) -> usize {
+        match &self.pre_auth {
+            Some(p) if !p.is_authenticated() => p.limits().max_frame_len.min(self.max),
+            _ => {
+                self.pre_auth = None;
+                self.max
+            }
+        }
     }
 }
 
@@ -297,6 +332,8 @@ impl Decoder for FrameCodec {
     type Error = TransportFault;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, TransportFault> {
+        let max = self.inbound_max();
+        self.inner.set_max_frame_length(max);
         self.inner.decode(src).map_err(|e| {
             // On "frame too big" the codec leaves the header in `src`: report the length.
             match e
@@ -305,7 +342,7 @@ impl Decoder for FrameCodec {
             {
                 Some(_) if src.len() >= 3 => TransportFault::FrameTooLarge {
                     len: usize::from(src[0]) | usize::from(src[1]) << 8 | usize::from(src[2]) << 16,
-                    max: self.max,
+                    max,
                 },
                 _ => e.into(),
             }
@@ -317,6 +354,8 @@ impl Encoder<Vec<u8>> for FrameCodec {
     type Error = TransportFault;
 
     fn encode(&mut self, item: Vec<u8>, dst: &mut BytesMut) -> Result<(), TransportFault> {
+        // Our own frames: always the full limit, whatever inbound allows now.
+        self.inner.set_max_frame_length(self.max);
         Ok(Encoder::<&[u8]>::encode(&mut self.inner, &item, dst)?)
     }
 }
@@ -328,6 +367,58 @@ struct FramedIo<S> {
     status: TransportStatus,
     /// Closed while the inbound backlog is full.
     gate: InboundGate,
+    /// Until the peer authenticates: its deadline and read budget.
+    pre_auth: Option<PreAuthWatch>,
+    /// Inbound frames until the peer's stream header (after its Noise messages), which
+    /// hypercore_handshake slices and `expect`s without checking its length.
+    frames_to_header: usize,
+}
+
+/// The peer's stream header: a 32-byte stream id and a 24-byte secretstream header.
+const STREAM_HEADER_LEN: usize = 32 + 24;
+
+/// The deadline and read budget of a connection that has not authenticated yet.
+struct PreAuthWatch {
+    pre_auth: PreAuth,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Resolves if its unauthenticated slot is taken for a newer connection.
+    evicted: Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>,
+    read: usize,
+}
+
+impl PreAuthWatch {
+    fn new(pre_auth: PreAuth) -> Self {
+        let deadline = Box::pin(tokio::time::sleep(pre_auth.limits().deadline));
+        let evicted = Box::pin(pre_auth.evicted());
+        Self {
+            pre_auth,
+            deadline,
+            evicted,
+            read: 0,
+        }
+    }
+
+    /// A fault once the deadline has passed or the slot was taken away (registers
+    /// the timer and the eviction waker otherwise).
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Option<TransportFault> {
+        if self.evicted.as_mut().poll(cx).is_ready() {
+            return Some(TransportFault::Evicted);
+        }
+        self.deadline
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+            .then(|| TransportFault::NotAuthenticated {
+                after: self.pre_auth.limits().deadline,
+            })
+    }
+
+    /// Counts an inbound frame (with its 3-byte header) against the budget.
+    fn count(&mut self, frame_len: usize) -> Option<TransportFault> {
+        self.read = self.read.saturating_add(frame_len + 3);
+        let budget = self.pre_auth.limits().read_budget;
+        (self.read > budget).then_some(TransportFault::PreAuthBudget { budget })
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Stream for FramedIo<S> {
@@ -337,6 +428,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for FramedIo<S> {
         if self.status.is_closed() {
             return Poll::Pending;
         }
+        if let Some(watch) = &mut self.pre_auth {
+            if watch.pre_auth.is_authenticated() {
+                self.pre_auth = None;
+            } else if let Some(fault) = watch.poll_deadline(cx) {
+                self.status.set_fault(fault);
+                return Poll::Pending;
+            }
+        }
         // Writing goes on meanwhile: only reading waits for the queues to drain.
         if self.gate.poll_open(cx).is_pending() {
             return Poll::Pending;
@@ -344,6 +443,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for FramedIo<S> {
         match Pin::new(&mut self.framed).poll_next(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 self.status.touch();
+                if self.frames_to_header > 0 {
+                    self.frames_to_header -= 1;
+                    if self.frames_to_header == 0 && frame.len() != STREAM_HEADER_LEN {
+                        self.status.set_fault(TransportFault::Handshake(
+                            "its stream header is not 56 bytes",
+                        ));
+                        return Poll::Pending;
+                    }
+                }
+                if let Some(fault) = self.pre_auth.as_mut().and_then(|w| w.count(frame.len())) {
+                    self.status.set_fault(fault);
+                    return Poll::Pending;
+                }
                 Poll::Ready(Some(Ok(Vec::from(frame))))
             }
             Poll::Ready(Some(Err(fault))) => {
@@ -462,17 +574,27 @@ pub fn inspect_frame(
     max_messages: usize,
 ) -> Result<Inspected, FrameFault> {
     let checked = frame_check::check_frame(frame, max_channel_id)?;
+    Ok(forward(frame, checked, max_len, max_messages))
+}
+
+/// What to forward of a checked frame (see [`inspect_frame`]).
+fn forward(
+    frame: &[u8],
+    checked: frame_check::CheckedFrame<'_>,
+    max_len: usize,
+    max_messages: usize,
+) -> Inspected {
     let Some(unit) = checked.unit else {
-        return Ok(Inspected::Pass); // empty: decodes to nothing
+        return Inspected::Pass; // empty: decodes to nothing
     };
     let fits = match &unit {
         Unit::Batch(entries) => entries.len() <= max_messages && frame.len() <= max_len,
         _ => true,
     };
     if checked.exact && fits {
-        return Ok(Inspected::Pass);
+        return Inspected::Pass;
     }
-    Ok(Inspected::Split(unit.frames(max_len, max_messages)))
+    Inspected::Split(unit.frames(max_len, max_messages))
 }
 
 /// `Cipher` wrapper that `Protocol` talks to: sanitises decrypted frames and turns a recorded
@@ -488,6 +610,8 @@ struct GuardedCipher {
     /// split batch's pieces wait here instead of growing the channel queues.
     gate: InboundGate,
     reported: bool,
+    /// Until the peer authenticates: what authenticates it (see [`GuardedCipher::authenticate`]).
+    pre_auth: Option<(PreAuth, [u8; 32])>,
 }
 
 impl GuardedCipher {
@@ -496,7 +620,17 @@ impl GuardedCipher {
     /// handshake hash is missing), which the remote rejects.
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportFault>> {
         loop {
-            let polled = Pin::new(&mut self.cipher).poll_next(cx);
+            // hypercore_handshake panics on a stream header with the wrong stream id: that
+            // is the peer's fault, and it must end this connection only.
+            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Pin::new(&mut self.cipher).poll_next(cx)
+            }))
+            .unwrap_or_else(|_| {
+                self.status.set_fault(TransportFault::Handshake(
+                    "its stream header does not match the session",
+                ));
+                Poll::Pending
+            });
             let pending = polled.is_pending();
             match polled {
                 Poll::Ready(Some(CipherEvent::Message(frame))) => {
@@ -526,16 +660,39 @@ impl GuardedCipher {
 
     /// Checks an inbound frame and queues what `Protocol` may decode.
     fn accept(&mut self, frame: Vec<u8>) -> Result<(), TransportFault> {
-        match inspect_frame(
-            &frame,
-            self.max_channel_id,
-            usize::MAX,
-            MAX_INBOUND_BATCH_MESSAGES,
-        )? {
+        let checked = frame_check::check_frame(&frame, self.max_channel_id)?;
+        if let Some(Unit::Open {
+            discovery_key,
+            capability: Some(capability),
+            ..
+        }) = &checked.unit
+        {
+            self.authenticate(discovery_key, capability);
+        }
+        match forward(&frame, checked, usize::MAX, MAX_INBOUND_BATCH_MESSAGES) {
             Inspected::Pass => self.queued.push_back(frame),
             Inspected::Split(frames) => self.queued.extend(frames),
         }
         Ok(())
+    }
+
+    /// Lifts the pre-authentication limits if this `Open` is for the root key and its
+    /// capability is the one the peer can only compute holding that key (the same check
+    /// `Protocol` then makes before it accepts the channel).
+    fn authenticate(&mut self, discovery_key: &[u8], capability: &[u8]) {
+        let Some((pre_auth, key)) = &self.pre_auth else {
+            return;
+        };
+        let Some(hash) = CipherTrait::handshake_hash(&self.cipher) else {
+            return;
+        };
+        let remote_is_initiator = !CipherTrait::is_initiator(&self.cipher);
+        if discovery_key == hypercore_protocol::discovery_key(key)
+            && capability == preauth::capability(remote_is_initiator, key, &hash)
+        {
+            pre_auth.mark_authenticated();
+            self.pre_auth = None;
+        }
     }
 
     fn report(&mut self, fault: TransportFault) -> Poll<Option<CipherEvent>> {
@@ -664,9 +821,15 @@ where
     let status = TransportStatus::new();
     let io = SyncIo(std::sync::Mutex::new(io));
     let framed = FramedIo {
-        framed: Framed::new(io, FrameCodec::new(limits.max_frame_len)),
+        framed: Framed::new(
+            io,
+            FrameCodec::new(limits.max_frame_len, limits.pre_auth.clone()),
+        ),
         status: status.clone(),
         gate: InboundGate::new(status.clone()),
+        pre_auth: limits.pre_auth.clone().map(PreAuthWatch::new),
+        // XX: the initiator receives message 2 then the header; the responder 1, 3, header.
+        frames_to_header: if initiator { 2 } else { 3 },
     };
     let io = Some(Box::new(framed) as Box<dyn hypercore_handshake::CipherIo<Error = io::Error>>);
     let setup = |e: hypercore_handshake::Error| TransportFault::Cipher(e.to_string());
@@ -686,6 +849,7 @@ where
         queued: VecDeque::new(),
         gate: InboundGate::new(status.clone()),
         reported: false,
+        pre_auth: limits.pre_auth.zip(limits.root_key),
     };
     futures::future::poll_fn(|cx| guarded.poll_handshake(cx)).await?;
     Ok((Protocol::new(Box::new(guarded)), status))

@@ -546,3 +546,269 @@ async fn a_full_inbound_queue_pauses_reading_without_losing_messages() {
 
 #[path = "transport_fuzz.rs"]
 mod fuzz;
+
+// ---------------------------------------------------------------------------------
+// Before authentication (issue 11 part 2): deadline, read budget, frame limit.
+// ---------------------------------------------------------------------------------
+
+use crate::replicate::preauth::{ConnectionSlots, PreAuth, PreAuthLimits, SlotLimits};
+
+const ROOT_KEY: [u8; 32] = [0x42; 32];
+
+fn guarded(pre_auth: &PreAuth) -> TransportLimits {
+    TransportLimits {
+        root_key: Some(ROOT_KEY),
+        pre_auth: Some(pre_auth.clone()),
+        ..TransportLimits::default()
+    }
+}
+
+/// The raw initiator's `Open` for `key` on `channel`, with the capability it proves.
+fn raw_open(raw: &Cipher, channel: usize, key: &[u8; 32], real_capability: bool) -> Vec<u8> {
+    let hash = raw.handshake_hash().unwrap().to_vec();
+    let mut open = vec![0, 1];
+    uint(&mut open, channel);
+    uint(&mut open, "hypercore/alpha".len());
+    open.extend_from_slice(b"hypercore/alpha");
+    uint(&mut open, 32);
+    open.extend_from_slice(&hypercore_protocol::discovery_key(key));
+    open.push(1);
+    if real_capability {
+        open.extend_from_slice(&capability(true, key, &hash));
+    } else {
+        open.extend_from_slice(&[7; 32]); // knows the discovery key, not the key
+    }
+    open
+}
+
+/// Our responder with pre-authentication limits, against a raw Noise initiator.
+async fn guarded_raw(pre_auth: &PreAuth) -> (Side, Cipher) {
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let mut raw = raw_peer(b);
+    let raw_handshake = future::poll_fn(|cx| {
+        let _ = raw.poll_next_unpin(cx);
+        if raw.ready() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    });
+    let (ours, ()) = tokio::join!(
+        async {
+            let (proto, status) = within("handshake", protocol(a, false, guarded(pre_auth)))
+                .await
+                .unwrap();
+            drive(proto, status)
+        },
+        within("raw handshake", raw_handshake)
+    );
+    (ours, raw)
+}
+
+async fn ended_with(side: Side) -> Option<TransportFault> {
+    within("status closed", side.status.closed()).await;
+    assert!(within("protocol error", side.task).await.unwrap().is_err());
+    side.status.fault()
+}
+
+/// A connection that never says anything is cut at the deadline, during Noise.
+#[tokio::test(start_paused = true)]
+async fn a_silent_connection_is_cut_at_the_pre_auth_deadline() {
+    let pre_auth = PreAuth::new(PreAuthLimits::default());
+    let (a, _silent) = tokio::io::duplex(1024);
+    let started = tokio::time::Instant::now();
+    let res = within("pre-auth deadline", protocol(a, false, guarded(&pre_auth))).await;
+    assert_eq!(
+        res.err(),
+        Some(TransportFault::NotAuthenticated {
+            after: Duration::from_secs(5)
+        })
+    );
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+}
+
+/// Completing Noise is not enough: without a valid root `Open` the connection ends at
+/// the deadline, and knowing only the discovery key (a wrong capability) authenticates
+/// nothing (the protocol then refuses the channel and ends the connection).
+#[tokio::test(start_paused = true)]
+async fn noise_without_the_key_does_not_authenticate() {
+    let pre_auth = PreAuth::new(PreAuthLimits::default());
+    let (side, _raw) = guarded_raw(&pre_auth).await;
+    within("open", side.commands.open(ROOT_KEY)).await.unwrap();
+    assert_eq!(
+        ended_with(side).await,
+        Some(TransportFault::NotAuthenticated {
+            after: Duration::from_secs(5)
+        })
+    );
+    assert!(!pre_auth.is_authenticated());
+
+    let pre_auth = PreAuth::new(PreAuthLimits::default());
+    let (side, mut raw) = guarded_raw(&pre_auth).await;
+    within("open", side.commands.open(ROOT_KEY)).await.unwrap();
+    let open = raw_open(&raw, 1, &ROOT_KEY, false);
+    within("raw send", raw.send(open)).await.unwrap();
+    let ended = within("protocol end", side.task).await.unwrap();
+    assert!(ended.is_err(), "the channel must be refused");
+    assert!(!pre_auth.is_authenticated());
+}
+
+/// Before authenticating, a peer may send little: frames over the pre-auth limit and
+/// bytes past the budget end the connection.
+#[tokio::test]
+async fn before_authentication_frames_and_bytes_are_bounded() {
+    let limits = PreAuthLimits::default();
+    // One frame over the pre-auth frame limit (an Extension on channel 1).
+    let pre_auth = PreAuth::new(limits);
+    let (side, mut raw) = guarded_raw(&pre_auth).await;
+    let mut big = vec![1, 9, 0];
+    uint(&mut big, limits.max_frame_len);
+    big.resize(big.len() + limits.max_frame_len, 0xab);
+    let _ = raw.send(big).await;
+    match ended_with(side).await {
+        Some(TransportFault::FrameTooLarge { max, .. }) => assert_eq!(max, limits.max_frame_len),
+        other => panic!("expected FrameTooLarge, got {other:?}"),
+    }
+    // Small frames past the read budget.
+    let pre_auth = PreAuth::new(limits);
+    let (side, mut raw) = guarded_raw(&pre_auth).await;
+    let mut small = vec![1, 9, 0];
+    uint(&mut small, 4000);
+    small.resize(small.len() + 4000, 0xab);
+    for _ in 0..limits.read_budget / 4000 + 2 {
+        if raw.send(small.clone()).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(
+        ended_with(side).await,
+        Some(TransportFault::PreAuthBudget {
+            budget: limits.read_budget
+        })
+    );
+}
+
+/// A valid root `Open` authenticates the peer: its slot is released, the deadline and
+/// the small limits no longer apply, and large frames flow.
+#[tokio::test(start_paused = true)]
+async fn a_valid_root_open_lifts_the_limits_and_frees_the_slot() {
+    let slots = ConnectionSlots::new(SlotLimits::default());
+    let slot = slots.try_admit([127, 0, 0, 1].into()).unwrap();
+    let pre_auth = PreAuth::new(PreAuthLimits::default()).with_slot(slot);
+    let (mut side, mut raw) = guarded_raw(&pre_auth).await;
+    within("open", side.commands.open(ROOT_KEY)).await.unwrap();
+    within("raw open", raw.send(raw_open(&raw, 1, &ROOT_KEY, true)))
+        .await
+        .unwrap();
+    let mut channel = side.channel().await;
+    assert!(pre_auth.is_authenticated());
+    assert_eq!(slots.in_use(), 0);
+    within("authenticated()", pre_auth.authenticated()).await;
+
+    // Well past the deadline, a frame far over the pre-auth limits still arrives.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let payload = vec![0x5a; 1024 * 1024];
+    let mut ext = vec![1, 9];
+    uint(&mut ext, "multifeed/test".len());
+    ext.extend_from_slice(b"multifeed/test");
+    ext.push(0xfe);
+    ext.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    ext.extend_from_slice(&payload);
+    within("raw send", raw.send(ext)).await.unwrap();
+    assert_eq!(next_extension(&mut channel).await, payload);
+    assert_eq!(side.status.fault(), None);
+}
+
+/// Two of our own transports with pre-authentication on both sides: they authenticate
+/// each other and replicate as without it.
+#[tokio::test]
+async fn two_guarded_transports_authenticate_each_other() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let (pa, pb) = (
+        PreAuth::new(PreAuthLimits::default()),
+        PreAuth::new(PreAuthLimits::default()),
+    );
+    let (ra, rb) = tokio::join!(
+        protocol(a, true, guarded(&pa)),
+        protocol(b, false, guarded(&pb))
+    );
+    let (pra, sa) = ra.unwrap();
+    let (prb, sb) = rb.unwrap();
+    let (mut a, mut b) = (drive(pra, sa), drive(prb, sb));
+    within("open a", a.commands.open(ROOT_KEY)).await.unwrap();
+    within("open b", b.commands.open(ROOT_KEY)).await.unwrap();
+    let mut ca = a.channel().await;
+    let mut cb = b.channel().await;
+    assert!(pa.is_authenticated() && pb.is_authenticated());
+    let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    within("send", ca.send(extension(big.clone())))
+        .await
+        .unwrap();
+    assert_eq!(next_extension(&mut cb).await, big);
+    within("send", cb.send(extension(big.clone())))
+        .await
+        .unwrap();
+    assert_eq!(next_extension(&mut ca).await, big);
+}
+
+/// A raw initiator whose outbound frames pass through `tamper(index, frame)` (0: Noise
+/// message 1, 1: message 3, 2: its stream header, ...).
+fn tampering_raw_peer(
+    io: tokio::io::DuplexStream,
+    tamper: impl FnMut(usize, Vec<u8>) -> Vec<u8> + Send + Sync + 'static,
+) -> Cipher {
+    let codec = LengthDelimitedCodec::builder()
+        .little_endian()
+        .length_field_length(3)
+        .max_frame_length(8 << 20)
+        .new_codec();
+    let tamper = std::sync::Mutex::new((0usize, tamper));
+    let raw_io = Framed::new(io, codec)
+        .map_ok(|frame| frame.to_vec())
+        .with(move |v: Vec<u8>| {
+            let mut t = tamper.lock().unwrap();
+            let index = t.0;
+            t.0 += 1;
+            let v = (t.1)(index, v);
+            future::ready(Ok::<_, io::Error>(bytes::Bytes::from(v)))
+        });
+    Cipher::new_dht_init_with_pattern(Some(Box::new(raw_io)), HandshakePattern::XX, None, &[])
+        .unwrap()
+}
+
+/// hypercore_handshake slices, `expect`s and `panic!`s on a bad stream header: a peer
+/// that sends one ends its connection with a typed fault instead.
+#[tokio::test]
+async fn a_bad_stream_header_is_a_fault_not_a_panic() {
+    type Corrupt = fn(Vec<u8>) -> Vec<u8>;
+    let cases: [(&str, Corrupt); 3] = [
+        ("short", |h| h[..10].to_vec()),
+        ("long", |h| [h, vec![0; 8]].concat()),
+        ("wrong stream id", |mut h| {
+            h[0] ^= 1;
+            h
+        }),
+    ];
+    for (what, corrupt) in cases {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut raw = tampering_raw_peer(b, move |i, f| if i == 2 { corrupt(f) } else { f });
+        let raw_side = tokio::spawn(async move {
+            // Drive the raw handshake; it may never complete.
+            let _ = timeout(
+                Duration::from_secs(5),
+                future::poll_fn(|cx| {
+                    let _ = raw.poll_next_unpin(cx);
+                    std::task::Poll::<()>::Pending
+                }),
+            )
+            .await;
+        });
+        let res = within("handshake", protocol(a, false, TransportLimits::default())).await;
+        assert!(
+            matches!(res, Err(TransportFault::Handshake(_))),
+            "{what}: {:?}",
+            res.err()
+        );
+        raw_side.abort();
+    }
+}

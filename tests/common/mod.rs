@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod rogue;
+
 use std::{path::Path, time::Duration};
 
 use futures::{Stream, StreamExt};

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 11's figures: serve's peak memory (VmHWM) and a member's sync under each
+# full-size pre-authentication attack (256 connections sending 4 MiB - 1 byte of a
+# 4 MiB frame; 256 silent connections), from tests/attacks.rs `full_size_figures`.
+#
+#   scripts/attack-figures.sh                 this build
+#   BEFORE_BIN=/path/to/old/multifeed scripts/attack-figures.sh
+#                                             also an older build's serve, side by side
+#
+# Targets: serve never aborts, < 64 MB extra peak memory per attack, the member's
+# sync always succeeds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+run() {
+    cargo test --release --test attacks full_size_figures -- --ignored --nocapture --test-threads=1 2>&1 \
+        | grep -E 'MiB|member sync:|panicked|test result' || true
+}
+
+if [[ -n "${BEFORE_BIN:-}" ]]; then
+    echo "== before: serve from $BEFORE_BIN"
+    ATTACK_SERVE_BIN="$BEFORE_BIN" run
+fi
+echo "== after: serve from this build"
+run

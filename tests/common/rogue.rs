@@ -1,0 +1,188 @@
+//! An independent rogue peer for the hostile tests: its own Noise over TCP, no
+//! `Protocol`, no checks, so it can send what a correct peer never would.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::{SinkExt, Stream, StreamExt, future};
+use hypercore_handshake::{Cipher, HandshakePattern, state_machine::hc_specific::generate_keypair};
+use tokio::net::TcpStream;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The framed socket under the rogue's cipher. An ended or failed connection just goes
+/// quiet: hypercore_handshake's cipher panics on an inbound error.
+pub struct QuietIo(Framed<TcpStream, LengthDelimitedCodec>);
+
+impl Stream for QuietIo {
+    type Item = io::Result<Vec<u8>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.0.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame.to_vec()))),
+            Poll::Ready(_) | Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl futures::Sink<Vec<u8>> for QuietIo {
+    type Error = io::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        SinkExt::<Bytes>::poll_ready_unpin(&mut self.0, cx)
+    }
+    fn start_send(mut self: Pin<&mut Self>, item: Vec<u8>) -> io::Result<()> {
+        self.0.start_send_unpin(Bytes::from(item))
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        SinkExt::<Bytes>::poll_flush_unpin(&mut self.0, cx)
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        SinkExt::<Bytes>::poll_close_unpin(&mut self.0, cx)
+    }
+}
+
+/// A raw Noise XX endpoint over 3-byte little-endian framing: no `Protocol`, no checks.
+pub async fn raw_noise(socket: TcpStream, initiator: bool) -> Cipher {
+    let codec = LengthDelimitedCodec::builder()
+        .little_endian()
+        .length_field_length(3)
+        .max_frame_length((1 << 24) - 1)
+        .new_codec();
+    let io = QuietIo(Framed::new(socket, codec));
+    let io = Some(Box::new(io) as Box<dyn hypercore_handshake::CipherIo<Error = io::Error>>);
+    let mut cipher = if initiator {
+        Cipher::new_dht_init_with_pattern(io, HandshakePattern::XX, None, &[]).unwrap()
+    } else {
+        let keypair = generate_keypair().unwrap();
+        Cipher::resp_from_private_with_pattern(io, &keypair, HandshakePattern::XX, &[]).unwrap()
+    };
+    tokio::time::timeout(
+        WAIT,
+        future::poll_fn(|cx| {
+            // Events (handshake payloads) are dropped; poll until pending so a waker is set.
+            while !cipher.ready() {
+                match cipher.poll_next_unpin(cx) {
+                    Poll::Ready(Some(_)) => {}
+                    Poll::Ready(None) => panic!("rogue: connection ended in the handshake"),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            Poll::Ready(())
+        }),
+    )
+    .await
+    .expect("rogue: Noise handshake timed out");
+    cipher
+}
+
+/// The rogue's Noise cipher for a `Protocol`, with the handshake completed before
+/// `Protocol` sees it (an early `open` would go out without a capability) and the
+/// frames that arrived during the handshake replayed afterwards.
+pub struct MemberCipher {
+    cipher: Cipher,
+    queued: std::collections::VecDeque<Vec<u8>>,
+}
+
+impl MemberCipher {
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        use hypercore_handshake::CipherEvent;
+        loop {
+            let polled = Pin::new(&mut self.cipher).poll_next(cx);
+            let pending = polled.is_pending();
+            match polled {
+                Poll::Ready(Some(CipherEvent::Message(frame))) => self.queued.push_back(frame),
+                Poll::Ready(Some(CipherEvent::HandshakePayload(_))) | Poll::Pending => {}
+                Poll::Ready(Some(CipherEvent::ErrStuff(e))) => {
+                    panic!("rogue: Noise handshake failed: {e}")
+                }
+                Poll::Ready(None) => panic!("rogue: the connection ended during the handshake"),
+            }
+            if self.cipher.ready() {
+                return Poll::Ready(());
+            }
+            if pending {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+impl Stream for MemberCipher {
+    type Item = hypercore_handshake::CipherEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(frame) = self.queued.pop_front() {
+            return Poll::Ready(Some(hypercore_handshake::CipherEvent::Message(frame)));
+        }
+        Pin::new(&mut self.cipher).poll_next(cx)
+    }
+}
+
+impl futures::Sink<Vec<u8>> for MemberCipher {
+    type Error = io::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.cipher).poll_ready(cx)
+    }
+    fn start_send(mut self: Pin<&mut Self>, item: Vec<u8>) -> io::Result<()> {
+        Pin::new(&mut self.cipher).start_send(item)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.cipher).poll_flush(cx)
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.cipher).poll_close(cx)
+    }
+}
+
+impl hypercore_handshake::CipherTrait for MemberCipher {
+    fn remote_public_key(&self) -> Option<[u8; hypercore_handshake::state_machine::PUBLIC_KEYLEN]> {
+        hypercore_handshake::CipherTrait::remote_public_key(&self.cipher)
+    }
+    fn local_public_key(&self) -> [u8; hypercore_handshake::state_machine::PUBLIC_KEYLEN] {
+        hypercore_handshake::CipherTrait::local_public_key(&self.cipher)
+    }
+    fn handshake_hash(&self) -> Option<Vec<u8>> {
+        hypercore_handshake::CipherTrait::handshake_hash(&self.cipher)
+    }
+    fn is_initiator(&self) -> bool {
+        hypercore_handshake::CipherTrait::is_initiator(&self.cipher)
+    }
+}
+
+/// A hostile member: it holds the key, so it authenticates (its `Open` for the
+/// group carries a valid capability), and then does what it likes through the
+/// returned `Protocol`. Connects as the initiator.
+pub async fn member_protocol(
+    socket: TcpStream,
+    shared_key: [u8; 32],
+) -> hypercore_protocol::Protocol {
+    let codec = LengthDelimitedCodec::builder()
+        .little_endian()
+        .length_field_length(3)
+        .max_frame_length((1 << 24) - 1)
+        .new_codec();
+    let io = QuietIo(Framed::new(socket, codec));
+    let io = Some(Box::new(io) as Box<dyn hypercore_handshake::CipherIo<Error = io::Error>>);
+    let cipher = Cipher::new_dht_init_with_pattern(io, HandshakePattern::XX, None, &[]).unwrap();
+    let mut cipher = MemberCipher {
+        cipher,
+        queued: Default::default(),
+    };
+    tokio::time::timeout(WAIT, future::poll_fn(|cx| cipher.poll_handshake(cx)))
+        .await
+        .expect("rogue: Noise handshake timed out");
+    let protocol = hypercore_protocol::Protocol::new(Box::new(cipher));
+    protocol
+        .open(shared_key)
+        .await
+        .expect("rogue: open command");
+    protocol
+}
