@@ -6,6 +6,7 @@
 //! non-zero exit; everything already written stays.
 
 mod cli;
+mod node;
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -78,14 +79,26 @@ enum Command {
     Topics,
     /// List the member feeds: key, local name, local or remote, length, bytes.
     Feeds,
-    /// Accept peers and replicate live with all of them (until Ctrl-C).
+    /// Run the gateway node until Ctrl-C or SIGTERM: accept peers, dial peers and
+    /// keep dialing, replicate live with all of them, and answer local clients over HTTP.
     Serve {
-        /// Address to listen on, e.g. 0.0.0.0:7000 (port 0: any free port).
+        /// Accept peers on this address, e.g. 0.0.0.0:7000 (port 0: any free port).
         #[arg(long, value_name = "ADDR")]
-        listen: String,
-        /// Most peers served at once.
+        listen: Option<String>,
+        /// Dial this peer (a running `multifeed serve --listen`) and keep dialing after
+        /// every loss, with backoff. Repeatable.
+        #[arg(long = "peer", value_name = "ADDR")]
+        peers: Vec<String>,
+        /// Serve the HTTP API here, e.g. 127.0.0.1:8080. Off loopback it requires the
+        /// group's token (the file `<DIR>.token` written by init/join).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
+        /// Most peers accepted at once.
         #[arg(long, default_value_t = 256)]
         max_peers: usize,
+        /// Seconds allowed to connect to a peer and to complete a handshake.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
     },
     /// Replicate with a peer: once (default) or live until Ctrl-C.
     Sync {
@@ -165,7 +178,24 @@ async fn main() {
         } => cli::commands::read(&global, &topic, from, limit, follow, peer).await,
         Command::Topics => cli::commands::topics(&global).await,
         Command::Feeds => cli::commands::feeds(&global).await,
-        Command::Serve { listen, max_peers } => cli::net::serve(&global, &listen, max_peers).await,
+        Command::Serve {
+            listen,
+            peers,
+            http,
+            max_peers,
+            timeout,
+        } => {
+            let config = node::NodeConfig {
+                listen,
+                peers,
+                http,
+                token: None,
+                max_peers,
+                timeout: std::time::Duration::from_secs(timeout),
+                json: global.json,
+            };
+            cli::net::serve(&global, config).await
+        }
         Command::Sync {
             addr,
             live,

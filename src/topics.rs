@@ -367,7 +367,7 @@ impl Topics {
         &self,
         topic: &str,
         cursor: Cursor,
-    ) -> impl Stream<Item = Result<ReceivedMessage>> + Send + Unpin + 'static {
+    ) -> impl Stream<Item = Result<ReceivedMessage>> + Send + Unpin + 'static + use<> {
         let state = Follow {
             topics: self.clone(),
             topic: topic.to_owned(),

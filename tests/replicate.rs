@@ -208,7 +208,7 @@ async fn events_report_remote_feeds_progress_and_sync() {
     let blocks: Vec<Vec<u8>> = (0..100).map(|i| vec![i as u8; 10]).collect();
     w.append_batch(&blocks).await.unwrap();
     let (x, y) = tokio::io::duplex(64 * 1024);
-    let ra = a.start_replication(x, ReplicateOptions::new(true));
+    let ra = a.start_replication(x, ReplicateOptions::new(true).user_data(b"node-a".to_vec()));
     let mut rb = b.start_replication(y, ReplicateOptions::new(false));
     let mut events = Vec::new();
     while let Some(event) = tokio::time::timeout(Duration::from_secs(20), rb.next_event())
@@ -219,6 +219,13 @@ async fn events_report_remote_feeds_progress_and_sync() {
     }
     ra.finish().await.unwrap();
     rb.finish().await.unwrap();
+    // The peer's handshake comes first, saying who it is.
+    assert_eq!(
+        events.first(),
+        Some(&ReplicationEvent::Handshake {
+            remote_user_data: Some(b"node-a".to_vec())
+        })
+    );
     assert!(events.contains(&ReplicationEvent::RemoteFeeds {
         keys: vec![w.key()],
         lengths: vec![Some(w.len().await)],

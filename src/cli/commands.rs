@@ -56,7 +56,9 @@ pub async fn init(global: &Global) -> anyhow::Result<()> {
 async fn adopt_key(dir: &std::path::Path, key: &SharedKey) -> anyhow::Result<std::path::PathBuf> {
     let store = Store::open(dir, key.clone(), KeySource::Flag).await?;
     store.close().await?;
-    store::write_key_file(dir, key)
+    let key_file = store::write_key_file(dir, key)?;
+    store::write_token_file(dir)?;
+    Ok(key_file)
 }
 
 pub async fn join(global: &Global, key_text: &str) -> anyhow::Result<()> {

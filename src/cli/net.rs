@@ -3,34 +3,27 @@
 use std::{
     collections::{HashMap, HashSet},
     io::IsTerminal,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
     time::Duration,
 };
 
 use multifeed::{
-    DialEvent, DialOptions, Dialer, Error, FeedKey, Multifeed, PreAuth, ReplicateOptions,
-    ReplicationEvent, ReplicationSummary, SessionEnd,
-    replicate::preauth::{ConnectionSlots, PeerSlots, PreAuthLimits, SlotLimits},
+    DialEvent, DialOptions, Dialer, Error, FeedKey, Multifeed, ReplicateOptions, ReplicationEvent,
+    ReplicationSummary, SessionEnd,
 };
 use serde_json::json;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-    task::JoinSet,
-};
+use tokio::net::TcpStream;
 
 use super::{
     output,
     progress::{self, Settled, Tally},
-    report::{DialReport, end_reason, say, summary_json, summary_text, tell},
+    report::{DialReport, say, summary_json, summary_text, tell},
     signal::{Interrupted, Signal, shutdown_signal},
     store,
 };
-use crate::Global;
+use crate::{
+    Global,
+    node::{Node, NodeConfig},
+};
 
 /// Connects to `addr` within `timeout_secs`, with errors that say what to do.
 pub async fn connect(addr: &str, timeout_secs: u64) -> anyhow::Result<TcpStream> {
@@ -82,213 +75,51 @@ fn sync_failed(addr: &str, error: multifeed::Error) -> anyhow::Error {
     }
 }
 
-/// Connections `serve` ended without a line each: counted, and logged once per
-/// interval, so a flood of strangers cannot flood the log.
-#[derive(Default)]
-struct Quiet {
-    /// Ended before proving they hold the key (silent, slow, too chatty, strangers).
-    unauthenticated: AtomicU64,
-    /// Members turned away because every peer slot was taken.
-    busy: AtomicU64,
-}
-
-impl Quiet {
-    fn report(&self, slots: &ConnectionSlots, max_peers: usize, over: Duration) {
-        if let Some(refused) = slots.refusals_due() {
-            tracing::warn!("{refused}");
-        }
-        let ended = self.unauthenticated.swap(0, Ordering::Relaxed);
-        if ended > 0 {
-            tracing::info!(
-                "{ended} connections in the last {over:.0?} ended before proving they hold the key (not members, or too slow)"
-            );
-        }
-        let busy = self.busy.swap(0, Ordering::Relaxed);
-        if busy > 0 {
-            tracing::warn!(
-                "turned away {busy} members in the last {over:.0?}: all {max_peers} peer slots were taken (raise --max-peers if this machine can serve more)"
-            );
-        }
+/// Runs the gateway node (see [`crate::node`]) until Ctrl-C or SIGTERM.
+pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()> {
+    if config.listen.is_none() && config.peers.is_empty() && config.http.is_none() {
+        anyhow::bail!(
+            "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, or --http ADDR for the local API"
+        );
     }
-}
-
-pub async fn serve(global: &Global, listen: &str, max_peers: usize) -> anyhow::Result<()> {
-    let addr = crate::resolve_addr(listen).await?;
     let store = store::open(global).await?;
-    let listener = match TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            store.close().await?;
-            return Err(anyhow::anyhow!(
-                "cannot listen on {listen}: {e}; pick another port (or 0 for any free one)"
-            ));
-        }
-    };
-    let bound = listener.local_addr()?;
+    if config.http.is_some() {
+        config.token = match store::read_token_file(&store.dir) {
+            Ok(token) => token,
+            Err(e) => {
+                store.close().await?;
+                return Err(e);
+            }
+        };
+    }
+    let dir = store.dir.clone();
+    let bound = Node::bind(store, config).await?;
+    let listening = bound.listen_addr().map(|a| a.to_string());
+    let http = bound.http_addr().map(|a| a.to_string());
     if global.json {
         say!(
             "{}",
-            json!({"listening": bound.to_string(), "dir": store.dir})
+            json!({"listening": listening, "http": http, "node": bound.id().to_string(), "dir": dir})
         );
     } else {
-        say!("listening on {bound}");
-    }
-    let (stop_tx, stop_rx) = watch::channel(false);
-    // Strangers wait for their handshake in slots of their own; a member takes one of
-    // the `max_peers` places only once it proved it holds the key.
-    let slot_limits = SlotLimits::default();
-    let slots = ConnectionSlots::new(slot_limits);
-    let peer_slots = PeerSlots::new(max_peers);
-    let quiet = Arc::new(Quiet::default());
-    let mut report_tick = tokio::time::interval(slot_limits.report_interval);
-    let mut peers = JoinSet::new();
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = report_tick.tick() => quiet.report(&slots, peer_slots.max(), slot_limits.report_interval),
-            Some(done) = peers.join_next(), if !peers.is_empty() => {
-                if let Err(e) = done {
-                    tracing::warn!("a peer task failed: {e}");
-                }
-            }
-            accepted = listener.accept() => {
-                let (socket, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!("accept failed: {e}");
-                        continue;
-                    }
-                };
-                // Refusals are counted by the slots and reported on the tick.
-                let Ok(slot) = slots.try_admit(peer.ip()) else {
-                    drop(socket);
-                    continue;
-                };
-                let _ = socket.set_nodelay(true);
-                let pre_auth = PreAuth::with_peer_slots(PreAuthLimits::default(), peer_slots.clone())
-                    .with_slot(slot);
-                let group = store.group.clone();
-                let stop = stop_rx.clone();
-                let json = global.json;
-                let quiet = quiet.clone();
-                peers.spawn(async move {
-                    serve_peer(group, socket, peer, pre_auth, stop, json, &quiet).await;
-                });
-            }
+        if let Some(addr) = &listening {
+            say!("listening on {addr}");
+        }
+        if let Some(addr) = &http {
+            say!("http api on http://{addr}");
         }
     }
-    // Stop every session cleanly, then close the group.
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(Duration::from_secs(5), async {
-        while peers.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        peers.abort_all();
-    }
-    store.close().await?;
+    // Peers connect and dial only once the addresses are out.
+    bound
+        .start()
+        .run(async {
+            shutdown_signal().await;
+        })
+        .await?;
     if !global.json {
         tell!("stopped");
     }
     Ok(())
-}
-
-async fn serve_peer(
-    group: Multifeed,
-    socket: TcpStream,
-    peer: SocketAddr,
-    pre_auth: PreAuth,
-    mut stop: watch::Receiver<bool>,
-    json: bool,
-    quiet: &Quiet,
-) {
-    let peer = peer.to_string();
-    let mut replication = group.start_replication(
-        socket,
-        ReplicateOptions::new(false)
-            .live(true)
-            .pre_auth(pre_auth.clone()),
-    );
-    // Until the peer proves it holds the key it gets no line of its own: anyone can
-    // connect, and a line per stranger would flood the log.
-    let authenticated = tokio::select! {
-        biased;
-        _ = pre_auth.authenticated() => true,
-        // No event comes before the group channel opens: `None` is the session's end.
-        event = replication.next_event() => event.is_some() || pre_auth.is_authenticated(),
-        _ = stop.changed() => {
-            replication.stop();
-            false
-        }
-    };
-    if !authenticated || pre_auth.busy().is_some() {
-        let counter = if authenticated {
-            &quiet.busy
-        } else {
-            &quiet.unauthenticated
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        let result = replication.finish().await;
-        tracing::debug!(%peer, ?result, "connection ended unheard");
-        return;
-    }
-    drop(pre_auth);
-    if json {
-        say!("{}", json!({"event": "connected", "peer": peer}));
-    } else {
-        say!("peer {peer} connected");
-    }
-    // A live session's summary counts only feed channels that finished; what the
-    // progress reports said counts too.
-    let mut tally = Tally::default();
-    loop {
-        tokio::select! {
-            event = replication.next_event() => match event {
-                None => break,
-                Some(ReplicationEvent::FeedSynced { key }) => {
-                    if json {
-                        say!("{}", json!({"event": "feed_synced", "peer": peer, "key": key.to_hex()}));
-                    } else {
-                        say!("peer {peer}: feed {} in sync", &key.to_hex()[..16]);
-                    }
-                }
-                Some(ReplicationEvent::Progress { key, blocks, bytes }) => {
-                    tally.on_progress(key, blocks, bytes);
-                }
-                Some(event) => tracing::debug!(%peer, ?event, "replication"),
-            },
-            _ = stop.changed() => {
-                replication.stop();
-                break;
-            }
-        }
-    }
-    let mut result = replication.finish().await;
-    if let Ok(summary) = &mut result {
-        let (blocks, bytes) = tally.received();
-        summary.blocks_received = summary.blocks_received.max(blocks);
-        summary.bytes_received = summary.bytes_received.max(bytes);
-    }
-    let (code, words) = end_reason(result.as_ref());
-    if json {
-        let mut line = match &result {
-            Ok(summary) => summary_json(&peer, summary),
-            Err(e) => json!({"peer": peer, "error": e.to_string()}),
-        };
-        line["event"] = json!("disconnected");
-        line["reason"] = json!(code);
-        say!("{line}");
-    } else {
-        match &result {
-            Ok(summary) => say!(
-                "peer {peer} disconnected ({words}): {}",
-                summary_text(summary)
-            ),
-            Err(_) => say!("peer {peer} disconnected ({words})"),
-        }
-    }
 }
 
 pub async fn sync(global: &Global, addr: &str, live: bool, timeout: u64) -> anyhow::Result<()> {

@@ -165,6 +165,49 @@ pub fn write_key_file(dir: &Path, key: &SharedKey) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The HTTP API token file of a storage directory: `<dir>.token`, beside the key file.
+pub fn token_file(dir: &Path) -> anyhow::Result<PathBuf> {
+    Ok(key_file(dir)?.with_extension("token"))
+}
+
+/// Writes a fresh random token file (mode 0600) unless one exists.
+pub fn write_token_file(dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = token_file(dir)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path);
+    match file {
+        Ok(mut file) => {
+            let token: [u8; 32] = rand::random();
+            writeln!(file, "{}", hex::encode(token))
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("cannot write the token file {}", path.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot create the token file {}", path.display()));
+        }
+    }
+    Ok(path)
+}
+
+/// The HTTP API token, if the token file exists.
+pub fn read_token_file(dir: &Path) -> anyhow::Result<Option<String>> {
+    let path = token_file(dir)?;
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_owned())),
+        Ok(_) => anyhow::bail!(
+            "the token file {} is empty; delete it and run `multifeed join <key>` to make a new one",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read the token file {}", path.display())),
+    }
+}
+
 /// The public fingerprint of a group (hex discovery key of the shared key).
 pub fn group_id(key: &SharedKey) -> String {
     hex::encode(hypercore_protocol::discovery_key(key.as_bytes()))

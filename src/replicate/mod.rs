@@ -233,6 +233,12 @@ impl std::fmt::Display for SessionEnd {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ReplicationEvent {
+    /// The peer's handshake arrived and was accepted: the session runs. Says who
+    /// the peer is, as far as its `user_data` tells (a node id, a name).
+    Handshake {
+        /// The `user_data` of the peer's handshake.
+        remote_user_data: Option<Vec<u8>>,
+    },
     /// The peer offered these feeds (one event per manifest it sent).
     RemoteFeeds {
         /// The offered keys.

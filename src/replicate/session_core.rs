@@ -700,7 +700,10 @@ impl<C> SessionCore<C> {
             }
         }
         self.handshake_done = true;
-        self.summary.remote_user_data = handshake.user_data;
+        self.summary.remote_user_data = handshake.user_data.clone();
+        self.emit(ReplicationEvent::Handshake {
+            remote_user_data: handshake.user_data,
+        });
         // Offer every member; later members are announced as they are added.
         let members = store.members();
         let mut offer = Vec::with_capacity(members.len());

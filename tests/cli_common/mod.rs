@@ -28,7 +28,9 @@ impl Gw {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
+        // A soak run points this at a copy, so a rebuild meanwhile cannot swap it.
+        let bin = std::env::var_os("MULTIFEED_TEST_BIN").unwrap_or_else(|| BIN.into());
+        let mut cmd = Command::new(bin);
         cmd.arg("--dir").arg(&self.dir).args(args);
         cmd.env_remove("MULTIFEED_KEY").env_remove("RUST_LOG");
         cmd
@@ -353,4 +355,156 @@ pub fn group(root: &Path, n: usize) -> Vec<Gw> {
 pub fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
     v
+}
+
+/// A loopback port that was free a moment ago (the OS hands out a fresh one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A running `multifeed --json serve` node with its peer and HTTP addresses.
+pub struct Node {
+    pub running: Running,
+    pub http: String,
+}
+
+impl Gw {
+    /// `--json serve` with `args` (e.g. `--listen`, `--peer`, `--http`); waits for
+    /// its first line, which says where it listens.
+    pub fn node(&self, args: &[&str]) -> Node {
+        let mut all = vec!["--json", "serve"];
+        all.extend_from_slice(args);
+        let mut running = Running::spawn(self.cmd(&all));
+        let first = running.json();
+        running.addr = first["listening"].as_str().unwrap_or_default().to_owned();
+        let http = first["http"].as_str().unwrap_or_default().to_owned();
+        Node { running, http }
+    }
+}
+
+/// An answer of the node's HTTP API.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON ({}): {:?}", self.status, self.body))
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`); `None`
+/// if the node cannot be reached or the connection broke.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<HttpAnswer> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(WAIT)).ok()?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    stream.write_all(body).ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut payload = raw[split + 4..].to_vec();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        payload = dechunk(&payload)?;
+    }
+    Some(HttpAnswer {
+        status,
+        body: String::from_utf8_lossy(&payload).into_owned(),
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).ok()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+/// Publishes one message through the API; its address if acknowledged.
+pub fn publish(http_addr: &str, topic: &str, payload: &str) -> Option<String> {
+    let answer = http(
+        http_addr,
+        "POST",
+        &format!("/topics/{topic}/messages"),
+        &[("Content-Type", "text/plain")],
+        payload.as_bytes(),
+    )?;
+    (answer.status == 201).then(|| answer.json()["address"].as_str().map(str::to_owned))?
+}
+
+/// Every payload of `topic` a node holds, read page by page with the cursor;
+/// `None` if the node cannot be reached.
+pub fn read_all(http_addr: &str, topic: &str) -> Option<Vec<String>> {
+    let mut payloads = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let answer = http(
+            http_addr,
+            "GET",
+            &format!("/topics/{topic}/messages?limit=5000&from={cursor}"),
+            &[],
+            b"",
+        )?;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let page = answer.json();
+        let messages = page["messages"].as_array().expect("messages");
+        if messages.is_empty() {
+            return Some(payloads);
+        }
+        payloads.extend(
+            messages
+                .iter()
+                .map(|m| m["payload"].as_str().expect("a text payload").to_owned()),
+        );
+        cursor = page["cursor"].as_str().expect("cursor").to_owned();
+    }
+}
+
+/// Polls `condition` until it holds or `deadline` passes; whether it held.
+pub fn poll_until(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        // Polling interval for a condition checked over the network, not a wait
+        // for an event: the condition decides.
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

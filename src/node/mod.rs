@@ -1,0 +1,737 @@
+//! The gateway node: one long-running process that holds a store, accepts peers
+//! (`--listen`), dials configured peers with reconnect and backoff (`--peer`),
+//! replicates live with all of them, and answers local clients over HTTP
+//! (`--http`, see [`http`]).
+//!
+//! ## Tasks
+//!
+//! [`Node`] owns every task in one `JoinSet`: the accept loop (which owns its
+//! sessions' tasks in turn), one task per dialed peer, and the HTTP server. One
+//! `CancellationToken` stops them all: [`Node::shutdown`] cancels it, waits
+//! (bounded) for every session to end with a reason, then flushes and closes the
+//! store, which releases its lock. Channels are bounded; the session and dialer
+//! events the tasks consume are advisory and never hold replication back.
+//!
+//! Two nodes that dial each other keep one session: see [`peers`].
+
+pub mod http;
+pub mod peers;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use multifeed::{
+    DialEvent, DialOptions, FeedKey, Multifeed, PreAuth, ReplicateOptions, ReplicationEvent,
+    ReplicationSummary, Topics,
+    replicate::preauth::{ConnectionSlots, PeerSlots, PreAuthLimits, SlotLimits},
+};
+use serde_json::json;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+
+use self::peers::{Direction, NodeId, PeerState, PeerTable, Registry};
+use crate::cli::{
+    report::{end_reason, say, summary_json, summary_text},
+    store::Store,
+};
+
+/// How long shutdown waits for sessions to end cleanly before aborting them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// A dialer's connect attempt waits in standby for as long as needed; the TCP
+/// connect itself has its own timeout.
+const STANDBY_FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// What a node does; built from `serve`'s flags.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Accept peers here.
+    pub listen: Option<String>,
+    /// Dial these peers and keep dialing.
+    pub peers: Vec<String>,
+    /// Serve the HTTP API here.
+    pub http: Option<String>,
+    /// The bearer token the HTTP API requires (mandatory off loopback).
+    pub token: Option<String>,
+    /// Most accepted peers at once.
+    pub max_peers: usize,
+    /// Time allowed to connect and to complete a handshake.
+    pub timeout: Duration,
+    /// Print JSON lines.
+    pub json: bool,
+}
+
+/// Counters `/metrics` shows.
+#[derive(Default)]
+pub struct Metrics {
+    pub published_messages: std::sync::atomic::AtomicU64,
+    pub published_bytes: std::sync::atomic::AtomicU64,
+    pub http_errors: std::sync::atomic::AtomicU64,
+}
+
+/// What every task of the node shares.
+pub struct Shared {
+    pub group: Multifeed,
+    pub topics: Topics,
+    pub registry: Arc<Registry>,
+    pub peers: PeerTable,
+    pub metrics: Metrics,
+    pub json: bool,
+    pub token: Option<String>,
+    pub started_ms: u64,
+    /// Cancelled when the node stops: long-lived responses (SSE) end with it.
+    pub stopping: CancellationToken,
+    timeout: Duration,
+}
+
+impl Shared {
+    fn replicate_options(&self, initiator: bool) -> ReplicateOptions {
+        ReplicateOptions::new(initiator)
+            .live(true)
+            .handshake_timeout(self.timeout)
+            .user_data(self.registry.own().hello())
+    }
+}
+
+/// A node whose sockets are bound, not started yet.
+pub struct Bound {
+    store: Store,
+    config: NodeConfig,
+    listener: Option<TcpListener>,
+    http: Option<TcpListener>,
+    id: NodeId,
+}
+
+impl Bound {
+    /// Where peers will connect.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the HTTP API will answer.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// This run's node id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Starts every task.
+    pub fn start(self) -> Node {
+        Node::spawn(self)
+    }
+}
+
+/// A running node. Stop it with [`Node::shutdown`] (or [`Node::run`]).
+pub struct Node {
+    shared: Arc<Shared>,
+    store: Store,
+    tasks: JoinSet<()>,
+    cancel: CancellationToken,
+}
+
+impl Node {
+    /// Binds what `config` asks for; [`Bound::start`] then starts every task.
+    /// On error the store is closed again.
+    pub async fn bind(store: Store, config: NodeConfig) -> anyhow::Result<Bound> {
+        match Self::bind_sockets(&config).await {
+            Ok((listener, http)) => Ok(Bound {
+                store,
+                config,
+                listener,
+                http,
+                id: NodeId::random(),
+            }),
+            Err(e) => {
+                store.close().await?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn bind_sockets(
+        config: &NodeConfig,
+    ) -> anyhow::Result<(Option<TcpListener>, Option<TcpListener>)> {
+        for peer in &config.peers {
+            crate::resolve_addr(peer).await?;
+        }
+        let listener = match &config.listen {
+            Some(listen) => Some(bind(listen, "peers").await?),
+            None => None,
+        };
+        let http = match &config.http {
+            Some(addr) => {
+                let listener = bind(addr, "the HTTP API").await?;
+                let local = listener.local_addr()?;
+                if !local.ip().is_loopback() && config.token.is_none() {
+                    anyhow::bail!(
+                        "refusing to serve the HTTP API on {local} without a token: off loopback every request must carry the group's bearer token; run `multifeed join <key>` once to create the token file beside the key file, or bind to 127.0.0.1"
+                    );
+                }
+                Some(listener)
+            }
+            None => None,
+        };
+        Ok((listener, http))
+    }
+
+    fn spawn(bound: Bound) -> Node {
+        let Bound {
+            store,
+            config,
+            listener,
+            http,
+            id,
+        } = bound;
+        let cancel = CancellationToken::new();
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        let shared = Arc::new(Shared {
+            group: store.group.clone(),
+            topics: store.topics.clone(),
+            registry: Registry::new(id),
+            peers: PeerTable::default(),
+            metrics: Metrics::default(),
+            json: config.json,
+            // Loopback is this machine's own: only a bind beyond it needs the token.
+            token: config
+                .token
+                .clone()
+                .filter(|_| http_addr.is_some_and(|a| !a.ip().is_loopback())),
+            started_ms: peers::now_ms(),
+            stopping: cancel.clone(),
+            timeout: config.timeout,
+        });
+        let mut tasks = JoinSet::new();
+        if let Some(listener) = listener {
+            tasks.spawn(accept_peers(
+                shared.clone(),
+                listener,
+                config.max_peers.max(1),
+                cancel.clone(),
+            ));
+        }
+        for addr in config.peers {
+            tasks.spawn(dial_peer(shared.clone(), addr, cancel.clone()));
+        }
+        if let Some(http) = http {
+            tasks.spawn(http::serve(shared.clone(), http, cancel.clone()));
+        }
+        Node {
+            shared,
+            store,
+            tasks,
+            cancel,
+        }
+    }
+
+    /// Runs until `stop` resolves (a signal), then shuts down.
+    pub async fn run(mut self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                Some(done) = self.tasks.join_next() => {
+                    // A task ends early only on a failure it reported itself.
+                    if let Err(e) = done {
+                        tracing::error!("a node task failed: {e}");
+                    }
+                }
+            }
+        }
+        self.shutdown().await
+    }
+
+    /// Stops accepting and dialing, ends every session with a reason, stops the
+    /// HTTP API (after the requests in flight), then flushes and closes the store.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(done) = self.tasks.join_next().await {
+                if let Err(e) = done {
+                    tracing::error!("a node task failed while stopping: {e}");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "sessions did not end within {SHUTDOWN_GRACE:?}; closing the store anyway"
+            );
+            self.tasks.shutdown().await;
+        }
+        drop(self.shared);
+        self.store.close().await
+    }
+}
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    let target = crate::resolve_addr(addr).await?;
+    TcpListener::bind(target).await.with_context(|| {
+        format!("cannot listen on {addr} for {what}; pick another port (or 0 for any free one)")
+    })
+}
+
+/// Connections the node ended without a line each: counted, and logged once per
+/// interval, so a flood of strangers cannot flood the log.
+#[derive(Default)]
+struct Quiet {
+    /// Ended before proving they hold the key (silent, slow, too chatty, strangers).
+    unauthenticated: AtomicU64,
+    /// Members turned away because every peer slot was taken.
+    busy: AtomicU64,
+}
+
+impl Quiet {
+    fn report(&self, slots: &ConnectionSlots, max_peers: usize, over: Duration) {
+        if let Some(refused) = slots.refusals_due() {
+            tracing::warn!("{refused}");
+        }
+        let ended = self.unauthenticated.swap(0, Ordering::Relaxed);
+        if ended > 0 {
+            tracing::info!(
+                "{ended} connections in the last {over:.0?} ended before proving they hold the key (not members, or too slow)"
+            );
+        }
+        let busy = self.busy.swap(0, Ordering::Relaxed);
+        if busy > 0 {
+            tracing::warn!(
+                "turned away {busy} members in the last {over:.0?}: all {max_peers} peer slots were taken (raise --max-peers if this machine can serve more)"
+            );
+        }
+    }
+}
+
+async fn accept_peers(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    max_peers: usize,
+    cancel: CancellationToken,
+) {
+    // Strangers wait for their handshake in slots of their own; a member takes one of
+    // the `max_peers` places only once it proved it holds the key.
+    let slot_limits = SlotLimits::default();
+    let slots = ConnectionSlots::new(slot_limits);
+    let peer_slots = PeerSlots::new(max_peers);
+    let quiet = Arc::new(Quiet::default());
+    let mut report_tick = tokio::time::interval(slot_limits.report_interval);
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = report_tick.tick() => quiet.report(&slots, peer_slots.max(), slot_limits.report_interval),
+            Some(done) = sessions.join_next(), if !sessions.is_empty() => {
+                if let Err(e) = done {
+                    tracing::warn!("a peer task failed: {e}");
+                }
+            }
+            accepted = listener.accept() => {
+                let (socket, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // Refusals are counted by the slots and reported on the tick.
+                let Ok(slot) = slots.try_admit(peer.ip()) else {
+                    drop(socket);
+                    continue;
+                };
+                let _ = socket.set_nodelay(true);
+                let pre_auth = PreAuth::with_peer_slots(PreAuthLimits::default(), peer_slots.clone())
+                    .with_slot(slot);
+                sessions.spawn(serve_peer(
+                    shared.clone(),
+                    socket,
+                    peer,
+                    pre_auth,
+                    quiet.clone(),
+                    cancel.clone(),
+                ));
+            }
+        }
+    }
+    // Every session sees the same cancellation and ends with a reason.
+    while let Some(done) = sessions.join_next().await {
+        if let Err(e) = done {
+            tracing::warn!("a peer task failed while stopping: {e}");
+        }
+    }
+}
+
+/// Running totals of one session's download, from its progress reports.
+#[derive(Default)]
+struct Received {
+    per_feed: HashMap<FeedKey, (u64, u64)>,
+}
+
+impl Received {
+    /// Records a report; returns what it adds.
+    fn on_progress(&mut self, key: FeedKey, blocks: u64, bytes: u64) -> (u64, u64) {
+        let seen = self.per_feed.entry(key).or_default();
+        let added = (blocks.saturating_sub(seen.0), bytes.saturating_sub(seen.1));
+        *seen = (seen.0.max(blocks), seen.1.max(bytes));
+        added
+    }
+
+    fn total(&self) -> (u64, u64) {
+        self.per_feed
+            .values()
+            .fold((0, 0), |(a, b), (x, y)| (a + x, b + y))
+    }
+}
+
+fn say_connected(json: bool, peer: &str, direction: Direction) {
+    if json {
+        say!(
+            "{}",
+            json!({"event": "connected", "peer": peer, "direction": direction})
+        );
+    } else {
+        say!("peer {peer} connected");
+    }
+}
+
+fn say_synced(json: bool, peer: &str, key: FeedKey) {
+    if json {
+        say!(
+            "{}",
+            json!({"event": "feed_synced", "peer": peer, "key": key.to_hex()})
+        );
+    } else {
+        say!("peer {peer}: feed {} in sync", &key.to_hex()[..16]);
+    }
+}
+
+/// Says how a session ended; `why` overrides the reason the result gives.
+fn say_disconnected(
+    json: bool,
+    peer: &str,
+    result: Result<&ReplicationSummary, &multifeed::Error>,
+    why: Option<(&'static str, String)>,
+) {
+    let (code, words) = why.unwrap_or_else(|| end_reason(result));
+    if json {
+        let mut line = match result {
+            Ok(summary) => summary_json(peer, summary),
+            Err(e) => json!({"peer": peer, "error": e.to_string()}),
+        };
+        line["event"] = json!("disconnected");
+        line["reason"] = json!(code);
+        say!("{line}");
+    } else {
+        match result {
+            Ok(summary) => say!(
+                "peer {peer} disconnected ({words}): {}",
+                summary_text(summary)
+            ),
+            Err(_) => say!("peer {peer} disconnected ({words})"),
+        }
+    }
+}
+
+/// The reason given when this node ends a session on purpose.
+fn local_reason(duplicate: bool, itself: bool) -> Option<(&'static str, String)> {
+    if itself {
+        Some((
+            "self",
+            "this node connected to itself; check the --peer addresses".into(),
+        ))
+    } else if duplicate {
+        Some((
+            "duplicate",
+            "a second session with the same node; the one this node dialed is kept".into(),
+        ))
+    } else {
+        None
+    }
+}
+
+/// One accepted peer's live session, until it ends or the node stops.
+async fn serve_peer(
+    shared: Arc<Shared>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    pre_auth: PreAuth,
+    quiet: Arc<Quiet>,
+    cancel: CancellationToken,
+) {
+    let peer = peer.to_string();
+    let mut replication = shared.group.start_replication(
+        socket,
+        shared.replicate_options(false).pre_auth(pre_auth.clone()),
+    );
+    // Until the peer proves it holds the key it gets no line and no row of its own:
+    // anyone can connect, and a line per stranger would flood the log.
+    let mut first = None;
+    let authenticated = tokio::select! {
+        biased;
+        () = pre_auth.authenticated() => true,
+        // No event comes before the group channel opens: `None` is the session's end.
+        event = replication.next_event() => {
+            first = event;
+            first.is_some() || pre_auth.is_authenticated()
+        }
+        () = cancel.cancelled() => {
+            replication.stop();
+            false
+        }
+    };
+    if !authenticated || pre_auth.busy().is_some() {
+        let counter = if authenticated {
+            &quiet.busy
+        } else {
+            &quiet.unauthenticated
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let result = replication.finish().await;
+        tracing::debug!(%peer, ?result, "connection ended unheard");
+        return;
+    }
+    // Holds the peer slot for as long as the session runs.
+    let _pre_auth = pre_auth;
+    shared
+        .peers
+        .insert(&peer, Direction::Accepted, PeerState::Connected);
+    shared.peers.update(&peer, |row| row.sessions = 1);
+    say_connected(shared.json, &peer, Direction::Accepted);
+    let (duplicate_tx, mut duplicate_rx) = watch::channel(false);
+    let mut _registered = None;
+    let mut received = Received::default();
+    let (mut duplicate, mut itself) = (false, false);
+    loop {
+        tokio::select! {
+            event = async {
+                match first.take() {
+                    Some(event) => Some(event),
+                    None => replication.next_event().await,
+                }
+            } => match event {
+                None => break,
+                Some(ReplicationEvent::Handshake { remote_user_data }) => {
+                    let Some(remote) = NodeId::from_hello(remote_user_data.as_deref()) else {
+                        continue;
+                    };
+                    shared.peers.update(&peer, |row| row.node = Some(remote.to_string()));
+                    if remote == shared.registry.own() {
+                        itself = true;
+                        replication.stop();
+                        break;
+                    }
+                    _registered = Some(shared.registry.accepted(remote, duplicate_tx.clone()));
+                }
+                Some(ReplicationEvent::FeedSynced { key }) => say_synced(shared.json, &peer, key),
+                Some(ReplicationEvent::Progress { key, blocks, bytes }) => {
+                    let (blocks, bytes) = received.on_progress(key, blocks, bytes);
+                    shared.peers.update(&peer, |row| {
+                        row.blocks_received += blocks;
+                        row.bytes_received += bytes;
+                    });
+                }
+                Some(event) => tracing::debug!(%peer, ?event, "replication"),
+            },
+            Ok(()) = duplicate_rx.changed() => {
+                if *duplicate_rx.borrow() {
+                    duplicate = true;
+                    replication.stop();
+                    break;
+                }
+            }
+            () = cancel.cancelled() => {
+                replication.stop();
+                break;
+            }
+        }
+    }
+    let mut result = replication.finish().await;
+    if let Ok(summary) = &mut result {
+        let (blocks, bytes) = received.total();
+        summary.blocks_received = summary.blocks_received.max(blocks);
+        summary.bytes_received = summary.bytes_received.max(bytes);
+    }
+    say_disconnected(
+        shared.json,
+        &peer,
+        result.as_ref(),
+        local_reason(duplicate, itself),
+    );
+    shared.peers.remove(&peer);
+}
+
+/// Connects to `addr` within `timeout`.
+async fn connect(addr: &str, timeout: Duration) -> io::Result<(TcpStream, Option<SocketAddr>)> {
+    let attempt = async {
+        let mut last = None;
+        for target in tokio::net::lookup_host(addr).await? {
+            match TcpStream::connect(target).await {
+                Ok(socket) => {
+                    let _ = socket.set_nodelay(true);
+                    return Ok((socket, Some(target)));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{addr} resolves to no address"),
+            )
+        }))
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection within {timeout:?}"),
+            ))
+        })
+}
+
+/// One configured peer: dial, replicate live, and after any loss dial again
+/// with backoff, until the node stops or the peer refuses us for good.
+async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken) {
+    shared
+        .peers
+        .insert(&addr, Direction::Dialed, PeerState::Connecting);
+    // The node at `addr`, once a session told us; it decides standby.
+    let target: Arc<Mutex<Option<NodeId>>> = Arc::new(Mutex::new(None));
+    let connect_once = {
+        let (shared, target, addr) = (shared.clone(), target.clone(), addr.clone());
+        move || {
+            let (shared, target, addr) = (shared.clone(), target.clone(), addr.clone());
+            async move {
+                let remote = *target.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(remote) = remote
+                    && shared.registry.must_stand_by(remote)
+                {
+                    shared.peers.set_state(&addr, PeerState::Standby);
+                    shared.registry.stand_by(remote).await;
+                }
+                shared.peers.set_state(&addr, PeerState::Connecting);
+                connect(&addr, shared.timeout).await
+            }
+        }
+    };
+    let mut dialer = shared.group.dial_with(
+        connect_once,
+        DialOptions::default()
+            .connect_timeout(STANDBY_FOREVER)
+            .replicate(shared.replicate_options(true)),
+    );
+    let mut registered = None;
+    let mut received = Received::default();
+    let mut stopping = false;
+    loop {
+        let event = tokio::select! {
+            event = dialer.next_event() => match event {
+                Some(event) => event,
+                None => break,
+            },
+            () = cancel.cancelled(), if !stopping => {
+                dialer.stop();
+                stopping = true;
+                continue;
+            }
+        };
+        match event {
+            // The connect step itself says connecting or standby.
+            DialEvent::Connecting { .. } => {}
+            DialEvent::ConnectFailed { error, retry_in } => {
+                shared.peers.set_state(&addr, PeerState::Retrying);
+                shared.peers.update(&addr, |row| {
+                    row.last_error = Some(format!(
+                        "cannot connect: {error}; retrying in {:.1} s",
+                        retry_in.as_secs_f64()
+                    ));
+                });
+            }
+            DialEvent::Connected { .. } => {
+                received = Received::default();
+                shared.peers.set_state(&addr, PeerState::Connected);
+                shared.peers.update(&addr, |row| row.sessions += 1);
+                say_connected(shared.json, &addr, Direction::Dialed);
+            }
+            DialEvent::Replication(ReplicationEvent::Handshake { remote_user_data }) => {
+                if let Some(remote) = NodeId::from_hello(remote_user_data.as_deref()) {
+                    *target.lock().unwrap_or_else(|e| e.into_inner()) = Some(remote);
+                    shared
+                        .peers
+                        .update(&addr, |row| row.node = Some(remote.to_string()));
+                    if remote != shared.registry.own() {
+                        registered = Some(shared.registry.dialed(remote));
+                    }
+                }
+            }
+            DialEvent::Replication(ReplicationEvent::FeedSynced { key }) => {
+                say_synced(shared.json, &addr, key);
+            }
+            DialEvent::Replication(ReplicationEvent::Progress { key, blocks, bytes }) => {
+                let (blocks, bytes) = received.on_progress(key, blocks, bytes);
+                shared.peers.update(&addr, |row| {
+                    row.blocks_received += blocks;
+                    row.bytes_received += bytes;
+                });
+            }
+            DialEvent::SessionEnded {
+                result, retry_in, ..
+            } => {
+                registered = None;
+                let state = if retry_in.is_some() {
+                    PeerState::Retrying
+                } else {
+                    PeerState::Stopped
+                };
+                shared.peers.set_state(&addr, state);
+                let result = result.as_ref().map_err(|e| e.as_ref());
+                let (_, words) = end_reason(result);
+                shared.peers.update(&addr, |row| {
+                    if let Ok(summary) = result {
+                        row.blocks_sent += summary.blocks_sent;
+                        row.bytes_sent += summary.bytes_sent;
+                    }
+                    if result.is_err() {
+                        row.last_error = Some(words);
+                    }
+                });
+                say_disconnected(shared.json, &addr, result, None);
+            }
+            DialEvent::GaveUp { error } => {
+                shared.peers.set_state(&addr, PeerState::Refused);
+                shared
+                    .peers
+                    .update(&addr, |row| row.last_error = Some(error.to_string()));
+            }
+            other => tracing::debug!(peer = %addr, ?other, "dialer"),
+        }
+    }
+    drop(registered);
+    if let Err(e) = dialer.finish().await {
+        tracing::warn!(peer = %addr, "gave up dialing: {e}");
+        if shared.json {
+            say!(
+                "{}",
+                json!({"event": "gave_up", "peer": addr, "error": e.to_string()})
+            );
+        } else {
+            say!("gave up dialing {addr}: {e}");
+        }
+    }
+}

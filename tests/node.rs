@@ -1,0 +1,250 @@
+//! The gateway node (`serve --listen --peer --http`) as separate processes on
+//! loopback: publishing through HTTP while replicating, one session between two
+//! nodes that dial each other, kill -9 and restart, the token off loopback.
+
+mod cli_common;
+
+use std::collections::HashMap;
+
+use cli_common::*;
+
+const TOPIC: &str = "readings";
+
+/// How many times each payload occurs.
+fn counts(payloads: &[String]) -> HashMap<&str, usize> {
+    let mut counts = HashMap::new();
+    for p in payloads {
+        *counts.entry(p.as_str()).or_default() += 1;
+    }
+    counts
+}
+
+/// Asserts every acknowledged payload is held exactly once, and none twice.
+fn assert_exactly_once(node: &str, held: &[String], acked: &[String]) {
+    let counts = counts(held);
+    if let Some((payload, n)) = counts.iter().find(|(_, n)| **n > 1) {
+        panic!("{node} holds {payload:?} {n} times");
+    }
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|p| !counts.contains_key(p.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{node} lacks {} acknowledged messages, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+/// Whether every node holds every acknowledged message.
+fn converged(https: &[&str], acked: &[String]) -> bool {
+    https.iter().all(|http| {
+        read_all(http, TOPIC).is_some_and(|held| {
+            let held = counts(&held);
+            acked.iter().all(|p| held.contains_key(p.as_str()))
+        })
+    })
+}
+
+/// Connected sessions a node's `/peers` lists.
+fn connected(http_addr: &str) -> usize {
+    let Some(answer) = http(http_addr, "GET", "/peers", &[], b"") else {
+        return usize::MAX;
+    };
+    answer.json()["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .filter(|p| p["state"] == "connected")
+        .count()
+}
+
+#[test]
+fn two_nodes_dialing_each_other_converge_on_one_session_while_both_publish() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    let (pa, pb) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let a = gws[0].node(&["--listen", &pa, "--peer", &pb, "--http", "127.0.0.1:0"]);
+    let b = gws[1].node(&["--listen", &pb, "--peer", &pa, "--http", "127.0.0.1:0"]);
+    let mut acked = Vec::new();
+    for i in 0..150 {
+        for (name, node) in [("a", &a), ("b", &b)] {
+            let payload = format!("{name}-{i}");
+            publish(&node.http, TOPIC, &payload).expect("acknowledged");
+            acked.push(payload);
+        }
+    }
+    assert!(
+        poll_until(WAIT, || converged(&[&a.http, &b.http], &acked)),
+        "the two nodes did not converge"
+    );
+    for (name, node) in [("a", &a), ("b", &b)] {
+        assert_exactly_once(name, &read_all(&node.http, TOPIC).unwrap(), &acked);
+    }
+    // Each dialed the other; one session is kept, seen from both sides.
+    assert!(
+        poll_until(WAIT, || connected(&a.http) == 1 && connected(&b.http) == 1),
+        "expected one session: a lists {}, b lists {} connected",
+        connected(&a.http),
+        connected(&b.http)
+    );
+    // Messages still flow over the session that was kept.
+    publish(&a.http, TOPIC, "after").expect("acknowledged");
+    acked.push("after".into());
+    assert!(poll_until(WAIT, || converged(&[&b.http], &acked)));
+    // SIGTERM: the session ends with its reason, and the node exits 0.
+    a.running.signal("TERM");
+    let (status, lines, stderr) = a.running.finish();
+    assert!(status.success(), "{status}: {stderr}");
+    let ended: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "disconnected")
+        .collect();
+    assert!(
+        ended.iter().any(|v| v["reason"] == "local_stop"),
+        "no session ended with local_stop: {lines:?}"
+    );
+    b.running.stop();
+    for gw in &gws {
+        gw.verify();
+    }
+}
+
+/// Publishes `<name>-<i>` to each node; keeps what was acknowledged.
+fn publish_round(i: usize, nodes: &[(&str, &str)], acked: &mut Vec<String>) {
+    for (name, http_addr) in nodes {
+        let payload = format!("{name}-{i}");
+        if publish(http_addr, TOPIC, &payload).is_some() {
+            acked.push(payload);
+        }
+    }
+}
+
+#[test]
+fn a_node_killed_mid_stream_catches_up_after_restart_with_every_acknowledged_message_once() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    let pa = format!("127.0.0.1:{}", free_port());
+    let hb = format!("127.0.0.1:{}", free_port());
+    let a = gws[0].node(&["--listen", &pa, "--http", "127.0.0.1:0"]);
+    let b_args = ["--peer", pa.as_str(), "--http", hb.as_str()];
+    let mut b = gws[1].node(&b_args);
+    let mut acked = Vec::new();
+    for i in 0..100 {
+        publish_round(i, &[("a", &a.http), ("b", &b.http)], &mut acked);
+    }
+    // Mid-stream: B dies with messages in flight both ways.
+    b.running.kill9();
+    for i in 100..200 {
+        publish_round(i, &[("a", &a.http)], &mut acked);
+    }
+    b = gws[1].node(&b_args);
+    for i in 200..300 {
+        publish_round(i, &[("a", &a.http), ("b", &b.http)], &mut acked);
+    }
+    assert!(acked.len() >= 500, "only {} acknowledged", acked.len());
+    assert!(
+        poll_until(WAIT, || converged(&[&a.http, &b.http], &acked)),
+        "B did not catch up after its restart"
+    );
+    for (name, node) in [("a", &a), ("b", &b)] {
+        assert_exactly_once(name, &read_all(&node.http, TOPIC).unwrap(), &acked);
+    }
+    a.running.stop();
+    b.running.stop();
+    for gw in &gws {
+        gw.verify();
+    }
+    // The CLI reads the same after the nodes stopped.
+    for gw in &gws {
+        let (held, _) = gw.read(TOPIC, None);
+        assert_exactly_once("the store", &held, &acked);
+    }
+}
+
+#[test]
+fn the_http_api_off_loopback_requires_the_token() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 1);
+    let token_file = gws[0].dir.with_extension("token");
+    let token = std::fs::read_to_string(&token_file)
+        .expect("init writes the token file")
+        .trim()
+        .to_owned();
+    assert_eq!(token.len(), 64);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // With the token file: served, and a request needs the token.
+    let node = gws[0].node(&["--http", "0.0.0.0:0"]);
+    let port = node.http.rsplit(':').next().unwrap().to_owned();
+    let local = format!("127.0.0.1:{port}");
+    let refused = http(&local, "GET", "/topics", &[], b"").expect("answer");
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    let bearer = format!("Bearer {token}");
+    let wrong = http(
+        &local,
+        "GET",
+        "/topics",
+        &[("Authorization", "Bearer 00")],
+        b"",
+    )
+    .expect("answer");
+    assert_eq!(wrong.status, 401);
+    let ok = http(&local, "GET", "/topics", &[("Authorization", &bearer)], b"").expect("answer");
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    node.running.stop();
+
+    // Without it: refused at start, saying what to do.
+    std::fs::remove_file(&token_file).unwrap();
+    let stderr = gws[0].fails(&["serve", "--http", "0.0.0.0:0"]);
+    assert!(stderr.contains("without a token"), "{stderr}");
+    assert!(stderr.contains("multifeed join"), "{stderr}");
+    // Loopback needs none.
+    let node = gws[0].node(&["--http", "127.0.0.1:0"]);
+    let ok = http(&node.http, "GET", "/health", &[], b"").expect("answer");
+    assert_eq!(ok.status, 200);
+    node.running.stop();
+}
+
+#[test]
+fn a_stopped_node_releases_its_store_and_keeps_what_it_acknowledged() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 1);
+    let node = gws[0].node(&["--http", "127.0.0.1:0"]);
+    let batch = "{\"payload\": \"one\"}\n{\"payload\": \"two\"}\n";
+    let answer = http(
+        &node.http,
+        "POST",
+        &format!("/topics/{TOPIC}/batch"),
+        &[],
+        batch.as_bytes(),
+    )
+    .expect("answer");
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    assert_eq!(answer.json()["addresses"].as_array().unwrap().len(), 2);
+    let bad = http(
+        &node.http,
+        "GET",
+        &format!("/topics/{TOPIC}/messages?from=garbage"),
+        &[],
+        b"",
+    )
+    .expect("answer");
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"]["kind"], "invalid_cursor");
+    // The store is held while the node runs...
+    let held = gws[0].fails(&["topics"]);
+    assert!(held.contains("in use"), "{held}");
+    node.running.stop();
+    // ...and released, intact, after SIGTERM.
+    let (payloads, _) = gws[0].read(TOPIC, None);
+    assert_eq!(payloads, ["one", "two"]);
+}
