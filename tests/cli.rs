@@ -221,12 +221,16 @@ fn bad_input_fails_with_one_clear_line_and_leaves_the_store_intact() {
         Gw::new(root.path(), "nowhere").fails(&["topics"]),
         "run `multifeed init`",
     );
-    // The store is in use while a server runs.
-    let server = gw.serve();
+    // The store is in use while another process follows it (a node running on it
+    // would take the write through its API instead).
+    let mut follower = Running::spawn(gw.cmd(&["read", "t", "--follow"]));
+    follower.line();
     one_line(
         gw.fails(&["write", "t", "x"]),
         "in use by another multifeed process",
     );
+    drop(follower);
+    let server = gw.serve();
     // A peer of another group is refused cleanly.
     let stranger = Gw::new(root.path(), "stranger");
     stranger.ok(&["init"]);

@@ -240,11 +240,110 @@ fn a_stopped_node_releases_its_store_and_keeps_what_it_acknowledged() {
     .expect("answer");
     assert_eq!(bad.status, 400);
     assert_eq!(bad.json()["error"]["kind"], "invalid_cursor");
-    // The store is held while the node runs...
-    let held = gws[0].fails(&["topics"]);
-    assert!(held.contains("in use"), "{held}");
+    // The store is held while the node runs (the CLI goes through its API)...
+    assert_eq!(gws[0].ok(&["topics"]).trim(), TOPIC);
     node.running.stop();
+    assert!(
+        !gws[0].dir.join("node-api").exists(),
+        "a stopped node leaves no API file"
+    );
     // ...and released, intact, after SIGTERM.
     let (payloads, _) = gws[0].read(TOPIC, None);
     assert_eq!(payloads, ["one", "two"]);
+}
+
+#[test]
+fn the_cli_goes_through_a_running_node_and_opens_the_store_itself_once_the_node_is_gone() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    let gw = &gws[0];
+    // The store already holds data when the node starts.
+    gw.write_stdin(TOPIC, "old-1\nold-2\n");
+    let listen = format!("127.0.0.1:{}", free_port());
+    // No --http: the node answers its local CLI on loopback anyway.
+    let node = gw.node(&["--listen", &listen]);
+    let mut follower = Running::spawn(gw.cmd(&["--json", "read", TOPIC, "--follow"]));
+    let first = follower.until("the first message", |v| v["payload"].is_string());
+    assert_eq!(first.0["payload"], "old-1");
+
+    // write: one message, then stdin lines in a batch, through the node.
+    let address = gw.ok(&["write", TOPIC, "new-1"]);
+    assert!(address.trim().contains('/'), "{address}");
+    assert_eq!(gw.write_stdin(TOPIC, "new-2\n\nnew-3\n").len(), 2);
+    // A peer's messages arrive by replication while the CLI reads through the node.
+    gws[1].write_stdin(TOPIC, "peer-1\n");
+    gws[1].ok(&["sync", &listen]);
+    let all = ["old-1", "old-2", "new-1", "new-2", "new-3", "peer-1"];
+    let (payloads, cursor) = gw.read(TOPIC, None);
+    assert_eq!(sorted(payloads), sorted(all.map(String::from).to_vec()));
+    // The cursor read through the node resumes through the node: nothing new yet.
+    let (after, _) = gw.read(TOPIC, Some(&cursor));
+    assert!(after.is_empty(), "{after:?}");
+    gw.ok(&["write", TOPIC, "new-4"]);
+    let (after, _) = gw.read(TOPIC, Some(&cursor));
+    assert_eq!(after, ["new-4"]);
+
+    // The follower saw every message once, in order of arrival.
+    let mut followed = vec!["old-1".to_owned()];
+    while followed.len() < all.len() + 1 {
+        let (line, _) = follower.until("a message", |v| v["payload"].is_string());
+        followed.push(line["payload"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        sorted(followed.clone()),
+        sorted(
+            ["new-4"]
+                .iter()
+                .chain(&all)
+                .map(|s| s.to_string())
+                .collect()
+        )
+    );
+    assert_eq!(&followed[..2], ["old-1", "old-2"]);
+
+    // topics, feeds and verify.
+    assert_eq!(gw.ok(&["topics"]).trim(), TOPIC);
+    let feeds: Vec<serde_json::Value> = gw
+        .ok(&["--json", "feeds"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(feeds.len(), 2, "{feeds:?}");
+    assert_eq!(feeds.iter().filter(|f| f["local"] == true).count(), 1);
+    assert!(feeds.iter().all(|f| f["held"] == f["length"]));
+    assert!(gw.ok(&["feeds"]).contains("remote"));
+    let verified = gw.ok(&["verify"]);
+    assert!(verified.contains("all 2 feeds verified"), "{verified}");
+
+    // What the node cannot do for the CLI is refused in words.
+    let refused = gw.fails(&["read", TOPIC, "--follow", "--peer", &listen]);
+    assert!(refused.contains("held by a running node"), "{refused}");
+    // Another group's key is refused before anything reaches the node.
+    let stranger = Gw::new(root.path(), "stranger");
+    stranger.ok(&["init"]);
+    let stranger_key = std::fs::read_to_string(stranger.dir.with_extension("key")).unwrap();
+    let wrong = gw.fails(&["--key", stranger_key.trim(), "write", TOPIC, "intruder"]);
+    assert!(wrong.contains("wrong shared key"), "{wrong}");
+
+    // kill -9: the follower says the node went away; the stale API file does not
+    // stop the CLI, which opens the store itself.
+    node.running.kill9();
+    let (status, _, stderr) = follower.finish();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("node holding the store stopped"),
+        "{stderr}"
+    );
+    assert!(
+        gw.dir.join("node-api").exists(),
+        "a killed node leaves its file"
+    );
+    let (payloads, _) = gw.read(TOPIC, None);
+    assert_eq!(payloads.len(), all.len() + 1);
+    assert!(!payloads.contains(&"intruder".to_owned()));
+    assert!(
+        !gw.dir.join("node-api").exists(),
+        "the stale file is removed"
+    );
+    gw.verify();
 }

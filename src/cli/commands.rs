@@ -3,7 +3,7 @@
 use anyhow::{Context, bail};
 use futures::{FutureExt, StreamExt};
 use multifeed::{
-    FeedStatus, SharedKey,
+    SharedKey,
     topics::{Cursor, Message},
 };
 use serde_json::json;
@@ -11,9 +11,10 @@ use tokio::io::AsyncBufReadExt;
 
 use super::{
     net, output,
+    remote::NodeApi,
     report::{DialReport, tell},
     signal::shutdown_signal,
-    store::{self, KeySource, Store, open},
+    store::{self, Access, KeySource, Store, open_or_node},
 };
 use crate::Global;
 
@@ -94,14 +95,54 @@ pub async fn write(
     content_type: Option<String>,
     quiet: bool,
 ) -> anyhow::Result<()> {
-    let store = open(global).await?;
-    let result = write_inner(&store, topic, message, content_type, quiet, global.json).await;
-    let closed = store.close().await;
-    result.and(closed)
+    match open_or_node(global).await? {
+        Access::Local(store) => {
+            let target = Publisher::Store(&store.topics);
+            let result =
+                write_inner(&target, topic, message, content_type, quiet, global.json).await;
+            let closed = store.close().await;
+            result.and(closed)
+        }
+        Access::Node(api) => {
+            let target = Publisher::Node(&api);
+            write_inner(&target, topic, message, content_type, quiet, global.json).await
+        }
+    }
+}
+
+/// Where `write` publishes: the store, or the node holding it.
+enum Publisher<'a> {
+    Store(&'a multifeed::Topics),
+    Node(&'a NodeApi),
+}
+
+impl Publisher<'_> {
+    async fn publish(&self, message: Message) -> anyhow::Result<String> {
+        Ok(match self {
+            Publisher::Store(topics) => topics.publish(message).await?.to_string(),
+            Publisher::Node(api) => api.publish(message).await?,
+        })
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> anyhow::Result<Vec<String>> {
+        Ok(match self {
+            Publisher::Store(topics) => topics
+                .publish_batch(messages)
+                .await?
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            Publisher::Node(api) => api.publish_batch(topic, &messages).await?,
+        })
+    }
 }
 
 async fn write_inner(
-    store: &Store,
+    target: &Publisher<'_>,
     topic: &str,
     message: Option<String>,
     content_type: Option<String>,
@@ -115,7 +156,7 @@ async fn write_inner(
             None => m,
         }
     };
-    let print = |addresses: &[multifeed::topics::MessageAddress]| {
+    let print = |addresses: &[String]| {
         if quiet {
             return;
         }
@@ -128,7 +169,7 @@ async fn write_inner(
         }
     };
     if let Some(message) = message {
-        let address = store.topics.publish(make(message)).await?;
+        let address = target.publish(make(message)).await?;
         print(&[address]);
         return Ok(());
     }
@@ -161,9 +202,14 @@ async fn write_inner(
             .filter(|l| !l.is_empty())
             .map(make)
             .collect();
-        let addresses = store
-            .topics
-            .publish_batch(messages)
+        if messages.is_empty() {
+            if eof {
+                break;
+            }
+            continue;
+        }
+        let addresses = target
+            .publish_batch(topic, messages)
             .await
             .with_context(|| {
                 format!("publishing to {topic:?} after {total} messages (those are written)")
@@ -196,7 +242,21 @@ pub async fn read(
         })?,
         None => Cursor::default(),
     };
-    let store = open(global).await?;
+    let store = match open_or_node(global).await? {
+        Access::Local(store) => store,
+        Access::Node(api) => {
+            if peer.is_some() {
+                bail!(
+                    "the store is held by a running node, which replicates with its own peers; drop --peer, or have the node dial it (`serve --peer ADDR`)"
+                );
+            }
+            return if follow {
+                follow_through_node(global, &api, topic, cursor, limit).await
+            } else {
+                read_through_node(global, &api, topic, cursor, limit).await
+            };
+        }
+    };
     let result = if follow {
         follow_topic(global, &store, topic, cursor, limit, peer).await
     } else {
@@ -204,6 +264,72 @@ pub async fn read(
     };
     let closed = store.close().await;
     result.and(closed)
+}
+
+async fn read_through_node(
+    global: &Global,
+    api: &NodeApi,
+    topic: &str,
+    mut cursor: Cursor,
+    limit: Option<usize>,
+) -> anyhow::Result<()> {
+    let mut left = limit.unwrap_or(usize::MAX);
+    while left > 0 {
+        let (messages, next) = api.read(topic, &cursor, left.min(READ_BATCH)).await?;
+        cursor = next;
+        if messages.is_empty() {
+            break;
+        }
+        left = left.saturating_sub(messages.len());
+        for m in &messages {
+            print_message(global.json, m);
+        }
+    }
+    print_cursor(global.json, &cursor);
+    Ok(())
+}
+
+async fn follow_through_node(
+    global: &Global,
+    api: &NodeApi,
+    topic: &str,
+    mut cursor: Cursor,
+    limit: Option<usize>,
+) -> anyhow::Result<()> {
+    let mut events = api.follow(topic, &cursor).await?;
+    let mut left = limit.unwrap_or(usize::MAX);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut outcome = Ok(());
+    while left > 0 {
+        tokio::select! {
+            item = events.next() => match item {
+                Ok(Some((m, next))) => {
+                    cursor = next;
+                    print_message(global.json, &m);
+                    if global.json {
+                        print_cursor(true, &cursor);
+                    }
+                    left -= 1;
+                }
+                Ok(None) => {
+                    outcome = Err(anyhow::anyhow!(
+                        "the node holding the store stopped; run the same command again with --from and the cursor printed last to go on"
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            },
+            _ = &mut shutdown => break,
+        }
+    }
+    if !global.json {
+        print_cursor(false, &cursor);
+    }
+    outcome
 }
 
 fn print_message(json: bool, m: &multifeed::topics::ReceivedMessage) {
@@ -318,129 +444,90 @@ async fn follow_topic(
 }
 
 pub async fn topics(global: &Global) -> anyhow::Result<()> {
-    let store = open(global).await?;
-    let result = async {
-        for topic in store.topics.topics().await? {
-            if global.json {
-                println!("{}", json!({"topic": topic}));
-            } else {
-                println!("{topic}");
-            }
+    let topics = match open_or_node(global).await? {
+        Access::Local(store) => {
+            let topics = store.topics.topics().await;
+            let closed = store.close().await;
+            let topics = topics?;
+            closed?;
+            topics
         }
-        anyhow::Ok(())
+        Access::Node(api) => api.topics().await?,
+    };
+    for topic in topics {
+        if global.json {
+            println!("{}", json!({"topic": topic}));
+        } else {
+            println!("{topic}");
+        }
     }
-    .await;
-    let closed = store.close().await;
-    result.and(closed)
+    Ok(())
 }
 
 pub async fn feeds(global: &Global) -> anyhow::Result<()> {
-    let store = open(global).await?;
+    let rows = match open_or_node(global).await? {
+        Access::Local(store) => {
+            let mut rows = Vec::new();
+            for feed in store.group.feeds() {
+                rows.push(output::feed_json(&feed).await);
+            }
+            store.close().await?;
+            rows
+        }
+        Access::Node(api) => api.feeds().await?,
+    };
     if !global.json {
-        println!(
-            "{:<64}  {:<20}  {:<6}  {:>9}  {:>9}  {:>10}",
-            "key", "name", "kind", "length", "held", "bytes"
-        );
+        println!("{}", output::feeds_heading());
     }
-    for feed in store.group.feeds() {
-        let (len, held, bytes) = (
-            feed.len().await,
-            feed.contiguous_len().await,
-            feed.byte_len().await,
-        );
-        let kind = if feed.is_local() { "local" } else { "remote" };
+    for row in &rows {
         if global.json {
-            println!(
-                "{}",
-                json!({"key": feed.key().to_hex(), "name": feed.name(), "local": feed.is_local(),
-                       "length": len, "held": held, "bytes": bytes})
-            );
+            println!("{row}");
         } else {
-            println!(
-                "{:<64}  {:<20}  {:<6}  {:>9}  {:>9}  {:>10}",
-                feed.key().to_hex(),
-                feed.name().unwrap_or("-"),
-                kind,
-                len,
-                held,
-                output::bytes(bytes)
-            );
+            println!("{}", output::feed_line(row));
         }
     }
-    store.close().await
+    Ok(())
 }
 
 pub async fn verify(global: &Global) -> anyhow::Result<()> {
-    let store = open(global).await?;
-    let report = store.group.verify().await;
-    let closed = store.close().await;
-    let report = report?;
-    closed?;
-    for feed in &report.feeds {
-        let name = feed.name.as_deref().unwrap_or("(remote)");
-        let (ok, seq, reason) = match &feed.status {
-            FeedStatus::Ok => (true, None, None),
-            FeedStatus::Damaged { seq, reason } => (false, *seq, Some(reason.as_str())),
-            _ => (false, None, Some("unknown")),
-        };
+    let (rows, feeds) = match open_or_node(global).await? {
+        Access::Local(store) => {
+            let report = store.group.verify().await;
+            let closed = store.close().await;
+            let report = report?;
+            closed?;
+            (output::verify_rows(&report), report.feeds.len())
+        }
+        Access::Node(api) => {
+            let answer = api.verify().await?;
+            let rows = answer["feeds"].as_array().cloned().unwrap_or_default();
+            let feeds = rows
+                .iter()
+                .filter(|r| r["skipped"].as_bool() != Some(true))
+                .count();
+            (rows, feeds)
+        }
+    };
+    for row in &rows {
         if global.json {
-            println!(
-                "{}",
-                json!({"key": feed.key.to_hex(), "name": feed.name, "length": feed.length,
-                       "checked": feed.checked, "fork": feed.fork, "ok": ok,
-                       "damaged_at": seq, "reason": reason})
-            );
-        } else if ok {
-            println!(
-                "ok       {}  {name}: {} of {} blocks held and verified{}",
-                feed.key,
-                feed.checked,
-                feed.length,
-                if feed.fork > 0 {
-                    format!(" (truncated by its writer: fork {})", feed.fork)
-                } else {
-                    String::new()
-                }
-            );
+            println!("{row}");
         } else {
-            let at = seq.map_or("its signed tree".to_owned(), |s| format!("block {s}"));
-            println!(
-                "DAMAGED  {}  {name}: at {at}: {}",
-                feed.key,
-                reason.unwrap_or_default()
-            );
+            println!("{}", output::verify_line(row));
         }
     }
-    for skipped in &report.skipped {
-        let key = skipped
-            .key
-            .map(|k| k.to_hex())
-            .unwrap_or_else(|| "?".into());
-        if global.json {
-            println!(
-                "{}",
-                json!({"key": key, "name": skipped.name, "ok": false, "skipped": true,
-                       "path": skipped.path, "reason": skipped.reason})
-            );
-        } else {
-            println!(
-                "DAMAGED  {key}  {}: cannot be loaded ({}): {}",
-                skipped.name.as_deref().unwrap_or("(remote)"),
-                skipped.path.display(),
-                skipped.reason
-            );
-        }
-    }
-    if !report.is_ok() {
+    let damaged = rows
+        .iter()
+        .filter(|r| r["ok"].as_bool() != Some(true))
+        .count();
+    if damaged > 0 {
         bail!(
-            "{} of {} feeds are damaged (listed above) in {}; restore those feeds' directories from a backup; blocks before the damage are intact and nothing was changed",
-            report.damaged(),
-            report.feeds.len() + report.skipped.len(),
+            "{damaged} of {} feeds are damaged (listed above) in {}; restore those feeds' directories from a backup; blocks before the damage are intact and nothing was changed",
+            rows.len(),
             store_dir_display(global)
         );
     }
     if !global.json {
-        println!("all {} feeds verified", report.feeds.len());
+        println!("all {feeds} feeds verified");
     }
     Ok(())
 }

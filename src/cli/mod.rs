@@ -5,6 +5,7 @@ pub mod demo;
 pub mod net;
 pub mod output;
 pub mod progress;
+pub mod remote;
 pub mod report;
 pub mod signal;
 pub mod store;

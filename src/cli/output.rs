@@ -62,6 +62,105 @@ pub fn message_json(m: &ReceivedMessage) -> serde_json::Value {
     value
 }
 
+/// A member feed as `feeds --json` prints it and the node's `/feeds` answers.
+pub async fn feed_json(feed: &multifeed::Feed) -> serde_json::Value {
+    json!({
+        "key": feed.key().to_hex(),
+        "name": feed.name(),
+        "local": feed.is_local(),
+        "length": feed.len().await,
+        "held": feed.contiguous_len().await,
+        "bytes": feed.byte_len().await,
+    })
+}
+
+/// The heading of the `feeds` table.
+pub fn feeds_heading() -> String {
+    format!(
+        "{:<64}  {:<20}  {:<6}  {:>9}  {:>9}  {:>10}",
+        "key", "name", "kind", "length", "held", "bytes"
+    )
+}
+
+/// One row of the `feeds` table, from [`feed_json`].
+pub fn feed_line(row: &serde_json::Value) -> String {
+    let kind = if row["local"].as_bool() == Some(true) {
+        "local"
+    } else {
+        "remote"
+    };
+    format!(
+        "{:<64}  {:<20}  {:<6}  {:>9}  {:>9}  {:>10}",
+        row["key"].as_str().unwrap_or("?"),
+        row["name"].as_str().unwrap_or("-"),
+        kind,
+        row["length"].as_u64().unwrap_or(0),
+        row["held"].as_u64().unwrap_or(0),
+        bytes(row["bytes"].as_u64().unwrap_or(0))
+    )
+}
+
+/// A verify report as rows (`verify --json` prints one per line; the node's
+/// `/verify` answers them all).
+pub fn verify_rows(report: &multifeed::VerifyReport) -> Vec<serde_json::Value> {
+    use multifeed::FeedStatus;
+    let mut rows = Vec::new();
+    for feed in &report.feeds {
+        let (ok, seq, reason) = match &feed.status {
+            FeedStatus::Ok => (true, None, None),
+            FeedStatus::Damaged { seq, reason } => (false, *seq, Some(reason.as_str())),
+            _ => (false, None, Some("unknown")),
+        };
+        rows.push(
+            json!({"key": feed.key.to_hex(), "name": feed.name, "length": feed.length,
+                         "checked": feed.checked, "fork": feed.fork, "ok": ok,
+                         "damaged_at": seq, "reason": reason}),
+        );
+    }
+    for skipped in &report.skipped {
+        let key = skipped
+            .key
+            .map(|k| k.to_hex())
+            .unwrap_or_else(|| "?".into());
+        rows.push(
+            json!({"key": key, "name": skipped.name, "ok": false, "skipped": true,
+                         "path": skipped.path, "reason": skipped.reason}),
+        );
+    }
+    rows
+}
+
+/// One line of `verify`'s text output, from a row of [`verify_rows`].
+pub fn verify_line(row: &serde_json::Value) -> String {
+    let key = row["key"].as_str().unwrap_or("?");
+    let name = row["name"].as_str().unwrap_or("(remote)");
+    let reason = row["reason"].as_str().unwrap_or_default();
+    if row["skipped"].as_bool() == Some(true) {
+        return format!(
+            "DAMAGED  {key}  {name}: cannot be loaded ({}): {reason}",
+            row["path"].as_str().unwrap_or("?")
+        );
+    }
+    if row["ok"].as_bool() == Some(true) {
+        let fork = row["fork"].as_u64().unwrap_or(0);
+        format!(
+            "ok       {key}  {name}: {} of {} blocks held and verified{}",
+            row["checked"].as_u64().unwrap_or(0),
+            row["length"].as_u64().unwrap_or(0),
+            if fork > 0 {
+                format!(" (truncated by its writer: fork {fork})")
+            } else {
+                String::new()
+            }
+        )
+    } else {
+        let at = row["damaged_at"]
+            .as_u64()
+            .map_or("its signed tree".to_owned(), |s| format!("block {s}"));
+        format!("DAMAGED  {key}  {name}: at {at}: {reason}")
+    }
+}
+
 /// `1.5 KiB`-style sizes.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];

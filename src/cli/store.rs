@@ -20,6 +20,7 @@ use anyhow::{Context, bail};
 use fs4::fs_std::FileExt;
 use multifeed::{Multifeed, Options, SharedKey, StorageConfig, Topics};
 
+use super::remote::{self, NodeApi};
 use crate::Global;
 
 /// Opens the group of the global options.
@@ -218,6 +219,75 @@ pub fn is_group_dir(dir: &Path) -> bool {
     dir.join(GROUP_ID_FILE).exists() || dir.join("index").exists()
 }
 
+/// Checks `key` against the group id the store at `dir` keeps; `false` if it keeps
+/// none yet.
+fn check_group_id(dir: &Path, key: &SharedKey, source: KeySource) -> anyhow::Result<bool> {
+    let id = group_id(key);
+    let id_path = dir.join(GROUP_ID_FILE);
+    match std::fs::read_to_string(&id_path) {
+        Ok(stored) if stored.trim() == id => Ok(true),
+        Ok(stored) => bail!(
+            "wrong shared key for the group at {} (key from {source}): the group's id is {}, this key's is {}; pass the key the group was created with, or use another --dir",
+            dir.display(),
+            short(stored.trim()),
+            short(&id)
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", id_path.display())),
+    }
+}
+
+/// The store is locked by another process.
+#[derive(Debug)]
+pub struct InUse {
+    pub dir: PathBuf,
+}
+
+impl std::fmt::Display for InUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the group at {} is in use by another multifeed process (sync --live or read --follow); stop it first, or talk to it over the network with `sync`",
+            self.dir.display()
+        )
+    }
+}
+
+impl std::error::Error for InUse {}
+
+/// Where a command works: on the store itself, or through the node that holds it.
+pub enum Access {
+    Local(Store),
+    Node(NodeApi),
+}
+
+/// Opens the group of the global options, or, while a node holds it, reaches
+/// the node's API instead (after checking the key against the store's group id,
+/// as opening would).
+pub async fn open_or_node(global: &Global) -> anyhow::Result<Access> {
+    let error = match open(global).await {
+        Ok(store) => return Ok(Access::Local(store)),
+        Err(error) => error,
+    };
+    let Some(in_use) = error.downcast_ref::<InUse>() else {
+        return Err(error);
+    };
+    let dir = in_use.dir.clone();
+    let (key, source) = resolve_key(global.key.as_deref(), &dir)?;
+    check_group_id(&dir, &key, source)?;
+    let token = read_token_file(&dir).unwrap_or_default();
+    match NodeApi::find(&dir, token)? {
+        Some(api) => {
+            tracing::info!(
+                "the store is held by a node; going through its API at {}",
+                api.address()
+            );
+            Ok(Access::Node(api))
+        }
+        None => Err(error),
+    }
+}
+
 /// An open group with its directory lock.
 pub struct Store {
     pub dir: PathBuf,
@@ -243,28 +313,17 @@ impl Store {
             .try_lock_exclusive()
             .with_context(|| format!("cannot lock {}", lock_path.display()))?
         {
-            bail!(
-                "the group at {} is in use by another multifeed process (serve, sync --live or read --follow); stop it first, or talk to it over the network with `sync`",
-                dir.display()
-            );
+            return Err(InUse {
+                dir: dir.to_path_buf(),
+            }
+            .into());
         }
-        let id = group_id(&key);
-        let id_path = dir.join(GROUP_ID_FILE);
-        match std::fs::read_to_string(&id_path) {
-            Ok(stored) if stored.trim() == id => {}
-            Ok(stored) => bail!(
-                "wrong shared key for the group at {} (key from {source}): the group's id is {}, this key's is {}; pass the key the group was created with, or use another --dir",
-                dir.display(),
-                short(stored.trim()),
-                short(&id)
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::write(&id_path, format!("{id}\n"))
-                    .with_context(|| format!("cannot write {}", id_path.display()))?;
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot read {}", id_path.display()));
-            }
+        // Ours now: an API file left by a node that was killed names nothing.
+        remote::remove_api_file(dir);
+        if !check_group_id(dir, &key, source)? {
+            let id_path = dir.join(GROUP_ID_FILE);
+            std::fs::write(&id_path, format!("{}\n", group_id(&key)))
+                .with_context(|| format!("cannot write {}", id_path.display()))?;
         }
         let group = Multifeed::open(StorageConfig::dir(dir), key, Options::default())
             .await

@@ -7,6 +7,7 @@
 //! | `GET /topics/{topic}/messages?from=CURSOR&limit=N` | read, as `read --json` does: messages and the cursor past them |
 //! | `GET /topics/{topic}/events` | follow as Server-Sent Events; each event's id is the cursor past it, so `Last-Event-ID` resumes |
 //! | `GET /topics`, `/feeds`, `/peers`, `/health`, `/metrics` | what they say; `/metrics` in Prometheus text |
+//! | `GET /verify` | re-check every feed, as `multifeed verify` does |
 //!
 //! A publish is answered (201, with the messages' addresses) only once the
 //! messages are appended: written to the operating system, so they survive a
@@ -148,6 +149,7 @@ pub fn router(api: Api) -> Router {
         .route("/peers", get(peers))
         .route("/topics", get(topics))
         .route("/feeds", get(feeds))
+        .route("/verify", get(verify))
         .route("/metrics", get(metrics))
         .route(
             "/topics/{topic}/messages",
@@ -273,17 +275,23 @@ async fn topics(
 }
 
 async fn feeds(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value> {
-    let writers: std::collections::HashSet<_> =
-        shared.group.writers().iter().map(|f| f.key()).collect();
     let mut feeds = Vec::new();
     for feed in shared.group.feeds() {
-        feeds.push(json!({
-            "key": feed.key().to_hex(),
-            "local": writers.contains(&feed.key()),
-            "length": feed.len().await,
-        }));
+        feeds.push(output::feed_json(&feed).await);
     }
     Json(json!({ "feeds": feeds }))
+}
+
+/// Re-checks every feed, as `multifeed verify` does; 200 either way, with `ok`.
+async fn verify(
+    State(Api { shared, .. }): State<Api>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let report = shared.group.verify().await?;
+    Ok(Json(json!({
+        "ok": report.is_ok(),
+        "damaged": report.damaged(),
+        "feeds": output::verify_rows(&report),
+    })))
 }
 
 async fn metrics(State(Api { shared, .. }): State<Api>) -> impl IntoResponse {

@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::peers::{Direction, NodeId, PeerState, PeerTable, Registry};
 use crate::cli::{
+    remote,
     report::{end_reason, say, summary_json, summary_text},
     store::Store,
 };
@@ -150,13 +151,24 @@ impl Node {
     /// On error the store is closed again.
     pub async fn bind(store: Store, config: NodeConfig) -> anyhow::Result<Bound> {
         match Self::bind_sockets(&config).await {
-            Ok((listener, http)) => Ok(Bound {
-                store,
-                config,
-                listener,
-                http,
-                id: NodeId::random(),
-            }),
+            Ok((listener, http)) => {
+                // Before anyone hears the node is up: the CLI finds its API by this file.
+                if let Some(addr) = http.as_ref().and_then(|l| l.local_addr().ok())
+                    && let Err(e) = remote::write_api_file(&store.dir, addr)
+                {
+                    // The node still runs; only the CLI's way in is missing.
+                    tracing::warn!(
+                        "{e:#}; commands like `multifeed read` on this store will say it is in use"
+                    );
+                }
+                Ok(Bound {
+                    store,
+                    config,
+                    listener,
+                    http,
+                    id: NodeId::random(),
+                })
+            }
             Err(e) => {
                 store.close().await?;
                 Err(e)
@@ -185,7 +197,9 @@ impl Node {
                 }
                 Some(listener)
             }
-            None => None,
+            // The CLI reaches a running node through its API (see `cli::remote`),
+            // so there is always one, on loopback unless `--http` says otherwise.
+            None => Some(bind("127.0.0.1:0", "the local API").await?),
         };
         Ok((listener, http))
     }
@@ -275,6 +289,8 @@ impl Node {
             self.tasks.shutdown().await;
         }
         drop(self.shared);
+        // Before the lock goes: a node started next must not lose its file to ours.
+        remote::remove_api_file(&self.store.dir);
         self.store.close().await
     }
 }
