@@ -233,6 +233,35 @@ impl Error {
         )
     }
 
+    /// A stable snake_case name of the kind of error, for scripts and APIs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidKey { .. } => "invalid_key",
+            Error::InvalidName { .. } => "invalid_name",
+            Error::SharedKeyAsFeedKey => "shared_key_as_feed_key",
+            Error::WriterKeyMismatch { .. } => "writer_key_mismatch",
+            Error::KeyConflict { .. } => "key_conflict",
+            Error::NotWritable { .. } => "not_writable",
+            Error::Closed => "closed",
+            Error::Io { .. } => "io",
+            Error::Core { .. } => "storage",
+            Error::VersionMismatch { .. } => "version_mismatch",
+            Error::ClientMismatch { .. } => "client_mismatch",
+            Error::SharedKeyMismatch => "shared_key_mismatch",
+            Error::HandshakeTimeout { .. } => "handshake_timeout",
+            Error::ServerBusy { .. } => "server_busy",
+            Error::IdleTimeout { .. } => "idle_timeout",
+            Error::Stalled { .. } => "stalled",
+            Error::ConnectionLost { .. } => "connection_lost",
+            Error::PeerFault { .. } => "peer_fault",
+            Error::InvalidData { .. } => "invalid_data",
+            Error::Damaged { .. } => "damaged",
+            Error::InvalidTopic { .. } => "invalid_topic",
+            Error::InvalidMessage { .. } => "invalid_message",
+            Error::InvalidCursor { .. } => "invalid_cursor",
+        }
+    }
+
     /// Whether the error was caused by the peer (or the link to it) rather than locally.
     pub fn is_peer_fault(&self) -> bool {
         matches!(

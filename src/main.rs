@@ -209,9 +209,39 @@ async fn main() {
             eprintln!("{interrupted}");
             std::process::exit(interrupted.signal.exit_code());
         }
-        eprintln!("error: {}", error_text(&e));
+        if global.json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"error": {"kind": error_kind(&e), "message": error_text(&e)}})
+            );
+        } else {
+            eprintln!("error: {}", error_text(&e));
+        }
         std::process::exit(1);
     }
+}
+
+/// The kind of a command's error for `--json`: the library's code when it came
+/// from the library, else what the CLI knows of it.
+fn error_kind(error: &anyhow::Error) -> &'static str {
+    for cause in error.chain() {
+        if let Some(e) = cause.downcast_ref::<multifeed::Error>() {
+            return e.code();
+        }
+        if cause.is::<cli::store::InUse>() {
+            return "store_in_use";
+        }
+        if let Some(e) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return match e.kind() {
+                ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable => {
+                    "unreachable"
+                }
+                _ => "io",
+            };
+        }
+    }
+    "error"
 }
 
 /// An error and its causes on one line, each said once: our errors already

@@ -360,3 +360,56 @@ fn join_never_echoes_a_malformed_key() {
         "the key was echoed: {stderr}"
     );
 }
+
+#[test]
+fn a_payload_cannot_paint_the_terminal_and_json_errors_are_json() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    gw.ok(&["write", "t", "\u{1b}[2J\u{1b}[31mred"]);
+    gw.ok(&["write", "t", "line one\nline two\r\tend"]);
+    let out = gw.ok(&["read", "t"]);
+    assert!(
+        !out.contains('\u{1b}'),
+        "an escape sequence reached the terminal: {out:?}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "one line per message: {out:?}");
+    assert!(
+        lines[0].ends_with("\\u{1b}[2J\\u{1b}[31mred"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].ends_with("line one\\nline two\\r\\tend"),
+        "{}",
+        lines[1]
+    );
+    // --json keeps the payload exact.
+    let json = gw.ok(&["--json", "read", "t"]);
+    let first: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert_eq!(first["payload"], "\u{1b}[2J\u{1b}[31mred");
+
+    // With --json an error is one JSON object: a kind and our words.
+    for (args, kind) in [
+        (vec!["--json", "write", "", "x"], "invalid_topic"),
+        (vec!["--json", "read", "t", "--from", "garbage"], "error"),
+        (
+            vec!["--json", "sync", "127.0.0.1:1", "--timeout", "2"],
+            "unreachable",
+        ),
+    ] {
+        let stderr = gw.fails(&args);
+        let line = stderr.lines().last().unwrap_or_default();
+        let error: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|_| panic!("{args:?}: not a JSON error: {stderr:?}"));
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{error}"
+        );
+        if kind != "error" {
+            assert_eq!(error["error"]["kind"], kind, "{args:?}: {error}");
+        }
+    }
+}

@@ -38,12 +38,19 @@ pub async fn connect(addr: &str, timeout_secs: u64) -> anyhow::Result<TcpStream>
             let _ = socket.set_nodelay(true);
             Ok(socket)
         }
-        Ok(Err(e)) => Err(anyhow::anyhow!(
-            "cannot reach the peer at {addr}: {e}; check that `multifeed serve` runs there and the address and port are right"
-        )),
-        Err(_) => Err(anyhow::anyhow!(
+        // The OS error stays in the chain (said once): `--json` tells its kind.
+        Ok(Err(e)) => {
+            let words = format!(
+                "cannot reach the peer at {addr}: {e}; check that `multifeed serve` runs there and the address and port are right"
+            );
+            Err(anyhow::Error::new(e).context(words))
+        }
+        Err(_) => Err(anyhow::Error::new(std::io::Error::from(
+            std::io::ErrorKind::TimedOut,
+        ))
+        .context(format!(
             "cannot reach the peer at {addr}: no answer within {timeout_secs} s; check the address, the network and any firewall"
-        )),
+        ))),
     }
 }
 

@@ -32,8 +32,22 @@ pub fn message_line(m: &ReceivedMessage) -> String {
         "{}  {}  {}",
         format_time(m.message.timestamp_ms),
         &m.address.key.to_hex()[..8],
-        String::from_utf8_lossy(&m.message.payload)
+        printable(&String::from_utf8_lossy(&m.message.payload))
     )
+}
+
+/// `text` with control characters escaped (`\n`, `\u{1b}`), so a payload stays on
+/// its line and cannot move the cursor or recolour the terminal.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One message as a JSON object. The payload is a string when it is UTF-8, else
@@ -180,6 +194,14 @@ pub fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payloads_cannot_paint_the_terminal() {
+        assert_eq!(printable("21.5"), "21.5");
+        assert_eq!(printable("a\nb\r\tc"), "a\\nb\\r\\tc");
+        assert_eq!(printable("\u{1b}[31mred"), "\\u{1b}[31mred");
+        assert_eq!(printable("grüße"), "grüße");
+    }
 
     #[test]
     fn formats_utc_times() {
