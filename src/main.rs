@@ -57,6 +57,10 @@ enum Command {
         /// Print nothing (by default each message's address is printed).
         #[arg(short, long)]
         quiet: bool,
+        /// The readings' time instead of now: RFC 3339 (2026-12-01T08:00:00Z, or with
+        /// milliseconds) or milliseconds since the Unix epoch.
+        #[arg(long, value_name = "TIME", value_parser = parse_timestamp)]
+        timestamp: Option<u64>,
     },
     /// Print a topic's messages merged by time from every gateway, then the cursor (on stderr).
     Read {
@@ -168,7 +172,15 @@ async fn main() {
             message,
             content_type,
             quiet,
-        } => cli::commands::write(&global, &topic, message, content_type, quiet).await,
+            timestamp,
+        } => {
+            let options = cli::commands::WriteOptions {
+                content_type,
+                quiet,
+                timestamp_ms: timestamp,
+            };
+            cli::commands::write(&global, &topic, message, options).await
+        }
         Command::Read {
             topic,
             from,
@@ -259,6 +271,19 @@ fn error_text(error: &anyhow::Error) -> String {
         text.push_str(&cause);
     }
     text
+}
+
+/// `--timestamp`: RFC 3339 or milliseconds since the Unix epoch.
+fn parse_timestamp(text: &str) -> Result<u64, String> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    let time = humantime::parse_rfc3339_weak(text).map_err(|e| {
+        format!("{e}; give RFC 3339 (2026-12-01T08:00:00Z) or milliseconds since 1970")
+    })?;
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|_| "a time before 1970 cannot be a reading's time".into())
 }
 
 /// Parses `host:port`, resolving names.

@@ -413,3 +413,30 @@ fn a_payload_cannot_paint_the_terminal_and_json_errors_are_json() {
         }
     }
 }
+
+#[test]
+fn write_timestamp_sets_the_readings_time() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    gw.ok(&[
+        "write",
+        "t",
+        "late",
+        "--timestamp",
+        "2026-12-01T08:00:00.250Z",
+    ]);
+    gw.ok(&["write", "t", "early", "--timestamp", "1000"]);
+    let out = gw.ok(&["--json", "read", "t"]);
+    let read: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["payload"].is_string())
+        .collect();
+    // One writer's messages stay in the order written; each keeps its time.
+    assert_eq!(read[0]["payload"], "late");
+    assert_eq!(read[0]["time_ms"], 1_796_112_000_250u64);
+    assert_eq!(read[1]["payload"], "early");
+    assert_eq!(read[1]["time_ms"], 1000);
+    let refused = gw.fails(&["write", "t", "x", "--timestamp", "yesterday"]);
+    assert!(refused.contains("RFC 3339"), "{refused}");
+}

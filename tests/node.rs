@@ -279,9 +279,20 @@ fn the_cli_goes_through_a_running_node_and_opens_the_store_itself_once_the_node_
     // The cursor read through the node resumes through the node: nothing new yet.
     let (after, _) = gw.read(TOPIC, Some(&cursor));
     assert!(after.is_empty(), "{after:?}");
-    gw.ok(&["write", TOPIC, "new-4"]);
+    gw.ok(&[
+        "write",
+        TOPIC,
+        "new-4",
+        "--timestamp",
+        "2030-01-01T00:00:00Z",
+    ]);
     let (after, _) = gw.read(TOPIC, Some(&cursor));
     assert_eq!(after, ["new-4"]);
+    let stamped = gw.ok(&["--json", "read", TOPIC, "--from", &cursor]);
+    assert!(
+        stamped.contains("\"time_ms\":1893456000000"),
+        "the node kept the reading's time: {stamped}"
+    );
 
     // The follower saw every message once, in order of arrival.
     let mut followed = vec!["old-1".to_owned()];

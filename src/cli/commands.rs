@@ -88,24 +88,30 @@ pub async fn join(global: &Global, key_text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How `write` stamps and reports what it publishes.
+pub struct WriteOptions {
+    pub content_type: Option<String>,
+    pub quiet: bool,
+    /// The readings' time instead of now.
+    pub timestamp_ms: Option<u64>,
+}
+
 pub async fn write(
     global: &Global,
     topic: &str,
     message: Option<String>,
-    content_type: Option<String>,
-    quiet: bool,
+    options: WriteOptions,
 ) -> anyhow::Result<()> {
     match open_or_node(global).await? {
         Access::Local(store) => {
             let target = Publisher::Store(&store.topics);
-            let result =
-                write_inner(&target, topic, message, content_type, quiet, global.json).await;
+            let result = write_inner(&target, topic, message, &options, global.json).await;
             let closed = store.close().await;
             result.and(closed)
         }
         Access::Node(api) => {
             let target = Publisher::Node(&api);
-            write_inner(&target, topic, message, content_type, quiet, global.json).await
+            write_inner(&target, topic, message, &options, global.json).await
         }
     }
 }
@@ -145,13 +151,16 @@ async fn write_inner(
     target: &Publisher<'_>,
     topic: &str,
     message: Option<String>,
-    content_type: Option<String>,
-    quiet: bool,
+    options: &WriteOptions,
     json: bool,
 ) -> anyhow::Result<()> {
+    let quiet = options.quiet;
     let make = |payload: String| {
-        let m = Message::new(topic, payload);
-        match &content_type {
+        let mut m = Message::new(topic, payload);
+        if let Some(ms) = options.timestamp_ms {
+            m = m.with_timestamp_ms(ms);
+        }
+        match &options.content_type {
             Some(ct) => m.with_content_type(ct.clone()),
             None => m,
         }

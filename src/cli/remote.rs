@@ -135,21 +135,13 @@ impl NodeApi {
         Ok(response.json_or_default().await)
     }
 
-    /// Publishes one message; its address.
+    /// Publishes one message (through the batch route, which keeps its timestamp);
+    /// its address.
     pub async fn publish(&self, message: Message) -> anyhow::Result<String> {
-        let mut request = self
-            .request(
-                reqwest::Method::POST,
-                &topic_path(&message.topic, "messages"),
-            )
-            .body(message.payload);
-        if let Some(content_type) = message.content_type {
-            request = request.header(reqwest::header::CONTENT_TYPE, content_type);
-        }
-        let answer: Value = self.send(request).await?.json_or_default().await;
-        answer["address"]
-            .as_str()
-            .map(str::to_owned)
+        let topic = message.topic.clone();
+        let mut addresses = self.publish_batch(&topic, &[message]).await?;
+        addresses
+            .pop()
             .context("the node's answer to a publish had no address")
     }
 
@@ -161,7 +153,8 @@ impl NodeApi {
     ) -> anyhow::Result<Vec<String>> {
         let mut body = String::new();
         for m in messages {
-            let mut line = json!({"payload": String::from_utf8_lossy(&m.payload)});
+            let mut line = json!({"payload": String::from_utf8_lossy(&m.payload),
+                                  "time_ms": m.timestamp_ms});
             if let Some(ct) = &m.content_type {
                 line["content_type"] = json!(ct);
             }
