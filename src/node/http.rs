@@ -14,7 +14,10 @@
 //! that arrive together are committed together (one signed append per topic,
 //! one block per message); no lock is held across the write.
 //!
-//! Off loopback every request must carry `Authorization: Bearer <token>`.
+//! | `GET /` | the live web page (see [`web`]) |
+//!
+//! Off loopback every request but the page's own files must carry the token:
+//! `Authorization: Bearer <token>`, or the page's session cookie.
 
 use std::{
     collections::HashMap, convert::Infallible, sync::Arc, sync::atomic::Ordering, time::Duration,
@@ -46,8 +49,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, peers::PeerState};
-use crate::cli::output;
+use super::{Shared, peers::PeerState, web};
+use crate::cli::{output, store};
 
 /// Messages a read returns when no `limit` is given, and at most.
 const DEFAULT_READ_LIMIT: usize = 1_000;
@@ -157,6 +160,9 @@ pub fn router(api: Api) -> Router {
         .route("/topics/{topic}/events", get(follow))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(shared, authorize))
+        // The page's files hold no data: served without the token, so that
+        // the page can ask for it.
+        .merge(web::router())
         .with_state(api)
 }
 
@@ -214,12 +220,13 @@ async fn authorize(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| web::token_cookie(request.headers()));
         if !given.is_some_and(|given| same_secret(given.trim().as_bytes(), token.as_bytes())) {
             return Err(ApiError {
                 status: StatusCode::UNAUTHORIZED,
                 kind: "unauthorized",
-                message: "this API needs the group's token: send `Authorization: Bearer <token>` with the token from the file beside the key file".into(),
+                message: "this API needs the group's token: send `Authorization: Bearer <token>` with the token from the file beside the key file (in a browser, open the page as /#token=<token>)".into(),
             });
         }
     }
@@ -243,6 +250,7 @@ async fn health(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value
         .count();
     Json(json!({
         "status": "ok",
+        "group": store::group_id(shared.group.shared_key()),
         "node": shared.registry.own().to_string(),
         "started_ms": shared.started_ms,
         "feeds": shared.group.feeds().len(),
