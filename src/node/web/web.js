@@ -235,13 +235,16 @@ class LiveTopic {
         last = v;
       });
       if (!coords.length) return;
-      const line = svg("polyline", { points: coords.join(" "), stroke: COLORS[s % COLORS.length] });
+      const color = COLORS[s % COLORS.length];
+      const line = svg("polyline", { points: coords.join(" "), stroke: color });
       line.dataset.series = field;
       line.dataset.points = String(coords.length);
       line.dataset.last = String(last);
-      this.svg.append(line);
+      // The newest reading as a dot: a lone reading shows too.
+      const [cx, cy] = coords[coords.length - 1].split(",");
+      this.svg.append(line, svg("circle", { cx, cy, r: 2.5, fill: color }));
       this.legend.append(el("span", { data: { series: field } },
-        swatch(COLORS[s % COLORS.length]),
+        swatch(color),
         field + " ", el("span", { class: "last" }, fmtNumber(last))));
     });
   }
@@ -315,9 +318,7 @@ async function poll() {
     renderPeers(peers.peers || []);
     renderFeeds(feeds.feeds || []);
     renderTopics(topics.topics || []);
-    for (const live of charts.values()) live.updateRate();
     setStatus("live", "live");
-    document.body.dataset.polled = String((Number(document.body.dataset.polled) || 0) + 1);
   } catch (e) {
     if (String(e.message) !== "unauthorized") setStatus("offline", "node unreachable");
   }
@@ -327,3 +328,4 @@ takeTokenFromFragment();
 setTokenCookie();
 poll();
 setInterval(poll, POLL_MS);
+setInterval(() => { for (const live of charts.values()) live.updateRate(); }, 1000);
