@@ -35,17 +35,19 @@ function setTokenCookie() {
 }
 
 function askForToken() {
-  const form = document.getElementById("token-form");
-  if (!form.hidden) return;
-  form.hidden = false;
+  document.getElementById("token-form").hidden = false;
   setStatus("unauthorized", "needs token");
-  form.querySelector("form").addEventListener("submit", (e) => {
+}
+
+function listenForToken() {
+  const section = document.getElementById("token-form");
+  section.querySelector("form").addEventListener("submit", (e) => {
     e.preventDefault();
     const token = document.getElementById("token").value.trim();
     if (!/^[0-9A-Za-z]+$/.test(token)) return;
     sessionStorage.setItem(TOKEN_KEY, token);
     setTokenCookie();
-    form.hidden = true;
+    section.hidden = true;
     for (const live of charts.values()) live.restart();
     poll();
   });
@@ -326,6 +328,7 @@ async function poll() {
 
 takeTokenFromFragment();
 setTokenCookie();
+listenForToken();
 poll();
 setInterval(poll, POLL_MS);
 setInterval(() => { for (const live of charts.values()) live.updateRate(); }, 1000);
