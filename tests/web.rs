@@ -358,6 +358,20 @@ fn off_loopback_the_page_works_with_the_token_given_once_in_its_address() {
         assert_eq!(answer.status, 201, "{}", answer.body);
     }
 
+    // The page's cookie authorizes reads, never a publish.
+    let cookie = format!("multifeed_token={token}");
+    let read = http(&local, "GET", "/topics", &[("Cookie", &cookie)], b"").expect("answer");
+    assert_eq!(read.status, 200, "{}", read.body);
+    let publish = http(
+        &local,
+        "POST",
+        "/topics/temp/messages",
+        &[("Cookie", &cookie)],
+        b"9",
+    )
+    .expect("answer");
+    assert_eq!(publish.status, 401, "{}", publish.body);
+
     // Without the token the page loads but shows no data, and asks for it.
     let mut browser = Browser::open(&format!("http://{local}/"));
     wait_for_page(&mut browser, "that it needs the token", |s| {

@@ -7,6 +7,7 @@
 //! | `GET /topics/{topic}/messages?from=CURSOR&limit=N` | read, as `read --json` does: messages and the cursor past them |
 //! | `GET /topics/{topic}/events` | follow as Server-Sent Events; each event's id is the cursor past it, so `Last-Event-ID` resumes |
 //! | `GET /topics`, `/feeds`, `/peers`, `/health`, `/metrics` | what they say; `/metrics` in Prometheus text |
+//! | `GET /` | the live web page (see [`web`]) |
 //!
 //! A publish is answered (201, with the messages' addresses) only once the
 //! messages are appended: written to the operating system, so they survive a
@@ -14,10 +15,9 @@
 //! that arrive together are committed together (one signed append per topic,
 //! one block per message); no lock is held across the write.
 //!
-//! | `GET /` | the live web page (see [`web`]) |
-//!
 //! Off loopback every request but the page's own files must carry the token:
-//! `Authorization: Bearer <token>`, or the page's session cookie.
+//! `Authorization: Bearer <token>`, or for a `GET` (all the page makes) the
+//! page's session cookie.
 
 use std::{
     collections::HashMap, convert::Infallible, sync::Arc, sync::atomic::Ordering, time::Duration,
@@ -27,7 +27,7 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, Path, Query, Request, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, Method, StatusCode, header},
     middleware::{self, Next},
     response::{
         IntoResponse, Response,
@@ -221,7 +221,13 @@ async fn authorize(
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| web::token_cookie(request.headers()));
+            // Reads only: a cookie rides along with requests the page didn't
+            // make, so it never authorizes a publish.
+            .or_else(|| {
+                (request.method() == Method::GET)
+                    .then(|| web::token_cookie(request.headers()))
+                    .flatten()
+            });
         if !given.is_some_and(|given| same_secret(given.trim().as_bytes(), token.as_bytes())) {
             return Err(ApiError {
                 status: StatusCode::UNAUTHORIZED,

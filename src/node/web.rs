@@ -10,7 +10,7 @@
 //! request for data needs it. `EventSource` can't send an `Authorization`
 //! header, so the page keeps the token in `sessionStorage` and in a session
 //! cookie (`SameSite=Strict`, so another site can't make the browser use it)
-//! that [`token_cookie`] reads. The operator opens `http://HOST:PORT/#token=T`
+//! that [`token_cookie`] reads, for `GET`s only: a publish needs the header. The operator opens `http://HOST:PORT/#token=T`
 //! once: the fragment never reaches the server or its logs, and the page takes
 //! it out of the address bar. Without it, the page asks for the token.
 
