@@ -193,7 +193,8 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let mut close = json!({ "id": u64::MAX, "method": "Browser.close" }).to_string();
+        let id = self.next_id + 1;
+        let mut close = json!({ "id": id, "method": "Browser.close" }).to_string();
         close.push('\0');
         let _ = self.commands.write_all(close.as_bytes());
         let closed = poll_until(Duration::from_secs(10), || {
