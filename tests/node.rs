@@ -358,3 +358,121 @@ fn the_cli_goes_through_a_running_node_and_opens_the_store_itself_once_the_node_
     );
     gw.verify();
 }
+
+/// One Server-Sent Events connection to a topic's follow.
+struct Follower {
+    lines: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Follower {
+    /// Follows `topic` on `http_addr`, resuming after `last_id` if given, as a
+    /// browser's `EventSource` does when it reconnects.
+    fn connect(http_addr: &str, topic: &str, last_id: Option<&str>) -> Follower {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(http_addr).expect("the node answers");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut request = format!(
+            "GET /topics/{topic}/events HTTP/1.1\r\nHost: {http_addr}\r\nAccept: text/event-stream\r\n"
+        );
+        if let Some(id) = last_id {
+            request.push_str(&format!("Last-Event-ID: {id}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut follower = Follower {
+            lines: std::io::BufReader::new(stream),
+        };
+        let status = follower.line();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        follower
+    }
+
+    fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let read = self
+            .lines
+            .read_line(&mut line)
+            .expect("an SSE line in time");
+        assert!(read > 0, "the node ended the follow");
+        line.trim_end().to_owned()
+    }
+
+    /// The next message event: its id (the cursor past it) and its payload.
+    /// Keep-alives, the chunked framing's size lines and other fields pass by.
+    fn next(&mut self) -> (String, String) {
+        let (mut id, mut data) = (None, None);
+        loop {
+            let line = self.line();
+            if let Some(value) = line.strip_prefix("id: ") {
+                id = Some(value.to_owned());
+            } else if let Some(value) = line.strip_prefix("data: ") {
+                data = Some(value.to_owned());
+            } else if line.is_empty()
+                && let (Some(id), Some(data)) = (id.take(), data.take())
+            {
+                let message: serde_json::Value = serde_json::from_str(&data).expect("JSON data");
+                return (id, message["payload"].as_str().expect("text").to_owned());
+            }
+        }
+    }
+}
+
+#[test]
+fn an_sse_follower_resumes_with_last_event_id_without_loss_or_repeat() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    let pa = format!("127.0.0.1:{}", free_port());
+    let a = gws[0].node(&["--listen", &pa, "--http", "127.0.0.1:0"]);
+    let b = gws[1].node(&["--peer", &pa, "--http", "127.0.0.1:0"]);
+    let nodes = [("a", a.http.as_str()), ("b", b.http.as_str())];
+    let mut acked = Vec::new();
+    let mut received: Vec<String> = Vec::new();
+    let mut last_id: Option<String> = None;
+    // Rounds: publish on both nodes (some while the follower is away), follow on
+    // B for a while, drop the connection mid-stream, resume from the last id.
+    for round in 0..4 {
+        for i in 0..30 {
+            publish_round(round * 100 + i, &nodes, &mut acked);
+        }
+        let mut follower = Follower::connect(&b.http, TOPIC, last_id.as_deref());
+        for i in 30..40 {
+            publish_round(round * 100 + i, &nodes, &mut acked);
+        }
+        // Fewer than are there: the connection drops with events still in flight.
+        let take = acked.len() - received.len() - 15;
+        for _ in 0..take {
+            let (id, payload) = follower.next();
+            received.push(payload);
+            last_id = Some(id);
+        }
+        drop(follower);
+    }
+    // Last: a marker published after everything; all before it arrives once.
+    publish(&a.http, TOPIC, "end").expect("acknowledged");
+    let mut follower = Follower::connect(&b.http, TOPIC, last_id.as_deref());
+    loop {
+        let (_, payload) = follower.next();
+        if payload == "end" {
+            break;
+        }
+        received.push(payload);
+    }
+    assert_eq!(
+        received.len(),
+        acked.len(),
+        "lost or repeated across resumes"
+    );
+    assert_exactly_once("the follower", &received, &acked);
+    // Each gateway's messages arrive in the order it published them.
+    for name in ["a", "b"] {
+        let seen: Vec<usize> = received
+            .iter()
+            .filter_map(|p| p.strip_prefix(&format!("{name}-")))
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert!(seen.is_sorted(), "{name}'s messages out of order: {seen:?}");
+    }
+    a.running.stop();
+    b.running.stop();
+}

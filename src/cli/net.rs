@@ -116,11 +116,18 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
             say!("http api on http://{addr}");
         }
     }
+    // The handlers are installed on the first poll: do it before the API can
+    // answer, or a SIGTERM right after an answer kills the node uncleanly.
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let signalled = futures::poll!(&mut stop).is_ready();
     // Peers connect and dial only once the addresses are out.
     bound
         .start()
         .run(async {
-            shutdown_signal().await;
+            if !signalled {
+                stop.await;
+            }
         })
         .await?;
     if !global.json {

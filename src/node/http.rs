@@ -8,6 +8,7 @@
 //! | `GET /topics/{topic}/events` | follow as Server-Sent Events; each event's id is the cursor past it, so `Last-Event-ID` resumes |
 //! | `GET /topics`, `/feeds`, `/peers`, `/health`, `/metrics` | what they say; `/metrics` in Prometheus text |
 //! | `GET /verify` | re-check every feed, as `multifeed verify` does |
+//! | `GET /` | the live web page (see [`web`]) |
 //!
 //! A publish is answered (201, with the messages' addresses) only once the
 //! messages are appended: written to the operating system, so they survive a
@@ -15,7 +16,9 @@
 //! that arrive together are committed together (one signed append per topic,
 //! one block per message); no lock is held across the write.
 //!
-//! Off loopback every request must carry `Authorization: Bearer <token>`.
+//! Off loopback every request but the page's own files must carry the token:
+//! `Authorization: Bearer <token>`, or for a `GET` (all the page makes) the
+//! page's session cookie.
 
 use std::{
     collections::HashMap, convert::Infallible, sync::Arc, sync::atomic::Ordering, time::Duration,
@@ -25,7 +28,7 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, Path, Query, Request, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, Method, StatusCode, header},
     middleware::{self, Next},
     response::{
         IntoResponse, Response,
@@ -47,8 +50,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, peers::PeerState};
-use crate::cli::output;
+use super::{Shared, peers::PeerState, web};
+use crate::cli::{output, store};
 
 /// Messages a read returns when no `limit` is given, and at most.
 const DEFAULT_READ_LIMIT: usize = 1_000;
@@ -159,6 +162,9 @@ pub fn router(api: Api) -> Router {
         .route("/topics/{topic}/events", get(follow))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(shared, authorize))
+        // The page's files hold no data: served without the token, so that
+        // the page can ask for it.
+        .merge(web::router())
         .with_state(api)
 }
 
@@ -216,12 +222,19 @@ async fn authorize(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.strip_prefix("Bearer "))
+            // Reads only: a cookie rides along with requests the page didn't
+            // make, so it never authorizes a publish.
+            .or_else(|| {
+                (request.method() == Method::GET)
+                    .then(|| web::token_cookie(request.headers()))
+                    .flatten()
+            });
         if !given.is_some_and(|given| same_secret(given.trim().as_bytes(), token.as_bytes())) {
             return Err(ApiError {
                 status: StatusCode::UNAUTHORIZED,
                 kind: "unauthorized",
-                message: "this API needs the group's token: send `Authorization: Bearer <token>` with the token from the file beside the key file".into(),
+                message: "this API needs the group's token: send `Authorization: Bearer <token>` with the token from the file beside the key file (in a browser, open the page as /#token=<token>)".into(),
             });
         }
     }
@@ -245,6 +258,7 @@ async fn health(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value
         .count();
     Json(json!({
         "status": "ok",
+        "group": store::group_id(shared.group.shared_key()),
         "node": shared.registry.own().to_string(),
         "started_ms": shared.started_ms,
         "feeds": shared.group.feeds().len(),

@@ -16,6 +16,7 @@
 
 pub mod http;
 pub mod peers;
+pub mod web;
 
 use std::{
     collections::HashMap,
