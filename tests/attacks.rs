@@ -152,8 +152,12 @@ impl Attack {
                 use futures::StreamExt;
                 let commands = protocol.commands();
                 let driver = async {
-                    // Events dropped: the rogue only opens.
-                    while let Some(Ok(_)) = protocol.next().await {}
+                    // Events kept, never read: hypercore-protocol ends the
+                    // connection when a message arrives for a dropped channel.
+                    let mut events = Vec::new();
+                    while let Some(Ok(event)) = protocol.next().await {
+                        events.push(event);
+                    }
                     std::future::pending::<()>().await;
                 };
                 let flood = async {
@@ -479,7 +483,15 @@ async fn a_member_opening_channels_past_the_cap_ends_as_its_fault() {
         let socket = TcpStream::connect(addr).await.unwrap();
         let mut protocol = common::rogue::member_protocol(socket, key).await;
         let commands = protocol.commands();
-        let drive = async { while let Some(Ok(_)) = protocol.next().await {} };
+        let drive = async {
+            // Channels are kept: hypercore-protocol ends the connection when a
+            // message arrives for a channel whose handle was dropped.
+            let mut events = Vec::new();
+            while let Some(Ok(event)) = protocol.next().await {
+                events.push(event);
+            }
+            std::future::pending::<()>().await;
+        };
         let flood = async {
             for _ in 0..300 {
                 if commands.open(rand::random()).await.is_err() {
@@ -527,6 +539,12 @@ async fn full_size_figures() {
             repeats: 3,
         },
     ];
+    // ATTACK_ONLY=<part of a name> runs only the matching attacks.
+    let only = std::env::var("ATTACK_ONLY").unwrap_or_default();
+    let attacks: Vec<Attack> = attacks
+        .into_iter()
+        .filter(|a| a.name().contains(&only))
+        .collect();
     if std::env::var_os("ATTACK_SERVE_BIN").is_some() {
         // Another build: figures only.
         for attack in attacks {
