@@ -76,8 +76,7 @@ pub struct ReplicateOptions {
     pub max_offered_feeds: usize,
     /// At most this many feeds new to us that the peer offered are on trial at
     /// once (requested, not yet delivered a verified block or signed length; more
-    /// wait their turn; never more than `max_active_feeds`), and at most this many
-    /// may end their trial having
+    /// wait their turn), and at most this many may end their trial having
     /// delivered nothing before the session ends with
     /// [`crate::Error::TooManyUnprovenFeeds`]. Default 256.
     pub max_unproven_feeds: usize,

@@ -825,15 +825,10 @@ impl<C> SessionCore<C> {
         Ok(())
     }
 
-    /// Puts deferred feeds on trial while places are free. No more are on trial
-    /// than can sync at once: each holds a loaded hypercore until it settles.
+    /// Puts deferred feeds on trial while places are free.
     fn admit_deferred(&mut self, store: &impl LocalFeeds) {
         let mut new = Vec::new();
-        let places = self
-            .options
-            .max_unproven_feeds
-            .min(self.options.max_active_feeds);
-        while self.candidates.len() < places {
+        while self.candidates.len() < self.options.max_unproven_feeds {
             let Some(key) = self.deferred.pop() else {
                 break;
             };
