@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Issue 11's figures: serve's peak memory (VmHWM) and a member's sync under each
-# full-size pre-authentication attack (256 connections sending 4 MiB - 1 byte of a
-# 4 MiB frame; 256 silent connections), from tests/attacks.rs `full_size_figures`.
+# full-size attack (256 connections sending 4 MiB - 1 byte of a 4 MiB frame; 256
+# silent connections; 10 members opening 65,000 channels each; 10 members each
+# offering 3 manifests of 20,000 fresh keys), from tests/attacks.rs
+# `full_size_figures`. ATTACK_ONLY=<part of a name> (e.g. "fresh keys") runs only
+# the matching attacks.
 #
 #   scripts/attack-figures.sh                 this build
 #   BEFORE_BIN=/path/to/old/multifeed scripts/attack-figures.sh

@@ -163,6 +163,21 @@ pub enum Error {
         reason: String,
     },
 
+    /// Too many feeds requested from peers have not delivered anything yet: a
+    /// member offered feeds that hold nothing (a buggy or hostile member), or
+    /// peers together keep more unproven feeds pending than the group allows.
+    /// Nothing of them was admitted; the local store is intact.
+    #[error(
+        "{} more than {limit} feeds that delivered nothing (no verified block or signed length); they were not admitted and the local store is intact. The peer may be faulty or hostile; if it is a trusted member that really holds that many empty feeds, raise {}",
+        scope.who(), scope.setting()
+    )]
+    TooManyUnprovenFeeds {
+        /// The limit that was passed.
+        limit: usize,
+        /// Whether it is this session's limit or the whole group's.
+        scope: AdmissionScope,
+    },
+
     /// The peer broke the protocol or a limit (oversized message, too many feeds, ...).
     #[error(
         "the peer broke the protocol: {reason}; the connection was closed and the local store is intact"
@@ -259,6 +274,7 @@ impl Error {
             Error::InvalidTopic { .. } => "invalid_topic",
             Error::InvalidMessage { .. } => "invalid_message",
             Error::InvalidCursor { .. } => "invalid_cursor",
+            Error::TooManyUnprovenFeeds { .. } => "too_many_unproven_feeds",
         }
     }
 
@@ -274,6 +290,7 @@ impl Error {
                 | Error::IdleTimeout { .. }
                 | Error::Stalled { .. }
                 | Error::PeerFault { .. }
+                | Error::TooManyUnprovenFeeds { .. }
                 | Error::InvalidData { .. }
                 | Error::ConnectionLost { .. }
         )
@@ -298,6 +315,32 @@ impl Error {
                 key: key.to_string(),
                 source,
             },
+        }
+    }
+}
+
+/// Which limit on unproven feeds was passed (see [`Error::TooManyUnprovenFeeds`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AdmissionScope {
+    /// One session's: `ReplicateOptions::max_unproven_feeds`.
+    Session,
+    /// The group's, over every session at once: `Options::max_unproven_feeds`.
+    Group,
+}
+
+impl AdmissionScope {
+    fn who(self) -> &'static str {
+        match self {
+            AdmissionScope::Session => "the peer offered",
+            AdmissionScope::Group => "peers together have pending",
+        }
+    }
+
+    fn setting(self) -> &'static str {
+        match self {
+            AdmissionScope::Session => "ReplicateOptions::max_unproven_feeds",
+            AdmissionScope::Group => "the group's Options::max_unproven_feeds",
         }
     }
 }

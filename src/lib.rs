@@ -83,11 +83,11 @@ pub mod verify;
 struct ReadmeDoctests;
 
 pub use crate::{
-    error::{Error, Result},
+    error::{AdmissionScope, Error, Result},
     exchange::{CLIENT_NAME, PROTOCOL_VERSION},
     feed::Feed,
     keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
-    multifeed::{Event, Multifeed, Options, SkippedFeed},
+    multifeed::{AdmissionStats, Event, Multifeed, Options, SkippedFeed},
     replicate::{
         Backoff, BackoffPolicy, DialEvent, DialOptions, DialSummary, Dialer, PreAuth,
         ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary, SessionEnd,

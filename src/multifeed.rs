@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -39,6 +39,11 @@ pub struct Options {
     /// least recently used others are unloaded and load again on use. Their
     /// lengths stay known. Default: 256. In-memory groups keep every feed loaded.
     pub max_loaded_feeds: usize,
+    /// Most feeds requested from peers that may wait at once, over all sessions,
+    /// before they deliver a verified block or signed length and become members
+    /// (see [`AdmissionStats`]). A session that would pass it ends with
+    /// [`Error::TooManyUnprovenFeeds`]. Default: 4096.
+    pub max_unproven_feeds: usize,
 }
 
 impl Default for Options {
@@ -48,6 +53,7 @@ impl Default for Options {
             event_capacity: 1024,
             max_open_files: 1024,
             max_loaded_feeds: 256,
+            max_unproven_feeds: 4096,
         }
     }
 }
@@ -68,6 +74,12 @@ impl Options {
     /// Sets [`Options::max_loaded_feeds`].
     pub fn max_loaded_feeds(mut self, max: usize) -> Self {
         self.max_loaded_feeds = max;
+        self
+    }
+
+    /// Sets [`Options::max_unproven_feeds`].
+    pub fn max_unproven_feeds(mut self, max: usize) -> Self {
+        self.max_unproven_feeds = max;
         self
     }
 
@@ -113,6 +125,30 @@ pub struct SkippedFeed {
     pub reason: String,
 }
 
+/// How feeds offered by peers fared: a feed a session asked for is held on
+/// trial (its files exist, it is no member, it is offered to nobody) until it
+/// delivers a verified block or signed length, then admitted; one that never
+/// delivers is discarded with its files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AdmissionStats {
+    /// Feeds on trial now.
+    pub unproven: usize,
+    /// Feeds admitted as members after delivering.
+    pub admitted: u64,
+    /// Feeds discarded because they delivered nothing.
+    pub discarded: u64,
+    /// Sessions ended because a limit on unproven feeds was reached
+    /// ([`Error::TooManyUnprovenFeeds`]).
+    pub limit_hits: u64,
+}
+
+/// A feed on trial and how many sessions hold it.
+struct Candidate {
+    feed: Feed,
+    holders: usize,
+}
+
 #[derive(Default)]
 struct Members {
     order: Vec<Feed>,
@@ -144,6 +180,11 @@ struct Inner {
     pool: Arc<FilePool>,
     residency: Arc<Residency>,
     closed: AtomicBool,
+    /// Feeds on trial, changed only under `write`.
+    candidates: std::sync::Mutex<HashMap<FeedKey, Candidate>>,
+    admitted: AtomicU64,
+    discarded: AtomicU64,
+    limit_hits: AtomicU64,
 }
 
 /// A group of hypercores under one shared key. Cheap to clone: clones share one group.
@@ -250,6 +291,10 @@ impl Multifeed {
                 pool,
                 residency,
                 closed: AtomicBool::new(false),
+                candidates: Default::default(),
+                admitted: AtomicU64::new(0),
+                discarded: AtomicU64::new(0),
+                limit_hits: AtomicU64::new(0),
             }),
         })
     }
@@ -398,11 +443,176 @@ impl Multifeed {
         Ok(count)
     }
 
+    /// How feeds offered by peers fared so far (for a metric).
+    pub fn admission_stats(&self) -> AdmissionStats {
+        AdmissionStats {
+            unproven: self.lock_candidates().len(),
+            admitted: self.inner.admitted.load(Ordering::Relaxed),
+            discarded: self.inner.discarded.load(Ordering::Relaxed),
+            limit_hits: self.inner.limit_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn count_limit_hit(&self) {
+        self.inner.limit_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn lock_candidates(&self) -> std::sync::MutexGuard<'_, HashMap<FeedKey, Candidate>> {
+        self.inner
+            .candidates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A feed on trial, for a session to replicate into.
+    pub(crate) fn candidate(&self, key: &FeedKey) -> Option<Feed> {
+        self.lock_candidates().get(key).map(|c| c.feed.clone())
+    }
+
+    /// Takes a hold on each key that is not a member: a feed on trial, created
+    /// (files, no index record) by the first holder. Returns the keys held. Fails
+    /// with [`Error::TooManyUnprovenFeeds`] past [`Options::max_unproven_feeds`].
+    pub(crate) async fn hold_candidates(&self, keys: &[FeedKey]) -> Result<Vec<FeedKey>> {
+        let _write = self.inner.write.lock().await;
+        if _write.is_none() {
+            return Err(Error::Closed);
+        }
+        let mut held = Vec::new();
+        for &key in keys {
+            if self.contains(&key) {
+                continue;
+            }
+            if let Some(candidate) = self.lock_candidates().get_mut(&key) {
+                candidate.holders += 1;
+                held.push(key);
+                continue;
+            }
+            let limit = self.inner.options.max_unproven_feeds;
+            let created = if self.lock_candidates().len() >= limit {
+                Err(Error::TooManyUnprovenFeeds {
+                    limit,
+                    scope: crate::AdmissionScope::Group,
+                })
+            } else {
+                self.create_candidate(key).await
+            };
+            match created {
+                Ok(feed) => {
+                    self.lock_candidates()
+                        .insert(key, Candidate { feed, holders: 1 });
+                    held.push(key);
+                }
+                Err(error) => {
+                    // The batch fails as a whole: its holds go too.
+                    self.drop_holds_locked(&held).await;
+                    return Err(error);
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    async fn create_candidate(&self, key: FeedKey) -> Result<Feed> {
+        if key.as_bytes() == self.inner.shared_key.as_bytes() {
+            return Err(Error::SharedKeyAsFeedKey);
+        }
+        let public = key.verifying_key()?;
+        let record = IndexRecord::new(key, None);
+        let keypair = PartialKeypair {
+            public,
+            secret: None,
+        };
+        let created = self.create_feed(&record, keypair).await;
+        if created.is_err() {
+            self.discard_unrecorded(Vec::<(Feed, ())>::new(), Some(key))
+                .await;
+        }
+        created
+    }
+
+    /// Drops holds without admitting anything (the writer lock is held).
+    async fn drop_holds_locked(&self, keys: &[FeedKey]) {
+        let mut discard = Vec::new();
+        {
+            let mut candidates = self.lock_candidates();
+            for key in keys {
+                if let Some(candidate) = candidates.get_mut(key) {
+                    candidate.holders = candidate.holders.saturating_sub(1);
+                    if candidate.holders == 0
+                        && let Some(c) = candidates.remove(key)
+                    {
+                        discard.push((c.feed, ()));
+                    }
+                }
+            }
+        }
+        self.discard_unrecorded(discard, None).await;
+    }
+
+    /// Drops one hold on each key. A feed on trial that delivered (its length is
+    /// signed and above zero) becomes a member, recorded in one index batch, even
+    /// if others still hold it; one that delivered nothing is discarded with its
+    /// files once nobody holds it. Returns how many became members.
+    pub(crate) async fn release_candidates(&self, keys: &[FeedKey]) -> Result<usize> {
+        let mut write = self.inner.write.lock().await;
+        let Some(index) = write.as_mut() else {
+            return Err(Error::Closed);
+        };
+        let mut promote = Vec::new();
+        let mut discard = Vec::new();
+        {
+            let mut candidates = self.lock_candidates();
+            for key in keys {
+                let Some(candidate) = candidates.get_mut(key) else {
+                    continue;
+                };
+                candidate.holders = candidate.holders.saturating_sub(1);
+                if candidate.feed.shared().info().length > 0 {
+                    if let Some(c) = candidates.remove(key) {
+                        promote.push(c.feed);
+                    }
+                } else if candidate.holders == 0
+                    && let Some(c) = candidates.remove(key)
+                {
+                    discard.push(c.feed);
+                }
+            }
+        }
+        self.inner
+            .discarded
+            .fetch_add(discard.len() as u64, Ordering::Relaxed);
+        self.discard_unrecorded(discard.into_iter().map(|f| (f, ())).collect(), None)
+            .await;
+        if promote.is_empty() {
+            return Ok(0);
+        }
+        let records: Vec<IndexRecord> = promote
+            .iter()
+            .map(|f| IndexRecord::new(f.key(), None))
+            .collect();
+        if let Err(error) = index.append_batch(&records).await {
+            // Back on trial: a later release retries, the last one discards.
+            let mut candidates = self.lock_candidates();
+            for feed in promote {
+                candidates.insert(feed.key(), Candidate { feed, holders: 0 });
+            }
+            return Err(error);
+        }
+        let count = promote.len();
+        self.inner
+            .admitted
+            .fetch_add(count as u64, Ordering::Relaxed);
+        for feed in promote {
+            self.admit(feed);
+        }
+        Ok(count)
+    }
+
     /// Undoes the creation of feeds that never made it into the index (and of the
     /// `failed` one, if its creation got half-way), so a failed admission leaves no
     /// directories behind (best effort: what cannot be removed is reported as an
     /// orphan at the next open).
-    async fn discard_unrecorded(&self, created: Vec<(Feed, IndexRecord)>, failed: Option<FeedKey>) {
+    async fn discard_unrecorded<R>(&self, created: Vec<(Feed, R)>, failed: Option<FeedKey>) {
         let mut keys = Vec::with_capacity(created.len() + 1);
         for (feed, _) in created {
             keys.push(feed.key());
@@ -546,6 +756,13 @@ impl Multifeed {
                 .write()
                 .unwrap_or_else(|e| e.into_inner()),
         );
+        // Feeds still on trial are no members: they leave no files behind.
+        let candidates: Vec<(Feed, ())> = self
+            .lock_candidates()
+            .drain()
+            .map(|(_, c)| (c.feed, ()))
+            .collect();
+        self.discard_unrecorded(candidates, None).await;
         let mut first_error = self.sync_many(&feeds.order).await.err();
         for feed in &feeds.order {
             if let Err(e) = feed.close().await {

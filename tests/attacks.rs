@@ -73,6 +73,22 @@ enum Attack {
     Silent { connections: usize },
     /// Members (they hold the key) that each open `opens` channels for random keys.
     ChannelFlood { connections: usize, opens: usize },
+    /// Members that each offer `repeats` manifests of `keys` fresh feed keys that
+    /// never deliver anything.
+    JunkManifest {
+        connections: usize,
+        keys: usize,
+        repeats: usize,
+    },
+}
+
+/// Aborts its task when dropped (a junk member's connection ends with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Attack {
@@ -85,7 +101,40 @@ impl Attack {
             Attack::ChannelFlood { connections, opens } => {
                 format!("{connections} authenticated connections opening {opens} channels each")
             }
+            Attack::JunkManifest {
+                connections,
+                keys,
+                repeats,
+            } => format!(
+                "{connections} authenticated connections offering {repeats} manifest(s) of {keys} fresh keys each"
+            ),
         }
+    }
+
+    /// The junk members connect and send their manifests; the returned task holds
+    /// their connections open until aborted.
+    async fn start_junk(self, to: SocketAddr, key: [u8; 32]) -> tokio::task::JoinHandle<()> {
+        let Attack::JunkManifest {
+            connections,
+            keys,
+            repeats,
+        } = self
+        else {
+            unreachable!("only junk members offer junk")
+        };
+        let mut members = Vec::new();
+        for i in 0..connections {
+            let manifests = (0..repeats)
+                .map(|_| common::rogue::junk_manifest(keys, 1))
+                .collect();
+            let socket = connect_from(attacker_address(i), to).await.unwrap();
+            let member = common::rogue::junk_offering_member(socket, key, manifests).await;
+            members.push(AbortOnDrop(member));
+        }
+        tokio::spawn(async move {
+            let _members = members;
+            std::future::pending::<()>().await;
+        })
     }
 
     /// The member connections open their channels (each stays open until aborted).
@@ -103,8 +152,12 @@ impl Attack {
                 use futures::StreamExt;
                 let commands = protocol.commands();
                 let driver = async {
-                    // Events dropped: the rogue only opens.
-                    while let Some(Ok(_)) = protocol.next().await {}
+                    // Events kept, never read: hypercore-protocol ends the
+                    // connection when a message arrives for a dropped channel.
+                    let mut events = Vec::new();
+                    while let Some(Ok(event)) = protocol.next().await {
+                        events.push(event);
+                    }
                     std::future::pending::<()>().await;
                 };
                 let flood = async {
@@ -135,7 +188,8 @@ impl Attack {
         let connections = match self {
             Attack::BigPartialFrames { connections, .. }
             | Attack::Silent { connections }
-            | Attack::ChannelFlood { connections, .. } => connections,
+            | Attack::ChannelFlood { connections, .. }
+            | Attack::JunkManifest { connections, .. } => connections,
         };
         let mut sockets = Vec::new();
         for i in 0..connections {
@@ -283,6 +337,7 @@ impl Setup {
         let (peak_before_kib, _) = memory_kib(pid);
         let attacking = match attack {
             Attack::ChannelFlood { .. } => attack.start_members(self.addr(), self.key()).await,
+            Attack::JunkManifest { .. } => attack.start_junk(self.addr(), self.key()).await,
             _ => attack.start(self.addr()).await,
         };
         // The member syncs while every attacking connection is open (and each has
@@ -323,6 +378,13 @@ impl Setup {
     fn member_feeds(&self) -> String {
         self.member.ok(&["feeds"])
     }
+
+    /// The feed directories in the server's store (members, and feeds on trial).
+    fn server_feed_dirs(&self) -> usize {
+        std::fs::read_dir(self.server_gw.dir.join("feeds"))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+    }
 }
 
 fn assert_survived(figures: &Figures) {
@@ -336,6 +398,10 @@ async fn attack_once(attack: Attack) -> (Figures, Setup) {
     // Warm up: one sync before, so the peak counts the attack and not the first sync.
     let (ok, _, stderr) = setup.member_sync();
     assert!(ok, "{stderr}");
+    attack_once_on(setup, attack).await
+}
+
+async fn attack_once_on(setup: Setup, attack: Attack) -> (Figures, Setup) {
     let feeds_before = setup.member_feeds();
     let figures = setup.run(attack).await;
     println!("{figures}");
@@ -370,6 +436,89 @@ async fn silent_connections_do_not_keep_a_member_out() {
     attack_once(Attack::Silent { connections: 256 }).await;
 }
 
+/// A member offering thousands of fresh keys that never deliver: serve requests
+/// some of them on trial, admits none, forwards none, and keeps no file of them
+/// once the member is gone (before: 640 feeds admitted per connection, for good,
+/// and passed on to every other peer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_offering_junk_feeds_gets_none_admitted_or_forwarded() {
+    let setup = Setup::new();
+    let (ok, _, stderr) = setup.member_sync();
+    assert!(ok, "{stderr}");
+    let dirs_before = setup.server_feed_dirs();
+    let (figures, setup) = attack_once_on(
+        setup,
+        Attack::JunkManifest {
+            connections: 2,
+            keys: 2_000,
+            repeats: 2,
+        },
+    )
+    .await;
+    assert!(figures.alive);
+    // The junk members are gone: their feeds on trial go with them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while setup.server_feed_dirs() != dirs_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        setup.server_feed_dirs(),
+        dirs_before,
+        "feeds offered by the junk members left files in serve's store"
+    );
+}
+
+/// A member that opens more channels for feeds nobody offered than the cap (256)
+/// ends as its fault at once. Without the cap its session ran on, holding each
+/// channel's state, until some unrelated timeout ended it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_opening_channels_past_the_cap_ends_as_its_fault() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let group = common::open_dir(dir.path()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let key = *group.shared_key().as_bytes();
+    let rogue = tokio::spawn(async move {
+        let socket = TcpStream::connect(addr).await.unwrap();
+        let mut protocol = common::rogue::member_protocol(socket, key).await;
+        let commands = protocol.commands();
+        let drive = async {
+            // Channels are kept: hypercore-protocol ends the connection when a
+            // message arrives for a channel whose handle was dropped.
+            let mut events = Vec::new();
+            while let Some(Ok(event)) = protocol.next().await {
+                events.push(event);
+            }
+            std::future::pending::<()>().await;
+        };
+        let flood = async {
+            for _ in 0..300 {
+                if commands.open(rand::random()).await.is_err() {
+                    break;
+                }
+            }
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            _ = drive => {}
+            _ = flood => {}
+        }
+    });
+    let (socket, _) = listener.accept().await.unwrap();
+    // As serve runs it: live, responding.
+    let replication =
+        group.start_replication(socket, multifeed::ReplicateOptions::new(false).live(true));
+    let ended = tokio::time::timeout(Duration::from_secs(5), replication.finish())
+        .await
+        .expect("the session ran on past the cap");
+    match ended {
+        Err(multifeed::Error::PeerFault { reason }) if reason.contains("256 channels") => {}
+        other => panic!("expected a peer fault for the channels, got {other:?}"),
+    }
+    rogue.abort();
+}
+
 /// Full size (issue 11's figures): `scripts/attack-figures.sh`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full size; run by scripts/attack-figures.sh"]
@@ -384,7 +533,18 @@ async fn full_size_figures() {
             connections: 10,
             opens: 65_000,
         },
+        Attack::JunkManifest {
+            connections: 10,
+            keys: 20_000,
+            repeats: 3,
+        },
     ];
+    // ATTACK_ONLY=<part of a name> runs only the matching attacks.
+    let only = std::env::var("ATTACK_ONLY").unwrap_or_default();
+    let attacks: Vec<Attack> = attacks
+        .into_iter()
+        .filter(|a| a.name().contains(&only))
+        .collect();
     if std::env::var_os("ATTACK_SERVE_BIN").is_some() {
         // Another build: figures only.
         for attack in attacks {

@@ -778,14 +778,15 @@ async fn key_exchange_requests_only_feeds_it_lacks() {
     assert_eq!(remote_opened, expected);
     assert_eq!(opened, expected.iter().copied().collect());
     assert!(m_done);
-    assert_eq!(summary.feeds_learnt, 2);
+    // B and C delivered nothing (empty): on trial, never admitted, no files left.
+    assert_eq!(summary.feeds_learnt, 0);
     assert_eq!(summary.blocks_received, 0);
-    assert_eq!(member_keys(&m), BTreeSet::from([own.key(), a, b, c]));
+    assert_eq!(member_keys(&m), BTreeSet::from([own.key(), a]));
     for key in [b, c] {
-        let feed = m.feed(key).unwrap();
-        assert!(!feed.is_local());
-        assert_eq!(feed.len().await, 0);
+        assert!(m.feed(key).is_none());
+        assert!(!dir.path().join("feeds").join(key.to_hex()).exists());
     }
+    assert_eq!(m.admission_stats().discarded, 2);
     assert_eq!(m.feed(a).unwrap().len().await, 4);
 }
 
@@ -878,11 +879,12 @@ async fn stalled_peer(answer_open: bool) {
         elapsed >= stall && elapsed <= stall + Duration::from_secs(1) + Duration::from_millis(10),
         "noticed after {elapsed:?}"
     );
-    let feed = m.feed(b).expect("the offered feed was admitted");
-    assert_eq!(feed.len().await, 0);
+    // It delivered nothing: never admitted, and no files of it are left.
+    assert!(m.feed(b).is_none());
+    assert!(!dir.path().join("feeds").join(b.to_hex()).exists());
     m.close().await.unwrap();
     let reopened = open_dir(dir.path()).await;
-    assert_eq!(reopened.feed(b).expect("still a member").len().await, 0);
+    assert!(reopened.feed(b).is_none());
 }
 
 /// A 32-byte string that is not an ed25519 public key (found through the public API).
@@ -978,21 +980,21 @@ async fn slow_and_fast(dir: &Path) -> (Multifeed, Multifeed) {
 async fn different_storage_speeds_with_empty_writers() {
     let dir = tempfile::tempdir().unwrap();
     let (slow, fast) = slow_and_fast(dir.path()).await;
-    let ws = slow.writer("slow").await.unwrap().key();
-    let wf = fast.writer("fast").await.unwrap().key();
+    let slow_writer = slow.writer("slow").await.unwrap();
+    let fast_writer = fast.writer("fast").await.unwrap();
+    let (ws, wf) = (slow_writer.key(), fast_writer.key());
     let (rs, rf) = sync_pair(&slow, &fast).await;
     let (rs, rf) = (rs.unwrap(), rf.unwrap());
-    assert_eq!((rs.feeds_learnt, rf.feeds_learnt), (1, 1));
-    for group in [&slow, &fast] {
-        assert_eq!(member_keys(group), BTreeSet::from([ws, wf]));
-        for feed in group.feeds() {
-            assert_eq!(feed.len().await, 0);
-        }
-    }
-    // And the other way round (the fast side initiating).
+    // An empty feed delivers nothing, so it is not admitted: each stays with its writer.
+    assert_eq!((rs.feeds_learnt, rf.feeds_learnt), (0, 0));
+    assert_eq!(member_keys(&slow), BTreeSet::from([ws]));
+    assert_eq!(member_keys(&fast), BTreeSet::from([wf]));
+    // Once each holds a block, the other way round (the fast side initiating).
+    slow_writer.append(b"s").await.unwrap();
+    fast_writer.append(b"f").await.unwrap();
     let (rf, rs) = sync_pair(&fast, &slow).await;
-    rf.unwrap();
-    rs.unwrap();
+    assert_eq!((rf.unwrap().feeds_learnt, rs.unwrap().feeds_learnt), (1, 1));
+    assert_eq!(member_keys(&slow), BTreeSet::from([ws, wf]));
     assert_eq!(member_keys(&slow), member_keys(&fast));
     slow.close().await.unwrap();
     let slow = Multifeed::open(

@@ -240,6 +240,18 @@ fn a_stopped_node_releases_its_store_and_keeps_what_it_acknowledged() {
     .expect("answer");
     assert_eq!(bad.status, 400);
     assert_eq!(bad.json()["error"]["kind"], "invalid_cursor");
+    let metrics = http(&node.http, "GET", "/metrics", &[], b"").expect("answer");
+    for line in [
+        "multifeed_published_messages_total 2",
+        "multifeed_feeds_unproven 0",
+        "multifeed_admission_limit_hits_total 0",
+    ] {
+        assert!(
+            metrics.body.contains(line),
+            "no {line:?} in {}",
+            metrics.body
+        );
+    }
     // The store is held while the node runs (the CLI goes through its API)...
     assert_eq!(gws[0].ok(&["topics"]).trim(), TOPIC);
     node.running.stop();

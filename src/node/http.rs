@@ -335,6 +335,31 @@ async fn metrics(State(Api { shared, .. }): State<Api>) -> impl IntoResponse {
         "HTTP requests answered with a server error.",
         m.http_errors.load(Ordering::Relaxed),
     );
+    let admissions = shared.group.admission_stats();
+    metric(
+        "multifeed_feeds_unproven",
+        "gauge",
+        "Feeds a peer offered that are on trial until they deliver a verified block.",
+        admissions.unproven as u64,
+    );
+    metric(
+        "multifeed_feeds_admitted_total",
+        "counter",
+        "Offered feeds admitted as members after delivering.",
+        admissions.admitted,
+    );
+    metric(
+        "multifeed_feeds_discarded_total",
+        "counter",
+        "Offered feeds discarded because they delivered nothing.",
+        admissions.discarded,
+    );
+    metric(
+        "multifeed_admission_limit_hits_total",
+        "counter",
+        "Sessions ended because a peer offered too many feeds that delivered nothing.",
+        admissions.limit_hits,
+    );
     metric(
         "multifeed_feeds",
         "gauge",

@@ -1,14 +1,18 @@
 //! Creating the feeds a peer offers, in a task of its own.
 //!
-//! A new remote feed costs a directory, four files and an index record before its
-//! channel can open. Done on the session loop, that work serialises with all
+//! A feed new to us is created on trial (see `Multifeed::hold_candidates`): it
+//! costs a directory and four files before its channel can open, and becomes a
+//! member only once it delivered. Done on the session loop, that work serialises with all
 //! channel traffic (10,000 new feeds took about 2 s of it); here it runs beside
 //! the loop and a little ahead of it, so channels for feeds created earlier sync
 //! while later ones are being created.
 
 use std::{
     collections::{HashSet, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use tokio::{
@@ -18,7 +22,7 @@ use tokio::{
 
 use crate::{FeedKey, Multifeed, error::Result};
 
-/// Feeds created and recorded together: one index append (one signature) each.
+/// Feeds created together under one hold of the writer lock.
 const BATCH: usize = 64;
 /// Created batches waiting for the session before the task pauses.
 const BATCHES_AHEAD: usize = 4;
@@ -27,8 +31,9 @@ const BATCHES_AHEAD: usize = 4;
 #[derive(Debug)]
 pub(crate) struct Admitted {
     pub(crate) keys: Vec<FeedKey>,
-    /// How many of them were new members (the others already were).
-    pub(crate) created: usize,
+    /// The keys this session now holds on trial (the others were members by then);
+    /// each hold is released with `Multifeed::release_candidates`.
+    pub(crate) held: Vec<FeedKey>,
 }
 
 /// The session's handle on its admission task.
@@ -39,6 +44,7 @@ pub(crate) struct Admission {
     wake: Arc<Notify>,
     admitted: mpsc::Receiver<Result<Admitted>>,
     pending: HashSet<FeedKey>,
+    stop: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -47,12 +53,20 @@ impl Admission {
         let waiting = Arc::new(Mutex::new(VecDeque::new()));
         let wake = Arc::new(Notify::new());
         let (tx, admitted) = mpsc::channel(BATCHES_AHEAD);
-        let task = tokio::spawn(admit(multifeed, waiting.clone(), wake.clone(), tx));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(admit(
+            multifeed,
+            waiting.clone(),
+            wake.clone(),
+            stop.clone(),
+            tx,
+        ));
         Self {
             waiting,
             wake,
             admitted,
             pending: HashSet::new(),
+            stop,
             task,
         }
     }
@@ -89,12 +103,36 @@ impl Admission {
         }
     }
 
-    /// Stops the task once its current batch is recorded (never midway, so no
-    /// half-created feed is left behind by us) and waits for it.
-    pub(crate) async fn shutdown(self) {
-        let Admission { admitted, task, .. } = self;
-        drop(admitted);
-        let _ = task.await;
+    /// Stops the task once its current batch is created (never midway, so no
+    /// half-created feed is left behind by us), waits for it and returns the keys
+    /// of batches the session never took: their holds are the caller's to release.
+    pub(crate) async fn shutdown(self) -> Vec<FeedKey> {
+        let Admission {
+            mut admitted,
+            mut task,
+            stop,
+            wake,
+            ..
+        } = self;
+        stop.store(true, Ordering::Release);
+        wake.notify_one();
+        let mut held = Vec::new();
+        loop {
+            tokio::select! {
+                batch = admitted.recv() => match batch {
+                    Some(Ok(batch)) => held.extend(batch.held),
+                    Some(Err(_)) => {}
+                    None => break,
+                },
+                _ = &mut task => break,
+            }
+        }
+        while let Ok(batch) = admitted.try_recv() {
+            if let Ok(batch) = batch {
+                held.extend(batch.held);
+            }
+        }
+        held
     }
 }
 
@@ -102,9 +140,13 @@ async fn admit(
     multifeed: Multifeed,
     waiting: Arc<Mutex<VecDeque<FeedKey>>>,
     wake: Arc<Notify>,
+    stop: Arc<AtomicBool>,
     admitted: mpsc::Sender<Result<Admitted>>,
 ) {
     loop {
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
         let batch: Vec<FeedKey> = {
             let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
             let n = waiting.len().min(BATCH);
@@ -120,12 +162,9 @@ async fn admit(
             return;
         }
         let result = multifeed
-            .admit_remotes(&batch)
+            .hold_candidates(&batch)
             .await
-            .map(|created| Admitted {
-                keys: batch,
-                created,
-            });
+            .map(|held| Admitted { keys: batch, held });
         let failed = result.is_err();
         if admitted.send(result).await.is_err() || failed {
             return;

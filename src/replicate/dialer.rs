@@ -189,6 +189,7 @@ fn fatal_copy(error: &Error) -> Option<Error> {
         | Error::Stalled { .. }
         | Error::ConnectionLost { .. }
         | Error::PeerFault { .. }
+        | Error::TooManyUnprovenFeeds { .. }
         | Error::InvalidData { .. }
         | Error::InvalidTopic { .. }
         | Error::InvalidMessage { .. }

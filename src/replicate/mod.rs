@@ -74,6 +74,12 @@ pub struct ReplicateOptions {
     pub max_active_feeds: usize,
     /// At most this many feeds the peer may offer. Default 100,000.
     pub max_offered_feeds: usize,
+    /// At most this many feeds new to us that the peer offered are on trial at
+    /// once (requested, not yet delivered a verified block or signed length; more
+    /// wait their turn), and at most this many may end their trial having
+    /// delivered nothing before the session ends with
+    /// [`crate::Error::TooManyUnprovenFeeds`]. Default 256.
+    pub max_unproven_feeds: usize,
     /// Largest feed-exchange message or block accepted from the peer. Default 4 MiB.
     pub max_message_len: usize,
     /// Block requests in flight per feed. Default 32. A feed with large blocks gets
@@ -109,6 +115,7 @@ impl ReplicateOptions {
             stall_timeout: Duration::from_secs(60),
             max_active_feeds: 64,
             max_offered_feeds: 100_000,
+            max_unproven_feeds: 256,
             max_message_len: 4 * 1024 * 1024,
             window: 32,
             client_name: CLIENT_NAME.to_string(),
@@ -151,6 +158,12 @@ impl ReplicateOptions {
     /// Sets [`ReplicateOptions::max_offered_feeds`].
     pub fn max_offered_feeds(mut self, max: usize) -> Self {
         self.max_offered_feeds = max;
+        self
+    }
+
+    /// Sets [`ReplicateOptions::max_unproven_feeds`].
+    pub fn max_unproven_feeds(mut self, max: usize) -> Self {
+        self.max_unproven_feeds = max.max(1);
         self
     }
 

@@ -14,6 +14,7 @@
 //! and the timers, hands what happened to the core, and carries out its actions.
 
 use std::{
+    collections::HashSet,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -76,8 +77,25 @@ where
     );
     let result = session.drive(protocol, stop).await;
     session.tasks.abort_all();
+    // The tasks' handles on feeds on trial must go before the trial ends.
+    while session.tasks.join_next().await.is_some() {}
     session.synced.abort_all();
-    session.admission.shutdown().await;
+    let Session {
+        multifeed,
+        admission,
+        mut on_trial,
+        ..
+    } = session;
+    on_trial.extend(admission.shutdown().await);
+    // Feeds still on trial here: the ones that delivered become members, the
+    // others leave no trace (unless another session still holds them).
+    let on_trial: Vec<FeedKey> = on_trial.into_iter().collect();
+    if let Err(error) = multifeed.release_candidates(&on_trial).await {
+        tracing::warn!(%error, "ending the trial of offered feeds");
+    }
+    if matches!(result, Err(Error::TooManyUnprovenFeeds { .. })) {
+        multifeed.count_limit_hit();
+    }
     result
 }
 
@@ -139,8 +157,15 @@ impl LocalFeeds for Store<'_> {
             .collect()
     }
 
+    fn is_member(&self, key: &FeedKey) -> bool {
+        self.0.contains(key)
+    }
+
     fn length(&self, key: &FeedKey) -> Option<u64> {
-        self.0.feed(*key).map(|feed| feed.shared().info().length)
+        self.0
+            .feed(*key)
+            .or_else(|| self.0.candidate(key))
+            .map(|feed| feed.shared().info().length)
     }
 
     fn contiguous_length(&self, key: &FeedKey) -> Option<u64> {
@@ -168,6 +193,8 @@ struct Session {
     /// When a feed channel last received a message (see `SessionCore::waiting_on_peer`).
     activity: Arc<transport::LastSeen>,
     admission: Admission,
+    /// Feeds on trial this session holds (see `Multifeed::hold_candidates`).
+    on_trial: HashSet<FeedKey>,
     tasks: JoinSet<FeedResult>,
     /// Resolves with a feed's key when its channel first reaches sync.
     synced: JoinSet<Option<FeedKey>>,
@@ -192,6 +219,7 @@ impl Session {
         );
         Self {
             admission: Admission::spawn(multifeed.clone()),
+            on_trial: HashSet::new(),
             multifeed,
             options,
             commands,
@@ -259,17 +287,21 @@ impl Session {
                 },
                 admitted = self.admission.next(), if self.core.accepts_admitted() => {
                     match admitted {
-                        Ok(Admitted { keys, created }) => self.step(Input::Admitted { keys, created }).await,
+                        Ok(Admitted { keys, held }) => {
+                            self.on_trial.extend(held);
+                            self.step(Input::Admitted { keys }).await
+                        }
                         Err(e) => Err(e),
                     }
                 },
                 Some(progress) = self.progress_rx.recv() => {
+                    let key = FeedKey::from_bytes(progress.key);
                     self.emit(ReplicationEvent::Progress {
-                        key: FeedKey::from_bytes(progress.key),
+                        key,
                         blocks: progress.blocks,
                         bytes: progress.bytes,
                     });
-                    Ok(())
+                    self.step(Input::Progress(key)).await
                 },
                 Some(event) = member_events.next(), if self.core.handshake_done() => {
                     match event {
@@ -353,6 +385,13 @@ impl Session {
                 self.admission.submit(keys);
                 Ok(())
             }
+            Action::Release(keys) => {
+                let keys: Vec<FeedKey> = keys
+                    .into_iter()
+                    .filter(|key| self.on_trial.remove(key))
+                    .collect();
+                self.multifeed.release_candidates(&keys).await.map(|_| ())
+            }
             Action::Emit(event) => {
                 self.emit(event);
                 Ok(())
@@ -420,7 +459,11 @@ impl Session {
     }
 
     fn start_feed(&mut self, key: FeedKey, channel: Channel) {
-        let Some(feed) = self.multifeed.feed(key) else {
+        let Some(feed) = self
+            .multifeed
+            .feed(key)
+            .or_else(|| self.multifeed.candidate(&key))
+        else {
             refuse_channel(channel);
             return;
         };

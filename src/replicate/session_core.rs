@@ -45,7 +45,9 @@ const MAX_RETRIES: u8 = 3;
 pub(crate) trait LocalFeeds {
     /// Every member feed with its length, in order of admission.
     fn members(&self) -> Vec<(FeedKey, u64)>;
-    /// A member's length, or `None` if it is not a member.
+    /// Whether the feed is a member (feeds on trial are not).
+    fn is_member(&self, key: &FeedKey) -> bool;
+    /// The length of a member or of a feed on trial, or `None` if it is neither.
     fn length(&self, key: &FeedKey) -> Option<u64>;
     /// A member's length counted from the start without a gap.
     fn contiguous_length(&self, key: &FeedKey) -> Option<u64>;
@@ -74,8 +76,10 @@ pub(crate) enum Input<C> {
     },
     /// A feed channel reached sync for the first time.
     FeedSynced(FeedKey),
-    /// Feeds handed to admission were created (`created` of them were new members).
-    Admitted { keys: Vec<FeedKey>, created: usize },
+    /// Feeds handed to admission are on trial (or were members by then).
+    Admitted { keys: Vec<FeedKey> },
+    /// A feed channel applied data: a feed on trial may have delivered.
+    Progress(FeedKey),
     /// A feed became a member of the local store.
     MemberAdded(FeedKey),
     /// Member events were missed: every member is looked at again.
@@ -110,8 +114,11 @@ pub(crate) enum Action<C> {
     StartFeed { key: FeedKey, channel: C },
     /// Close this channel without running it, reading what the peer still sends.
     Refuse(C),
-    /// Create these feeds as remote members (in the background).
+    /// Create these feeds on trial (in the background).
     Admit(Vec<FeedKey>),
+    /// End these feeds' trial here: each becomes a member if it delivered, and
+    /// is discarded if it did not and nobody else holds it.
+    Release(Vec<FeedKey>),
     /// Tell the session's owner.
     Emit(ReplicationEvent),
 }
@@ -134,6 +141,14 @@ pub(crate) struct SessionCore<C> {
     remote_offer: HashSet<FeedKey>,
     /// Feeds we requested that are new to us, being created.
     admitting: HashSet<FeedKey>,
+    /// Feeds new to us that we requested, on trial until they deliver (a verified
+    /// block or signed length) or we give up on them; at most
+    /// `max_unproven_feeds`.
+    candidates: HashSet<FeedKey>,
+    /// Feeds new to us that we want, waiting for a place on trial.
+    deferred: FeedQueue,
+    /// Feeds whose trial ended with nothing delivered.
+    given_up: usize,
     /// Feeds we requested and have not opened yet (all members by now).
     queue: FeedQueue,
     /// Feeds we opened and that are not in sync yet.
@@ -194,6 +209,9 @@ impl<C> SessionCore<C> {
             offered_keys: HashSet::new(),
             remote_offer: HashSet::new(),
             admitting: HashSet::new(),
+            candidates: HashSet::new(),
+            deferred: FeedQueue::default(),
+            given_up: 0,
             queue: FeedQueue::default(),
             syncing: HashSet::new(),
             serving: HashSet::new(),
@@ -289,12 +307,17 @@ impl<C> SessionCore<C> {
                 }
                 self.syncing.remove(&key);
                 self.serving.remove(&key);
+                self.settle(key, store);
                 self.pump_queue();
                 self.maybe_done();
                 Ok(())
             }
-            Input::Admitted { keys, created } => {
-                self.on_admitted(keys, created);
+            Input::Admitted { keys } => {
+                self.on_admitted(keys);
+                Ok(())
+            }
+            Input::Progress(key) => {
+                self.settle(key, store);
                 Ok(())
             }
             Input::MemberAdded(key) => {
@@ -394,6 +417,8 @@ impl<C> SessionCore<C> {
         }
         tracing::debug!(
             queued = self.queue.len(),
+            deferred = self.deferred.len(),
+            on_trial = self.candidates.len(),
             admitting = self.admitting.len(),
             syncing = self.syncing.len(),
             serving = self.serving.len(),
@@ -523,7 +548,7 @@ impl<C> SessionCore<C> {
     }
 
     fn start_feed(&mut self, key: FeedKey, channel: C, store: &impl LocalFeeds) {
-        if store.length(&key).is_none() {
+        if !store.is_member(&key) && !self.candidates.contains(&key) {
             tracing::debug!(%key, "channel for a feed that is not a member; closed");
             self.actions.push_back(Action::Refuse(channel));
             return;
@@ -556,6 +581,13 @@ impl<C> SessionCore<C> {
     ) -> Result<()> {
         tracing::trace!(%key, ?result, "feed channel finished");
         self.on_feed_result(key, result)?;
+        self.settle(key, store);
+        if self.given_up > self.options.max_unproven_feeds {
+            return Err(Error::TooManyUnprovenFeeds {
+                limit: self.options.max_unproven_feeds,
+                scope: crate::AdmissionScope::Session,
+            });
+        }
         if !self.running.contains(&key)
             && let Some(channel) = self.next_channels.remove(&key)
         {
@@ -756,6 +788,7 @@ impl<C> SessionCore<C> {
             }
             self.remote_offer.insert(key);
             let want = match store.contiguous_length(&key) {
+                _ if !store.is_member(&key) => true,
                 None => true,
                 // Live: keep a channel on every shared feed so appends flow both ways.
                 Some(_) if self.options.live => true,
@@ -766,6 +799,8 @@ impl<C> SessionCore<C> {
                 && !self.queue.contains(&key)
                 && !self.syncing.contains(&key)
                 && !self.admitting.contains(&key)
+                && !self.candidates.contains(&key)
+                && !self.deferred.contains(&key)
             {
                 wanted.push(key);
             }
@@ -776,25 +811,66 @@ impl<C> SessionCore<C> {
             lengths: feeds.iter().map(|f| f.length).collect(),
         });
         self.send(ExchangeMessage::Request(wanted.clone()));
-        let mut new = Vec::new();
         for key in wanted {
-            if store.length(&key).is_some() {
+            if store.is_member(&key) {
+                self.queue.push(key);
+            } else {
+                // Members only once they deliver: on trial, a few at a time.
+                self.deferred.push(key);
+            }
+        }
+        self.admit_deferred(store);
+        self.pump_queue();
+        self.maybe_done();
+        Ok(())
+    }
+
+    /// Puts deferred feeds on trial while places are free.
+    fn admit_deferred(&mut self, store: &impl LocalFeeds) {
+        let mut new = Vec::new();
+        while self.candidates.len() < self.options.max_unproven_feeds {
+            let Some(key) = self.deferred.pop() else {
+                break;
+            };
+            if store.is_member(&key) {
                 self.queue.push(key);
             } else if self.admitting.insert(key) {
+                self.candidates.insert(key);
                 new.push(key);
             }
         }
         if !new.is_empty() {
             self.actions.push_back(Action::Admit(new));
         }
-        self.pump_queue();
-        self.maybe_done();
-        Ok(())
+    }
+
+    /// Ends a feed's trial once it delivered, or once nothing of it is pending on
+    /// this connection any more (it delivered nothing).
+    fn settle(&mut self, key: FeedKey, store: &impl LocalFeeds) {
+        if !self.candidates.contains(&key) || self.admitting.contains(&key) {
+            return;
+        }
+        let delivered = store.length(&key).unwrap_or(0) > 0;
+        let pending = self.queue.contains(&key)
+            || self.syncing.contains(&key)
+            || self.running.contains(&key)
+            || self.next_channels.contains_key(&key);
+        if !delivered && pending {
+            return;
+        }
+        self.candidates.remove(&key);
+        if delivered {
+            self.summary.feeds_learnt += 1;
+        } else {
+            tracing::debug!(%key, "an offered feed delivered nothing; not admitted");
+            self.given_up += 1;
+        }
+        self.actions.push_back(Action::Release(vec![key]));
+        self.admit_deferred(store);
     }
 
     /// Feeds the admission task created: they join the queue.
-    fn on_admitted(&mut self, keys: Vec<FeedKey>, created: usize) {
-        self.summary.feeds_learnt += created;
+    fn on_admitted(&mut self, keys: Vec<FeedKey>) {
         for key in keys {
             self.admitting.remove(&key);
             self.queue.push(key);
@@ -842,6 +918,7 @@ impl<C> SessionCore<C> {
         if self.got_manifest
             && self.got_request
             && self.queue.is_empty()
+            && self.deferred.is_empty()
             && self.admitting.is_empty()
             && self.syncing.is_empty()
             && self.serving.is_empty()
@@ -958,12 +1035,37 @@ mod tests {
             self.0.clone()
         }
 
+        fn is_member(&self, key: &FeedKey) -> bool {
+            self.0.iter().any(|(k, _)| k == key)
+        }
+
         fn length(&self, key: &FeedKey) -> Option<u64> {
             self.0.iter().find(|(k, _)| k == key).map(|(_, len)| *len)
         }
 
         fn contiguous_length(&self, key: &FeedKey) -> Option<u64> {
             self.length(key)
+        }
+    }
+
+    /// A store with no members and these feeds on trial.
+    struct Trial(Vec<(FeedKey, u64)>);
+
+    impl LocalFeeds for Trial {
+        fn members(&self) -> Vec<(FeedKey, u64)> {
+            Vec::new()
+        }
+
+        fn is_member(&self, _: &FeedKey) -> bool {
+            false
+        }
+
+        fn length(&self, key: &FeedKey) -> Option<u64> {
+            self.0.iter().find(|(k, _)| k == key).map(|(_, len)| *len)
+        }
+
+        fn contiguous_length(&self, _: &FeedKey) -> Option<u64> {
+            None
         }
     }
 
@@ -1040,6 +1142,99 @@ mod tests {
         core.handle(now, Input::ChannelReady { key: b, channel: 2 }, &store);
         core.handle(now, Input::FeedSynced(b), &store);
         assert!(!core.waiting_on_peer());
+    }
+
+    /// Offered feeds new to us are put on trial a few at a time, none becomes a
+    /// member without delivering, and a peer whose offers keep delivering nothing
+    /// ends as a typed fault once the cap is passed.
+    #[test]
+    fn offered_feeds_are_on_trial_a_few_at_a_time_and_junk_ends_the_session() {
+        const CAP: usize = 4;
+        let store = Store(Vec::new());
+        let options = ReplicateOptions::new(true).max_unproven_feeds(CAP);
+        let (mut core, now) = handshaken(options, &store);
+        let junk: Vec<(FeedKey, u64)> = (10..30).map(|i| (feed(i), 5)).collect();
+        core.handle(now, manifest(&junk), &store);
+        let admitted: Vec<FeedKey> = drain(&mut core)
+            .into_iter()
+            .flat_map(|a| match a {
+                Action::Admit(keys) => keys,
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(admitted.len(), CAP, "only {CAP} on trial at once");
+        let mut given_up = 0;
+        let mut outcome = None;
+        let mut trial = admitted;
+        // Each feed on trial opens, syncs empty and ends: given up, and the next goes on trial.
+        while let Some(key) = trial.pop() {
+            let store = Trial(vec![(key, 0)]);
+            core.handle(now, Input::Admitted { keys: vec![key] }, &store);
+            core.handle(now, Input::ChannelReady { key, channel: 1 }, &store);
+            let finished = Input::FeedFinished {
+                key,
+                result: Ok(FeedSyncSummary {
+                    synced: true,
+                    ..Default::default()
+                }),
+            };
+            core.handle(now, finished, &store);
+            for action in drain(&mut core) {
+                match action {
+                    Action::Release(keys) => {
+                        assert_eq!(keys, vec![key]);
+                        given_up += 1;
+                    }
+                    Action::Admit(keys) => trial.extend(keys),
+                    _ => {}
+                }
+            }
+            if let Some(ended) = core.take_outcome() {
+                outcome = Some(ended);
+                break;
+            }
+        }
+        assert_eq!(given_up, CAP + 1);
+        assert!(
+            matches!(
+                outcome,
+                Some(Err(Error::TooManyUnprovenFeeds {
+                    limit: CAP,
+                    scope: crate::AdmissionScope::Session
+                }))
+            ),
+            "{outcome:?}"
+        );
+        assert_eq!(core.summary().feeds_learnt, 0);
+    }
+
+    /// A feed on trial that delivers is released to become a member and counted.
+    #[test]
+    fn an_offered_feed_that_delivers_is_admitted() {
+        let a = feed(1);
+        let (mut core, now) = handshaken(ReplicateOptions::new(true).live(true), &Store(vec![]));
+        core.handle(now, manifest(&[(a, 3)]), &Store(vec![]));
+        assert!(
+            drain(&mut core)
+                .iter()
+                .any(|x| matches!(x, Action::Admit(keys) if keys == &vec![a]))
+        );
+        let empty = Trial(vec![(a, 0)]);
+        core.handle(now, Input::Admitted { keys: vec![a] }, &empty);
+        core.handle(now, Input::ChannelReady { key: a, channel: 1 }, &empty);
+        core.handle(now, Input::Progress(a), &empty);
+        assert!(
+            !drain(&mut core)
+                .iter()
+                .any(|x| matches!(x, Action::Release(_)))
+        );
+        core.handle(now, Input::Progress(a), &Trial(vec![(a, 2)]));
+        assert!(
+            drain(&mut core)
+                .iter()
+                .any(|x| matches!(x, Action::Release(keys) if keys == &vec![a]))
+        );
+        assert_eq!(core.summary().feeds_learnt, 1);
     }
 
     /// A one-shot side that said `Done` wants nothing more: a member the peer

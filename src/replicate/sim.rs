@@ -238,6 +238,7 @@ enum Source {
     Root,
     TaskDone,
     Synced,
+    Progress,
     Admitted,
     Members,
     Task(TaskId),
@@ -276,7 +277,10 @@ struct Side {
     root_inbox: VecDeque<ChanMsg>,
     tasks_done: VecDeque<(FeedKey, Result<FeedSyncSummary, FeedSyncError>)>,
     synced: VecDeque<FeedKey>,
-    admitted: VecDeque<(Vec<FeedKey>, usize)>,
+    admitted: VecDeque<Vec<FeedKey>>,
+    progressed: VecDeque<FeedKey>,
+    /// Feeds on trial this side holds.
+    held: HashSet<FeedKey>,
     members: VecDeque<FeedKey>,
     // The driver.
     root: Option<ChanId>,
@@ -328,12 +332,19 @@ struct Conn {
 #[derive(Default)]
 struct Peer {
     order: Vec<FeedKey>,
+    /// Members and feeds on trial.
     lens: HashMap<FeedKey, u64>,
+    /// Feeds on trial, with how many sessions hold them.
+    trial: HashMap<FeedKey, usize>,
 }
 
 impl LocalFeeds for Peer {
     fn members(&self) -> Vec<(FeedKey, u64)> {
         self.order.iter().map(|k| (*k, self.lens[k])).collect()
+    }
+
+    fn is_member(&self, key: &FeedKey) -> bool {
+        self.lens.contains_key(key) && !self.trial.contains_key(key)
     }
 
     fn length(&self, key: &FeedKey) -> Option<u64> {
@@ -800,6 +811,26 @@ impl Sim {
         }
     }
 
+    /// Drops a hold on a feed on trial, as `Multifeed::release_candidates` does:
+    /// one that delivered becomes a member, one that did not goes once nobody
+    /// holds it.
+    fn release(&mut self, peer: usize, key: FeedKey) {
+        let p = &mut self.peers[peer];
+        let Some(holders) = p.trial.get_mut(&key) else {
+            return;
+        };
+        *holders = holders.saturating_sub(1);
+        let len = p.lens.get(&key).copied().unwrap_or(0);
+        if len > 0 {
+            p.trial.remove(&key);
+            p.lens.remove(&key);
+            self.add_member(peer, key, len);
+        } else if *holders == 0 {
+            p.trial.remove(&key);
+            p.lens.remove(&key);
+        }
+    }
+
     /// A feed of `peer` grew: every feed task of it looks again.
     fn set_len(&mut self, peer: usize, key: FeedKey, len: u64) {
         self.peers[peer].lens.insert(key, len);
@@ -880,6 +911,8 @@ impl Sim {
             tasks_done: VecDeque::new(),
             synced: VecDeque::new(),
             admitted: VecDeque::new(),
+            progressed: VecDeque::new(),
+            held: HashSet::new(),
             members: VecDeque::new(),
             root: None,
             root_rx_taken: false,
@@ -1009,6 +1042,14 @@ impl Sim {
                     self.step(conn, side, Input::FeedSynced(key));
                 }
             }
+            Source::Progress => {
+                let Some(key) = self.conns[conn].sides[side].progressed.pop_front() else {
+                    return;
+                };
+                if running {
+                    self.step(conn, side, Input::Progress(key));
+                }
+            }
             Source::Admitted => {
                 if !running {
                     return;
@@ -1018,11 +1059,10 @@ impl Sim {
                     self.wake(conn, side, Source::Admitted, 20 * MS);
                     return;
                 }
-                let Some((keys, created)) = self.conns[conn].sides[side].admitted.pop_front()
-                else {
+                let Some(keys) = self.conns[conn].sides[side].admitted.pop_front() else {
                     return;
                 };
-                self.step(conn, side, Input::Admitted { keys, created });
+                self.step(conn, side, Input::Admitted { keys });
             }
             Source::Members => {
                 let Some(key) = self.conns[conn].sides[side].members.pop_front() else {
@@ -1520,6 +1560,18 @@ impl Sim {
                 self.schedule_at(at, Ev::Admission { conn, side, keys });
                 Ok(())
             }
+            Action::Release(keys) => {
+                let peer = self.conns[conn].sides[side].peer;
+                for key in keys {
+                    if self.peers[peer].lens.get(&key).copied().unwrap_or(0) > 0 {
+                        self.conns[conn].sides[side].created += 1;
+                    }
+                    if self.conns[conn].sides[side].held.remove(&key) {
+                        self.release(peer, key);
+                    }
+                }
+                Ok(())
+            }
             Action::Emit(event) => {
                 if let ReplicationEvent::RemoteFeeds { keys, lengths } = event {
                     let s = &mut self.conns[conn].sides[side];
@@ -1538,16 +1590,19 @@ impl Sim {
         let peer = self.conns[conn].sides[side].peer;
         let split = self.rng.range(1, keys.len().max(1) as u64) as usize;
         let (now, later) = keys.split_at(split.min(keys.len()));
-        let mut created = 0;
+        let mut held = Vec::new();
         for key in now {
-            if !self.peers[peer].lens.contains_key(key) {
-                created += 1;
-                self.add_member(peer, *key, 0);
+            let p = &mut self.peers[peer];
+            if p.is_member(key) {
+                continue;
             }
+            *p.trial.entry(*key).or_insert(0) += 1;
+            p.lens.entry(*key).or_insert(0);
+            held.push(*key);
         }
         let s = &mut self.conns[conn].sides[side];
-        s.created += created;
-        s.admitted.push_back((now.to_vec(), created));
+        s.held.extend(held);
+        s.admitted.push_back(now.to_vec());
         self.wake(conn, side, Source::Admitted, 2 * MS);
         if !later.is_empty() {
             let at = self.now + self.rng.range(100, 5 * MS);
@@ -1606,6 +1661,11 @@ impl Sim {
         let s = &mut self.conns[conn].sides[side];
         s.state = State::Closed;
         s.tasks.clear();
+        let peer = s.peer;
+        for key in std::mem::take(&mut s.held) {
+            self.release(peer, key);
+        }
+        let s = &mut self.conns[conn].sides[side];
         let result = match s.pending_end.take() {
             Some(Ok(())) => Ok(s.core.summary().clone()),
             Some(Err(error)) => Err(error.to_string()),
@@ -1675,6 +1735,8 @@ impl Sim {
             }
             if local > self.peers[peer].lens.get(&task.key).copied().unwrap_or(0) {
                 self.set_len(peer, task.key, local);
+                self.conns[conn].sides[side].progressed.push_back(task.key);
+                self.wake(conn, side, Source::Progress, MS);
             }
         }
         // After FEED_DONE only answers go out.
@@ -1835,6 +1897,10 @@ impl Sim {
         let store = &self.peers[s.peer];
         for (key, announced) in &s.announced {
             let held = store.lens.get(key).copied();
+            // A feed announced empty delivers nothing, so it is not admitted.
+            if *announced == Some(0) && held.is_none() {
+                continue;
+            }
             if held.is_none() || held < *announced {
                 return Some(format!(
                     "completed holding {held:?} of {}, which the peer announced at {announced:?}",
@@ -1870,10 +1936,12 @@ impl Sim {
                 !one_shot || ended || c.cut
             }
         });
+        // An empty feed never delivers, so only its writer holds it.
         sessions_settled
             && self.peers.iter().all(|p| {
-                p.lens.len() == self.truth.len()
-                    && self.truth.iter().all(|(k, len)| p.lens.get(k) == Some(len))
+                self.truth.iter().all(|(k, len)| {
+                    *len == 0 || (p.lens.get(k) == Some(len) && !p.trial.contains_key(k))
+                })
             })
     }
 
@@ -1895,7 +1963,7 @@ impl Sim {
         }
         for (i, p) in self.peers.iter().enumerate() {
             for (k, len) in &self.truth {
-                if p.lens.get(k) != Some(len) {
+                if *len > 0 && (p.lens.get(k) != Some(len) || p.trial.contains_key(k)) {
                     let _ = write!(
                         out,
                         "[peer {i} holds {:?} of {} (writer: {len})] ",

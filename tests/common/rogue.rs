@@ -186,3 +186,116 @@ pub async fn member_protocol(
         .expect("rogue: open command");
     protocol
 }
+
+/// The feed-exchange messages a rogue sends, written from `proto/multifeed.proto`
+/// by hand (only what the rogue needs).
+pub mod wire {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Handshake {
+        #[prost(string, tag = "1")]
+        pub client: String,
+        #[prost(string, tag = "2")]
+        pub protocol_version: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct FeedInfo {
+        #[prost(bytes = "vec", tag = "1")]
+        pub key: Vec<u8>,
+        #[prost(uint64, optional, tag = "2")]
+        pub length: Option<u64>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Manifest {
+        #[prost(message, repeated, tag = "1")]
+        pub feeds: Vec<FeedInfo>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ExchangeMessage {
+        #[prost(oneof = "Body", tags = "1, 2")]
+        pub body: Option<Body>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Body {
+        #[prost(message, tag = "1")]
+        Handshake(Handshake),
+        #[prost(message, tag = "2")]
+        Manifest(Manifest),
+    }
+}
+
+/// `count` fresh feed keys (real ed25519 public keys: the serve side refuses
+/// anything else outright), each offered as holding `length` blocks.
+pub fn junk_manifest(count: usize, length: u64) -> Vec<u8> {
+    use prost::Message as _;
+    let feeds = (0..count)
+        .map(|_| wire::FeedInfo {
+            key: multifeed::Keypair::generate()
+                .public_key()
+                .as_bytes()
+                .to_vec(),
+            length: Some(length),
+        })
+        .collect();
+    wire::ExchangeMessage {
+        body: Some(wire::Body::Manifest(wire::Manifest { feeds })),
+    }
+    .encode_to_vec()
+}
+
+/// A hostile member that offers junk: after the handshake it sends each of
+/// `manifests` (fresh keys that will never deliver anything), then keeps the
+/// connection open, answering nothing, until dropped. Resolves once every
+/// manifest was sent (or the connection ended).
+pub async fn junk_offering_member(
+    socket: TcpStream,
+    shared_key: [u8; 32],
+    manifests: Vec<Vec<u8>>,
+) -> tokio::task::JoinHandle<()> {
+    use hypercore_protocol::{Event, Message, schema::Extension};
+    use prost::Message as _;
+    let mut protocol = member_protocol(socket, shared_key).await;
+    let (sent_tx, sent) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut sent_tx = Some(sent_tx);
+        let mut root = None;
+        while let Some(Ok(event)) = protocol.next().await {
+            if let Event::Channel(channel) = event
+                && channel.key() == &shared_key
+                && root.is_none()
+            {
+                let handshake = wire::ExchangeMessage {
+                    body: Some(wire::Body::Handshake(wire::Handshake {
+                        client: multifeed::CLIENT_NAME.to_string(),
+                        protocol_version: multifeed::PROTOCOL_VERSION.to_string(),
+                    })),
+                };
+                let mut messages = vec![handshake.encode_to_vec()];
+                messages.extend(manifests.iter().cloned());
+                for message in messages {
+                    let sent = channel
+                        .send(Message::Extension(Extension {
+                            name: "multifeed/exchange".to_string(),
+                            message,
+                        }))
+                        .await;
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                root = Some(channel);
+                if let Some(tx) = sent_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        drop(sent_tx);
+        // Held open (quietly) until aborted.
+        std::future::pending::<()>().await;
+    });
+    let _ = tokio::time::timeout(WAIT * 4, sent).await;
+    task
+}
