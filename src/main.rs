@@ -240,6 +240,9 @@ fn error_kind(error: &anyhow::Error) -> &'static str {
         if let Some(e) = cause.downcast_ref::<multifeed::Error>() {
             return e.code();
         }
+        if let Some(failed) = cause.downcast_ref::<cli::net::SyncFailed>() {
+            return failed.error.code();
+        }
         if cause.is::<cli::store::InUse>() {
             return "store_in_use";
         }

@@ -148,9 +148,19 @@ fn a_server_killed_mid_sync_is_restarted_and_the_next_sync_succeeds() {
             server.kill9();
             let (status, _, stderr) = sync.finish();
             assert!(!status.success(), "round {round}: the sync ended well");
+            // With --json the error is one JSON object naming its kind.
+            let error: serde_json::Value =
+                serde_json::from_str(stderr.lines().last().unwrap_or_default())
+                    .unwrap_or_else(|_| panic!("round {round}: not a JSON error: {stderr}"));
             assert!(
-                stderr.contains("error: sync with"),
-                "round {round}: {stderr}"
+                error["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("sync with")),
+                "round {round}: {error}"
+            );
+            assert_eq!(
+                error["error"]["kind"], "connection_lost",
+                "round {round}: {error}"
             );
         } else {
             let (status, rest, stderr) = sync.finish();

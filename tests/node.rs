@@ -244,6 +244,7 @@ fn a_stopped_node_releases_its_store_and_keeps_what_it_acknowledged() {
     for line in [
         "multifeed_published_messages_total 2",
         "multifeed_feeds_unproven 0",
+        "multifeed_blocks_missing 0",
         "multifeed_admission_limit_hits_total 0",
     ] {
         assert!(

@@ -72,14 +72,30 @@ pub fn gave_up(addr: &str, error: multifeed::Error) -> anyhow::Error {
     anyhow::anyhow!("replication with {addr} refused: {error}")
 }
 
-/// A session's error, for the user of `sync`.
+/// A session's error, for the user of `sync`: our words, and the library's
+/// error kept for `--json` to name its kind.
+#[derive(Debug)]
+pub struct SyncFailed {
+    words: String,
+    pub error: multifeed::Error,
+}
+
+impl std::fmt::Display for SyncFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.words)
+    }
+}
+
+impl std::error::Error for SyncFailed {}
+
 fn sync_failed(addr: &str, error: multifeed::Error) -> anyhow::Error {
-    match error {
-        Error::ServerBusy { max_peers } => anyhow::anyhow!(
+    let words = match &error {
+        Error::ServerBusy { max_peers } => format!(
             "the server at {addr} is full (it serves {max_peers} peers at once); try again later, or use `sync --live`, which retries by itself"
         ),
-        error => anyhow::anyhow!("sync with {addr} failed: {error}"),
-    }
+        error => format!("sync with {addr} failed: {error}"),
+    };
+    SyncFailed { words, error }.into()
 }
 
 /// Runs the gateway node (see [`crate::node`]) until Ctrl-C or SIGTERM.

@@ -335,6 +335,18 @@ async fn metrics(State(Api { shared, .. }): State<Api>) -> impl IntoResponse {
         "HTTP requests answered with a server error.",
         m.http_errors.load(Ordering::Relaxed),
     );
+    // Replication lag: blocks this node knows exist (signed lengths it has seen)
+    // but does not hold yet.
+    let mut missing = 0u64;
+    for feed in shared.group.feeds() {
+        missing += feed.len().await.saturating_sub(feed.contiguous_len().await);
+    }
+    metric(
+        "multifeed_blocks_missing",
+        "gauge",
+        "Blocks of member feeds known to exist but not held here yet (replication lag).",
+        missing,
+    );
     let admissions = shared.group.admission_stats();
     metric(
         "multifeed_feeds_unproven",
