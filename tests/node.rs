@@ -489,3 +489,15 @@ fn an_sse_follower_resumes_with_last_event_id_without_loss_or_repeat() {
     a.running.stop();
     b.running.stop();
 }
+
+#[test]
+fn a_sigterm_right_after_the_node_says_it_is_up_stops_it_cleanly() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 1);
+    // The handlers must be in place before the first line: a SIGTERM in that
+    // window used to kill the node outright (status "signal: 15").
+    for _ in 0..20 {
+        gws[0].node(&["--http", "127.0.0.1:0"]).running.stop();
+    }
+    gws[0].verify();
+}

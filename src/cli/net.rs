@@ -116,6 +116,9 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
         };
     }
     let dir = store.dir.clone();
+    // Installed before anyone hears the node is up: a SIGTERM right after its first
+    // line or answer stops it cleanly.
+    let stop = shutdown_signal();
     let bound = Node::bind(store, config).await?;
     let listening = bound.listen_addr().map(|a| a.to_string());
     let http = bound.http_addr().map(|a| a.to_string());
@@ -132,18 +135,11 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
             say!("http api on http://{addr}");
         }
     }
-    // The handlers are installed on the first poll: do it before the API can
-    // answer, or a SIGTERM right after an answer kills the node uncleanly.
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
-    let signalled = futures::poll!(&mut stop).is_ready();
     // Peers connect and dial only once the addresses are out.
     bound
         .start()
         .run(async {
-            if !signalled {
-                stop.await;
-            }
+            stop.await;
         })
         .await?;
     if !global.json {

@@ -30,19 +30,31 @@ impl fmt::Display for Signal {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM, saying which.
-pub async fn shutdown_signal() -> Signal {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Resolves on Ctrl-C or SIGTERM, saying which. The handlers are installed when
+/// this is called, not when the future is first polled: a signal that comes
+/// between the call and the first poll (say, right after a command printed that it
+/// is up) is caught too, instead of killing the process uncleanly.
+pub fn shutdown_signal() -> impl std::future::Future<Output = Signal> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).ok();
+    let mut terminate = signal(SignalKind::terminate()).ok();
+    async move {
+        let interrupted = async {
+            match interrupt.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
             }
-            Err(_) => std::future::pending().await,
+        };
+        let terminated = async {
+            match terminate.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = interrupted => Signal::Interrupt,
+            _ = terminated => Signal::Terminate,
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => Signal::Interrupt,
-        () = terminate => Signal::Terminate,
     }
 }
 
