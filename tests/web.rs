@@ -28,6 +28,27 @@ fn chromium() -> String {
     std::env::var("MULTIFEED_CHROMIUM").unwrap_or_else(|_| "chromium".into())
 }
 
+/// On a fresh machine the README's test command installs Chromium itself, with
+/// the project's own script (once per run; the tests share it).
+fn install_if_missing(binary: &str) {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let runs = || {
+        Command::new(binary)
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    if std::env::var_os("MULTIFEED_CHROMIUM").is_some() || runs() {
+        return;
+    }
+    INSTALLED.get_or_init(|| {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ci-deps.sh");
+        eprintln!("Chromium is missing: running {}", script.display());
+        let status = Command::new("bash").arg(&script).status();
+        eprintln!("{} ended: {status:?}", script.display());
+    });
+}
+
 /// Where screenshots are kept: `target/artifacts`.
 fn artifacts() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -53,6 +74,7 @@ impl Browser {
     /// to do, when Chromium is not installed: this test never skips.
     fn open(url: &str) -> Browser {
         let binary = chromium();
+        install_if_missing(&binary);
         match Command::new(&binary).arg("--version").output() {
             Ok(out) if out.status.success() => {}
             other => panic!(
