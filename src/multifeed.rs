@@ -414,15 +414,7 @@ impl Multifeed {
             if self.contains(&key) || created.iter().any(|(f, _): &(Feed, _)| f.key() == key) {
                 continue;
             }
-            if key.as_bytes() == self.inner.shared_key.as_bytes() {
-                return Err(Error::SharedKeyAsFeedKey);
-            }
-            let public = key.verifying_key()?;
-            let record = IndexRecord::new(key, None);
-            let keypair = PartialKeypair {
-                public,
-                secret: None,
-            };
+            let (record, keypair) = self.remote_record(key)?;
             match self.create_feed(&record, keypair).await {
                 Ok(feed) => created.push((feed, record)),
                 Err(error) => {
@@ -512,16 +504,21 @@ impl Multifeed {
         Ok(held)
     }
 
-    async fn create_candidate(&self, key: FeedKey) -> Result<Feed> {
+    /// The index record and read-only keypair of a peer's feed `key`; refuses the
+    /// group's shared key and a key that is no public key.
+    fn remote_record(&self, key: FeedKey) -> Result<(IndexRecord, PartialKeypair)> {
         if key.as_bytes() == self.inner.shared_key.as_bytes() {
             return Err(Error::SharedKeyAsFeedKey);
         }
-        let public = key.verifying_key()?;
-        let record = IndexRecord::new(key, None);
         let keypair = PartialKeypair {
-            public,
+            public: key.verifying_key()?,
             secret: None,
         };
+        Ok((IndexRecord::new(key, None), keypair))
+    }
+
+    async fn create_candidate(&self, key: FeedKey) -> Result<Feed> {
+        let (record, keypair) = self.remote_record(key)?;
         let created = self.create_feed(&record, keypair).await;
         if created.is_err() {
             self.discard_unrecorded(Vec::<(Feed, ())>::new(), Some(key))

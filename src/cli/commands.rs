@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use futures::{FutureExt, StreamExt};
 use multifeed::{
     SharedKey,
-    topics::{Cursor, Message},
+    topics::{Cursor, Message, ReceivedMessage},
 };
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
@@ -104,29 +104,29 @@ pub async fn write(
 ) -> anyhow::Result<()> {
     match open_or_node(global).await? {
         Access::Local(store) => {
-            let target = Publisher::Store(&store.topics);
+            let target = Via::Store(&store.topics);
             let result = write_inner(&target, topic, message, &options, global.json).await;
             let closed = store.close().await;
             result.and(closed)
         }
         Access::Node(api) => {
-            let target = Publisher::Node(&api);
+            let target = Via::Node(&api);
             write_inner(&target, topic, message, &options, global.json).await
         }
     }
 }
 
-/// Where `write` publishes: the store, or the node holding it.
-enum Publisher<'a> {
+/// Where `write` publishes and `read` reads: the store, or the node holding it.
+enum Via<'a> {
     Store(&'a multifeed::Topics),
     Node(&'a NodeApi),
 }
 
-impl Publisher<'_> {
+impl Via<'_> {
     async fn publish(&self, message: Message) -> anyhow::Result<String> {
         Ok(match self {
-            Publisher::Store(topics) => topics.publish(message).await?.to_string(),
-            Publisher::Node(api) => api.publish(message).await?,
+            Via::Store(topics) => topics.publish(message).await?.to_string(),
+            Via::Node(api) => api.publish(message).await?,
         })
     }
 
@@ -136,19 +136,31 @@ impl Publisher<'_> {
         messages: Vec<Message>,
     ) -> anyhow::Result<Vec<String>> {
         Ok(match self {
-            Publisher::Store(topics) => topics
+            Via::Store(topics) => topics
                 .publish_batch(messages)
                 .await?
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
-            Publisher::Node(api) => api.publish_batch(topic, &messages).await?,
+            Via::Node(api) => api.publish_batch(topic, &messages).await?,
+        })
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        cursor: &Cursor,
+        limit: usize,
+    ) -> anyhow::Result<(Vec<ReceivedMessage>, Cursor)> {
+        Ok(match self {
+            Via::Store(topics) => topics.read(topic, cursor, limit).await?,
+            Via::Node(api) => api.read(topic, cursor, limit).await?,
         })
     }
 }
 
 async fn write_inner(
-    target: &Publisher<'_>,
+    target: &Via<'_>,
     topic: &str,
     message: Option<String>,
     options: &WriteOptions,
@@ -262,40 +274,17 @@ pub async fn read(
             return if follow {
                 follow_through_node(global, &api, topic, cursor, limit).await
             } else {
-                read_through_node(global, &api, topic, cursor, limit).await
+                read_topic(global, &Via::Node(&api), topic, cursor, limit).await
             };
         }
     };
     let result = if follow {
         follow_topic(global, &store, topic, cursor, limit, peer).await
     } else {
-        read_topic(global, &store, topic, cursor, limit).await
+        read_topic(global, &Via::Store(&store.topics), topic, cursor, limit).await
     };
     let closed = store.close().await;
     result.and(closed)
-}
-
-async fn read_through_node(
-    global: &Global,
-    api: &NodeApi,
-    topic: &str,
-    mut cursor: Cursor,
-    limit: Option<usize>,
-) -> anyhow::Result<()> {
-    let mut left = limit.unwrap_or(usize::MAX);
-    while left > 0 {
-        let (messages, next) = api.read(topic, &cursor, left.min(READ_BATCH)).await?;
-        cursor = next;
-        if messages.is_empty() {
-            break;
-        }
-        left = left.saturating_sub(messages.len());
-        for m in &messages {
-            print_message(global.json, m);
-        }
-    }
-    print_cursor(global.json, &cursor);
-    Ok(())
 }
 
 async fn follow_through_node(
@@ -341,7 +330,7 @@ async fn follow_through_node(
     outcome
 }
 
-fn print_message(json: bool, m: &multifeed::topics::ReceivedMessage) {
+fn print_message(json: bool, m: &ReceivedMessage) {
     if json {
         println!("{}", output::message_json(m));
     } else {
@@ -359,22 +348,19 @@ fn print_cursor(json: bool, cursor: &Cursor) {
 
 async fn read_topic(
     global: &Global,
-    store: &Store,
+    via: &Via<'_>,
     topic: &str,
     mut cursor: Cursor,
     limit: Option<usize>,
 ) -> anyhow::Result<()> {
     let mut left = limit.unwrap_or(usize::MAX);
     while left > 0 {
-        let (messages, next) = store
-            .topics
-            .read(topic, &cursor, left.min(READ_BATCH))
-            .await?;
+        let (messages, next) = via.read(topic, &cursor, left.min(READ_BATCH)).await?;
         cursor = next;
         if messages.is_empty() {
             break;
         }
-        left -= messages.len();
+        left = left.saturating_sub(messages.len());
         for m in &messages {
             print_message(global.json, m);
         }

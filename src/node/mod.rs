@@ -34,7 +34,10 @@ use anyhow::Context;
 use multifeed::{
     DialEvent, DialOptions, FeedKey, Multifeed, PreAuth, ReplicateOptions, ReplicationEvent,
     ReplicationSummary, Topics,
-    replicate::preauth::{ConnectionSlots, PeerSlots, PreAuthLimits, SlotLimits},
+    replicate::{
+        dialer::connect_tcp,
+        preauth::{ConnectionSlots, PeerSlots, PreAuthLimits, SlotLimits},
+    },
 };
 use serde_json::json;
 use tokio::{
@@ -594,24 +597,7 @@ async fn serve_peer(
 
 /// Connects to `addr` within `timeout`.
 async fn connect(addr: &str, timeout: Duration) -> io::Result<(TcpStream, Option<SocketAddr>)> {
-    let attempt = async {
-        let mut last = None;
-        for target in tokio::net::lookup_host(addr).await? {
-            match TcpStream::connect(target).await {
-                Ok(socket) => {
-                    let _ = socket.set_nodelay(true);
-                    return Ok((socket, Some(target)));
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{addr} resolves to no address"),
-            )
-        }))
-    };
+    let attempt = connect_tcp(addr);
     tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or_else(|_| {

@@ -355,6 +355,28 @@ impl Drop for Dialer {
     }
 }
 
+/// Connects over TCP to the first address `addr` (`host:port`) resolves to that
+/// answers, with `TCP_NODELAY`; the address it reached. [`Multifeed::dial`]'s
+/// connect step, for callers of [`Multifeed::dial_with`] that add their own.
+pub async fn connect_tcp(addr: &str) -> io::Result<(TcpStream, Option<SocketAddr>)> {
+    let mut last = None;
+    for target in tokio::net::lookup_host(addr).await? {
+        match TcpStream::connect(target).await {
+            Ok(socket) => {
+                let _ = socket.set_nodelay(true);
+                return Ok((socket, Some(target)));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
+
 impl Multifeed {
     /// Replicates live with the peer at `addr` (`host:port`, resolved at every
     /// attempt) over TCP, reconnecting after every loss until stopped. See
@@ -364,24 +386,7 @@ impl Multifeed {
         self.dial_with(
             move || {
                 let addr = addr.clone();
-                async move {
-                    let mut last = None;
-                    for target in tokio::net::lookup_host(addr.as_str()).await? {
-                        match TcpStream::connect(target).await {
-                            Ok(socket) => {
-                                let _ = socket.set_nodelay(true);
-                                return Ok((socket, Some(target)));
-                            }
-                            Err(e) => last = Some(e),
-                        }
-                    }
-                    Err(last.unwrap_or_else(|| {
-                        io::Error::new(
-                            io::ErrorKind::NotFound,
-                            format!("{addr} resolves to no address"),
-                        )
-                    }))
-                }
+                async move { connect_tcp(&addr).await }
             },
             options,
         )
