@@ -19,6 +19,13 @@
 //!   ([`Multifeed::start_replication`], [`Replication`]), and the [`Dialer`]
 //!   ([`Multifeed::dial`]) that keeps a live session going across connection
 //!   losses, reconnecting with capped, jittered exponential [`Backoff`].
+//!   Inside it: an IO-less session core (`session_core.rs`) driven by a tokio
+//!   task (`session.rs`), a deterministic simulator of that core (`sim.rs`),
+//!   checks of every frame's declared sizes before the protocol crate decodes it
+//!   (`frame_check.rs`), limits for peers not yet authenticated (`preauth.rs`),
+//!   and bounded admission of offered feeds (`admission.rs`).
+//! - `exchange.rs`: the feed exchange on the root channel — the semver
+//!   handshake and the manifests of feeds each side holds (protobuf).
 //! - [`keys`]: [`SharedKey`], [`FeedKey`], [`Keypair`].
 //! - [`topics`]: [`Topics`] — timestamped messages published to topics by many
 //!   writers, read merged with a resumable cursor, or followed live.
@@ -27,6 +34,11 @@
 //! - [`Error`] (`error.rs`): one typed error enum.
 //! - `proto/multifeed.proto`: the wire schema of the feed exchange and the index
 //!   record format (generated code stays private).
+//!
+//! The `multifeed` binary (`src/main.rs`, `src/cli/`, `src/node/`) is built with
+//! the default `cli` feature: the commands, the gateway node with its HTTP API and
+//! web page. A library user depends on `multifeed` with `default-features = false`
+//! and builds none of that (no clap, axum, reqwest, …).
 //!
 //! ## Storage layout
 //!
