@@ -61,6 +61,10 @@ enum Command {
         /// milliseconds) or milliseconds since the Unix epoch.
         #[arg(long, value_name = "TIME", value_parser = parse_timestamp)]
         timestamp: Option<u64>,
+        /// How stdin holds messages: `lines` (one text message per line) or
+        /// `ndjson` (one JSON object per line, binary-safe, as `read --json` prints).
+        #[arg(long, value_enum, default_value_t)]
+        format: cli::commands::StdinFormat,
     },
     /// Print a topic's messages merged by time from every gateway, then the cursor (on stderr).
     Read {
@@ -173,11 +177,13 @@ async fn main() {
             content_type,
             quiet,
             timestamp,
+            format,
         } => {
             let options = cli::commands::WriteOptions {
                 content_type,
                 quiet,
                 timestamp_ms: timestamp,
+                format,
             };
             cli::commands::write(&global, &topic, message, options).await
         }

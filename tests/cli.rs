@@ -440,3 +440,79 @@ fn write_timestamp_sets_the_readings_time() {
     let refused = gw.fails(&["write", "t", "x", "--timestamp", "yesterday"]);
     assert!(refused.contains("RFC 3339"), "{refused}");
 }
+
+#[test]
+fn binary_payloads_survive_read_json_into_write_ndjson_through_a_running_node() {
+    use base64::Engine as _;
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    let (a, b) = (&gws[0], &gws[1]);
+    let payloads: Vec<Vec<u8>> = vec![
+        b"21.5".to_vec(),
+        vec![0, 1, 2, 0xff, 0xfe],
+        b"two\nlines".to_vec(),
+        Vec::new(),
+        (0..=255).collect(),
+    ];
+    let input: String = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            format!(
+                "{{\"payload_base64\":\"{}\",\"time_ms\":{}}}\n",
+                base64::engine::general_purpose::STANDARD.encode(p),
+                1000 + i
+            )
+        })
+        .collect();
+    let out = a.write_stdin_with(&["write", "raw", "--format", "ndjson"], &input);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exported = a.ok(&["--json", "read", "raw"]);
+
+    // B is held by a running node: the import goes through its API.
+    let _node = b.serve();
+    let out = b.write_stdin_with(&["write", "raw", "--format", "ndjson"], &exported);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for gw in [a, b] {
+        let read: Vec<serde_json::Value> = gw
+            .ok(&["--json", "read", "raw"])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v.get("time_ms").is_some())
+            .collect();
+        let got: Vec<(Vec<u8>, u64)> = read
+            .iter()
+            .map(|v| {
+                let bytes = match (v["payload"].as_str(), v["payload_base64"].as_str()) {
+                    (Some(text), None) => text.as_bytes().to_vec(),
+                    (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .unwrap(),
+                    other => panic!("a message without one payload: {other:?}"),
+                };
+                (bytes, v["time_ms"].as_u64().unwrap())
+            })
+            .collect();
+        let want: Vec<(Vec<u8>, u64)> = payloads.iter().cloned().zip(1000..).collect();
+        assert_eq!(got, want);
+    }
+
+    // A bad line is refused with its number; the lines before it are written.
+    let out = b.write_stdin_with(
+        &["write", "bad", "--format", "ndjson"],
+        "{\"payload\":\"ok\"}\n{\"paylod\":\"typo\"}\n",
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2"), "{stderr}");
+    let (held, _) = b.read("bad", None);
+    assert_eq!(held, ["ok"]);
+}

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
 use super::{
-    net, output,
+    ndjson, net, output,
     remote::NodeApi,
     report::{DialReport, tell},
     signal::shutdown_signal,
@@ -94,6 +94,20 @@ pub struct WriteOptions {
     pub quiet: bool,
     /// The readings' time instead of now.
     pub timestamp_ms: Option<u64>,
+    /// How stdin holds messages.
+    pub format: StdinFormat,
+}
+
+/// How `write` reads messages from stdin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StdinFormat {
+    /// Each non-empty line is one text message.
+    #[default]
+    Lines,
+    /// Each non-empty line is a JSON object (`{"payload": ...}` or
+    /// `{"payload_base64": ...}`, optional `content_type` and `time_ms`), as
+    /// `read --json` prints: binary-safe.
+    Ndjson,
 }
 
 pub async fn write(
@@ -167,12 +181,16 @@ async fn write_inner(
     json: bool,
 ) -> anyhow::Result<()> {
     let quiet = options.quiet;
+    let defaults = ndjson::Defaults {
+        timestamp_ms: options.timestamp_ms,
+        content_type: options.content_type.clone(),
+    };
     let make = |payload: String| {
         let mut m = Message::new(topic, payload);
-        if let Some(ms) = options.timestamp_ms {
+        if let Some(ms) = defaults.timestamp_ms {
             m = m.with_timestamp_ms(ms);
         }
-        match &options.content_type {
+        match &defaults.content_type {
             Some(ct) => m.with_content_type(ct.clone()),
             None => m,
         }
@@ -199,6 +217,7 @@ async fn write_inner(
     // written as they come and a fast one's share signatures.
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut total = 0usize;
+    let mut line_number = 0usize;
     loop {
         let Some(first) = lines.next_line().await.context("reading stdin")? else {
             break;
@@ -217,26 +236,42 @@ async fn write_inner(
                 None => break,
             }
         }
-        let messages: Vec<Message> = batch
-            .into_iter()
-            .map(|l| l.trim_end_matches('\r').to_owned())
-            .filter(|l| !l.is_empty())
-            .map(make)
-            .collect();
-        if messages.is_empty() {
-            if eof {
-                break;
+        let mut messages = Vec::with_capacity(batch.len());
+        // A bad line stops the input; the good lines before it are still written.
+        let mut bad_line = None;
+        for line in batch {
+            line_number += 1;
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() {
+                continue;
             }
-            continue;
+            match options.format {
+                StdinFormat::Lines => messages.push(make(line.to_owned())),
+                StdinFormat::Ndjson => match ndjson::parse(topic, line_number, line, &defaults) {
+                    Ok(Some(message)) => messages.push(message),
+                    Ok(None) => {}
+                    Err(e) => {
+                        bad_line = Some(e);
+                        break;
+                    }
+                },
+            }
         }
-        let addresses = target
-            .publish_batch(topic, messages)
-            .await
-            .with_context(|| {
-                format!("publishing to {topic:?} after {total} messages (those are written)")
-            })?;
-        total += addresses.len();
-        print(&addresses);
+        if !messages.is_empty() {
+            let addresses = target
+                .publish_batch(topic, messages)
+                .await
+                .with_context(|| {
+                    format!("publishing to {topic:?} after {total} messages (those are written)")
+                })?;
+            total += addresses.len();
+            print(&addresses);
+        }
+        if let Some(e) = bad_line {
+            return Err(anyhow::Error::new(e).context(format!(
+                "stdin holds something that is not a message; the {total} messages before it are written"
+            )));
+        }
         if eof {
             break;
         }

@@ -2,6 +2,7 @@
 
 pub mod commands;
 pub mod demo;
+pub mod ndjson;
 pub mod net;
 pub mod output;
 pub mod progress;

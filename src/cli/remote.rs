@@ -15,7 +15,7 @@ use multifeed::{
     topics::{Cursor, Message, MessageAddress, ReceivedMessage},
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// The file in a store naming the API of the node that holds it.
 pub const NODE_API_FILE: &str = "node-api";
@@ -153,12 +153,7 @@ impl NodeApi {
     ) -> anyhow::Result<Vec<String>> {
         let mut body = String::new();
         for m in messages {
-            let mut line = json!({"payload": String::from_utf8_lossy(&m.payload),
-                                  "time_ms": m.timestamp_ms});
-            if let Some(ct) = &m.content_type {
-                line["content_type"] = json!(ct);
-            }
-            body.push_str(&line.to_string());
+            body.push_str(&super::ndjson::encode(m));
             body.push('\n');
         }
         let request = self

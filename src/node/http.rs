@@ -36,7 +36,6 @@ use axum::{
     },
     routing::{get, post},
 };
-use base64::Engine as _;
 use futures::{Stream, StreamExt};
 use multifeed::{
     Error, Topics,
@@ -51,7 +50,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{Shared, peers::PeerState, web};
-use crate::cli::{output, store};
+use crate::cli::{ndjson, output, store};
 
 /// Messages a read returns when no `limit` is given, and at most.
 const DEFAULT_READ_LIMIT: usize = 1_000;
@@ -434,48 +433,9 @@ async fn publish_one(
     ))
 }
 
-/// One NDJSON line of a batch.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchLine {
-    payload: Option<String>,
-    payload_base64: Option<String>,
-    content_type: Option<String>,
-    time_ms: Option<u64>,
-}
-
-fn batch_message(topic: &str, number: usize, line: &str) -> Result<Message, ApiError> {
-    let parsed: BatchLine = serde_json::from_str(line).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_batch",
-            format!("line {number} is not a message object ({e}); send one JSON object per line, e.g. {{\"payload\": \"21.5\"}}"),
-        )
-    })?;
-    let payload = match (parsed.payload, parsed.payload_base64) {
-        (Some(text), None) => text.into_bytes(),
-        (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim())
-            .map_err(|e| {
-                ApiError::bad_request(
-                    "invalid_batch",
-                    format!("line {number}: payload_base64 is not base64 ({e})"),
-                )
-            })?,
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid_batch",
-                format!("line {number}: give exactly one of payload and payload_base64"),
-            ));
-        }
-    };
-    let mut message = Message::new(topic, payload);
-    if let Some(ms) = parsed.time_ms {
-        message = message.with_timestamp_ms(ms);
-    }
-    if let Some(content_type) = parsed.content_type {
-        message = message.with_content_type(content_type);
-    }
-    Ok(message)
+fn batch_message(topic: &str, number: usize, line: &str) -> Result<Option<Message>, ApiError> {
+    ndjson::parse(topic, number, line, &ndjson::Defaults::default())
+        .map_err(|e| ApiError::bad_request("invalid_batch", e.to_string()))
 }
 
 async fn publish_batch(
@@ -490,7 +450,7 @@ async fn publish_batch(
         if line.trim().is_empty() {
             continue;
         }
-        messages.push(batch_message(&topic, i + 1, line)?);
+        messages.extend(batch_message(&topic, i + 1, line)?);
     }
     let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
     let count = messages.len();
@@ -590,11 +550,13 @@ mod tests {
             r#"{"payload": "21.5", "content_type": "text/plain"}"#,
         )
         .ok()
+        .flatten()
         .unwrap();
         assert_eq!(m.payload, b"21.5");
         assert_eq!(m.content_type.as_deref(), Some("text/plain"));
         let m = batch_message("t", 1, r#"{"payload_base64": "AAE=", "time_ms": 7}"#)
             .ok()
+            .flatten()
             .unwrap();
         assert_eq!((m.payload, m.timestamp_ms), (vec![0, 1], 7));
         assert!(batch_message("t", 1, r#"{"payload": "a", "payload_base64": "AA=="}"#).is_err());

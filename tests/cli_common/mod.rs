@@ -67,19 +67,7 @@ impl Gw {
 
     /// Publishes every line of `lines` to `topic`; returns the addresses printed.
     pub fn write_stdin(&self, topic: &str, lines: &str) -> Vec<String> {
-        let mut child = self
-            .cmd(&["write", topic])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn write");
-        let mut stdin = child.stdin.take().unwrap();
-        let input = lines.to_owned();
-        // Fed from a thread so a large input cannot deadlock against the output.
-        let feeder = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-        let out = child.wait_with_output().unwrap();
-        feeder.join().unwrap().unwrap();
+        let out = self.write_stdin_with(&["write", topic], lines);
         assert!(
             out.status.success(),
             "{}",
@@ -90,6 +78,25 @@ impl Gw {
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Runs `args` with `input` on stdin, to completion.
+    pub fn write_stdin_with(&self, args: &[&str], input: &str) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn write");
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_owned();
+        // Fed from a thread so a large input cannot deadlock against the output.
+        let feeder = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let out = child.wait_with_output().unwrap();
+        // A command that refuses its input may close stdin before it is all written.
+        let _ = feeder.join().unwrap();
+        out
     }
 
     /// Payloads of `read <topic> --json` (from `from`), and the cursor.
