@@ -11,6 +11,7 @@ mod node;
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{ArgAction, Parser, Subcommand};
+use cli::config::pick;
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +21,9 @@ use clap::{ArgAction, Parser, Subcommand};
     after_help = "Start with `multifeed demo`. Logs: -v, -vv or RUST_LOG."
 )]
 struct Cli {
+    /// Read settings from this TOML file (flags override it); see the README's example.
+    #[arg(long, global = true, value_name = "FILE", env = cli::config::CONFIG_ENV)]
+    config: Option<PathBuf>,
     /// The group's storage directory [default: the per-user data directory, e.g. ~/.local/share/multifeed].
     #[arg(long, global = true, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -101,12 +105,12 @@ enum Command {
         /// group's token (the file `<DIR>.token` written by init/join).
         #[arg(long, value_name = "ADDR")]
         http: Option<String>,
-        /// Most peers accepted at once.
-        #[arg(long, default_value_t = 256)]
-        max_peers: usize,
-        /// Seconds allowed to connect to a peer and to complete a handshake.
-        #[arg(long, default_value_t = 10)]
-        timeout: u64,
+        /// Most peers accepted at once [default: 256].
+        #[arg(long, value_name = "N")]
+        max_peers: Option<usize>,
+        /// Seconds allowed to connect to a peer and to complete a handshake [default: 10].
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
     },
     /// Replicate with a peer: once (default) or live until Ctrl-C.
     Sync {
@@ -115,9 +119,9 @@ enum Command {
         /// Keep replicating new data until Ctrl-C.
         #[arg(long)]
         live: bool,
-        /// Seconds allowed to connect and complete the handshake.
-        #[arg(long, default_value_t = 10)]
-        timeout: u64,
+        /// Seconds allowed to connect and complete the handshake [default: 10].
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
     },
     /// Re-check every feed's Merkle tree and signatures; report damage.
     Verify,
@@ -162,11 +166,16 @@ fn init_logs(verbose: u8) {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    init_logs(cli.verbose);
+    let config = match cli.config.as_deref().map(cli::config::ConfigFile::load) {
+        None => cli::config::ConfigFile::default(),
+        Some(Ok(config)) => config,
+        Some(Err(e)) => exit_with(cli.json, &e),
+    };
+    init_logs(cli.verbose.max(config.verbose.unwrap_or(0)));
     let global = Global {
-        dir: cli.dir,
+        dir: cli.dir.or(config.dir),
         key: cli.key,
-        json: cli.json,
+        json: cli.json || config.json.unwrap_or(false),
     };
     let result = match cli.command {
         Command::Init => cli::commands::init(&global).await,
@@ -203,22 +212,26 @@ async fn main() {
             max_peers,
             timeout,
         } => {
-            let config = node::NodeConfig {
-                listen,
-                peers,
-                http,
+            let file = config.serve;
+            let node = node::NodeConfig {
+                listen: listen.or(file.listen),
+                peers: if peers.is_empty() { file.peers } else { peers },
+                http: http.or(file.http),
                 token: None,
-                max_peers,
-                timeout: std::time::Duration::from_secs(timeout),
+                max_peers: pick(max_peers, file.max_peers, 256),
+                timeout: std::time::Duration::from_secs(pick(timeout, file.timeout, 10)),
                 json: global.json,
             };
-            cli::net::serve(&global, config).await
+            cli::net::serve(&global, node).await
         }
         Command::Sync {
             addr,
             live,
             timeout,
-        } => cli::net::sync(&global, &addr, live, timeout).await,
+        } => {
+            let timeout = pick(timeout, config.sync.timeout, 10);
+            cli::net::sync(&global, &addr, live, timeout).await
+        }
         Command::Verify => cli::commands::verify(&global).await,
         Command::Demo { dir } => cli::demo::run(dir).await,
     };
@@ -227,16 +240,21 @@ async fn main() {
             eprintln!("{interrupted}");
             std::process::exit(interrupted.signal.exit_code());
         }
-        if global.json {
-            eprintln!(
-                "{}",
-                serde_json::json!({"error": {"kind": error_kind(&e), "message": error_text(&e)}})
-            );
-        } else {
-            eprintln!("error: {}", error_text(&e));
-        }
-        std::process::exit(1);
+        exit_with(global.json, &e);
     }
+}
+
+/// Says what went wrong (one line, or one JSON object with `--json`) and exits 1.
+fn exit_with(json: bool, e: &anyhow::Error) -> ! {
+    if json {
+        eprintln!(
+            "{}",
+            serde_json::json!({"error": {"kind": error_kind(e), "message": error_text(e)}})
+        );
+    } else {
+        eprintln!("error: {}", error_text(e));
+    }
+    std::process::exit(1);
 }
 
 /// The kind of a command's error for `--json`: the library's code when it came
@@ -248,6 +266,9 @@ fn error_kind(error: &anyhow::Error) -> &'static str {
         }
         if let Some(failed) = cause.downcast_ref::<cli::net::SyncFailed>() {
             return failed.error.code();
+        }
+        if cause.is::<cli::config::InvalidConfig>() {
+            return "invalid_config";
         }
         if cause.is::<cli::store::InUse>() {
             return "store_in_use";

@@ -501,3 +501,74 @@ fn a_sigterm_right_after_the_node_says_it_is_up_stops_it_cleanly() {
     }
     gws[0].verify();
 }
+
+#[test]
+fn a_gateway_runs_from_a_config_file_and_flags_override_it() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 3);
+    let (a, b, c) = (&gws[0], &gws[1], &gws[2]);
+    b.write_stdin(TOPIC, "b-old\n");
+    c.write_stdin(TOPIC, "c-alone\n");
+    let a_listen = format!("127.0.0.1:{}", free_port());
+    let a_node = a.node(&["--listen", &a_listen]);
+    let b_http = format!("127.0.0.1:{}", free_port());
+    // A relative dir is taken from the file's folder, not the working directory.
+    let config = root.path().join("b.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "dir = \"gw1\"\njson = true\n\n[serve]\npeers = [\"{a_listen}\"]\nhttp = \"{b_http}\"\nmax-peers = 4\n"
+        ),
+    )
+    .unwrap();
+    let with_config = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.current_dir("/").arg("--config").arg(&config).args(args);
+        cmd.env_remove("MULTIFEED_KEY").env_remove("RUST_LOG");
+        cmd
+    };
+    let mut b_node = Running::spawn(with_config(&["serve"]));
+    let first = b_node.json();
+    assert_eq!(first["http"], b_http.as_str(), "{first}");
+    // B dials A as the file says: A's message arrives; the CLI finds B's node.
+    assert!(publish(&a_node.http, TOPIC, "a-new").is_some());
+    assert!(
+        poll_until(WAIT, || read_all(&b_http, TOPIC)
+            .is_some_and(|held| held.contains(&"a-new".to_string()))),
+        "B never received A's message"
+    );
+    let out = with_config(&["read", TOPIC]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (held, _) = parse_read(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(sorted(held), ["a-new", "b-old"]);
+    // A flag overrides the file: --dir points at C's store, which syncs with nobody.
+    let out = with_config(&["--dir", c.dir.to_str().unwrap(), "read", TOPIC])
+        .output()
+        .unwrap();
+    let (held, _) = parse_read(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(held, ["c-alone"]);
+    b_node.stop();
+
+    // A typo and a key in the file are refused before anything opens.
+    for (content, needle) in [
+        ("[serve]\nmax-peer = 3\n", "max-peer"),
+        (
+            "key = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
+            "never goes in a config file",
+        ),
+    ] {
+        std::fs::write(&config, content).unwrap();
+        let out = with_config(&["--json", "feeds"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let error: serde_json::Value = serde_json::from_slice(out.stderr.trim_ascii()).unwrap();
+        assert_eq!(error["error"]["kind"], "invalid_config");
+        assert!(
+            error["error"]["message"].as_str().unwrap().contains(needle),
+            "{error}"
+        );
+    }
+}

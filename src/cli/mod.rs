@@ -1,6 +1,7 @@
 //! The command implementations of the `multifeed` binary.
 
 pub mod commands;
+pub mod config;
 pub mod demo;
 pub mod ndjson;
 pub mod net;

@@ -1,0 +1,156 @@
+//! `--config FILE`: a gateway's settings in TOML, so a service runs with one
+//! argument. A key is a flag's name without the dashes; flags on the command line
+//! override the file. The shared key is never in it (use the key file or
+//! `MULTIFEED_KEY`): config files get copied and shared, keys must not.
+//!
+//! ```toml
+//! dir = "/var/lib/multifeed/site-a"   # relative paths: from the file's folder
+//!
+//! [serve]
+//! listen = "0.0.0.0:7000"
+//! peers = ["10.0.0.2:7000", "gw-b.local:7000"]
+//! http = "127.0.0.1:8080"
+//! max-peers = 64
+//! timeout = 10
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+/// The environment variable naming a config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "MULTIFEED_CONFIG";
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConfigFile {
+    pub dir: Option<PathBuf>,
+    pub json: Option<bool>,
+    pub verbose: Option<u8>,
+    #[serde(default)]
+    pub serve: ServeConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    /// Refused with its own words (see the module docs).
+    key: Option<IgnoredAny>,
+}
+
+/// `[serve]`: the flags of `multifeed serve`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeConfig {
+    pub listen: Option<String>,
+    /// `--peer`, repeatable on the command line.
+    #[serde(default, alias = "peer")]
+    pub peers: Vec<String>,
+    pub http: Option<String>,
+    pub max_peers: Option<usize>,
+    pub timeout: Option<u64>,
+}
+
+/// `[sync]`: the flags of `multifeed sync`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SyncConfig {
+    pub timeout: Option<u64>,
+}
+
+impl ConfigFile {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read the config file {}; check the path given to --config or {CONFIG_ENV}",
+                path.display()
+            )
+        })?;
+        let mut config = Self::parse(&text)
+            .with_context(|| format!("the config file {} is not valid", path.display()))?;
+        // A relative `dir` means from the file's folder, wherever the command runs.
+        if let Some(dir) = &config.dir
+            && dir.is_relative()
+        {
+            let base = path.parent().unwrap_or(Path::new("."));
+            config.dir = Some(base.join(dir));
+        }
+        Ok(config)
+    }
+
+    fn parse(text: &str) -> Result<Self, InvalidConfig> {
+        let config: Self = toml::from_str(text).map_err(|e| {
+            InvalidConfig(format!(
+                "{}; keys are the flags' names without dashes (see the README's example gateway config)",
+                e.to_string().trim_end()
+            ))
+        })?;
+        if config.key.is_some() {
+            return Err(InvalidConfig(format!(
+                "it holds `key`, and the shared key never goes in a config file; remove it and keep the key in the key file `<dir>.key` (written by init/join) or in {}",
+                super::store::KEY_ENV
+            )));
+        }
+        Ok(config)
+    }
+}
+
+/// What is wrong with a config file's content (`--json` kind `invalid_config`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidConfig(String);
+
+/// A flag's value when given, else the file's, else the default.
+pub fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
+    flag.or(file).unwrap_or(default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_example_parses() {
+        let text = r#"
+            dir = "site-a"
+            verbose = 1
+            [serve]
+            listen = "0.0.0.0:7000"
+            peers = ["10.0.0.2:7000"]
+            http = "127.0.0.1:8080"
+            max-peers = 64
+            timeout = 10
+            [sync]
+            timeout = 30
+        "#;
+        let config = ConfigFile::parse(text).unwrap();
+        assert_eq!(config.serve.max_peers, Some(64));
+        assert_eq!(config.serve.peers, ["10.0.0.2:7000"]);
+        assert_eq!(config.sync.timeout, Some(30));
+    }
+
+    #[test]
+    fn a_typo_names_the_key() {
+        let error = ConfigFile::parse("[serve]\nmax-peer = 3\n").unwrap_err();
+        assert!(format!("{error:#}").contains("max-peer"), "{error:#}");
+    }
+
+    #[test]
+    fn the_key_is_refused() {
+        let error = ConfigFile::parse(&format!("key = \"{}\"\n", "a".repeat(64))).unwrap_err();
+        let text = format!("{error:#}");
+        assert!(text.contains("never goes in a config file"), "{text}");
+        assert!(
+            !text.contains(&"a".repeat(64)),
+            "the key is not echoed: {text}"
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        assert_eq!(pick(Some(1), Some(2), 3), 1);
+        assert_eq!(pick(None, Some(2), 3), 2);
+        assert_eq!(pick(None, None, 3), 3);
+    }
+}
