@@ -125,11 +125,15 @@ enum Command {
     },
     /// Re-check every feed's Merkle tree and signatures; report damage.
     Verify,
-    /// Three gateways on loopback publish sensor readings, sync, and show the merged view.
+    /// Three gateway nodes on loopback publish sensor readings while they replicate
+    /// live, then show the merged view and their peers.
     Demo {
         /// Directory for the demo's gateways (default: a temporary directory, removed after).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Keep the nodes running with their web pages until Ctrl-C.
+        #[arg(long)]
+        stay: bool,
     },
 }
 
@@ -221,6 +225,7 @@ async fn main() {
                 max_peers: pick(max_peers, file.max_peers, 256),
                 timeout: std::time::Duration::from_secs(pick(timeout, file.timeout, 10)),
                 json: global.json,
+                quiet: false,
             };
             cli::net::serve(&global, node).await
         }
@@ -233,7 +238,7 @@ async fn main() {
             cli::net::sync(&global, &addr, live, timeout).await
         }
         Command::Verify => cli::commands::verify(&global).await,
-        Command::Demo { dir } => cli::demo::run(dir).await,
+        Command::Demo { dir, stay } => cli::demo::run(dir, stay).await,
     };
     if let Err(e) = result {
         if let Some(interrupted) = e.downcast_ref::<cli::signal::Interrupted>() {

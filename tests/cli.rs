@@ -255,11 +255,50 @@ fn demo_runs() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("60 readings from 3 gateways"), "{stdout}");
     assert!(
-        stdout.contains("refuses it: protocol version mismatch"),
+        stdout.contains("all three gateways hold all 150 of each topic"),
         "{stdout}"
     );
+    assert!(stdout.contains("150 readings from 3 gateways"), "{stdout}");
+    assert!(
+        stdout.contains("refused: protocol version mismatch"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn demo_stay_keeps_the_nodes_and_their_pages_up_until_ctrl_c() {
+    let mut demo = Running::spawn({
+        let mut cmd = Command::new(BIN);
+        cmd.args(["demo", "--stay"]);
+        cmd
+    });
+    let mut pages = Vec::new();
+    loop {
+        let line = demo.line();
+        if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+            if line.trim_start().starts_with("gateway-") && !line.contains("node up") {
+                pages.push(
+                    url.trim_start_matches("http://")
+                        .trim_end_matches('/')
+                        .to_owned(),
+                );
+            }
+        }
+        if line.contains("Ctrl-C stops them") {
+            break;
+        }
+    }
+    assert_eq!(pages.len(), 3, "{pages:?}");
+    for page in &pages {
+        let answer = http(page, "GET", "/", &[], b"").expect("the page answers");
+        assert_eq!(answer.status, 200);
+        assert!(answer.body.contains("<html"), "{}", answer.body);
+    }
+    demo.signal("INT");
+    let (status, out, _) = demo.finish();
+    assert!(status.success(), "{status:?}");
+    assert!(out.iter().any(|l| l.starts_with("Done in")), "{out:?}");
 }
 
 /// A full disk is reported in our words, once, with what to do: not hypercore's

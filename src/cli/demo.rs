@@ -1,29 +1,53 @@
-//! `multifeed demo`: three sensor gateways on loopback publish readings to topics,
-//! sync in a chain, and show one merged view; a peer on another protocol version
-//! is refused.
+//! `multifeed demo`: three sensor gateway nodes on loopback, each with a store
+//! that already holds readings, replicate live in a chain while all three publish
+//! through their HTTP APIs; they converge, show one merged view and their peers,
+//! and a peer on another protocol version is refused. `--stay` keeps them up with
+//! their web pages until Ctrl-C.
 
-use std::{path::PathBuf, time::Instant};
-
-use anyhow::Context;
-use multifeed::{
-    Multifeed, Options, ReplicateOptions, ReplicationSummary, SharedKey, StorageConfig, Topics,
-    topics::{Cursor, Message},
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
-use super::output;
+use anyhow::{Context, bail};
+use multifeed::{
+    Multifeed, Options, ReplicateOptions, SharedKey, StorageConfig,
+    topics::{Cursor, Message, ReceivedMessage},
+};
+
+use super::{
+    output,
+    remote::NodeApi,
+    signal::shutdown_signal,
+    store::{KeySource, Store},
+};
+use crate::node::{Node, NodeConfig};
 
 const GATEWAYS: [&str; 3] = ["gateway-a", "gateway-b", "gateway-c"];
-const READINGS: u64 = 20;
-/// One reading per gateway and topic every minute; the gateways are 20 s apart.
-const PERIOD_MS: u64 = 60_000;
+const TOPICS: [(&str, &str, f64); 2] = [("temperature", "C", 19.0), ("humidity", "%", 52.0)];
+/// Readings each gateway held before its node started: one a minute.
+const HISTORY: u64 = 20;
+const HISTORY_PERIOD_MS: u64 = 60_000;
+/// Then, live: one reading per gateway and topic every 100 ms for 3 s.
+const LIVE_ROUNDS: u64 = 30;
+const LIVE_PERIOD: Duration = Duration::from_millis(100);
+/// Generous for a busy 2-core machine; convergence takes milliseconds.
+const CONVERGE_WITHIN: Duration = Duration::from_secs(30);
 
 struct Gateway {
     name: &'static str,
-    group: Multifeed,
-    topics: Topics,
+    node: Node,
+    api: NodeApi,
+    listen: String,
+    page: String,
 }
 
-pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
+/// A reading's payload: JSON the web page charts.
+fn reading(gateway: &str, value: f64, unit: &str) -> String {
+    format!("{{\"gateway\":\"{gateway}\",\"value\":{value:.2},\"unit\":\"{unit}\"}}")
+}
+
+pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     let temp;
     let dir = match dir {
@@ -35,69 +59,93 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     };
     let key = SharedKey::generate();
     println!(
-        "Three sensor gateways in {}, one shared group key.\nEach publishes {READINGS} readings to `temperature` and `humidity` (its own feeds, its own clock).\n",
+        "Three sensor gateways in {}, one shared group key. Each store already holds\n{HISTORY} readings per topic (`temperature`, `humidity`), one a minute, on its own feeds.\n",
         dir.display()
     );
-
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis() as u64;
-    let start = now - now % PERIOD_MS - READINGS * PERIOD_MS;
-    let mut gateways = Vec::new();
+    let mut gateways: Vec<Gateway> = Vec::new();
     for (g, name) in GATEWAYS.into_iter().enumerate() {
-        let group = Multifeed::open(
-            StorageConfig::dir(dir.join(name)),
-            key.clone(),
-            Options::default(),
-        )
-        .await?;
-        let topics = Topics::new(group.clone());
-        for (topic, unit, base) in [("temperature", "C", 19.0), ("humidity", "%", 52.0)] {
-            let readings = (0..READINGS).map(|i| {
-                let value = base + g as f64 * 1.5 + ((i + 3 * g as u64) as f64 * 0.5).sin();
-                Message::new(
-                    topic,
-                    format!("{{\"gateway\":\"{name}\",\"value\":{value:.1},\"unit\":\"{unit}\"}}"),
-                )
-                .with_timestamp_ms(start + i * PERIOD_MS + g as u64 * 20_000)
-                .with_content_type("application/json")
-            });
-            topics.publish_batch(readings).await?;
-        }
+        let store = open_with_history(&dir.join(name), &key, g).await?;
+        let gateway_dir = store.dir.clone();
+        // A chain: b dials a, c dials b; each also accepts peers and serves its API.
+        let config = NodeConfig {
+            listen: Some("127.0.0.1:0".into()),
+            peers: gateways
+                .last()
+                .map(|p| p.listen.clone())
+                .into_iter()
+                .collect(),
+            http: Some("127.0.0.1:0".into()),
+            token: None,
+            max_peers: 16,
+            timeout: Duration::from_secs(10),
+            json: false,
+            quiet: true,
+        };
+        let bound = Node::bind(store, config).await?;
+        let listen = bound.listen_addr().context("the node listens")?.to_string();
+        let http = bound.http_addr().context("the node serves its API")?;
+        let node = bound.start();
+        let api = NodeApi::find(&gateway_dir, None)?.context("the node wrote its API file")?;
+        println!(
+            "  {name}: node up, peers on {listen}{}, web page http://{http}/",
+            match gateways.last() {
+                Some(prev) => format!(", dials {}", prev.name),
+                None => String::new(),
+            }
+        );
         gateways.push(Gateway {
             name,
-            group,
-            topics,
+            node,
+            api,
+            listen,
+            page: format!("http://{http}/"),
         });
     }
 
-    println!("Sync over loopback TCP, one-shot, in a chain a <-> b <-> c, then a <-> b again:");
-    for (x, y) in [(0, 1), (2, 1), (0, 1)] {
-        let (summary, addr) = sync_pair(&gateways[x].group, &gateways[y].group).await?;
-        println!(
-            "  {} -> {} over {addr}: {} received {} blocks ({}) in {} new feeds",
-            gateways[x].name,
-            gateways[y].name,
-            gateways[x].name,
-            summary.blocks_received,
-            output::bytes(summary.bytes_received),
-            summary.feeds_learnt
-        );
+    println!(
+        "\nLive: every gateway publishes a reading per topic every {} ms for {:.0} s through its\nHTTP API, while the nodes replicate live.",
+        LIVE_PERIOD.as_millis(),
+        (LIVE_PERIOD * LIVE_ROUNDS as u32).as_secs_f64()
+    );
+    let live_started = Instant::now();
+    let mut ticks = tokio::time::interval(LIVE_PERIOD);
+    for round in 0..LIVE_ROUNDS {
+        ticks.tick().await;
+        for (g, gateway) in gateways.iter().enumerate() {
+            for (topic, unit, base) in TOPICS {
+                let value = base
+                    + g as f64 * 1.5
+                    + ((HISTORY + round) as f64 * 0.5).sin()
+                    + (round as f64 * 0.37 + g as f64).cos() * 0.2;
+                let message = Message::new(topic, reading(gateway.name, value, unit))
+                    .with_content_type("application/json");
+                gateway.api.publish(message).await?;
+            }
+        }
     }
+    let published = Instant::now();
+    let each = (HISTORY + LIVE_ROUNDS) as usize * GATEWAYS.len();
+    wait_until_converged(&gateways, each).await?;
+    println!(
+        "  {} readings published in {:.1} s; all three gateways hold all {each} of each topic {} ms after the last one.",
+        LIVE_ROUNDS as usize * GATEWAYS.len() * TOPICS.len(),
+        (published - live_started).as_secs_f64(),
+        published.elapsed().as_millis()
+    );
 
     let c = &gateways[2];
-    let (merged, _) = c
-        .topics
-        .read("temperature", &Cursor::default(), usize::MAX)
-        .await?;
+    let merged = read_all(&c.api, "temperature").await?;
     println!(
-        "\n`temperature` merged by time, as {} reads it ({} readings from 3 gateways):",
+        "\n`temperature` merged by time, as {} reads it ({} readings from 3 gateways), the latest:",
         c.name,
         merged.len()
     );
     println!("  {:<24}  {:<10}  value", "time (UTC)", "gateway");
-    let shown = 9;
-    for m in merged.iter().take(shown) {
+    let shown = 6;
+    if merged.len() > shown {
+        println!("  ... {} earlier", merged.len() - shown);
+    }
+    for m in merged.iter().skip(merged.len().saturating_sub(shown)) {
         let reading: serde_json::Value =
             serde_json::from_slice(&m.message.payload).unwrap_or_default();
         println!(
@@ -108,102 +156,144 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
             reading["unit"].as_str().unwrap_or("")
         );
     }
-    if merged.len() > shown {
-        println!("  ... {} more", merged.len() - shown);
-    }
 
-    println!("\nWhat each gateway holds:");
+    println!("\nEach gateway's peers, from its /peers:");
     println!(
-        "  {:<10}  {:>7}  {:>12}  {:>6}  {:>11}  {:>8}",
-        "gateway", "writers", "remote feeds", "blocks", "temperature", "humidity"
+        "  {:<10}  {:<16}  {:<9}  {:<10}  {:>15}",
+        "gateway", "peer", "how", "state", "blocks received"
     );
     for g in &gateways {
-        let mut blocks = 0;
-        for feed in g.group.feeds() {
-            blocks += feed.contiguous_len().await;
+        for peer in g.api.peers().await? {
+            println!(
+                "  {:<10}  {:<16}  {:<9}  {:<10}  {:>15}",
+                g.name,
+                peer["address"].as_str().unwrap_or("?"),
+                peer["direction"].as_str().unwrap_or("?"),
+                peer["state"].as_str().unwrap_or("?"),
+                peer["blocks_received"].as_u64().unwrap_or(0),
+            );
         }
-        let count = |topic: &'static str| {
-            let topics = g.topics.clone();
-            async move {
-                topics
-                    .read(topic, &Cursor::default(), usize::MAX)
-                    .await
-                    .map(|(m, _)| m.len())
-            }
-        };
-        println!(
-            "  {:<10}  {:>7}  {:>12}  {:>6}  {:>11}  {:>8}",
-            g.name,
-            g.group.writers().len(),
-            g.group.feeds().len() - g.group.writers().len(),
-            blocks,
-            count("temperature").await?,
-            count("humidity").await?
-        );
     }
 
-    // A peer speaking another major version of the feed exchange is refused, and
-    // neither store changes.
-    let before = gateways[0].group.feeds().len();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = gateways[0].group.clone();
-    let accept = tokio::spawn(async move {
-        let (socket, _) = listener.accept().await?;
-        anyhow::Ok(server.replicate(socket, ReplicateOptions::new(false)).await)
-    });
-    let socket = tokio::net::TcpStream::connect(addr).await?;
-    let refused = gateways[2]
-        .group
-        .replicate(
-            socket,
-            ReplicateOptions::new(true).protocol_version("2.0.0"),
-        )
-        .await;
-    let server_side = accept.await??;
-    anyhow::ensure!(
-        refused.is_err(),
-        "a version-mismatched peer was not refused"
-    );
-    println!("\nA peer speaking feed-exchange protocol 2.0.0 connects to gateway-a:");
-    match server_side {
-        Err(e) => println!("  gateway-a refuses it: {e}"),
-        Ok(_) => anyhow::bail!("gateway-a did not refuse a version-mismatched peer"),
-    }
-    anyhow::ensure!(
-        gateways[0].group.feeds().len() == before,
-        "the refused peer changed gateway-a"
-    );
-    println!("  gateway-a still holds {before} feeds, unchanged.");
+    refuse_another_version(&dir, &key, &gateways[0]).await?;
 
-    for g in &gateways {
-        g.group.close().await?;
+    if stay {
+        println!("\nThe nodes stay up; open a web page:");
+        for g in &gateways {
+            println!("  {:<10}  {}", g.name, g.page);
+        }
+        println!("Ctrl-C stops them.");
+        shutdown_signal().await;
+    }
+    for g in gateways {
+        g.node.shutdown().await?;
     }
     println!(
-        "\nDone in {:.1} s. The same with the command-line tool: `multifeed init`, `join`, `write`, `serve`, `sync`, `read` (see the README).",
+        "\nDone in {:.1} s. The same with the command-line tool: `multifeed init`, `join`, `serve --listen --peer --http`, `write`, `read` (see the README).",
         started.elapsed().as_secs_f64()
     );
     Ok(())
 }
 
-/// One-shot sync of two gateways over loopback TCP; returns `a`'s summary.
-async fn sync_pair(
-    a: &Multifeed,
-    b: &Multifeed,
-) -> anyhow::Result<(ReplicationSummary, std::net::SocketAddr)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = b.clone();
-    let accept = tokio::spawn(async move {
-        let (socket, _) = listener.accept().await?;
-        anyhow::Ok(
-            server
-                .replicate(socket, ReplicateOptions::new(false))
-                .await?,
+/// A gateway's store holding its history: one reading a minute per topic, the
+/// gateways 20 s apart.
+async fn open_with_history(dir: &Path, key: &SharedKey, g: usize) -> anyhow::Result<Store> {
+    let store = Store::open(dir, key.clone(), KeySource::Flag).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let start = now - now % HISTORY_PERIOD_MS - HISTORY * HISTORY_PERIOD_MS;
+    let name = GATEWAYS[g];
+    for (topic, unit, base) in TOPICS {
+        let readings = (0..HISTORY).map(|i| {
+            let value = base + g as f64 * 1.5 + ((i + 3 * g as u64) as f64 * 0.5).sin();
+            Message::new(topic, reading(name, value, unit))
+                .with_timestamp_ms(start + i * HISTORY_PERIOD_MS + g as u64 * 20_000)
+                .with_content_type("application/json")
+        });
+        store.topics.publish_batch(readings).await?;
+    }
+    Ok(store)
+}
+
+/// Every message of `topic` the node holds, merged by time.
+async fn read_all(api: &NodeApi, topic: &str) -> anyhow::Result<Vec<ReceivedMessage>> {
+    let mut all = Vec::new();
+    let mut cursor = Cursor::default();
+    loop {
+        let (messages, next) = api.read(topic, &cursor, 10_000).await?;
+        if messages.is_empty() {
+            return Ok(all);
+        }
+        all.extend(messages);
+        cursor = next;
+    }
+}
+
+/// Waits until every gateway holds `each` messages of every topic.
+async fn wait_until_converged(gateways: &[Gateway], each: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CONVERGE_WITHIN;
+    loop {
+        let mut short = Vec::new();
+        for g in gateways {
+            for (topic, _, _) in TOPICS {
+                let held = read_all(&g.api, topic).await?.len();
+                if held != each {
+                    short.push(format!("{} holds {held} of {each} {topic}", g.name));
+                }
+            }
+        }
+        if short.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the gateways did not converge within {CONVERGE_WITHIN:?}: {}",
+                short.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A peer speaking another major version of the feed exchange connects to
+/// `gateway`: it is refused, and the gateway's store does not change.
+async fn refuse_another_version(
+    dir: &Path,
+    key: &SharedKey,
+    gateway: &Gateway,
+) -> anyhow::Result<()> {
+    let before = gateway.api.feeds().await?.len();
+    let old = Multifeed::open(
+        StorageConfig::dir(dir.join("old-version")),
+        key.clone(),
+        Options::default(),
+    )
+    .await?;
+    old.writer("topic/temperature")
+        .await?
+        .append(b"from the future")
+        .await?;
+    let socket = tokio::net::TcpStream::connect(&gateway.listen).await?;
+    let refused = old
+        .replicate(
+            socket,
+            ReplicateOptions::new(true).protocol_version("2.0.0"),
         )
-    });
-    let socket = tokio::net::TcpStream::connect(addr).await?;
-    let summary = a.replicate(socket, ReplicateOptions::new(true)).await?;
-    accept.await??;
-    Ok((summary, addr))
+        .await;
+    old.close().await?;
+    println!(
+        "\nA peer speaking feed-exchange protocol 2.0.0 connects to {}:",
+        gateway.name
+    );
+    match refused {
+        Err(e) => println!("  refused: {e}"),
+        Ok(_) => bail!("{} did not refuse a version-mismatched peer", gateway.name),
+    }
+    let after = gateway.api.feeds().await?.len();
+    if after != before {
+        bail!("the refused peer changed {}", gateway.name);
+    }
+    println!("  {} still holds {before} feeds, unchanged.", gateway.name);
+    Ok(())
 }

@@ -239,6 +239,12 @@ impl NodeApi {
         Ok(answer["feeds"].as_array().cloned().unwrap_or_default())
     }
 
+    /// The node's peers, one JSON object each (as `/peers` gives them).
+    pub async fn peers(&self) -> anyhow::Result<Vec<Value>> {
+        let answer = self.get("/peers").await?;
+        Ok(answer["peers"].as_array().cloned().unwrap_or_default())
+    }
+
     /// Verifies every feed on the node; the report, as `/verify` gives it.
     pub async fn verify(&self) -> anyhow::Result<Value> {
         self.get("/verify").await

@@ -77,6 +77,8 @@ pub struct NodeConfig {
     pub timeout: Duration,
     /// Print JSON lines.
     pub json: bool,
+    /// Print no line per peer event.
+    pub quiet: bool,
 }
 
 /// Counters `/metrics` shows.
@@ -95,6 +97,8 @@ pub struct Shared {
     pub peers: PeerTable,
     pub metrics: Metrics,
     pub json: bool,
+    /// No line per peer event (the demo runs nodes in its own process).
+    pub quiet: bool,
     pub token: Option<String>,
     pub started_ms: u64,
     /// Cancelled when the node stops: long-lived responses (SSE) end with it.
@@ -225,6 +229,7 @@ impl Node {
             peers: PeerTable::default(),
             metrics: Metrics::default(),
             json: config.json,
+            quiet: config.quiet,
             // Loopback is this machine's own: only a bind beyond it needs the token.
             token: config
                 .token
@@ -418,8 +423,11 @@ impl Received {
     }
 }
 
-fn say_connected(json: bool, peer: &str, direction: Direction) {
-    if json {
+fn say_connected(shared: &Shared, peer: &str, direction: Direction) {
+    if shared.quiet {
+        return;
+    }
+    if shared.json {
         say!(
             "{}",
             json!({"event": "connected", "peer": peer, "direction": direction})
@@ -429,8 +437,11 @@ fn say_connected(json: bool, peer: &str, direction: Direction) {
     }
 }
 
-fn say_synced(json: bool, peer: &str, key: FeedKey) {
-    if json {
+fn say_synced(shared: &Shared, peer: &str, key: FeedKey) {
+    if shared.quiet {
+        return;
+    }
+    if shared.json {
         say!(
             "{}",
             json!({"event": "feed_synced", "peer": peer, "key": key.to_hex()})
@@ -442,13 +453,16 @@ fn say_synced(json: bool, peer: &str, key: FeedKey) {
 
 /// Says how a session ended; `why` overrides the reason the result gives.
 fn say_disconnected(
-    json: bool,
+    shared: &Shared,
     peer: &str,
     result: Result<&ReplicationSummary, &multifeed::Error>,
     why: Option<(&'static str, String)>,
 ) {
+    if shared.quiet {
+        return;
+    }
     let (code, words) = why.unwrap_or_else(|| end_reason(result));
-    if json {
+    if shared.json {
         let mut line = match result {
             Ok(summary) => summary_json(peer, summary),
             Err(e) => json!({"peer": peer, "error": e.to_string()}),
@@ -531,7 +545,7 @@ async fn serve_peer(
         .peers
         .insert(&peer, Direction::Accepted, PeerState::Connected);
     shared.peers.update(&peer, |row| row.sessions = 1);
-    say_connected(shared.json, &peer, Direction::Accepted);
+    say_connected(&shared, &peer, Direction::Accepted);
     let (duplicate_tx, mut duplicate_rx) = watch::channel(false);
     let mut _registered = None;
     let mut received = Received::default();
@@ -557,7 +571,7 @@ async fn serve_peer(
                     }
                     _registered = Some(shared.registry.accepted(remote, duplicate_tx.clone()));
                 }
-                Some(ReplicationEvent::FeedSynced { key }) => say_synced(shared.json, &peer, key),
+                Some(ReplicationEvent::FeedSynced { key }) => say_synced(&shared, &peer, key),
                 Some(ReplicationEvent::Progress { key, blocks, bytes }) => {
                     let (blocks, bytes) = received.on_progress(key, blocks, bytes);
                     shared.peers.update(&peer, |row| {
@@ -587,7 +601,7 @@ async fn serve_peer(
         summary.bytes_received = summary.bytes_received.max(bytes);
     }
     say_disconnected(
-        shared.json,
+        &shared,
         &peer,
         result.as_ref(),
         local_reason(duplicate, itself),
@@ -670,7 +684,7 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                 received = Received::default();
                 shared.peers.set_state(&addr, PeerState::Connected);
                 shared.peers.update(&addr, |row| row.sessions += 1);
-                say_connected(shared.json, &addr, Direction::Dialed);
+                say_connected(&shared, &addr, Direction::Dialed);
             }
             DialEvent::Replication(ReplicationEvent::Handshake { remote_user_data }) => {
                 if let Some(remote) = NodeId::from_hello(remote_user_data.as_deref()) {
@@ -684,7 +698,7 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                 }
             }
             DialEvent::Replication(ReplicationEvent::FeedSynced { key }) => {
-                say_synced(shared.json, &addr, key);
+                say_synced(&shared, &addr, key);
             }
             DialEvent::Replication(ReplicationEvent::Progress { key, blocks, bytes }) => {
                 let (blocks, bytes) = received.on_progress(key, blocks, bytes);
@@ -714,7 +728,7 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                         row.last_error = Some(words);
                     }
                 });
-                say_disconnected(shared.json, &addr, result, None);
+                say_disconnected(&shared, &addr, result, None);
             }
             DialEvent::GaveUp { error } => {
                 shared.peers.set_state(&addr, PeerState::Refused);
