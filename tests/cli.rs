@@ -276,14 +276,15 @@ fn demo_stay_keeps_the_nodes_and_their_pages_up_until_ctrl_c() {
     let mut pages = Vec::new();
     loop {
         let line = demo.line();
-        if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
-            if line.trim_start().starts_with("gateway-") && !line.contains("node up") {
-                pages.push(
-                    url.trim_start_matches("http://")
-                        .trim_end_matches('/')
-                        .to_owned(),
-                );
-            }
+        if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://"))
+            && line.trim_start().starts_with("gateway-")
+            && !line.contains("node up")
+        {
+            pages.push(
+                url.trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_owned(),
+            );
         }
         if line.contains("Ctrl-C stops them") {
             break;
