@@ -8,6 +8,7 @@ pub(crate) use crate::residency::SharedFeed;
 use crate::{
     error::{Error, Result},
     keys::FeedKey,
+    metadata::FeedMetadata,
     storage::{Durability, SyncSet},
 };
 
@@ -17,6 +18,8 @@ pub(crate) struct FeedInner {
     pub(crate) shared: Arc<SharedFeed>,
     pub(crate) sync: Option<Arc<SyncSet>>,
     pub(crate) durability: Durability,
+    /// Set once: our writer metadata, or what a peer first offered (see `metadata.rs`).
+    pub(crate) metadata: std::sync::OnceLock<FeedMetadata>,
 }
 
 /// A handle to one member feed. Cheap to clone; all clones share one hypercore.
@@ -55,6 +58,7 @@ impl Feed {
                 shared,
                 sync,
                 durability,
+                metadata: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -67,6 +71,15 @@ impl Feed {
     /// The local writer name, or `None` for a remote feed.
     pub fn name(&self) -> Option<&str> {
         self.inner.name.as_deref()
+    }
+
+    /// The feed's metadata (such as `gateway`, the name of the gateway writing it):
+    /// for our own writers [`crate::Options::writer_metadata`], for a remote feed
+    /// what the first peer that offered it with metadata said; empty if none. A
+    /// label, not proof: any member can claim any name.
+    pub fn metadata(&self) -> &FeedMetadata {
+        static NONE: FeedMetadata = FeedMetadata::new();
+        self.inner.metadata.get().unwrap_or(&NONE)
     }
 
     /// Whether this is one of our own writers (and so writable).

@@ -26,6 +26,8 @@
 //!   and bounded admission of offered feeds (`admission.rs`).
 //! - `exchange.rs`: the feed exchange on the root channel — the semver
 //!   handshake and the manifests of feeds each side holds (protobuf).
+//! - `metadata.rs`: [`FeedMetadata`] — labels a feed carries in manifests (the
+//!   gateway that writes it), bounded, kept beside a remote feed's files.
 //! - [`keys`]: [`SharedKey`], [`FeedKey`], [`Keypair`].
 //! - [`topics`]: [`Topics`] — timestamped messages published to topics by many
 //!   writers, read merged with a resumable cursor, or followed live.
@@ -81,6 +83,7 @@ mod exchange;
 mod feed;
 mod index;
 pub mod keys;
+mod metadata;
 mod multifeed;
 mod proto;
 pub mod replicate;
@@ -99,6 +102,7 @@ pub use crate::{
     exchange::{CLIENT_NAME, PROTOCOL_VERSION},
     feed::Feed,
     keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
+    metadata::FeedMetadata,
     multifeed::{AdmissionStats, Event, Multifeed, Options, SkippedFeed},
     replicate::{
         Backoff, BackoffPolicy, DialEvent, DialOptions, DialSummary, Dialer, PreAuth,

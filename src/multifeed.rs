@@ -44,6 +44,10 @@ pub struct Options {
     /// (see [`AdmissionStats`]). A session that would pass it ends with
     /// [`Error::TooManyUnprovenFeeds`]. Default: 4096.
     pub max_unproven_feeds: usize,
+    /// Metadata our own writers carry when offered to peers (see
+    /// [`Feed::metadata`]), e.g. `gateway` = this gateway's name. Kept within
+    /// small bounds (8 entries, keys ≤ 64 bytes, values ≤ 256). Default: none.
+    pub writer_metadata: crate::FeedMetadata,
 }
 
 impl Default for Options {
@@ -54,11 +58,18 @@ impl Default for Options {
             max_open_files: 1024,
             max_loaded_feeds: 256,
             max_unproven_feeds: 4096,
+            writer_metadata: Default::default(),
         }
     }
 }
 
 impl Options {
+    /// Sets [`Options::writer_metadata`].
+    pub fn writer_metadata(mut self, metadata: crate::FeedMetadata) -> Self {
+        self.writer_metadata = metadata;
+        self
+    }
+
     /// Sets [`Options::durability`].
     pub fn durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
@@ -185,6 +196,8 @@ struct Inner {
     admitted: AtomicU64,
     discarded: AtomicU64,
     limit_hits: AtomicU64,
+    /// Metadata peers offered for feeds not created yet.
+    pending_metadata: std::sync::Mutex<crate::metadata::Pending>,
 }
 
 /// A group of hypercores under one shared key. Cheap to clone: clones share one group.
@@ -258,7 +271,19 @@ impl Multifeed {
                 continue;
             }
             match load_feed(&storage, &record, options.durability, &pool, &residency).await {
-                Ok(feed) => members.insert(feed),
+                Ok(feed) => {
+                    let metadata = match (&storage, feed.is_local()) {
+                        (_, true) => Some(crate::metadata::bounded(&options.writer_metadata)),
+                        (StorageConfig::Dir(root), false) => {
+                            crate::metadata::read_info(&feed_dir(root, &record.key), &record.key)
+                        }
+                        (StorageConfig::Memory, false) => None,
+                    };
+                    if let Some(metadata) = metadata {
+                        let _ = feed.inner.metadata.set(metadata);
+                    }
+                    members.insert(feed)
+                }
                 Err(reason) => {
                     let path = match &storage {
                         StorageConfig::Dir(root) => feed_dir(root, &record.key),
@@ -295,6 +320,7 @@ impl Multifeed {
                 admitted: AtomicU64::new(0),
                 discarded: AtomicU64::new(0),
                 limit_hits: AtomicU64::new(0),
+                pending_metadata: Default::default(),
             }),
         })
     }
@@ -659,12 +685,60 @@ impl Multifeed {
         }
         let local = record.local_name.is_some();
         let shared = SharedFeed::new(record.key, local, core, source).await;
-        Ok(Feed::new(
+        let feed = Feed::new(
             record.local_name.clone(),
             shared,
             sync,
             self.inner.options.durability,
-        ))
+        );
+        if local {
+            let metadata = crate::metadata::bounded(&self.inner.options.writer_metadata);
+            let _ = feed.inner.metadata.set(metadata);
+        } else {
+            let offered = self.lock_pending_metadata().take(&record.key);
+            if let Some(metadata) = offered {
+                self.record_metadata(&feed, metadata).await;
+            }
+        }
+        Ok(feed)
+    }
+
+    fn lock_pending_metadata(&self) -> std::sync::MutexGuard<'_, crate::metadata::Pending> {
+        self.inner
+            .pending_metadata
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Metadata a peer offered with feeds (the first offer of each feed wins):
+    /// recorded for remote feeds we hold, kept for a while for feeds we may
+    /// create next. Never changes our own writers'.
+    pub(crate) async fn learn_metadata(&self, offered: Vec<(FeedKey, crate::FeedMetadata)>) {
+        for (key, metadata) in offered {
+            let metadata = crate::metadata::bounded(&metadata);
+            if metadata.is_empty() {
+                continue;
+            }
+            match self.feed(key).or_else(|| self.candidate(&key)) {
+                Some(feed) if feed.is_local() || feed.inner.metadata.get().is_some() => {}
+                Some(feed) => self.record_metadata(&feed, metadata).await,
+                None => self.lock_pending_metadata().offer(key, metadata),
+            }
+        }
+    }
+
+    /// Sets a remote feed's metadata and keeps it beside its files. A failed write
+    /// only costs the label after a restart.
+    async fn record_metadata(&self, feed: &Feed, metadata: crate::FeedMetadata) {
+        if let StorageConfig::Dir(root) = &self.inner.storage {
+            let key = feed.key();
+            if let Err(e) =
+                crate::metadata::write_info(&feed_dir(root, &key), &key, &metadata).await
+            {
+                tracing::warn!(%key, "cannot record the feed's metadata: {e}");
+            }
+        }
+        let _ = feed.inner.metadata.set(metadata);
     }
 
     fn admit(&self, feed: Feed) {

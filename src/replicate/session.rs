@@ -173,6 +173,13 @@ impl LocalFeeds for Store<'_> {
             .feed(*key)
             .map(|feed| feed.shared().info().contiguous_length)
     }
+
+    fn metadata(&self, key: &FeedKey) -> crate::FeedMetadata {
+        self.0
+            .feed(*key)
+            .map(|feed| feed.metadata().clone())
+            .unwrap_or_default()
+    }
 }
 
 /// The tokio driver of a [`SessionCore`]: turns protocol events, channel messages,
@@ -394,6 +401,10 @@ impl Session {
             }
             Action::Emit(event) => {
                 self.emit(event);
+                Ok(())
+            }
+            Action::LearnMetadata(offered) => {
+                self.multifeed.learn_metadata(offered).await;
                 Ok(())
             }
         }

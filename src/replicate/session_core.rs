@@ -51,6 +51,10 @@ pub(crate) trait LocalFeeds {
     fn length(&self, key: &FeedKey) -> Option<u64>;
     /// A member's length counted from the start without a gap.
     fn contiguous_length(&self, key: &FeedKey) -> Option<u64>;
+    /// What a member's manifest entry carries besides its key and length.
+    fn metadata(&self, _key: &FeedKey) -> crate::FeedMetadata {
+        crate::FeedMetadata::new()
+    }
 }
 
 /// Something that happened to the session.
@@ -121,6 +125,8 @@ pub(crate) enum Action<C> {
     Release(Vec<FeedKey>),
     /// Tell the session's owner.
     Emit(ReplicationEvent),
+    /// Metadata the peer offered with these feeds.
+    LearnMetadata(Vec<(FeedKey, crate::FeedMetadata)>),
 }
 
 /// The session's state. See the module documentation.
@@ -744,7 +750,7 @@ impl<C> SessionCore<C> {
             offer.push(OfferedFeed {
                 key,
                 length: Some(length),
-                metadata: Default::default(),
+                metadata: store.metadata(&key),
             });
         }
         for chunk in offer.chunks(self.limits.max_feeds_per_message.clamp(1, 10_000)) {
@@ -806,6 +812,14 @@ impl<C> SessionCore<C> {
             }
         }
         self.got_manifest = true;
+        let labelled: Vec<(FeedKey, crate::FeedMetadata)> = feeds
+            .iter()
+            .filter(|f| !f.metadata.is_empty() && f.key.as_bytes() != &self.shared_key)
+            .map(|f| (f.key, f.metadata.clone()))
+            .collect();
+        if !labelled.is_empty() {
+            self.actions.push_back(Action::LearnMetadata(labelled));
+        }
         self.emit(ReplicationEvent::RemoteFeeds {
             keys: feeds.iter().map(|f| f.key).collect(),
             lengths: feeds.iter().map(|f| f.length).collect(),
@@ -945,7 +959,7 @@ impl<C> SessionCore<C> {
             announce.push(OfferedFeed {
                 key,
                 length: Some(length),
-                metadata: Default::default(),
+                metadata: store.metadata(&key),
             });
         }
         if !announce.is_empty() {

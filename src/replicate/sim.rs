@@ -1572,6 +1572,7 @@ impl Sim {
                 }
                 Ok(())
             }
+            Action::LearnMetadata(_) => Ok(()),
             Action::Emit(event) => {
                 if let ReplicationEvent::RemoteFeeds { keys, lengths } = event {
                     let s = &mut self.conns[conn].sides[side];

@@ -1,0 +1,152 @@
+//! Feed metadata: small text labels a feed carries in manifests
+//! (`FeedInfo.metadata`), such as the name of the gateway that writes it.
+//!
+//! Our own writers carry [`crate::Options::writer_metadata`]. A remote feed keeps
+//! what the first peer that offered it with metadata said, in the file
+//! `feeds/<hex key>/info` (a protobuf `FeedInfo`), and is offered on with it.
+//! Metadata is a label, not proof: any member can claim any name, so the feed key
+//! stays the identity. Bounded in size, since peers choose it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
+
+use prost::Message;
+
+use crate::{keys::FeedKey, proto::pb};
+
+/// Metadata of one feed.
+pub type FeedMetadata = BTreeMap<String, String>;
+
+/// Most entries kept per feed; further ones are dropped.
+pub const MAX_ENTRIES: usize = 8;
+/// Longest key kept, in bytes.
+pub const MAX_KEY_LEN: usize = 64;
+/// Longest value kept, in bytes.
+pub const MAX_VALUE_LEN: usize = 256;
+/// Most feeds whose offered metadata waits for the feed to be created.
+const MAX_PENDING: usize = 1024;
+const INFO_FILE: &str = "info";
+/// Larger than any file [`write_info`] writes.
+const MAX_INFO_LEN: u64 = 16 * 1024;
+
+/// `metadata` within the bounds: entries with an empty or too long key or value,
+/// or with control characters, are dropped, then all past [`MAX_ENTRIES`].
+pub(crate) fn bounded(metadata: &FeedMetadata) -> FeedMetadata {
+    let fits = |text: &str, max: usize| text.len() <= max && !text.chars().any(char::is_control);
+    metadata
+        .iter()
+        .filter(|(k, v)| !k.is_empty() && fits(k, MAX_KEY_LEN) && fits(v, MAX_VALUE_LEN))
+        .take(MAX_ENTRIES)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The metadata recorded for a remote feed in `dir`, if any. A file that cannot
+/// be read is treated as none: metadata is only a label.
+pub(crate) fn read_info(dir: &Path, key: &FeedKey) -> Option<FeedMetadata> {
+    let path = dir.join(INFO_FILE);
+    let len = std::fs::metadata(&path).ok()?.len();
+    if len > MAX_INFO_LEN {
+        tracing::warn!(path = %path.display(), "ignoring an oversized feed info file");
+        return None;
+    }
+    let bytes = std::fs::read(&path).ok()?;
+    let info = pb::FeedInfo::decode(bytes.as_slice()).ok()?;
+    if info.key != key.as_bytes() {
+        return None;
+    }
+    let metadata = bounded(&info.metadata.into_iter().collect());
+    (!metadata.is_empty()).then_some(metadata)
+}
+
+/// Records `metadata` for the feed in `dir`, replacing the file whole (a crash
+/// leaves the old file or the new one, never a torn one).
+pub(crate) async fn write_info(
+    dir: &Path,
+    key: &FeedKey,
+    metadata: &FeedMetadata,
+) -> std::io::Result<()> {
+    let bytes = pb::FeedInfo {
+        key: key.as_bytes().to_vec(),
+        length: None,
+        metadata: metadata.clone().into_iter().collect(),
+    }
+    .encode_to_vec();
+    let partial = dir.join(format!("{INFO_FILE}.partial"));
+    tokio::fs::write(&partial, bytes).await?;
+    tokio::fs::rename(&partial, dir.join(INFO_FILE)).await
+}
+
+/// Offered metadata of feeds not created yet (they may be requested next).
+#[derive(Default)]
+pub(crate) struct Pending(HashMap<FeedKey, FeedMetadata>);
+
+impl Pending {
+    /// Keeps `metadata` for `key` unless already known or full.
+    pub(crate) fn offer(&mut self, key: FeedKey, metadata: FeedMetadata) {
+        if self.0.len() < MAX_PENDING {
+            self.0.entry(key).or_insert(metadata);
+        }
+    }
+
+    pub(crate) fn take(&mut self, key: &FeedKey) -> Option<FeedMetadata> {
+        self.0.remove(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_chosen_metadata_is_bounded() {
+        let mut offered = FeedMetadata::new();
+        offered.insert("gateway".into(), "site-a".into());
+        offered.insert("".into(), "empty key".into());
+        offered.insert("k".repeat(MAX_KEY_LEN + 1), "long key".into());
+        offered.insert("long".into(), "v".repeat(MAX_VALUE_LEN + 1));
+        offered.insert("paint".into(), "\u{1b}[31m".into());
+        for i in 0..100 {
+            offered.insert(format!("x{i:03}"), "y".into());
+        }
+        let kept = bounded(&offered);
+        assert_eq!(kept.len(), MAX_ENTRIES);
+        assert_eq!(kept.get("gateway").map(String::as_str), Some("site-a"));
+        assert!(!kept.contains_key("paint") && !kept.contains_key("long"));
+    }
+
+    #[tokio::test]
+    async fn info_round_trips_and_a_bad_file_is_no_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = FeedKey::from_bytes([3; 32]);
+        assert_eq!(read_info(dir.path(), &key), None);
+        let metadata: FeedMetadata = [("gateway".to_string(), "site-a".to_string())].into();
+        write_info(dir.path(), &key, &metadata).await.unwrap();
+        assert_eq!(read_info(dir.path(), &key), Some(metadata));
+        // Another feed's file, or garbage, reads as none.
+        assert_eq!(read_info(dir.path(), &FeedKey::from_bytes([4; 32])), None);
+        std::fs::write(dir.path().join(INFO_FILE), [0xff; 40]).unwrap();
+        assert_eq!(read_info(dir.path(), &key), None);
+    }
+
+    #[test]
+    fn pending_is_bounded_and_first_offer_wins() {
+        let mut pending = Pending::default();
+        let meta = |v: &str| -> FeedMetadata { [("gateway".to_string(), v.to_string())].into() };
+        pending.offer(FeedKey::from_bytes([1; 32]), meta("first"));
+        pending.offer(FeedKey::from_bytes([1; 32]), meta("second"));
+        for i in 0..(MAX_PENDING as u32 + 10) {
+            let mut bytes = [0u8; 32];
+            bytes[..4].copy_from_slice(&i.to_le_bytes());
+            bytes[31] = 9;
+            pending.offer(FeedKey::from_bytes(bytes), meta("x"));
+        }
+        assert_eq!(pending.0.len(), MAX_PENDING);
+        assert_eq!(
+            pending.take(&FeedKey::from_bytes([1; 32])),
+            Some(meta("first"))
+        );
+    }
+}
