@@ -111,6 +111,10 @@ enum Command {
         /// Seconds allowed to connect to a peer and to complete a handshake [default: 10].
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
+        /// This gateway's name, shown with its messages everywhere they replicate
+        /// (kept in the store) [default: the host name].
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
     },
     /// Replicate with a peer: once (default) or live until Ctrl-C.
     Sync {
@@ -215,6 +219,7 @@ async fn main() {
             http,
             max_peers,
             timeout,
+            name,
         } => {
             let file = config.serve;
             let node = node::NodeConfig {
@@ -226,6 +231,7 @@ async fn main() {
                 timeout: std::time::Duration::from_secs(pick(timeout, file.timeout, 10)),
                 json: global.json,
                 quiet: false,
+                name: name.or(file.name),
             };
             cli::net::serve(&global, node).await
         }

@@ -556,3 +556,56 @@ fn binary_payloads_survive_read_json_into_write_ndjson_through_a_running_node() 
     let (held, _) = b.read("bad", None);
     assert_eq!(held, ["ok"]);
 }
+
+#[test]
+fn messages_show_the_gateway_that_wrote_them_wherever_they_replicate() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 3);
+    let (a, b, c) = (&gws[0], &gws[1], &gws[2]);
+    a.write_stdin("t", "from-a\n");
+    b.write_stdin("t", "from-b\n");
+    // a names itself as it starts serving; b relays a's feed to c.
+    let mut a_node =
+        Running::spawn(a.cmd(&["serve", "--listen", "127.0.0.1:0", "--name", "roof-a"]));
+    let listen = a_node
+        .line()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .trim()
+        .to_owned();
+    b.ok(&["sync", &listen]);
+    a_node.stop();
+    let b_node = b.serve();
+    c.ok(&["sync", &b_node.addr]);
+    let b_name = b
+        .ok(&["--json", "feeds"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|f| f["local"] == true)
+        .and_then(|f| f["gateway"].as_str().map(str::to_owned))
+        .expect("b's own feed has a gateway name (the host name by default)");
+    assert!(!b_name.is_empty());
+
+    // Text and JSON reads on c name the writers, not key prefixes.
+    let text = c.ok(&["read", "t"]);
+    let line_a = text.lines().find(|l| l.ends_with("from-a")).unwrap();
+    assert!(line_a.contains("  roof-a  "), "{text}");
+    let line_b = text.lines().find(|l| l.ends_with("from-b")).unwrap();
+    assert!(line_b.contains(&format!("  {b_name}  ")), "{text}");
+    let json: Vec<serde_json::Value> = c
+        .ok(&["--json", "read", "t"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["payload"] == "from-a")
+        .collect();
+    assert_eq!(json[0]["gateway"], "roof-a");
+    let feeds = c.ok(&["feeds"]);
+    assert!(feeds.contains("roof-a"), "{feeds}");
+    // b's node answers reads with the names too.
+    let through_node = b.ok(&["read", "t"]);
+    assert!(through_node.contains("  roof-a  "), "{through_node}");
+    drop(b_node);
+
+    let refused = a.fails(&["serve", "--listen", "127.0.0.1:0", "--name", "bad\nname"]);
+    assert!(refused.contains("gateway name"), "{refused}");
+}

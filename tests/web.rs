@@ -249,9 +249,13 @@ const PAGE_STATE: &str = r##"(() => {
   }
   const peers = [...document.querySelectorAll("#peers tbody tr")]
     .map((row) => [...row.cells].map((cell) => cell.textContent));
+  const feeds = [...document.querySelectorAll("#feeds tbody tr")]
+    .map((row) => [...row.cells].map((cell) => cell.textContent));
   return {
     charts,
     peers,
+    feeds,
+    name: document.getElementById("name").textContent,
     group: document.getElementById("group").textContent,
     node: document.getElementById("node").textContent,
     status: document.getElementById("status").textContent,
@@ -290,8 +294,8 @@ fn the_page_charts_readings_published_on_a_peer_and_shows_the_peer() {
     let root = tempfile::tempdir().unwrap();
     let gws = group(root.path(), 2);
     let pa = format!("127.0.0.1:{}", free_port());
-    let a = gws[0].node(&["--listen", &pa, "--http", "127.0.0.1:0"]);
-    let b = gws[1].node(&["--peer", &pa, "--http", "127.0.0.1:0"]);
+    let a = gws[0].node(&["--listen", &pa, "--http", "127.0.0.1:0", "--name", "roof-a"]);
+    let b = gws[1].node(&["--peer", &pa, "--http", "127.0.0.1:0", "--name", "site-b"]);
 
     // History: readings published on A before the page is opened on B.
     let temps: Vec<f64> = (0..25).map(|i| 20.0 + f64::from(i % 7) * 0.5).collect();
@@ -332,6 +336,13 @@ fn the_page_charts_readings_published_on_a_peer_and_shows_the_peer() {
     );
     assert_eq!(state["group"], group_id.as_str());
     assert_eq!(state["status"], "live");
+    // The feeds learnt from A show A's gateway name; the heading shows B's own.
+    let state = wait_for_page(&mut browser, "A's gateway name on its feeds", |s| {
+        s["feeds"]
+            .as_array()
+            .is_some_and(|rows| rows.len() >= 3 && rows.iter().all(|r| r[1] == "roof-a"))
+    });
+    assert_eq!(state["name"], "· site-b");
     // Untrusted text is shown as text.
     assert_eq!(series(&state, HOSTILE_TOPIC, "v")["points"], 1);
     assert_eq!(state["injected"], 0);

@@ -165,9 +165,22 @@ impl Via<'_> {
         topic: &str,
         cursor: &Cursor,
         limit: usize,
-    ) -> anyhow::Result<(Vec<ReceivedMessage>, Cursor)> {
+    ) -> anyhow::Result<(Vec<output::Labelled>, Cursor)> {
         Ok(match self {
-            Via::Store(topics) => topics.read(topic, cursor, limit).await?,
+            Via::Store(topics) => {
+                let (messages, next) = topics.read(topic, cursor, limit).await?;
+                let group = topics.group();
+                let labelled = messages
+                    .into_iter()
+                    .map(|message| output::Labelled {
+                        gateway: group
+                            .feed(message.address.key)
+                            .and_then(|f| output::gateway_of(&f)),
+                        message,
+                    })
+                    .collect();
+                (labelled, next)
+            }
             Via::Node(api) => api.read(topic, cursor, limit).await?,
         })
     }
@@ -339,7 +352,7 @@ async fn follow_through_node(
             item = events.next() => match item {
                 Ok(Some((m, next))) => {
                     cursor = next;
-                    print_message(global.json, &m);
+                    print_message(global.json, &m.message, m.gateway.as_deref());
                     if global.json {
                         print_cursor(true, &cursor);
                     }
@@ -365,11 +378,11 @@ async fn follow_through_node(
     outcome
 }
 
-fn print_message(json: bool, m: &ReceivedMessage) {
+fn print_message(json: bool, m: &ReceivedMessage, gateway: Option<&str>) {
     if json {
-        println!("{}", output::message_json(m));
+        println!("{}", output::message_json(m, gateway));
     } else {
-        println!("{}", output::message_line(m));
+        println!("{}", output::message_line(m, gateway));
     }
 }
 
@@ -397,7 +410,7 @@ async fn read_topic(
         }
         left = left.saturating_sub(messages.len());
         for m in &messages {
-            print_message(global.json, m);
+            print_message(global.json, &m.message, m.gateway.as_deref());
         }
     }
     print_cursor(global.json, &cursor);
@@ -435,7 +448,8 @@ async fn follow_topic(
                 let Some(item) = item else { break };
                 let m = item?;
                 cursor.advance(&m.address);
-                print_message(global.json, &m);
+                let gateway = store.group.feed(m.address.key).and_then(|f| output::gateway_of(&f));
+                print_message(global.json, &m, gateway.as_deref());
                 if global.json {
                     print_cursor(true, &cursor);
                 }

@@ -12,6 +12,7 @@
 //! http = "127.0.0.1:8080"
 //! max-peers = 64
 //! timeout = 10
+//! name = "site-a"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -49,6 +50,7 @@ pub struct ServeConfig {
     pub http: Option<String>,
     pub max_peers: Option<usize>,
     pub timeout: Option<u64>,
+    pub name: Option<String>,
 }
 
 /// `[sync]`: the flags of `multifeed sync`.

@@ -12,11 +12,11 @@ use std::{
 use anyhow::{Context, bail};
 use multifeed::{
     Multifeed, Options, ReplicateOptions, SharedKey, StorageConfig,
-    topics::{Cursor, Message, ReceivedMessage},
+    topics::{Cursor, Message},
 };
 
 use super::{
-    output,
+    output::{self, Labelled},
     remote::NodeApi,
     signal::shutdown_signal,
     store::{KeySource, Store},
@@ -80,6 +80,7 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
             timeout: Duration::from_secs(10),
             json: false,
             quiet: true,
+            name: None,
         };
         let bound = Node::bind(store, config).await?;
         let listen = bound.listen_addr().context("the node listens")?.to_string();
@@ -145,13 +146,15 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
     if merged.len() > shown {
         println!("  ... {} earlier", merged.len() - shown);
     }
+    // The gateway column comes from each feed's metadata, learnt by replication
+    // (through gateway-b for gateway-a's feeds), not from the payload.
     for m in merged.iter().skip(merged.len().saturating_sub(shown)) {
         let reading: serde_json::Value =
-            serde_json::from_slice(&m.message.payload).unwrap_or_default();
+            serde_json::from_slice(&m.message.message.payload).unwrap_or_default();
         println!(
             "  {:<24}  {:<10}  {} {}",
-            output::format_time(m.message.timestamp_ms),
-            reading["gateway"].as_str().unwrap_or("?"),
+            output::format_time(m.message.message.timestamp_ms),
+            m.gateway.as_deref().unwrap_or("?"),
             reading["value"],
             reading["unit"].as_str().unwrap_or("")
         );
@@ -198,12 +201,12 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
 /// A gateway's store holding its history: one reading a minute per topic, the
 /// gateways 20 s apart.
 async fn open_with_history(dir: &Path, key: &SharedKey, g: usize) -> anyhow::Result<Store> {
-    let store = Store::open(dir, key.clone(), KeySource::Flag).await?;
+    let name = GATEWAYS[g];
+    let store = Store::open_as(dir, key.clone(), KeySource::Flag, Some(name)).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;
     let start = now - now % HISTORY_PERIOD_MS - HISTORY * HISTORY_PERIOD_MS;
-    let name = GATEWAYS[g];
     for (topic, unit, base) in TOPICS {
         let readings = (0..HISTORY).map(|i| {
             let value = base + g as f64 * 1.5 + ((i + 3 * g as u64) as f64 * 0.5).sin();
@@ -217,7 +220,7 @@ async fn open_with_history(dir: &Path, key: &SharedKey, g: usize) -> anyhow::Res
 }
 
 /// Every message of `topic` the node holds, merged by time.
-async fn read_all(api: &NodeApi, topic: &str) -> anyhow::Result<Vec<ReceivedMessage>> {
+async fn read_all(api: &NodeApi, topic: &str) -> anyhow::Result<Vec<Labelled>> {
     let mut all = Vec::new();
     let mut cursor = Cursor::default();
     loop {

@@ -105,7 +105,10 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
             "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, or --http ADDR for the local API"
         );
     }
-    let store = store::open(global).await?;
+    if let Some(name) = &config.name {
+        store::check_gateway_name(name)?;
+    }
+    let store = store::open_as(global, config.name.as_deref()).await?;
     if config.http.is_some() {
         config.token = match store::read_token_file(&store.dir) {
             Ok(token) => token,
@@ -116,6 +119,7 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
         };
     }
     let dir = store.dir.clone();
+    let gateway = store.name.clone();
     // Installed before anyone hears the node is up: a SIGTERM right after its first
     // line or answer stops it cleanly.
     let stop = shutdown_signal();
@@ -125,7 +129,7 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
     if global.json {
         say!(
             "{}",
-            json!({"listening": listening, "http": http, "node": bound.id().to_string(), "dir": dir})
+            json!({"listening": listening, "http": http, "node": bound.id().to_string(), "dir": dir, "gateway": gateway})
         );
     } else {
         if let Some(addr) = &listening {
@@ -134,6 +138,7 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
         if let Some(addr) = &http {
             say!("http api on http://{addr}");
         }
+        say!("gateway {name}", name = output::printable(&gateway));
     }
     // Peers connect and dial only once the addresses are out.
     bound

@@ -26,12 +26,31 @@ pub fn format_time(ms: u64) -> String {
     )
 }
 
-/// One message as a line: time, writer (short key), payload.
-pub fn message_line(m: &ReceivedMessage) -> String {
+/// A message with the name of the gateway that wrote it, when known.
+pub struct Labelled {
+    pub message: ReceivedMessage,
+    pub gateway: Option<String>,
+}
+
+/// The name of the gateway writing `feed`, when its metadata says.
+pub fn gateway_of(feed: &multifeed::Feed) -> Option<String> {
+    feed.metadata().get(GATEWAY).cloned()
+}
+
+/// The metadata entry naming a feed's gateway.
+pub const GATEWAY: &str = "gateway";
+
+/// One message as a line: time, the gateway that wrote it (else its feed's short
+/// key), payload.
+pub fn message_line(m: &ReceivedMessage, gateway: Option<&str>) -> String {
+    let writer = match gateway {
+        Some(name) => printable(name),
+        None => m.address.key.to_hex()[..8].to_owned(),
+    };
     format!(
         "{}  {}  {}",
         format_time(m.message.timestamp_ms),
-        &m.address.key.to_hex()[..8],
+        writer,
         printable(&String::from_utf8_lossy(&m.message.payload))
     )
 }
@@ -51,8 +70,8 @@ pub fn printable(text: &str) -> String {
 }
 
 /// One message as a JSON object. The payload is a string when it is UTF-8, else
-/// `payload_base64`.
-pub fn message_json(m: &ReceivedMessage) -> serde_json::Value {
+/// `payload_base64`; `gateway` when the writer's feed names it.
+pub fn message_json(m: &ReceivedMessage, gateway: Option<&str>) -> serde_json::Value {
     let mut value = json!({
         "topic": m.message.topic,
         "time_ms": m.message.timestamp_ms,
@@ -73,6 +92,9 @@ pub fn message_json(m: &ReceivedMessage) -> serde_json::Value {
     if let Some(ct) = &m.message.content_type {
         value["content_type"] = json!(ct);
     }
+    if let Some(gateway) = gateway {
+        value["gateway"] = json!(gateway);
+    }
     value
 }
 
@@ -81,6 +103,8 @@ pub async fn feed_json(feed: &multifeed::Feed) -> serde_json::Value {
     json!({
         "key": feed.key().to_hex(),
         "name": feed.name(),
+        "gateway": gateway_of(feed),
+        "metadata": feed.metadata(),
         "local": feed.is_local(),
         "length": feed.len().await,
         "held": feed.contiguous_len().await,
@@ -91,8 +115,8 @@ pub async fn feed_json(feed: &multifeed::Feed) -> serde_json::Value {
 /// The heading of the `feeds` table.
 pub fn feeds_heading() -> String {
     format!(
-        "{:<64}  {:<20}  {:<6}  {:>9}  {:>9}  {:>10}",
-        "key", "name", "kind", "length", "held", "bytes"
+        "{:<64}  {:<16}  {:<20}  {:<6}  {:>9}  {:>9}  {:>10}",
+        "key", "gateway", "name", "kind", "length", "held", "bytes"
     )
 }
 
@@ -104,8 +128,9 @@ pub fn feed_line(row: &serde_json::Value) -> String {
         "remote"
     };
     format!(
-        "{:<64}  {:<20}  {:<6}  {:>9}  {:>9}  {:>10}",
+        "{:<64}  {:<16}  {:<20}  {:<6}  {:>9}  {:>9}  {:>10}",
         row["key"].as_str().unwrap_or("?"),
+        printable(row["gateway"].as_str().unwrap_or("-")),
         row["name"].as_str().unwrap_or("-"),
         kind,
         row["length"].as_u64().unwrap_or(0),

@@ -15,6 +15,8 @@ use multifeed::{
     topics::{Cursor, Message, MessageAddress, ReceivedMessage},
 };
 use serde::{Deserialize, Serialize};
+
+use super::output::Labelled;
 use serde_json::Value;
 
 /// The file in a store naming the API of the node that holds it.
@@ -185,7 +187,7 @@ impl NodeApi {
         topic: &str,
         cursor: &Cursor,
         limit: usize,
-    ) -> anyhow::Result<(Vec<ReceivedMessage>, Cursor)> {
+    ) -> anyhow::Result<(Vec<Labelled>, Cursor)> {
         let from = cursor.to_string();
         let request = self
             .request(reqwest::Method::GET, &topic_path(topic, "messages"))
@@ -273,7 +275,7 @@ pub struct Events {
 impl Events {
     /// The next message and the cursor past it; `None` once the node ends the stream
     /// (it stopped, or was killed).
-    pub async fn next(&mut self) -> anyhow::Result<Option<(ReceivedMessage, Cursor)>> {
+    pub async fn next(&mut self) -> anyhow::Result<Option<(Labelled, Cursor)>> {
         loop {
             if let Some(end) = find_event_end(&self.buffer) {
                 let event: Vec<u8> = self.buffer.drain(..end).collect();
@@ -311,7 +313,7 @@ fn find_event_end(buffer: &[u8]) -> Option<usize> {
 }
 
 /// A message event, or `None` for a keep-alive comment.
-fn parse_event(event: &[u8]) -> anyhow::Result<Option<(ReceivedMessage, Cursor)>> {
+fn parse_event(event: &[u8]) -> anyhow::Result<Option<(Labelled, Cursor)>> {
     let text = String::from_utf8_lossy(event);
     let (mut kind, mut id, mut data) = ("message", None, String::new());
     for line in text.lines() {
@@ -343,7 +345,7 @@ fn parse_event(event: &[u8]) -> anyhow::Result<Option<(ReceivedMessage, Cursor)>
 }
 
 /// A message from its JSON form ([`super::output::message_json`]).
-pub fn message_from_json(value: &Value) -> Option<ReceivedMessage> {
+pub fn message_from_json(value: &Value) -> Option<Labelled> {
     use base64::Engine as _;
     let payload = match (value["payload"].as_str(), value["payload_base64"].as_str()) {
         (Some(text), _) => text.as_bytes().to_vec(),
@@ -362,7 +364,10 @@ pub fn message_from_json(value: &Value) -> Option<ReceivedMessage> {
         seq: value["seq"].as_u64()?,
         index: u32::try_from(value["index"].as_u64()?).ok()?,
     };
-    Some(ReceivedMessage { address, message })
+    Some(Labelled {
+        message: ReceivedMessage { address, message },
+        gateway: value["gateway"].as_str().map(str::to_owned),
+    })
 }
 
 /// Reads a JSON body, or `null` when there is none or it is not JSON.

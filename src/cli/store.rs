@@ -20,11 +20,19 @@ use anyhow::{Context, bail};
 use fs4::fs_std::FileExt;
 use multifeed::{Multifeed, Options, SharedKey, StorageConfig, Topics};
 
-use super::remote::{self, NodeApi};
+use super::{
+    output,
+    remote::{self, NodeApi},
+};
 use crate::Global;
 
 /// Opens the group of the global options.
 pub async fn open(global: &Global) -> anyhow::Result<Store> {
+    open_as(global, None).await
+}
+
+/// [`open`], renaming the gateway to `name` when given.
+pub async fn open_as(global: &Global, name: Option<&str>) -> anyhow::Result<Store> {
     let dir = resolve_dir(global.dir.as_deref())?;
     let (key, source) = resolve_key(global.key.as_deref(), &dir)?;
     if source == KeySource::File && !is_group_dir(&dir) {
@@ -41,7 +49,7 @@ pub async fn open(global: &Global) -> anyhow::Result<Store> {
             dir.display()
         );
     }
-    Store::open(&dir, key, source).await
+    Store::open_as(&dir, key, source, name).await
 }
 
 /// Environment variable holding the shared key.
@@ -291,6 +299,8 @@ pub async fn open_or_node(global: &Global) -> anyhow::Result<Access> {
 /// An open group with its directory lock.
 pub struct Store {
     pub dir: PathBuf,
+    /// This gateway's name, which its feeds carry.
+    pub name: String,
     pub group: Multifeed,
     pub topics: Topics,
     _lock: File,
@@ -300,6 +310,17 @@ impl Store {
     /// Opens the group in `dir` under `key`: takes the lock, checks the group id,
     /// opens the group and warns about members that could not be loaded.
     pub async fn open(dir: &Path, key: SharedKey, source: KeySource) -> anyhow::Result<Self> {
+        Self::open_as(dir, key, source, None).await
+    }
+
+    /// [`Store::open`], renaming the gateway to `name` first when given (kept in
+    /// `<dir>/gateway-name`; its feeds carry the name to peers).
+    pub async fn open_as(
+        dir: &Path,
+        key: SharedKey,
+        source: KeySource,
+        name: Option<&str>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the storage directory {}", dir.display()))?;
         let lock_path = dir.join(LOCK_FILE);
@@ -325,7 +346,16 @@ impl Store {
             std::fs::write(&id_path, format!("{}\n", group_id(&key)))
                 .with_context(|| format!("cannot write {}", id_path.display()))?;
         }
-        let group = Multifeed::open(StorageConfig::dir(dir), key, Options::default())
+        let name = match name {
+            Some(name) => {
+                write_gateway_name(dir, name)?;
+                name.to_owned()
+            }
+            None => gateway_name(dir),
+        };
+        let metadata = [(output::GATEWAY.to_owned(), name.clone())].into();
+        let options = Options::default().writer_metadata(metadata);
+        let group = Multifeed::open(StorageConfig::dir(dir), key, options)
             .await
             .with_context(|| format!("cannot open the group at {}", dir.display()))?;
         for skipped in group.skipped() {
@@ -341,6 +371,7 @@ impl Store {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
+            name,
             topics: Topics::new(group.clone()),
             group,
             _lock: lock,
@@ -354,6 +385,48 @@ impl Store {
             .await
             .with_context(|| format!("closing the group at {}", self.dir.display()))
     }
+}
+
+const GATEWAY_NAME_FILE: &str = "gateway-name";
+/// Longest gateway name, in bytes (what peers keep of a feed's label).
+const MAX_GATEWAY_NAME: usize = 64;
+
+/// This gateway's name: `<dir>/gateway-name`, else the host name.
+pub fn gateway_name(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join(GATEWAY_NAME_FILE))
+        .ok()
+        .map(|text| text.trim().to_owned())
+        .filter(|name| check_gateway_name(name).is_ok())
+        .unwrap_or_else(host_name)
+}
+
+/// The machine's host name, or `gateway` when it has none.
+fn host_name() -> String {
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_string_lossy().trim().to_owned();
+    if check_gateway_name(&name).is_ok() {
+        name
+    } else {
+        "gateway".into()
+    }
+}
+
+/// A gateway name is 1 to 64 bytes of printable text.
+pub fn check_gateway_name(name: &str) -> anyhow::Result<()> {
+    if name.trim().is_empty() || name.len() > MAX_GATEWAY_NAME || name.chars().any(char::is_control)
+    {
+        bail!(
+            "a gateway name is 1 to {MAX_GATEWAY_NAME} bytes of printable text, such as site-a or the host name"
+        );
+    }
+    Ok(())
+}
+
+fn write_gateway_name(dir: &Path, name: &str) -> anyhow::Result<()> {
+    check_gateway_name(name)?;
+    let path = dir.join(GATEWAY_NAME_FILE);
+    std::fs::write(&path, format!("{}\n", name.trim()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn short(id: &str) -> &str {

@@ -259,6 +259,7 @@ async fn health(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value
         "status": "ok",
         "group": store::group_id(shared.group.shared_key()),
         "node": shared.registry.own().to_string(),
+        "gateway": shared.gateway,
         "started_ms": shared.started_ms,
         "feeds": shared.group.feeds().len(),
         "peers": peers.len(),
@@ -460,6 +461,14 @@ async fn publish_batch(
     Ok((StatusCode::CREATED, Json(json!({ "addresses": addresses }))))
 }
 
+/// The name of the gateway that wrote `m`, when its feed says.
+fn gateway(shared: &Shared, m: &multifeed::topics::ReceivedMessage) -> Option<String> {
+    shared
+        .group
+        .feed(m.address.key)
+        .and_then(|f| output::gateway_of(&f))
+}
+
 #[derive(Deserialize)]
 struct ReadQuery {
     from: Option<String>,
@@ -489,7 +498,10 @@ async fn read_messages(
         .unwrap_or(DEFAULT_READ_LIMIT)
         .min(MAX_READ_LIMIT);
     let (messages, next) = shared.topics.read(&topic, &cursor, limit).await?;
-    let messages: Vec<serde_json::Value> = messages.iter().map(output::message_json).collect();
+    let messages: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| output::message_json(m, gateway(&shared, m).as_deref()))
+        .collect();
     Ok(Json(
         json!({ "messages": messages, "cursor": next.to_string() }),
     ))
@@ -521,7 +533,10 @@ async fn follow(
                     Event::default()
                         .event("message")
                         .id(cursor.to_string())
-                        .data(output::message_json(&received).to_string())
+                        .data(
+                            output::message_json(&received, gateway(&shared, &received).as_deref())
+                                .to_string(),
+                        )
                 }
                 Err(e) => Event::default().event("error").data(e.to_string()),
             };

@@ -79,6 +79,8 @@ pub struct NodeConfig {
     pub json: bool,
     /// Print no line per peer event.
     pub quiet: bool,
+    /// Rename this gateway (its feeds carry the name to peers).
+    pub name: Option<String>,
 }
 
 /// Counters `/metrics` shows.
@@ -91,6 +93,8 @@ pub struct Metrics {
 
 /// What every task of the node shares.
 pub struct Shared {
+    /// This gateway's name.
+    pub gateway: String,
     pub group: Multifeed,
     pub topics: Topics,
     pub registry: Arc<Registry>,
@@ -223,6 +227,7 @@ impl Node {
         let cancel = CancellationToken::new();
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let shared = Arc::new(Shared {
+            gateway: store.name.clone(),
             group: store.group.clone(),
             topics: store.topics.clone(),
             registry: Registry::new(id),

@@ -284,9 +284,10 @@ function renderFeeds(feeds) {
   const body = document.querySelector("#feeds tbody");
   const rows = feeds.map((f) => el("tr", { data: { key: String(f.key) } },
     el("td", { class: "mono", title: String(f.key) }, String(f.key).slice(0, 16) + "…"),
+    el("td", { class: "gateway" }, f.gateway ? String(f.gateway) : "–"),
     el("td", {}, f.local ? "yes" : ""),
     el("td", { class: "num" }, f.length)));
-  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "3", class: "empty" }, "no feeds")));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "4", class: "empty" }, "no feeds")));
   body.replaceChildren(...rows);
 }
 
@@ -312,7 +313,7 @@ async function poll() {
       ["/health", "/peers", "/feeds", "/topics"].map(api));
     setText("group", health.group || "–");
     setText("node", health.node || "–");
-    setText("name", health.name ? "· " + health.name : "");
+    setText("name", health.gateway ? "· " + health.gateway : "");
     if (!started && health.started_ms) {
       started = true;
       setText("started", new Date(health.started_ms).toLocaleString());
