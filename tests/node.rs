@@ -572,3 +572,34 @@ fn a_gateway_runs_from_a_config_file_and_flags_override_it() {
         );
     }
 }
+
+#[test]
+fn peers_count_blocks_both_ways_while_sessions_are_live() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let a = gws[0].node(&["--listen", &listen]);
+    let b = gws[1].node(&["--peer", &listen]);
+    let row = |addr: &str| -> serde_json::Value {
+        http(addr, "GET", "/peers", &[], b"")
+            .map(|answer| answer.json()["peers"][0].clone())
+            .unwrap_or_default()
+    };
+    // Two rounds: counts keep growing within one live session.
+    for round in 1..=2u64 {
+        for i in 0..10 {
+            assert!(publish(&a.http, TOPIC, &format!("r{round}-{i}")).is_some());
+        }
+        let want = 10 * round;
+        assert!(
+            poll_until(WAIT, || row(&a.http)["blocks_sent"].as_u64() >= Some(want)
+                && row(&b.http)["blocks_received"].as_u64() >= Some(want)),
+            "a: {}, b: {}",
+            row(&a.http),
+            row(&b.http)
+        );
+        assert_eq!(row(&a.http)["state"], "connected");
+    }
+    a.running.stop();
+    b.running.stop();
+}

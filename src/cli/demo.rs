@@ -162,18 +162,19 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
 
     println!("\nEach gateway's peers, from its /peers:");
     println!(
-        "  {:<10}  {:<16}  {:<9}  {:<10}  {:>15}",
-        "gateway", "peer", "how", "state", "blocks received"
+        "  {:<10}  {:<16}  {:<9}  {:<10}  {:>9}  {:>10}",
+        "gateway", "peer", "how", "state", "blocks in", "blocks out"
     );
     for g in &gateways {
         for peer in g.api.peers().await? {
             println!(
-                "  {:<10}  {:<16}  {:<9}  {:<10}  {:>15}",
+                "  {:<10}  {:<16}  {:<9}  {:<10}  {:>9}  {:>10}",
                 g.name,
                 peer["address"].as_str().unwrap_or("?"),
                 peer["direction"].as_str().unwrap_or("?"),
                 peer["state"].as_str().unwrap_or("?"),
                 peer["blocks_received"].as_u64().unwrap_or(0),
+                peer["blocks_sent"].as_u64().unwrap_or(0),
             );
         }
     }

@@ -406,13 +406,13 @@ async fn accept_peers(
     }
 }
 
-/// Running totals of one session's download, from its progress reports.
+/// Running totals of one session's download or upload, from its progress reports.
 #[derive(Default)]
-struct Received {
+struct Totals {
     per_feed: HashMap<FeedKey, (u64, u64)>,
 }
 
-impl Received {
+impl Totals {
     /// Records a report; returns what it adds.
     fn on_progress(&mut self, key: FeedKey, blocks: u64, bytes: u64) -> (u64, u64) {
         let seen = self.per_feed.entry(key).or_default();
@@ -553,7 +553,9 @@ async fn serve_peer(
     say_connected(&shared, &peer, Direction::Accepted);
     let (duplicate_tx, mut duplicate_rx) = watch::channel(false);
     let mut _registered = None;
-    let mut received = Received::default();
+    let mut received = Totals::default();
+    // The same running totals for what we send.
+    let mut sent = Totals::default();
     let (mut duplicate, mut itself) = (false, false);
     loop {
         tokio::select! {
@@ -582,6 +584,13 @@ async fn serve_peer(
                     shared.peers.update(&peer, |row| {
                         row.blocks_received += blocks;
                         row.bytes_received += bytes;
+                    });
+                }
+                Some(ReplicationEvent::Uploaded { key, blocks, bytes }) => {
+                    let (blocks, bytes) = sent.on_progress(key, blocks, bytes);
+                    shared.peers.update(&peer, |row| {
+                        row.blocks_sent += blocks;
+                        row.bytes_sent += bytes;
                     });
                 }
                 Some(event) => tracing::debug!(%peer, ?event, "replication"),
@@ -659,7 +668,9 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
             .replicate(shared.replicate_options(true)),
     );
     let mut registered = None;
-    let mut received = Received::default();
+    let mut received = Totals::default();
+    // The same running totals for what we send.
+    let mut sent = Totals::default();
     let mut stopping = false;
     loop {
         let event = tokio::select! {
@@ -686,7 +697,8 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                 });
             }
             DialEvent::Connected { .. } => {
-                received = Received::default();
+                received = Totals::default();
+                sent = Totals::default();
                 shared.peers.set_state(&addr, PeerState::Connected);
                 shared.peers.update(&addr, |row| row.sessions += 1);
                 say_connected(&shared, &addr, Direction::Dialed);
@@ -712,6 +724,13 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                     row.bytes_received += bytes;
                 });
             }
+            DialEvent::Replication(ReplicationEvent::Uploaded { key, blocks, bytes }) => {
+                let (blocks, bytes) = sent.on_progress(key, blocks, bytes);
+                shared.peers.update(&addr, |row| {
+                    row.blocks_sent += blocks;
+                    row.bytes_sent += bytes;
+                });
+            }
             DialEvent::SessionEnded {
                 result, retry_in, ..
             } => {
@@ -724,10 +743,12 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                 shared.peers.set_state(&addr, state);
                 let result = result.as_ref().map_err(|e| e.as_ref());
                 let (_, words) = end_reason(result);
+                // What the live reports did not count yet (a last batch).
+                let (counted_blocks, counted_bytes) = sent.total();
                 shared.peers.update(&addr, |row| {
                     if let Ok(summary) = result {
-                        row.blocks_sent += summary.blocks_sent;
-                        row.bytes_sent += summary.bytes_sent;
+                        row.blocks_sent += summary.blocks_sent.saturating_sub(counted_blocks);
+                        row.bytes_sent += summary.bytes_sent.saturating_sub(counted_bytes);
                     }
                     if result.is_err() {
                         row.last_error = Some(words);

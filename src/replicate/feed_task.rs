@@ -76,6 +76,8 @@ pub struct Progress {
     pub key: [u8; 32],
     pub blocks: u64,
     pub bytes: u64,
+    /// Counts of blocks sent to the peer, not received.
+    pub uploaded: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -367,6 +369,7 @@ async fn run_jobs(
         .map_err(|e| FeedSyncError::Task(e.to_string()))?;
     let local = LocalInfo::from(info);
     let received_before = sum.blocks_received;
+    let sent_before = sum.blocks_sent;
     for r in results {
         match r {
             JobResult::Applied { id, outcome, bytes } => {
@@ -397,6 +400,17 @@ async fn run_jobs(
             key: *channel.key(),
             blocks: sum.blocks_received,
             bytes: sum.bytes_received,
+            uploaded: false,
+        });
+    }
+    if let Some(p) = progress
+        && sum.blocks_sent > sent_before
+    {
+        let _ = p.try_send(Progress {
+            key: *channel.key(),
+            blocks: sum.blocks_sent,
+            bytes: sum.bytes_sent,
+            uploaded: true,
         });
     }
     fsm.on_local_update(local);

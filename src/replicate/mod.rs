@@ -269,6 +269,15 @@ pub enum ReplicationEvent {
         /// Bytes received so far.
         bytes: u64,
     },
+    /// Upload progress of one feed: running totals sent on this connection.
+    Uploaded {
+        /// The feed.
+        key: FeedKey,
+        /// Blocks sent so far.
+        blocks: u64,
+        /// Bytes sent so far.
+        bytes: u64,
+    },
     /// A feed reached sync with the peer (both hold what the other had).
     FeedSynced {
         /// The feed.

@@ -303,12 +303,21 @@ impl Session {
                 },
                 Some(progress) = self.progress_rx.recv() => {
                     let key = FeedKey::from_bytes(progress.key);
-                    self.emit(ReplicationEvent::Progress {
-                        key,
-                        blocks: progress.blocks,
-                        bytes: progress.bytes,
-                    });
-                    self.step(Input::Progress(key)).await
+                    if progress.uploaded {
+                        self.emit(ReplicationEvent::Uploaded {
+                            key,
+                            blocks: progress.blocks,
+                            bytes: progress.bytes,
+                        });
+                        Ok(())
+                    } else {
+                        self.emit(ReplicationEvent::Progress {
+                            key,
+                            blocks: progress.blocks,
+                            bytes: progress.bytes,
+                        });
+                        self.step(Input::Progress(key)).await
+                    }
                 },
                 Some(event) = member_events.next(), if self.core.handshake_done() => {
                     match event {
