@@ -354,6 +354,39 @@ impl Topics {
         Ok((messages, next))
     }
 
+    /// A cursor from which a read of `topic` returns the last `per_feed` messages
+    /// of each of its feeds (all of a shorter one): recent history without
+    /// replaying the whole log, e.g. to draw a chart and then [`Topics::follow`].
+    /// With `per_feed` 0 it is the end: only messages held later are read. It
+    /// counts back from what each feed holds without a gap, so nothing still
+    /// downloading is skipped.
+    pub async fn tail_cursor(&self, topic: &str, per_feed: usize) -> Result<Cursor> {
+        validate_topic(topic)?;
+        let mut cursor = Cursor::new();
+        cursor.check_scope(self.scope(topic))?;
+        for feed in self.topic_feeds(topic).await? {
+            let key = feed.key();
+            let mut position = (feed.contiguous_len().await, 0u32);
+            let mut wanted = per_feed;
+            while wanted > 0 && position.0 > 0 {
+                let seq = position.0 - 1;
+                let Some(block) = feed.get(seq).await? else {
+                    break;
+                };
+                let count = topic_messages(&block, topic, &key, seq).len();
+                if count >= wanted {
+                    // Blocks hold at most u32::MAX messages (their index type).
+                    position = (seq, u32::try_from(count - wanted).unwrap_or(u32::MAX));
+                    break;
+                }
+                wanted -= count;
+                position = (seq, 0);
+            }
+            cursor.set(key, position.0, position.1);
+        }
+        Ok(cursor)
+    }
+
     /// A live read of `topic` from `cursor`: yields every unread message, then
     /// each new one as it becomes readable, whether published here or received
     /// by replication (including new feeds). It waits on feed and membership

@@ -603,3 +603,35 @@ fn peers_count_blocks_both_ways_while_sessions_are_live() {
     a.running.stop();
     b.running.stop();
 }
+
+#[test]
+fn reads_and_follows_can_start_at_the_tail_of_a_long_topic() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 1);
+    let gw = &gws[0];
+    let history: String = (0..500).map(|i| format!("old-{i}\n")).collect();
+    gw.write_stdin(TOPIC, &history);
+    let node = gw.node(&["--http", "127.0.0.1:0"]);
+    let read = |query: &str| -> Vec<String> {
+        let answer = http(
+            &node.http,
+            "GET",
+            &format!("/topics/{TOPIC}/messages?{query}"),
+            &[],
+            b"",
+        )
+        .unwrap()
+        .json();
+        answer["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["payload"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(read("tail=3"), ["old-497", "old-498", "old-499"]);
+    assert!(read("tail=0").is_empty());
+    // An empty `from` is no cursor: the tail applies.
+    assert_eq!(read("from=&tail=1&limit=2"), ["old-499"]);
+    node.running.stop();
+}

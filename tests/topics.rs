@@ -329,3 +329,70 @@ async fn a_cursor_from_another_topic_or_group_is_refused() {
     let (rest, _) = topics.read("t", &cursor, 10).await.unwrap();
     assert!(rest.is_empty());
 }
+
+/// Gateways publishing batches of `sizes` each (one block per batch), synced
+/// into one reader; returns the reader and each gateway's payloads in order.
+async fn gateways_with_batches(layout: &[Vec<usize>]) -> (Topics, Vec<Vec<String>>) {
+    let reader = Topics::new(open_memory().await);
+    let mut written = Vec::new();
+    for (g, batches) in layout.iter().enumerate() {
+        let gateway = Topics::new(open_memory().await);
+        let mut payloads = Vec::new();
+        for (b, &size) in batches.iter().enumerate() {
+            let batch: Vec<Message> = (0..size)
+                .map(|i| {
+                    let payload = format!("g{g}-b{b}-m{i}");
+                    payloads.push(payload.clone());
+                    at("t", (b * 10 + i) as u64, &payload)
+                })
+                .collect();
+            gateway.publish_batch(batch).await.unwrap();
+        }
+        let (ra, rb) = sync_pair(gateway.group(), reader.group()).await;
+        ra.unwrap();
+        rb.unwrap();
+        written.push(payloads);
+    }
+    (reader, written)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// A read from the tail cursor returns exactly the last `n` messages of every
+    /// feed, whatever the batch layout, and nothing after them.
+    #[test]
+    fn the_tail_cursor_reads_the_last_messages_of_every_feed(
+        layout in proptest::collection::vec(proptest::collection::vec(1usize..5, 1..6), 1..4),
+        n in 0usize..14,
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let (reader, written) = gateways_with_batches(&layout).await;
+            let cursor = reader.tail_cursor("t", n).await.unwrap();
+            let (read, next) = reader.read("t", &cursor, usize::MAX).await.unwrap();
+            let mut got = payloads(&read);
+            got.sort();
+            let mut want: Vec<String> = written
+                .iter()
+                .flat_map(|p| p[p.len().saturating_sub(n)..].to_vec())
+                .collect();
+            want.sort();
+            assert_eq!(got, want);
+            let (none, _) = reader.read("t", &next, usize::MAX).await.unwrap();
+            assert!(none.is_empty());
+        });
+    }
+}
+
+#[tokio::test]
+async fn following_from_the_end_yields_only_what_comes_next() {
+    let (reader, _) = gateways_with_batches(&[vec![3, 2], vec![4]]).await;
+    let end = reader.tail_cursor("t", 0).await.unwrap();
+    // Its text works like any cursor's, and stays in its topic.
+    let end: Cursor = end.to_string().parse().unwrap();
+    assert!(reader.read("other", &end, 10).await.is_err());
+    let mut follow = reader.follow("t", end);
+    reader.publish(at("t", 1, "new")).await.unwrap();
+    assert_eq!(payloads(&[next_message(&mut follow).await]), ["new"]);
+}

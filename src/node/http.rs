@@ -5,7 +5,10 @@
 //! | `POST /topics/{topic}/messages` | publish one message: the body is the payload, `Content-Type` is kept |
 //! | `POST /topics/{topic}/batch` | publish NDJSON lines `{"payload": "..."}` (or `payload_base64`, optional `content_type`, `time_ms`) |
 //! | `GET /topics/{topic}/messages?from=CURSOR&limit=N` | read, as `read --json` does: messages and the cursor past them |
-//! | `GET /topics/{topic}/events` | follow as Server-Sent Events; each event's id is the cursor past it, so `Last-Event-ID` resumes |
+//! | `GET /topics/{topic}/events?from=CURSOR` | follow as Server-Sent Events; each event's id is the cursor past it, so `Last-Event-ID` resumes |
+//!
+//! Both reads take `tail=N` instead of `from`: start with the last N messages of
+//! each gateway's feed of the topic (`tail=0`: only what comes next).
 //! | `GET /topics`, `/feeds`, `/peers`, `/health`, `/metrics` | what they say; `/metrics` in Prometheus text |
 //! | `GET /verify` | re-check every feed, as `multifeed verify` does |
 //! | `GET /` | the live web page (see [`web`]) |
@@ -473,6 +476,25 @@ fn gateway(shared: &Shared, m: &multifeed::topics::ReceivedMessage) -> Option<St
 struct ReadQuery {
     from: Option<String>,
     limit: Option<usize>,
+    /// Start at the last this many messages of each feed, when `from` is absent.
+    tail: Option<usize>,
+}
+
+/// Where a read starts: the cursor given, else the tail asked for, else the
+/// beginning.
+async fn start_cursor(
+    shared: &Shared,
+    topic: &str,
+    from: Option<&str>,
+    tail: Option<usize>,
+) -> Result<Cursor, ApiError> {
+    match (from.map(str::trim).filter(|t| !t.is_empty()), tail) {
+        (None, Some(tail)) => Ok(shared
+            .topics
+            .tail_cursor(topic, tail.min(MAX_READ_LIMIT))
+            .await?),
+        (from, _) => parse_cursor(from),
+    }
 }
 
 fn parse_cursor(text: Option<&str>) -> Result<Cursor, ApiError> {
@@ -492,7 +514,7 @@ async fn read_messages(
     Path(topic): Path<String>,
     Query(query): Query<ReadQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let cursor = parse_cursor(query.from.as_deref())?;
+    let cursor = start_cursor(&shared, &topic, query.from.as_deref(), query.tail).await?;
     let limit = query
         .limit
         .unwrap_or(DEFAULT_READ_LIMIT)
@@ -518,7 +540,8 @@ async fn follow(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let cursor = parse_cursor(last_id.as_deref().or(query.from.as_deref()))?;
+    let from = last_id.as_deref().or(query.from.as_deref());
+    let cursor = start_cursor(&shared, &topic, from, query.tail).await?;
     // Refuses a bad topic or a cursor of another topic now, as a 400, and scopes
     // the cursor to the topic so its text is the one `read` prints.
     let (_, mut cursor) = shared.topics.read(&topic, &cursor, 0).await?;

@@ -159,7 +159,9 @@ class LiveTopic {
   restart() {
     if (this.source) this.source.close();
     // Reconnects resume with Last-Event-ID (the cursor): no loss, no repeat.
-    this.source = new EventSource("/topics/" + encodeURIComponent(this.topic) + "/events");
+    // Recent readings first (the chart keeps the last MAX_POINTS), then live; a
+    // reconnect resumes from the last event's id, which the browser sends.
+    this.source = new EventSource("/topics/" + encodeURIComponent(this.topic) + "/events?tail=" + MAX_POINTS);
     this.source.addEventListener("message", (e) => this.onMessage(e));
     this.source.addEventListener("error", () => {
       if (this.source.readyState === EventSource.CLOSED) {
