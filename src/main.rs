@@ -75,8 +75,11 @@ enum Command {
         /// The topic.
         topic: String,
         /// Resume after the messages a previous read returned (its printed cursor).
-        #[arg(long, value_name = "CURSOR")]
+        #[arg(long, value_name = "CURSOR", conflicts_with = "tail")]
         from: Option<String>,
+        /// Start at the last N messages of each gateway (0: only new ones with --follow).
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
         /// Print at most this many messages.
         #[arg(long)]
         limit: Option<usize>,
@@ -207,10 +210,11 @@ async fn main() {
         Command::Read {
             topic,
             from,
+            tail,
             limit,
             follow,
             peer,
-        } => cli::commands::read(&global, &topic, from, limit, follow, peer).await,
+        } => cli::commands::read(&global, &topic, from, tail, limit, follow, peer).await,
         Command::Topics => cli::commands::topics(&global).await,
         Command::Feeds => cli::commands::feeds(&global).await,
         Command::Serve {

@@ -633,5 +633,12 @@ fn reads_and_follows_can_start_at_the_tail_of_a_long_topic() {
     assert!(read("tail=0").is_empty());
     // An empty `from` is no cursor: the tail applies.
     assert_eq!(read("from=&tail=1&limit=2"), ["old-499"]);
+    // The CLI's --tail, through the node and then on the store itself.
+    assert_eq!(
+        gw.read_args(TOPIC, &["--tail", "2"]).0,
+        ["old-498", "old-499"]
+    );
     node.running.stop();
+    assert_eq!(gw.read_args(TOPIC, &["--tail", "1"]).0, ["old-499"]);
+    assert!(gw.read_args(TOPIC, &["--tail", "0"]).0.is_empty());
 }

@@ -297,6 +297,7 @@ pub async fn read(
     global: &Global,
     topic: &str,
     from: Option<String>,
+    tail: Option<usize>,
     limit: Option<usize>,
     follow: bool,
     peer: Option<String>,
@@ -319,12 +320,26 @@ pub async fn read(
                     "the store is held by a running node, which replicates with its own peers; drop --peer, or have the node dial it (`serve --peer ADDR`)"
                 );
             }
+            let cursor = match tail {
+                Some(tail) => api.tail_cursor(topic, tail).await?,
+                None => cursor,
+            };
             return if follow {
                 follow_through_node(global, &api, topic, cursor, limit).await
             } else {
                 read_topic(global, &Via::Node(&api), topic, cursor, limit).await
             };
         }
+    };
+    let cursor = match tail {
+        Some(tail) => match store.topics.tail_cursor(topic, tail).await {
+            Ok(cursor) => cursor,
+            Err(e) => {
+                store.close().await?;
+                return Err(e.into());
+            }
+        },
+        None => cursor,
     };
     let result = if follow {
         follow_topic(global, &store, topic, cursor, limit, peer).await

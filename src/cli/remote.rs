@@ -210,6 +210,19 @@ impl NodeApi {
         Ok((messages, next))
     }
 
+    /// The cursor at the last `tail` messages of each feed of `topic`.
+    pub async fn tail_cursor(&self, topic: &str, tail: usize) -> anyhow::Result<Cursor> {
+        let request = self
+            .request(reqwest::Method::GET, &topic_path(topic, "messages"))
+            .query(&[("tail", tail.to_string()), ("limit", "0".to_owned())]);
+        let answer: Value = self.send(request).await?.json_or_default().await;
+        answer["cursor"]
+            .as_str()
+            .context("the node's answer to a read had no cursor")?
+            .parse()
+            .map_err(|e| anyhow::anyhow!("the node answered with a malformed cursor: {e}"))
+    }
+
     /// Follows `topic` from `cursor` as Server-Sent Events.
     pub async fn follow(&self, topic: &str, cursor: &Cursor) -> anyhow::Result<Events> {
         let request = self

@@ -108,6 +108,13 @@ impl Gw {
         parse_read(&self.ok(&args))
     }
 
+    /// Payloads of `read <topic> --json` with more arguments, and the cursor.
+    pub fn read_args(&self, topic: &str, extra: &[&str]) -> (Vec<String>, String) {
+        let mut args = vec!["--json", "read", topic];
+        args.extend_from_slice(extra);
+        parse_read(&self.ok(&args))
+    }
+
     /// The hex key of this gateway's writer for `topic` (it must have written).
     pub fn writer_key(&self, topic: &str) -> String {
         let name = format!("topic/{topic}");
