@@ -125,6 +125,19 @@ async fn verify_feed(feed: &Feed) -> Result<FeedReport> {
         Ok(Ok((checked, status))) => {
             report.checked = checked;
             report.status = status;
+            // Our own writer wrote every block of its feed: one it no longer
+            // holds was lost here (a damaged bitfield or a truncated data file),
+            // never just not downloaded yet.
+            if feed.is_local() && report.status == FeedStatus::Ok && checked < info.length {
+                let first = (0..info.length).find(|&seq| !core.has(seq));
+                report.status = FeedStatus::Damaged {
+                    seq: first,
+                    reason: format!(
+                        "this gateway wrote {} blocks to it but holds only {checked}: its bitfield or data file is damaged",
+                        info.length
+                    ),
+                };
+            }
         }
         Err(_) => {
             report.status = FeedStatus::Damaged {

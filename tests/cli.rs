@@ -194,6 +194,33 @@ fn verify_reports_a_flipped_byte_in_a_data_file() {
 }
 
 #[test]
+fn verify_reports_a_zeroed_bitfield_of_our_own_writer() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    let lines: String = (0..300).map(|i| format!("m{i}\n")).collect();
+    // One block per line: written slowly enough that each is its own batch.
+    for chunk in lines.lines().collect::<Vec<_>>().chunks(100) {
+        gw.write_stdin("t", &(chunk.join("\n") + "\n"));
+    }
+    assert!(gw.ok(&["verify"]).contains("all 1 feeds verified"));
+    let feed = std::fs::read_dir(gw.dir.join("feeds"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let bitfield = feed.path().join("bitfield");
+    let len = std::fs::metadata(&bitfield).unwrap().len() as usize;
+    std::fs::write(&bitfield, vec![0u8; len]).unwrap();
+    let out = gw.run(&["verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("DAMAGED") && stdout.contains("holds only 0"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn bad_input_fails_with_one_clear_line_and_leaves_the_store_intact() {
     let root = tempfile::tempdir().unwrap();
     let gw = &group(root.path(), 1)[0];
