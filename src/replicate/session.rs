@@ -80,6 +80,7 @@ where
     // The tasks' handles on feeds on trial must go before the trial ends.
     while session.tasks.join_next().await.is_some() {}
     session.synced.abort_all();
+    session.growth.abort_all();
     let Session {
         multifeed,
         admission,
@@ -198,6 +199,9 @@ struct Session {
     tasks: JoinSet<FeedResult>,
     /// Resolves with a feed's key when its channel first reaches sync.
     synced: JoinSet<Option<FeedKey>>,
+    /// Resolves with the key of a member offered empty once it holds a block
+    /// (see [`Action::WatchGrowth`]).
+    growth: JoinSet<Option<FeedKey>>,
     progress_tx: mpsc::Sender<Progress>,
     progress_rx: mpsc::Receiver<Progress>,
 }
@@ -233,6 +237,7 @@ impl Session {
             activity: Arc::new(transport::LastSeen::new()),
             tasks: JoinSet::new(),
             synced: JoinSet::new(),
+            growth: JoinSet::new(),
             progress_tx,
             progress_rx,
         }
@@ -284,6 +289,9 @@ impl Session {
                 },
                 Some(Ok(Some(key))) = self.synced.join_next() => {
                     self.step(Input::FeedSynced(key)).await
+                },
+                Some(Ok(Some(key))) = self.growth.join_next() => {
+                    self.step(Input::Grew(key)).await
                 },
                 admitted = self.admission.next(), if self.core.accepts_admitted() => {
                     match admitted {
@@ -383,6 +391,16 @@ impl Session {
             }
             Action::Admit(keys) => {
                 self.admission.submit(keys);
+                Ok(())
+            }
+            Action::WatchGrowth(key) => {
+                if let Some(feed) = self.multifeed.feed(key) {
+                    let mut length = feed.subscribe_len();
+                    self.growth.spawn(async move {
+                        length.wait_for(|&length| length > 0).await.ok()?;
+                        Some(key)
+                    });
+                }
                 Ok(())
             }
             Action::Release(keys) => {
