@@ -85,12 +85,17 @@ where
         multifeed,
         admission,
         mut on_trial,
+        options: session_options,
         ..
     } = session;
+    let options_account = session_options.admission_account;
     on_trial.extend(admission.shutdown().await);
     // Feeds still on trial here: the ones that delivered become members, the
     // others leave no trace (unless another session still holds them).
     let on_trial: Vec<FeedKey> = on_trial.into_iter().collect();
+    if let Some(account) = &options_account {
+        account.refund(on_trial.len());
+    }
     if let Err(error) = multifeed.release_candidates(&on_trial).await {
         tracing::warn!(%error, "ending the trial of offered feeds");
     }
@@ -222,7 +227,7 @@ impl Session {
             rand::random(),
         );
         Self {
-            admission: Admission::spawn(multifeed.clone()),
+            admission: Admission::spawn(multifeed.clone(), options.admission_account.clone()),
             on_trial: HashSet::new(),
             multifeed,
             options,
@@ -408,6 +413,9 @@ impl Session {
                     .into_iter()
                     .filter(|key| self.on_trial.remove(key))
                     .collect();
+                if let Some(account) = &self.options.admission_account {
+                    account.refund(keys.len());
+                }
                 self.multifeed.release_candidates(&keys).await.map(|_| ())
             }
             Action::Emit(event) => {
