@@ -327,6 +327,8 @@ pub enum AdmissionScope {
     Session,
     /// The group's, over every session at once: `Options::max_unproven_feeds`.
     Group,
+    /// One peer address's, over all of its sessions at once (`PeerAdmissions`).
+    Peer,
 }
 
 impl AdmissionScope {
@@ -334,6 +336,7 @@ impl AdmissionScope {
         match self {
             AdmissionScope::Session => "the peer offered",
             AdmissionScope::Group => "peers together have pending",
+            AdmissionScope::Peer => "the peer's sessions together offered",
         }
     }
 
@@ -341,6 +344,7 @@ impl AdmissionScope {
         match self {
             AdmissionScope::Session => "ReplicateOptions::max_unproven_feeds",
             AdmissionScope::Group => "the group's Options::max_unproven_feeds",
+            AdmissionScope::Peer => "the limit per peer address (PeerAdmissions)",
         }
     }
 }

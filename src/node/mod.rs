@@ -36,7 +36,9 @@ use multifeed::{
     ReplicationSummary, Topics,
     replicate::{
         dialer::connect_tcp,
-        preauth::{ConnectionSlots, PeerSlots, PreAuthLimits, SlotLimits},
+        preauth::{
+            AdmissionAccount, ConnectionSlots, PeerAdmissions, PeerSlots, PreAuthLimits, SlotLimits,
+        },
     },
 };
 use serde_json::json;
@@ -357,6 +359,8 @@ async fn accept_peers(
     let slot_limits = SlotLimits::default();
     let slots = ConnectionSlots::new(slot_limits);
     let peer_slots = PeerSlots::new(max_peers);
+    // One address holds at most one session's worth of the group's places on trial.
+    let admissions = PeerAdmissions::new(shared.replicate_options(false).max_unproven_feeds);
     let quiet = Arc::new(Quiet::default());
     let mut report_tick = tokio::time::interval(slot_limits.report_interval);
     let mut sessions = JoinSet::new();
@@ -392,6 +396,7 @@ async fn accept_peers(
                     socket,
                     peer,
                     pre_auth,
+                    admissions.account(peer.ip()),
                     quiet.clone(),
                     cancel.clone(),
                 ));
@@ -509,13 +514,17 @@ async fn serve_peer(
     socket: TcpStream,
     peer: SocketAddr,
     pre_auth: PreAuth,
+    admission_account: AdmissionAccount,
     quiet: Arc<Quiet>,
     cancel: CancellationToken,
 ) {
     let peer = peer.to_string();
     let mut replication = shared.group.start_replication(
         socket,
-        shared.replicate_options(false).pre_auth(pre_auth.clone()),
+        shared
+            .replicate_options(false)
+            .pre_auth(pre_auth.clone())
+            .admission_account(admission_account),
     );
     // Until the peer proves it holds the key it gets no line and no row of its own:
     // anyone can connect, and a line per stranger would flood the log.

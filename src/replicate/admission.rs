@@ -20,7 +20,11 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{FeedKey, Multifeed, error::Result};
+use super::preauth::AdmissionAccount;
+use crate::{
+    FeedKey, Multifeed,
+    error::{Error, Result},
+};
 
 /// Feeds created together under one hold of the writer lock.
 const BATCH: usize = 64;
@@ -49,13 +53,16 @@ pub(crate) struct Admission {
 }
 
 impl Admission {
-    pub(crate) fn spawn(multifeed: Multifeed) -> Self {
+    /// `account`, if any, is charged for each feed this session puts on trial; the
+    /// session refunds it as it lets go of them.
+    pub(crate) fn spawn(multifeed: Multifeed, account: Option<AdmissionAccount>) -> Self {
         let waiting = Arc::new(Mutex::new(VecDeque::new()));
         let wake = Arc::new(Notify::new());
         let (tx, admitted) = mpsc::channel(BATCHES_AHEAD);
         let stop = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(admit(
             multifeed,
+            account,
             waiting.clone(),
             wake.clone(),
             stop.clone(),
@@ -138,6 +145,7 @@ impl Admission {
 
 async fn admit(
     multifeed: Multifeed,
+    account: Option<AdmissionAccount>,
     waiting: Arc<Mutex<VecDeque<FeedKey>>>,
     wake: Arc<Notify>,
     stop: Arc<AtomicBool>,
@@ -161,10 +169,24 @@ async fn admit(
         if admitted.is_closed() {
             return;
         }
-        let result = multifeed
-            .hold_candidates(&batch)
-            .await
-            .map(|held| Admitted { keys: batch, held });
+        // The peer's places are taken before the feeds are created, and what was
+        // not held (members by then) is given back.
+        if let Some(account) = &account
+            && !account.try_charge(batch.len())
+        {
+            let _ = admitted
+                .send(Err(Error::TooManyUnprovenFeeds {
+                    limit: account.limit(),
+                    scope: crate::AdmissionScope::Peer,
+                }))
+                .await;
+            return;
+        }
+        let result = multifeed.hold_candidates(&batch).await;
+        if let Some(account) = &account {
+            account.refund(batch.len() - result.as_ref().map_or(0, Vec::len));
+        }
+        let result = result.map(|held| Admitted { keys: batch, held });
         let failed = result.is_err();
         if admitted.send(result).await.is_err() || failed {
             return;

@@ -102,6 +102,11 @@ pub struct ReplicateOptions {
     /// none left answers [`Error::ServerBusy`]. Default `None`: for a server open to
     /// anyone, set it on every accepted connection. Costs nothing once authenticated.
     pub pre_auth: Option<PreAuth>,
+    /// The account of the peer's address in a [`preauth::PeerAdmissions`]: this
+    /// session's feeds on trial are charged to it, and a session that would pass
+    /// its limit ends with [`crate::Error::TooManyUnprovenFeeds`] (scope `Peer`).
+    /// Default `None` (only the session's and the group's caps apply).
+    pub admission_account: Option<preauth::AdmissionAccount>,
 }
 
 impl ReplicateOptions {
@@ -122,6 +127,7 @@ impl ReplicateOptions {
             protocol_version: PROTOCOL_VERSION.to_string(),
             user_data: None,
             pre_auth: None,
+            admission_account: None,
         }
     }
 
@@ -158,6 +164,12 @@ impl ReplicateOptions {
     /// Sets [`ReplicateOptions::max_offered_feeds`].
     pub fn max_offered_feeds(mut self, max: usize) -> Self {
         self.max_offered_feeds = max;
+        self
+    }
+
+    /// Sets [`ReplicateOptions::admission_account`].
+    pub fn admission_account(mut self, account: preauth::AdmissionAccount) -> Self {
+        self.admission_account = Some(account);
         self
     }
 

@@ -583,3 +583,85 @@ mod tests {
         assert_eq!(third.busy(), None);
     }
 }
+
+/// Places on trial (feeds offered to us, not yet delivered) per source address,
+/// over all of its sessions at once, for an accept loop: one peer reconnecting or
+/// connecting many times cannot take more than one session's worth
+/// ([`crate::ReplicateOptions::max_unproven_feeds`]) of the group's places
+/// ([`crate::Options::max_unproven_feeds`]) and so cannot lock members out. Places
+/// come back as feeds deliver or their session ends. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PeerAdmissions {
+    limit: usize,
+    held: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PeerAdmissions {
+    /// At most `limit` feeds on trial per address at once (at least one).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit: limit.max(1),
+            held: Arc::default(),
+        }
+    }
+
+    /// The account of `address`, for [`crate::ReplicateOptions::admission_account`].
+    pub fn account(&self, address: IpAddr) -> AdmissionAccount {
+        AdmissionAccount {
+            admissions: self.clone(),
+            address,
+        }
+    }
+
+    /// Feeds on trial that `address` holds now.
+    pub fn held(&self, address: IpAddr) -> usize {
+        self.lock().get(&address).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One address's share of [`PeerAdmissions`], charged by each of its sessions for
+/// the feeds it puts on trial.
+#[derive(Debug, Clone)]
+pub struct AdmissionAccount {
+    admissions: PeerAdmissions,
+    address: IpAddr,
+}
+
+impl AdmissionAccount {
+    /// Takes `count` places, or none if that would pass the limit.
+    pub(crate) fn try_charge(&self, count: usize) -> bool {
+        let mut held = self.admissions.lock();
+        let entry = held.entry(self.address).or_insert(0);
+        if *entry + count > self.admissions.limit {
+            if *entry == 0 {
+                held.remove(&self.address);
+            }
+            return false;
+        }
+        *entry += count;
+        true
+    }
+
+    /// Gives `count` places back.
+    pub(crate) fn refund(&self, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let mut held = self.admissions.lock();
+        if let Some(entry) = held.get_mut(&self.address) {
+            *entry = entry.saturating_sub(count);
+            if *entry == 0 {
+                held.remove(&self.address);
+            }
+        }
+    }
+
+    /// The limit per address.
+    pub(crate) fn limit(&self) -> usize {
+        self.admissions.limit
+    }
+}

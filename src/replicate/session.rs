@@ -80,16 +80,22 @@ where
     // The tasks' handles on feeds on trial must go before the trial ends.
     while session.tasks.join_next().await.is_some() {}
     session.synced.abort_all();
+    session.growth.abort_all();
     let Session {
         multifeed,
         admission,
         mut on_trial,
+        options: session_options,
         ..
     } = session;
+    let options_account = session_options.admission_account;
     on_trial.extend(admission.shutdown().await);
     // Feeds still on trial here: the ones that delivered become members, the
     // others leave no trace (unless another session still holds them).
     let on_trial: Vec<FeedKey> = on_trial.into_iter().collect();
+    if let Some(account) = &options_account {
+        account.refund(on_trial.len());
+    }
     if let Err(error) = multifeed.release_candidates(&on_trial).await {
         tracing::warn!(%error, "ending the trial of offered feeds");
     }
@@ -205,6 +211,9 @@ struct Session {
     tasks: JoinSet<FeedResult>,
     /// Resolves with a feed's key when its channel first reaches sync.
     synced: JoinSet<Option<FeedKey>>,
+    /// Resolves with the key of a member offered empty once it holds a block
+    /// (see [`Action::WatchGrowth`]).
+    growth: JoinSet<Option<FeedKey>>,
     progress_tx: mpsc::Sender<Progress>,
     progress_rx: mpsc::Receiver<Progress>,
 }
@@ -225,7 +234,7 @@ impl Session {
             rand::random(),
         );
         Self {
-            admission: Admission::spawn(multifeed.clone()),
+            admission: Admission::spawn(multifeed.clone(), options.admission_account.clone()),
             on_trial: HashSet::new(),
             multifeed,
             options,
@@ -240,6 +249,7 @@ impl Session {
             activity: Arc::new(transport::LastSeen::new()),
             tasks: JoinSet::new(),
             synced: JoinSet::new(),
+            growth: JoinSet::new(),
             progress_tx,
             progress_rx,
         }
@@ -291,6 +301,9 @@ impl Session {
                 },
                 Some(Ok(Some(key))) = self.synced.join_next() => {
                     self.step(Input::FeedSynced(key)).await
+                },
+                Some(Ok(Some(key))) = self.growth.join_next() => {
+                    self.step(Input::Grew(key)).await
                 },
                 admitted = self.admission.next(), if self.core.accepts_admitted() => {
                     match admitted {
@@ -401,11 +414,24 @@ impl Session {
                 self.admission.submit(keys);
                 Ok(())
             }
+            Action::WatchGrowth(key) => {
+                if let Some(feed) = self.multifeed.feed(key) {
+                    let mut length = feed.subscribe_len();
+                    self.growth.spawn(async move {
+                        length.wait_for(|&length| length > 0).await.ok()?;
+                        Some(key)
+                    });
+                }
+                Ok(())
+            }
             Action::Release(keys) => {
                 let keys: Vec<FeedKey> = keys
                     .into_iter()
                     .filter(|key| self.on_trial.remove(key))
                     .collect();
+                if let Some(account) = &self.options.admission_account {
+                    account.refund(keys.len());
+                }
                 self.multifeed.release_candidates(&keys).await.map(|_| ())
             }
             Action::Emit(event) => {

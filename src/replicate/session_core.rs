@@ -84,6 +84,8 @@ pub(crate) enum Input<C> {
     Admitted { keys: Vec<FeedKey> },
     /// A feed channel applied data: a feed on trial may have delivered.
     Progress(FeedKey),
+    /// A member watched after [`Action::WatchGrowth`] holds its first block.
+    Grew(FeedKey),
     /// A feed became a member of the local store.
     MemberAdded(FeedKey),
     /// Member events were missed: every member is looked at again.
@@ -120,6 +122,8 @@ pub(crate) enum Action<C> {
     Refuse(C),
     /// Create these feeds on trial (in the background).
     Admit(Vec<FeedKey>),
+    /// Hand in [`Input::Grew`] once this member (offered empty) holds a block.
+    WatchGrowth(FeedKey),
     /// End these feeds' trial here: each becomes a member if it delivered, and
     /// is discarded if it did not and nobody else holds it.
     Release(Vec<FeedKey>),
@@ -145,6 +149,15 @@ pub(crate) struct SessionCore<C> {
     offered_keys: HashSet<FeedKey>,
     /// Feeds the peer told us about.
     remote_offer: HashSet<FeedKey>,
+    /// Feeds new to us that the peer offered empty: nothing to fetch, so neither
+    /// requested nor put on trial (they would hold a place for as long as a live
+    /// session lasts). The peer offers them again once they hold data; if one
+    /// becomes our member meanwhile, its channel opens then.
+    remote_empty: HashSet<FeedKey>,
+    /// Members we offered empty that the peer neither requested nor has a
+    /// channel of (it does not hold them), watched until they hold data and then
+    /// offered again.
+    offered_empty: HashSet<FeedKey>,
     /// Feeds we requested that are new to us, being created.
     admitting: HashSet<FeedKey>,
     /// Feeds new to us that we requested, on trial until they deliver (a verified
@@ -214,6 +227,8 @@ impl<C> SessionCore<C> {
             offered: HashMap::new(),
             offered_keys: HashSet::new(),
             remote_offer: HashSet::new(),
+            remote_empty: HashSet::new(),
+            offered_empty: HashSet::new(),
             admitting: HashSet::new(),
             candidates: HashSet::new(),
             deferred: FeedQueue::default(),
@@ -326,6 +341,10 @@ impl<C> SessionCore<C> {
                 self.settle(key, store);
                 Ok(())
             }
+            Input::Grew(key) => {
+                self.on_grew(key, store);
+                Ok(())
+            }
             Input::MemberAdded(key) => {
                 self.on_members(vec![key], store);
                 Ok(())
@@ -388,9 +407,33 @@ impl<C> SessionCore<C> {
         self.actions.push_back(Action::Emit(event));
     }
 
-    fn offer(&mut self, key: FeedKey) {
+    /// Records `key` (at `length`) as offered to the peer; an empty one is watched
+    /// to be offered again once it holds data.
+    fn offer(&mut self, key: FeedKey, length: u64) {
         self.offered.insert(discovery_key(key.as_bytes()), key);
         self.offered_keys.insert(key);
+        if length == 0 && self.offered_empty.insert(key) {
+            self.actions.push_back(Action::WatchGrowth(key));
+        }
+    }
+
+    /// A member we offered empty holds data now: offer it again, with its length,
+    /// so a peer that did not ask for it asks now.
+    fn on_grew(&mut self, key: FeedKey, store: &impl LocalFeeds) {
+        if !self.offered_empty.remove(&key) || self.done_sent || self.root_closed {
+            return;
+        }
+        let Some(length) = store.length(&key).filter(|&length| length > 0) else {
+            // Not grown after all (or gone): keep watching.
+            self.offered_empty.insert(key);
+            self.actions.push_back(Action::WatchGrowth(key));
+            return;
+        };
+        self.send(ExchangeMessage::Manifest(vec![OfferedFeed {
+            key,
+            length: Some(length),
+            metadata: Default::default(),
+        }]));
     }
 
     fn on_root_opened(&mut self) -> Result<()> {
@@ -479,6 +522,7 @@ impl<C> SessionCore<C> {
             return Err(Error::SharedKeyMismatch);
         }
         if let Some(key) = self.offered.get(&dk).copied() {
+            self.offered_empty.remove(&key);
             // The peer's channel also serves our own want of this feed.
             if self.queue.remove(&key) {
                 self.syncing.insert(key);
@@ -559,6 +603,9 @@ impl<C> SessionCore<C> {
             self.actions.push_back(Action::Refuse(channel));
             return;
         }
+        // A channel of it is open on both sides: the peer holds it, and the
+        // appends travel on the channel.
+        self.offered_empty.remove(&key);
         if self.running.contains(&key) {
             // The previous channel's task is still finishing: this one waits for it.
             if let Some(older) = self.next_channels.insert(key, channel) {
@@ -746,7 +793,7 @@ impl<C> SessionCore<C> {
         let members = store.members();
         let mut offer = Vec::with_capacity(members.len());
         for (key, length) in members {
-            self.offer(key);
+            self.offer(key, length);
             offer.push(OfferedFeed {
                 key,
                 length: Some(length),
@@ -763,7 +810,12 @@ impl<C> SessionCore<C> {
     }
 
     fn on_manifest(&mut self, feeds: Vec<OfferedFeed>, store: &impl LocalFeeds) -> Result<()> {
-        if self.remote_offer.len() + feeds.len() > self.options.max_offered_feeds {
+        // Feeds offered again (empty ones that grew) count once.
+        let new = feeds
+            .iter()
+            .filter(|f| !self.remote_offer.contains(&f.key))
+            .count();
+        if self.remote_offer.len() + new > self.options.max_offered_feeds {
             return Err(Error::PeerFault {
                 reason: format!(
                     "it offered more than {} feeds (ReplicateOptions::max_offered_feeds)",
@@ -793,6 +845,11 @@ impl<C> SessionCore<C> {
                 continue;
             }
             self.remote_offer.insert(key);
+            if !store.is_member(&key) && offered.length == Some(0) {
+                self.remote_empty.insert(key);
+                continue;
+            }
+            self.remote_empty.remove(&key);
             let want = match store.contiguous_length(&key) {
                 _ if !store.is_member(&key) => true,
                 None => true,
@@ -896,6 +953,8 @@ impl<C> SessionCore<C> {
     fn on_request(&mut self, keys: Vec<FeedKey>) {
         for key in keys {
             if self.offered_keys.contains(&key) {
+                // The peer wants it: its channel carries the appends from now on.
+                self.offered_empty.remove(&key);
                 self.serving.insert(key);
             } else {
                 tracing::debug!(%key, "peer requested a feed we did not offer; ignored");
@@ -949,13 +1008,22 @@ impl<C> SessionCore<C> {
         }
         let mut announce = Vec::new();
         for key in keys {
+            // Offered empty by the peer and ours now (delivered by another peer):
+            // live, a channel keeps it in step both ways.
+            if self.remote_empty.remove(&key)
+                && self.options.live
+                && store.is_member(&key)
+                && !self.syncing.contains(&key)
+            {
+                self.queue.push(key);
+            }
             if self.offered_keys.contains(&key) || self.remote_offer.contains(&key) {
                 continue;
             }
             let Some(length) = store.length(&key) else {
                 continue;
             };
-            self.offer(key);
+            self.offer(key, length);
             announce.push(OfferedFeed {
                 key,
                 length: Some(length),
@@ -965,6 +1033,7 @@ impl<C> SessionCore<C> {
         if !announce.is_empty() {
             self.send(ExchangeMessage::Manifest(announce));
         }
+        self.pump_queue();
     }
 }
 
@@ -1220,6 +1289,49 @@ mod tests {
             "{outcome:?}"
         );
         assert_eq!(core.summary().feeds_learnt, 0);
+    }
+
+    /// Feeds the peer offers empty take no place on trial (a live session kept them
+    /// there for good, and later offers waited forever): they are neither
+    /// requested nor created, and are once the peer offers them again with data.
+    /// The offering side watches its empty members and offers them again.
+    #[test]
+    fn feeds_offered_empty_take_no_place_until_offered_with_data() {
+        let empty: Vec<(FeedKey, u64)> = (10..20).map(|i| (feed(i), 0)).collect();
+        let options = ReplicateOptions::new(true).live(true).max_unproven_feeds(2);
+        let (mut core, now) = handshaken(options, &Store(Vec::new()));
+        core.handle(now, manifest(&empty), &Store(Vec::new()));
+        let actions = drain(&mut core);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Admit(_))),
+            "{actions:?}"
+        );
+        assert!(
+            actions.iter().any(
+                |a| matches!(a, Action::Send(ExchangeMessage::Request(keys)) if keys.is_empty())
+            )
+        );
+        let grown = empty[7].0;
+        core.handle(now, manifest(&[(grown, 3)]), &Store(Vec::new()));
+        assert!(
+            drain(&mut core)
+                .iter()
+                .any(|a| matches!(a, Action::Admit(keys) if keys == &vec![grown]))
+        );
+
+        // The offering side: an empty member is watched and offered again once grown.
+        let ours = feed(1);
+        let (mut core, now) = handshaken(
+            ReplicateOptions::new(false).live(true),
+            &Store(vec![(ours, 0)]),
+        );
+        let now_grown = Store(vec![(ours, 2)]);
+        core.handle(now, Input::Grew(ours), &now_grown);
+        let offered_again = drain(&mut core).into_iter().any(|a| {
+            matches!(a, Action::Send(ExchangeMessage::Manifest(feeds))
+                if feeds.len() == 1 && feeds[0].key == ours && feeds[0].length == Some(2))
+        });
+        assert!(offered_again);
     }
 
     /// A feed on trial that delivers is released to become a member and counted.

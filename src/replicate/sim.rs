@@ -241,6 +241,7 @@ enum Source {
     Progress,
     Admitted,
     Members,
+    Grew,
     Task(TaskId),
     Tick,
     Timeout,
@@ -282,6 +283,9 @@ struct Side {
     /// Feeds on trial this side holds.
     held: HashSet<FeedKey>,
     members: VecDeque<FeedKey>,
+    /// Members watched until they hold a block (`Action::WatchGrowth`).
+    watched: HashSet<FeedKey>,
+    grew: VecDeque<FeedKey>,
     // The driver.
     root: Option<ChanId>,
     root_rx_taken: bool,
@@ -480,6 +484,9 @@ struct Sim {
     conns: Vec<Conn>,
     churn_end: Micros,
     deadline: Micros,
+    /// `ReplicateOptions::max_unproven_feeds` of every side: small in the seeds
+    /// that give peers many empty writers.
+    max_unproven: usize,
     failure: Option<String>,
     done: bool,
     trace: Option<String>,
@@ -522,6 +529,7 @@ impl Sim {
             conns: Vec::new(),
             churn_end: 0,
             deadline: 0,
+            max_unproven: ReplicateOptions::new(true).max_unproven_feeds,
             failure: None,
             done: false,
             trace: trace.then(String::new),
@@ -535,6 +543,17 @@ impl Sim {
                 let len = sim.rng.range(0, 5);
                 sim.peers[peer].lens.insert(key, len);
                 sim.truth.insert(key, len);
+            }
+        }
+        // Many empty writers (one per topic, nothing written yet) against a small
+        // cap of feeds on trial: empty feeds must not hold the places (they did,
+        // and live sessions stalled).
+        if sim.rng.chance(30) {
+            sim.max_unproven = sim.rng.range(1, 3) as usize;
+            for peer in 0..peer_count {
+                for _ in 0..sim.rng.range(2, 8) {
+                    sim.new_writer(peer);
+                }
             }
         }
         let writers = sim.writers.clone();
@@ -831,15 +850,21 @@ impl Sim {
         }
     }
 
-    /// A feed of `peer` grew: every feed task of it looks again.
+    /// A feed of `peer` grew: every feed task of it looks again, and sessions
+    /// watching it for its first block hear of it.
     fn set_len(&mut self, peer: usize, key: FeedKey, len: u64) {
         self.peers[peer].lens.insert(key, len);
         for conn in 0..self.conns.len() {
             for side in 0..2 {
-                let s = &self.conns[conn].sides[side];
+                let s = &mut self.conns[conn].sides[side];
                 if s.peer != peer || s.state == State::Closed {
                     continue;
                 }
+                if len > 0 && s.watched.remove(&key) {
+                    s.grew.push_back(key);
+                    self.wake(conn, side, Source::Grew, 2 * MS);
+                }
+                let s = &self.conns[conn].sides[side];
                 let ids: Vec<TaskId> = s
                     .tasks
                     .iter()
@@ -889,7 +914,8 @@ impl Sim {
     fn new_side(&mut self, peer: usize, live: bool, initiator: bool, max_active: usize) -> Side {
         let options = ReplicateOptions::new(initiator)
             .live(live)
-            .max_active_feeds(max_active);
+            .max_active_feeds(max_active)
+            .max_unproven_feeds(self.max_unproven);
         let ping_seed = self.rng.next();
         Side {
             peer,
@@ -914,6 +940,8 @@ impl Sim {
             progressed: VecDeque::new(),
             held: HashSet::new(),
             members: VecDeque::new(),
+            watched: HashSet::new(),
+            grew: VecDeque::new(),
             root: None,
             root_rx_taken: false,
             tasks: HashMap::new(),
@@ -1063,6 +1091,14 @@ impl Sim {
                     return;
                 };
                 self.step(conn, side, Input::Admitted { keys });
+            }
+            Source::Grew => {
+                let Some(key) = self.conns[conn].sides[side].grew.pop_front() else {
+                    return;
+                };
+                if running {
+                    self.step(conn, side, Input::Grew(key));
+                }
             }
             Source::Members => {
                 let Some(key) = self.conns[conn].sides[side].members.pop_front() else {
@@ -1553,6 +1589,17 @@ impl Sim {
                 s.chans[channel].owner = Owner::Drain;
                 s.chans[channel].inbox.clear();
                 self.chan_close(conn, side, channel);
+                Ok(())
+            }
+            Action::WatchGrowth(key) => {
+                let peer = self.conns[conn].sides[side].peer;
+                let s = &mut self.conns[conn].sides[side];
+                if self.peers[peer].lens.get(&key).copied().unwrap_or(0) > 0 {
+                    s.grew.push_back(key);
+                    self.wake(conn, side, Source::Grew, 2 * MS);
+                } else {
+                    s.watched.insert(key);
+                }
                 Ok(())
             }
             Action::Admit(keys) => {
