@@ -390,28 +390,28 @@ async fn run_jobs(
             }
         }
     }
-    // One report per batch (counts are cumulative): a per-block report woke the
-    // session once per block.
-    if let Some(p) = progress
-        && sum.blocks_received > received_before
-    {
-        // Never stall replication on a slow consumer.
-        let _ = p.try_send(Progress {
-            key: *channel.key(),
-            blocks: sum.blocks_received,
-            bytes: sum.bytes_received,
-            uploaded: false,
-        });
-    }
-    if let Some(p) = progress
-        && sum.blocks_sent > sent_before
-    {
-        let _ = p.try_send(Progress {
-            key: *channel.key(),
-            blocks: sum.blocks_sent,
-            bytes: sum.bytes_sent,
-            uploaded: true,
-        });
+    // One report per batch and direction (counts are cumulative): a per-block
+    // report woke the session once per block. Never stall replication on a slow
+    // consumer: a report that does not fit is dropped (the next one carries it).
+    if let Some(p) = progress {
+        let key = *channel.key();
+        let reports = [
+            (sum.blocks_received > received_before).then_some(Progress {
+                key,
+                blocks: sum.blocks_received,
+                bytes: sum.bytes_received,
+                uploaded: false,
+            }),
+            (sum.blocks_sent > sent_before).then_some(Progress {
+                key,
+                blocks: sum.blocks_sent,
+                bytes: sum.bytes_sent,
+                uploaded: true,
+            }),
+        ];
+        for report in reports.into_iter().flatten() {
+            let _ = p.try_send(report);
+        }
     }
     fsm.on_local_update(local);
     // Sending what we owe (e.g. served data) is pointless now: fail fast.
