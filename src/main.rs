@@ -103,6 +103,8 @@ enum Command {
         /// Seconds allowed to connect to a peer and to complete a handshake.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
+        #[command(flatten)]
+        mqtt: MqttFlags,
     },
     /// Replicate with a peer: once (default) or live until Ctrl-C.
     Sync {
@@ -196,6 +198,7 @@ async fn main() {
             http,
             max_peers,
             timeout,
+            mqtt,
         } => {
             let config = node::NodeConfig {
                 listen,
@@ -205,6 +208,7 @@ async fn main() {
                 max_peers,
                 timeout: std::time::Duration::from_secs(timeout),
                 json: global.json,
+                mqtt: mqtt.config(),
             };
             cli::net::serve(&global, config).await
         }
@@ -299,4 +303,48 @@ pub async fn resolve_addr(addr: &str) -> anyhow::Result<SocketAddr> {
         })?
         .next()
         .with_context(|| format!("the address {addr:?} resolves to nothing; expected HOST:PORT"))
+}
+
+/// `serve`'s MQTT ingest flags.
+#[derive(clap::Args, Debug)]
+struct MqttFlags {
+    /// Accept MQTT 3.1.1 and 5 clients here; their publishes land in the topic of
+    /// the same name, and a QoS 1 publish is acknowledged only once appended.
+    /// Without a value: 127.0.0.1:1883.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:1883")]
+    mqtt_listen: Option<String>,
+    /// Milliseconds the first MQTT message of a batch waits for more to share its
+    /// append (0: only those that arrive while an append runs).
+    #[arg(long, value_name = "MS", default_value_t = 2)]
+    mqtt_linger_ms: u64,
+    /// Most MQTT messages appended at once.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    mqtt_batch_max: usize,
+    /// Largest MQTT packet accepted, in bytes; a client sending a larger one is disconnected.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
+    mqtt_max_packet: usize,
+    /// Most MQTT clients connected at once.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    mqtt_max_clients: usize,
+    /// Most QoS 1 publishes of one client awaiting their PUBACK.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    mqtt_max_inflight: u16,
+}
+
+impl MqttFlags {
+    fn config(self) -> node::mqtt::MqttConfig {
+        let mut config = node::mqtt::MqttConfig {
+            listen: self.mqtt_listen,
+            ..Default::default()
+        };
+        config.batching.linger = std::time::Duration::from_millis(self.mqtt_linger_ms);
+        config.batching.max_messages = self.mqtt_batch_max.max(1);
+        // A payload larger than a message may be could never be appended.
+        config.limits.max_packet = self
+            .mqtt_max_packet
+            .clamp(1024, multifeed::topics::MAX_PAYLOAD_LEN + 64 * 1024);
+        config.limits.max_clients = self.mqtt_max_clients.max(1);
+        config.limits.max_inflight = self.mqtt_max_inflight.max(1);
+        config
+    }
 }

@@ -100,9 +100,13 @@ fn sync_failed(addr: &str, error: multifeed::Error) -> anyhow::Error {
 
 /// Runs the gateway node (see [`crate::node`]) until Ctrl-C or SIGTERM.
 pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()> {
-    if config.listen.is_none() && config.peers.is_empty() && config.http.is_none() {
+    if config.listen.is_none()
+        && config.peers.is_empty()
+        && config.http.is_none()
+        && config.mqtt.listen.is_none()
+    {
         anyhow::bail!(
-            "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, or --http ADDR for the local API"
+            "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, --http ADDR for the local API, or --mqtt-listen ADDR for MQTT clients"
         );
     }
     let store = store::open(global).await?;
@@ -122,10 +126,11 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
     let bound = Node::bind(store, config).await?;
     let listening = bound.listen_addr().map(|a| a.to_string());
     let http = bound.http_addr().map(|a| a.to_string());
+    let mqtt = bound.mqtt_addr().map(|a| a.to_string());
     if global.json {
         say!(
             "{}",
-            json!({"listening": listening, "http": http, "node": bound.id().to_string(), "dir": dir})
+            json!({"listening": listening, "http": http, "mqtt": mqtt, "node": bound.id().to_string(), "dir": dir})
         );
     } else {
         if let Some(addr) = &listening {
@@ -133,6 +138,9 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
         }
         if let Some(addr) = &http {
             say!("http api on http://{addr}");
+        }
+        if let Some(addr) = &mqtt {
+            say!("mqtt on {addr}");
         }
     }
     // Peers connect and dial only once the addresses are out.
