@@ -80,6 +80,15 @@ pub fn decode(
     version: Option<Version>,
     max_packet: usize,
 ) -> Result<Option<Incoming>, ClientError> {
+    // Something else than a CONNECT is refused from its first byte, before its
+    // length is waited for: a stranger speaking another protocol ends at once.
+    if version.is_none()
+        && let Some(&byte1) = buffer.first()
+        && v4bytes::FixedHeader::new(byte1, 0, 0).packet_type().ok()
+            != Some(v4bytes::PacketType::Connect)
+    {
+        return Err(ClientError::NotConnect);
+    }
     // The fixed header is the same in both versions.
     let header = match v4bytes::check(buffer.iter(), max_packet) {
         Ok(header) => header,

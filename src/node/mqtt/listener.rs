@@ -268,6 +268,7 @@ async fn serve_client(
     let mut idle_limit = limits.connect_timeout;
     let mut deadline = Instant::now() + idle_limit;
     let max_inflight = usize::from(limits.max_inflight.max(1));
+    let mut resend_window = 0usize;
     let result = loop {
         // Every whole packet already read, as long as the ack window has room.
         let step: Result<bool, ClientError> = async {
@@ -284,6 +285,11 @@ async fn serve_client(
                     } => {
                         tracing::debug!(client_id, ?v, keep_alive, "MQTT client connected");
                         version = Some(v);
+                        // A client resuming its session resends first what it had no
+                        // PUBACK for: at most its inflight window.
+                        if keep_session {
+                            resend_window = max_inflight;
+                        }
                         // Keep alive 0 turns the check off; the client slot still bounds it.
                         idle_limit = if keep_alive == 0 {
                             Duration::from_secs(365 * 24 * 3600)
@@ -323,8 +329,13 @@ async fn serve_client(
                         metrics
                             .received_bytes
                             .fetch_add(publish.payload.len() as u64, Ordering::Relaxed);
-                        if publish.dup {
-                            metrics.redelivered.fetch_add(1, Ordering::Relaxed);
+                        // A resend after a lost PUBACK (the node died between append
+                        // and ack) may already be held: counted, not told apart.
+                        if publish.qos == 1 {
+                            if publish.dup || resend_window > 0 {
+                                metrics.possible_duplicates.fetch_add(1, Ordering::Relaxed);
+                            }
+                            resend_window = resend_window.saturating_sub(1);
                         }
                         let mut message = Message::new(publish.topic, publish.payload.to_vec());
                         if let Some(content_type) = publish.content_type {
@@ -419,10 +430,10 @@ async fn serve_client(
             }
         }
     };
+    // What was answered before the fault still goes out (a CONNACK, acks), then why.
     if let (Err(e), Some(v)) = (&result, version)
         && !matches!(e, ClientError::Io(_))
     {
-        let mut out = BytesMut::new();
         codec::encode(Outgoing::Disconnect(e.reason_code()), v, &mut out);
         let _ = writer.write_all(&out).await;
     }

@@ -16,9 +16,11 @@
 //! the same connection while the first is still being appended is dropped (its
 //! ack covers both) and counted as a duplicate. A resend after a reconnect (the
 //! node was killed between the append and the PUBACK) cannot be told apart from
-//! a new message with the same bytes, so it is appended again; every resend
-//! carries the DUP flag and is counted as `redelivered`, so the copies a log may
-//! hold are bounded by that count.
+//! a new message with the same bytes, so it is appended again and counted as a
+//! possible duplicate: every publish flagged DUP, and the first publishes of a
+//! resumed session up to the inflight window (a client resends its unacked
+//! messages first, and rumqttc, for one, does not set DUP when it does). The
+//! extra copies a log holds are bounded by that count.
 
 pub mod codec;
 pub mod ingest;
@@ -60,8 +62,9 @@ pub struct MqttMetrics {
     pub acked: AtomicU64,
     /// Resends dropped because their first copy was still being appended.
     pub duplicates: AtomicU64,
-    /// Publishes carrying the DUP flag (resends after a lost ack): possible copies.
-    pub redelivered: AtomicU64,
+    /// QoS 1 publishes that may be resends of messages already appended: flagged
+    /// DUP, or among the first (inflight window) of a resumed session.
+    pub possible_duplicates: AtomicU64,
     /// Messages the store refused.
     pub refused_messages: AtomicU64,
     /// Clients connected now.
@@ -114,10 +117,10 @@ impl MqttMetrics {
                 get(&self.duplicates),
             ),
             (
-                "multifeed_mqtt_redelivered_total",
+                "multifeed_mqtt_possible_duplicates_total",
                 "counter",
-                "Publishes flagged DUP (resent after a lost PUBACK), appended again: possible duplicates.",
-                get(&self.redelivered),
+                "QoS 1 publishes appended that may be resends of a message already held (flagged DUP, or first of a resumed session).",
+                get(&self.possible_duplicates),
             ),
             (
                 "multifeed_mqtt_refused_messages_total",
