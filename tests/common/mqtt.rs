@@ -69,7 +69,10 @@ impl Publisher {
                             }
                         }
                         Ok(_) => {}
-                        Err(_) => {
+                        Err(e) => {
+                            if std::env::var_os("MQTT_TEST_DEBUG").is_some() {
+                                eprintln!("publisher: {e:?}; {} unacked", seen.by_pkid.len());
+                            }
                             seen.errors += 1;
                             drop(seen);
                             // The client's reconnect interval while the node is down.
@@ -193,4 +196,91 @@ pub fn send_raw(addr: &str, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
 /// Waits for a value from `rx` (a thread's answer), bounded.
 pub fn recv<T>(rx: &mpsc::Receiver<T>, wait: Duration) -> Option<T> {
     rx.recv_timeout(wait).ok()
+}
+
+/// A QoS 1 publisher written for the kill tests on rumqttc's codec, so that
+/// which payload each PUBACK acknowledges is known exactly: it keeps a window
+/// of publishes in flight, and after a lost connection it reconnects (keeping
+/// its session) and resends every unacknowledged one with the DUP flag, as MQTT
+/// asks. Returns once every payload is acknowledged or `deadline` passes.
+pub fn publish_with_retry(
+    addr: &str,
+    client_id: &str,
+    topic: &str,
+    payloads: &[String],
+    window: usize,
+    acked: &Mutex<Vec<String>>,
+    reconnects: &Mutex<usize>,
+    deadline: std::time::Instant,
+) {
+    let pkid = |i: usize| (i % 65_535 + 1) as u16;
+    let mut unacked: std::collections::BTreeMap<u16, usize> = Default::default();
+    let mut next = 0;
+    while (next < payloads.len() || !unacked.is_empty()) && std::time::Instant::now() < deadline {
+        let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+            // The client's reconnect interval while the node is down.
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut connect = v4::Connect::new(client_id);
+        connect.clean_session = false;
+        let mut run = || -> std::io::Result<()> {
+            let send = |bytes: &[u8]| (&stream).write_all(bytes);
+            send(&encode(v4::Packet::Connect(connect.clone())))?;
+            let mut buffer = BytesMut::new();
+            let mut read_packet = |buffer: &mut BytesMut| -> std::io::Result<v4::Packet> {
+                loop {
+                    match v4::Packet::read(buffer, 1 << 20) {
+                        Ok(packet) => return Ok(packet),
+                        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                            let mut chunk = [0u8; 4096];
+                            let n = (&stream).read(&mut chunk)?;
+                            if n == 0 {
+                                return Err(std::io::ErrorKind::UnexpectedEof.into());
+                            }
+                            buffer.extend_from_slice(&chunk[..n]);
+                        }
+                        Err(e) => return Err(std::io::Error::other(e.to_string())),
+                    }
+                }
+            };
+            let v4::Packet::ConnAck(_) = read_packet(&mut buffer)? else {
+                return Err(std::io::Error::other("no CONNACK"));
+            };
+            let resend: Vec<(u16, usize)> = unacked.iter().map(|(k, v)| (*k, *v)).collect();
+            for (id, index) in resend {
+                let mut publish = v4::Publish::new(
+                    topic,
+                    QoS::AtLeastOnce,
+                    payloads[index].clone().into_bytes(),
+                );
+                publish.pkid = id;
+                publish.dup = true;
+                send(&encode(v4::Packet::Publish(publish)))?;
+            }
+            while next < payloads.len() || !unacked.is_empty() {
+                while next < payloads.len() && unacked.len() < window {
+                    let mut publish = v4::Publish::new(
+                        topic,
+                        QoS::AtLeastOnce,
+                        payloads[next].clone().into_bytes(),
+                    );
+                    publish.pkid = pkid(next);
+                    unacked.insert(publish.pkid, next);
+                    send(&encode(v4::Packet::Publish(publish)))?;
+                    next += 1;
+                }
+                if let v4::Packet::PubAck(ack) = read_packet(&mut buffer)?
+                    && let Some(index) = unacked.remove(&ack.pkid)
+                {
+                    acked.lock().unwrap().push(payloads[index].clone());
+                }
+            }
+            Ok(())
+        };
+        if run().is_err() {
+            *reconnects.lock().unwrap() += 1;
+        }
+    }
 }
