@@ -9,7 +9,8 @@
 //! speaking MQTT 3.1.1 through rumqttc's codec, `WINDOW` (default 100) publishes
 //! in flight, each latency from just before the PUBLISH is written to its PUBACK.
 //!
-//! `cargo bench --bench mqtt`; counts: `MESSAGES` per publisher (default 20,000).
+//! `cargo bench --bench mqtt`; counts: `MESSAGES` per publisher (default 20,000);
+//! `LINGER_MS` passes `--mqtt-linger-ms` to the node (default: the node's).
 
 use std::{
     collections::HashMap,
@@ -71,6 +72,7 @@ fn start_node(dir: &Path) -> (Server, String) {
         .arg(dir)
         .arg("init")
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .status()
         .expect("multifeed init");
     assert!(status.success());
@@ -79,6 +81,11 @@ fn start_node(dir: &Path) -> (Server, String) {
         .arg("--dir")
         .arg(dir)
         .args(["serve", "--mqtt-listen", &addr])
+        .args(
+            std::env::var("LINGER_MS")
+                .map(|ms| vec!["--mqtt-linger-ms".to_owned(), ms])
+                .unwrap_or_default(),
+        )
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -106,7 +113,9 @@ fn start_nats(dir: &Path) -> Result<(Server, String), String> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("nats-server cannot be run ({e}); install it with scripts/bench-deps.sh"))?;
+        .map_err(|e| {
+            format!("nats-server cannot be run ({e}); install it with scripts/bench-deps.sh")
+        })?;
     let server = Server(child);
     wait_listening(&addr);
     Ok((server, addr))
@@ -122,7 +131,7 @@ fn publish(addr: &str, client_id: &str, count: usize, window: usize) -> Vec<Dura
         .write_all(&encode(v4::Packet::Connect(connect)))
         .expect("CONNECT");
     let mut buffer = BytesMut::new();
-    let mut read_packet = |stream: &mut TcpStream, buffer: &mut BytesMut| loop {
+    let read_packet = |stream: &mut TcpStream, buffer: &mut BytesMut| loop {
         match v4::Packet::read(buffer, 1 << 20) {
             Ok(packet) => return packet,
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {

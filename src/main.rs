@@ -315,7 +315,7 @@ struct MqttFlags {
     mqtt_listen: Option<String>,
     /// Milliseconds the first MQTT message of a batch waits for more to share its
     /// append (0: only those that arrive while an append runs).
-    #[arg(long, value_name = "MS", default_value_t = 2)]
+    #[arg(long, value_name = "MS", default_value_t = 0)]
     mqtt_linger_ms: u64,
     /// Most MQTT messages appended at once.
     #[arg(long, value_name = "N", default_value_t = 4096)]

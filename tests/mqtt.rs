@@ -191,8 +191,7 @@ fn kill_9_mid_stream_loses_no_acknowledged_message_and_counts_what_may_be_twice(
     let mut node = Some(gws[0].node(&args));
     let total = 3_000;
     let payloads: Vec<String> = (0..total).map(|i| format!("r-{i}")).collect();
-    let acked = std::sync::Mutex::new(Vec::new());
-    let reconnects = std::sync::Mutex::new(0);
+    let progress = mqtt::Progress::default();
     let possible = std::thread::scope(|scope| {
         let publisher = scope.spawn(|| {
             mqtt::publish_with_retry(
@@ -201,13 +200,12 @@ fn kill_9_mid_stream_loses_no_acknowledged_message_and_counts_what_may_be_twice(
                 TOPIC,
                 &payloads,
                 100,
-                &acked,
-                &reconnects,
+                &progress,
                 std::time::Instant::now() + WAIT,
             )
         });
         // Mid-stream: some acknowledged, some in flight, some not sent yet.
-        assert!(poll_until(WAIT, || acked.lock().unwrap().len() >= 300));
+        assert!(poll_until(WAIT, || progress.acked.lock().unwrap().len() >= 300));
         node.take().expect("running").running.kill9();
         let restarted = gws[0].node(&args);
         publisher.join().expect("the publisher ends");
@@ -216,10 +214,10 @@ fn kill_9_mid_stream_loses_no_acknowledged_message_and_counts_what_may_be_twice(
         possible
     });
     let node = node.expect("restarted");
-    let acked = acked.into_inner().unwrap();
+    let acked = progress.acked.into_inner().unwrap();
     assert_eq!(acked.len(), total, "every message acknowledged in the end");
     assert!(
-        *reconnects.lock().unwrap() > 0,
+        *progress.reconnects.lock().unwrap() > 0,
         "the kill cut the connection"
     );
     node.running.stop();

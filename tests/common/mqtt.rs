@@ -198,6 +198,15 @@ pub fn recv<T>(rx: &mpsc::Receiver<T>, wait: Duration) -> Option<T> {
     rx.recv_timeout(wait).ok()
 }
 
+/// What [`publish_with_retry`] got done so far.
+#[derive(Default)]
+pub struct Progress {
+    /// Payloads acknowledged, in the order of their PUBACKs.
+    pub acked: Mutex<Vec<String>>,
+    /// Connections lost (each followed by a reconnect).
+    pub reconnects: Mutex<usize>,
+}
+
 /// A QoS 1 publisher written for the kill tests on rumqttc's codec, so that
 /// which payload each PUBACK acknowledges is known exactly: it keeps a window
 /// of publishes in flight, and after a lost connection it reconnects (keeping
@@ -209,15 +218,15 @@ pub fn publish_with_retry(
     topic: &str,
     payloads: &[String],
     window: usize,
-    acked: &Mutex<Vec<String>>,
-    reconnects: &Mutex<usize>,
+    progress: &Progress,
     deadline: std::time::Instant,
 ) {
+    let (acked, reconnects) = (&progress.acked, &progress.reconnects);
     let pkid = |i: usize| (i % 65_535 + 1) as u16;
     let mut unacked: std::collections::BTreeMap<u16, usize> = Default::default();
     let mut next = 0;
     while (next < payloads.len() || !unacked.is_empty()) && std::time::Instant::now() < deadline {
-        let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        let Ok(stream) = std::net::TcpStream::connect(addr) else {
             // The client's reconnect interval while the node is down.
             std::thread::sleep(Duration::from_millis(50));
             continue;
@@ -229,7 +238,7 @@ pub fn publish_with_retry(
             let send = |bytes: &[u8]| (&stream).write_all(bytes);
             send(&encode(v4::Packet::Connect(connect.clone())))?;
             let mut buffer = BytesMut::new();
-            let mut read_packet = |buffer: &mut BytesMut| -> std::io::Result<v4::Packet> {
+            let read_packet = |buffer: &mut BytesMut| -> std::io::Result<v4::Packet> {
                 loop {
                     match v4::Packet::read(buffer, 1 << 20) {
                         Ok(packet) => return Ok(packet),

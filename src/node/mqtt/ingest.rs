@@ -35,7 +35,7 @@ pub struct Batching {
 impl Default for Batching {
     fn default() -> Self {
         Self {
-            linger: Duration::from_millis(2),
+            linger: Duration::ZERO,
             max_messages: 4_096,
             max_bytes: 4 * 1024 * 1024,
         }
