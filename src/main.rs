@@ -329,6 +329,24 @@ struct MqttFlags {
     /// Most QoS 1 publishes of one client awaiting their PUBACK.
     #[arg(long, value_name = "N", default_value_t = 256)]
     mqtt_max_inflight: u16,
+    /// Mirror from this MQTT broker, e.g. mqtt://127.0.0.1:1883: the node keeps a
+    /// persistent session there and acknowledges each message only once appended.
+    #[arg(long, value_name = "URL")]
+    mqtt_broker: Option<String>,
+    /// A topic filter to mirror from the broker (wildcards allowed). Repeatable.
+    #[arg(long = "mqtt-subscribe", value_name = "FILTER")]
+    mqtt_subscribe: Vec<String>,
+    /// User name for the broker.
+    #[arg(long, value_name = "NAME", env = "MULTIFEED_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    /// Password for the broker (better given in the environment).
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "MULTIFEED_MQTT_PASSWORD",
+        hide_env_values = true
+    )]
+    mqtt_password: Option<String>,
 }
 
 impl MqttFlags {
@@ -345,6 +363,17 @@ impl MqttFlags {
             .clamp(1024, multifeed::topics::MAX_PAYLOAD_LEN + 64 * 1024);
         config.limits.max_clients = self.mqtt_max_clients.max(1);
         config.limits.max_inflight = self.mqtt_max_inflight.max(1);
+        config.broker = self
+            .mqtt_broker
+            .map(|url| node::mqtt::broker::BrokerConfig {
+                url,
+                filters: self.mqtt_subscribe,
+                username: self.mqtt_username,
+                password: self.mqtt_password,
+                // Filled in from the store when the node starts.
+                client_id: String::new(),
+                max_packet: config.limits.max_packet,
+            });
         config
     }
 }

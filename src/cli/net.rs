@@ -104,9 +104,10 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
         && config.peers.is_empty()
         && config.http.is_none()
         && config.mqtt.listen.is_none()
+        && config.mqtt.broker.is_none()
     {
         anyhow::bail!(
-            "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, --http ADDR for the local API, or --mqtt-listen ADDR for MQTT clients"
+            "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, --http ADDR for the local API, --mqtt-listen ADDR for MQTT clients, or --mqtt-broker URL"
         );
     }
     let store = store::open(global).await?;

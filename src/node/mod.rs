@@ -220,6 +220,14 @@ impl Node {
             // so there is always one, on loopback unless `--http` says otherwise.
             None => Some(bind("127.0.0.1:0", "the local API").await?),
         };
+        if let Some(broker) = &config.mqtt.broker {
+            mqtt::broker::parse_url(&broker.url).map_err(anyhow::Error::msg)?;
+            if broker.filters.is_empty() {
+                anyhow::bail!(
+                    "--mqtt-broker needs at least one --mqtt-subscribe FILTER (e.g. 'sensors/#') to know what to mirror"
+                );
+            }
+        }
         let mqtt = match &config.mqtt.listen {
             Some(addr) => {
                 let listener = bind(addr, "MQTT clients").await?;
@@ -278,12 +286,18 @@ impl Node {
         if let Some(http) = http {
             tasks.spawn(http::serve(shared.clone(), http, cancel.clone()));
         }
-        if let Some(listener) = mqtt {
+        if mqtt.is_some() || config.mqtt.broker.is_some() {
+            let mut mqtt_config = config.mqtt.clone();
+            if let Some(broker) = &mut mqtt_config.broker
+                && broker.client_id.is_empty()
+            {
+                broker.client_id = mqtt::broker_client_id(&store.dir);
+            }
             tasks.spawn(mqtt::serve(
                 shared.topics.clone(),
                 shared.metrics.mqtt.clone(),
-                config.mqtt.clone(),
-                listener,
+                mqtt_config,
+                mqtt,
                 cancel.clone(),
             ));
         }

@@ -224,7 +224,7 @@ pub async fn accept(context: Arc<Context>, listener: TcpListener, cancel: Cancel
 }
 
 /// Why `topic` (from a PUBLISH) cannot be a multifeed topic, if it cannot.
-fn topic_problem(topic: &str) -> Option<&'static str> {
+pub(super) fn topic_problem(topic: &str) -> Option<&'static str> {
     if topic.is_empty() {
         Some("it is empty (topic aliases are not supported)")
     } else if topic.len() > MAX_TOPIC_LEN {

@@ -22,6 +22,7 @@
 //! messages first, and rumqttc, for one, does not set DUP when it does). The
 //! extra copies a log holds are bounded by that count.
 
+pub mod broker;
 pub mod codec;
 pub mod ingest;
 pub mod listener;
@@ -45,6 +46,8 @@ pub use self::{ingest::Batching, listener::Limits};
 pub struct MqttConfig {
     /// Accept MQTT clients here.
     pub listen: Option<String>,
+    /// Mirror from this external broker.
+    pub broker: Option<broker::BrokerConfig>,
     pub batching: Batching,
     pub limits: Limits,
 }
@@ -150,25 +153,52 @@ impl MqttMetrics {
     }
 }
 
-/// Runs the listener on `listener` until `cancel`; then every client ends and
-/// what was queued is appended before this returns (the store closes after).
+/// Runs the listener (if any) and the broker client (if any) until `cancel`;
+/// then every client ends and what was queued is appended before this returns
+/// (the store closes after).
 pub async fn serve(
     topics: Topics,
     metrics: Arc<MqttMetrics>,
     config: MqttConfig,
-    listener: TcpListener,
+    listener: Option<TcpListener>,
     cancel: CancellationToken,
 ) {
     let (ingest, committer) = ingest::Ingest::start(topics, config.batching, metrics.clone());
-    let context = Arc::new(listener::Context {
-        ingest,
-        metrics,
-        limits: config.limits,
-        log: listener::QuietLog::new(Duration::from_secs(10)),
+    let bridge = config.broker.clone().map(|broker| {
+        tokio::spawn(broker::run(
+            ingest.clone(),
+            metrics.clone(),
+            broker,
+            cancel.clone(),
+        ))
     });
-    listener::accept(context, listener, cancel).await;
-    // The last handle went with the context: the committer drains and ends.
+    if let Some(listener) = listener {
+        let context = Arc::new(listener::Context {
+            ingest,
+            metrics,
+            limits: config.limits,
+            log: listener::QuietLog::new(Duration::from_secs(10)),
+        });
+        listener::accept(context, listener, cancel).await;
+    } else {
+        drop(ingest);
+    }
+    if let Some(bridge) = bridge
+        && let Err(e) = bridge.await
+    {
+        tracing::error!("the MQTT broker client failed: {e}");
+    }
+    // The last handle is gone: the committer drains and ends.
     if let Err(e) = committer.await {
         tracing::error!("the MQTT committer failed: {e}");
     }
+}
+
+/// The broker session's client id for the store in `dir`: the same on every run
+/// (so the broker keeps the session across restarts), different per store.
+pub fn broker_client_id(dir: &std::path::Path) -> String {
+    use blake2::Digest as _;
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    let digest = blake2::Blake2b512::digest(dir.to_string_lossy().as_bytes());
+    format!("multifeed-{}", hex::encode(&digest[..8]))
 }
