@@ -166,6 +166,10 @@ fn an_external_broker_is_mirrored_through_a_kill_9_of_the_node_and_a_broker_rest
         &url,
         "--mqtt-subscribe",
         "sensors/#",
+        // Messages wait a while between arrival and append: the kill finds some,
+        // and an ack to the broker before the append would lose them.
+        "--mqtt-linger-ms",
+        "200",
     ];
     let mut node = Some(gws[0].node(&args));
     let http_of = |node: &Option<Node>| node.as_ref().expect("running").http.clone();
