@@ -40,6 +40,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of `Serve` costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Start a new group: generate a shared key, write the key file and print the key.
@@ -118,6 +120,8 @@ enum Command {
         /// (kept in the store) [default: the host name].
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        #[command(flatten)]
+        mqtt: MqttFlags,
     },
     /// Replicate with a peer: once (default) or live until Ctrl-C.
     Sync {
@@ -224,8 +228,10 @@ async fn main() {
             max_peers,
             timeout,
             name,
+            mqtt,
         } => {
             let file = config.serve;
+            let mqtt = mqtt.config(&file);
             let node = node::NodeConfig {
                 listen: listen.or(file.listen),
                 peers: if peers.is_empty() { file.peers } else { peers },
@@ -236,6 +242,7 @@ async fn main() {
                 json: global.json,
                 quiet: false,
                 name: name.or(file.name),
+                mqtt,
             };
             cli::net::serve(&global, node).await
         }
@@ -341,4 +348,85 @@ pub async fn resolve_addr(addr: &str) -> anyhow::Result<SocketAddr> {
         })?
         .next()
         .with_context(|| format!("the address {addr:?} resolves to nothing; expected HOST:PORT"))
+}
+
+/// `serve`'s MQTT ingest flags.
+#[derive(clap::Args, Debug)]
+struct MqttFlags {
+    /// Accept MQTT 3.1.1 and 5 clients here; their publishes land in the topic of
+    /// the same name, and a QoS 1 publish is acknowledged only once appended.
+    /// Without a value: 127.0.0.1:1883.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:1883")]
+    mqtt_listen: Option<String>,
+    /// Milliseconds the first MQTT message of a batch waits for more to share its
+    /// append (0: only those that arrive while an append runs) [default: 0].
+    #[arg(long, value_name = "MS")]
+    mqtt_linger_ms: Option<u64>,
+    /// Most MQTT messages appended at once [default: 4096].
+    #[arg(long, value_name = "N")]
+    mqtt_batch_max: Option<usize>,
+    /// Largest MQTT packet accepted, in bytes; a client sending a larger one is
+    /// disconnected [default: 262144].
+    #[arg(long, value_name = "BYTES")]
+    mqtt_max_packet: Option<usize>,
+    /// Most MQTT clients connected at once [default: 1024].
+    #[arg(long, value_name = "N")]
+    mqtt_max_clients: Option<usize>,
+    /// Most QoS 1 publishes of one client awaiting their PUBACK [default: 256].
+    #[arg(long, value_name = "N")]
+    mqtt_max_inflight: Option<u16>,
+    /// Mirror from this MQTT broker, e.g. mqtt://127.0.0.1:1883: the node keeps a
+    /// persistent session there and acknowledges each message only once appended.
+    #[arg(long, value_name = "URL")]
+    mqtt_broker: Option<String>,
+    /// A topic filter to mirror from the broker (wildcards allowed). Repeatable.
+    #[arg(long = "mqtt-subscribe", value_name = "FILTER")]
+    mqtt_subscribe: Vec<String>,
+    /// User name for the broker.
+    #[arg(long, value_name = "NAME", env = "MULTIFEED_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    /// Password for the broker (better given in the environment).
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "MULTIFEED_MQTT_PASSWORD",
+        hide_env_values = true
+    )]
+    mqtt_password: Option<String>,
+}
+
+impl MqttFlags {
+    /// The flags over the config file's `[serve]` keys of the same names.
+    fn config(self, file: &cli::config::ServeConfig) -> node::mqtt::MqttConfig {
+        let mut config = node::mqtt::MqttConfig {
+            listen: self.mqtt_listen.or(file.mqtt_listen.clone()),
+            ..Default::default()
+        };
+        config.batching.linger =
+            std::time::Duration::from_millis(pick(self.mqtt_linger_ms, file.mqtt_linger_ms, 0));
+        config.batching.max_messages = pick(self.mqtt_batch_max, file.mqtt_batch_max, 4096).max(1);
+        // A payload larger than a message may be could never be appended.
+        config.limits.max_packet = pick(self.mqtt_max_packet, file.mqtt_max_packet, 256 * 1024)
+            .clamp(1024, multifeed::topics::MAX_PAYLOAD_LEN + 64 * 1024);
+        config.limits.max_clients = pick(self.mqtt_max_clients, file.mqtt_max_clients, 1024).max(1);
+        config.limits.max_inflight =
+            pick(self.mqtt_max_inflight, file.mqtt_max_inflight, 256).max(1);
+        let filters = if self.mqtt_subscribe.is_empty() {
+            file.mqtt_subscribes.clone()
+        } else {
+            self.mqtt_subscribe
+        };
+        config.broker = self.mqtt_broker.or(file.mqtt_broker.clone()).map(|url| {
+            node::mqtt::broker::BrokerConfig {
+                url,
+                filters,
+                username: self.mqtt_username.or(file.mqtt_username.clone()),
+                password: self.mqtt_password,
+                // Filled in from the store when the node starts.
+                client_id: String::new(),
+                max_packet: config.limits.max_packet,
+            }
+        });
+        config
+    }
 }

@@ -51,6 +51,18 @@ pub struct ServeConfig {
     pub max_peers: Option<usize>,
     pub timeout: Option<u64>,
     pub name: Option<String>,
+    pub mqtt_listen: Option<String>,
+    pub mqtt_linger_ms: Option<u64>,
+    pub mqtt_batch_max: Option<usize>,
+    pub mqtt_max_packet: Option<usize>,
+    pub mqtt_max_clients: Option<usize>,
+    pub mqtt_max_inflight: Option<u16>,
+    pub mqtt_broker: Option<String>,
+    /// `--mqtt-subscribe`, repeatable on the command line.
+    #[serde(default, alias = "mqtt-subscribe")]
+    pub mqtt_subscribes: Vec<String>,
+    pub mqtt_username: Option<String>,
+    // The broker's password stays in MULTIFEED_MQTT_PASSWORD, like the key.
 }
 
 /// `[sync]`: the flags of `multifeed sync`.

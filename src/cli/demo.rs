@@ -81,6 +81,7 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
             json: false,
             quiet: true,
             name: None,
+            mqtt: Default::default(),
         };
         let bound = Node::bind(store, config).await?;
         let listen = bound.listen_addr().context("the node listens")?.to_string();

@@ -100,9 +100,14 @@ fn sync_failed(addr: &str, error: multifeed::Error) -> anyhow::Error {
 
 /// Runs the gateway node (see [`crate::node`]) until Ctrl-C or SIGTERM.
 pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()> {
-    if config.listen.is_none() && config.peers.is_empty() && config.http.is_none() {
+    if config.listen.is_none()
+        && config.peers.is_empty()
+        && config.http.is_none()
+        && config.mqtt.listen.is_none()
+        && config.mqtt.broker.is_none()
+    {
         anyhow::bail!(
-            "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, or --http ADDR for the local API"
+            "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, --http ADDR for the local API, --mqtt-listen ADDR for MQTT clients, or --mqtt-broker URL"
         );
     }
     if let Some(name) = &config.name {
@@ -126,10 +131,11 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
     let bound = Node::bind(store, config).await?;
     let listening = bound.listen_addr().map(|a| a.to_string());
     let http = bound.http_addr().map(|a| a.to_string());
+    let mqtt = bound.mqtt_addr().map(|a| a.to_string());
     if global.json {
         say!(
             "{}",
-            json!({"listening": listening, "http": http, "node": bound.id().to_string(), "dir": dir, "gateway": gateway})
+            json!({"listening": listening, "http": http, "mqtt": mqtt, "node": bound.id().to_string(), "dir": dir, "gateway": gateway})
         );
     } else {
         if let Some(addr) = &listening {
@@ -139,6 +145,9 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
             say!("http api on http://{addr}");
         }
         say!("gateway {name}", name = output::printable(&gateway));
+        if let Some(addr) = &mqtt {
+            say!("mqtt on {addr}");
+        }
     }
     // Peers connect and dial only once the addresses are out.
     bound

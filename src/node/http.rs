@@ -338,6 +338,9 @@ async fn metrics(State(Api { shared, .. }): State<Api>) -> impl IntoResponse {
         "HTTP requests answered with a server error.",
         m.http_errors.load(Ordering::Relaxed),
     );
+    for (name, kind, help, value) in m.mqtt.lines() {
+        metric(name, kind, help, value);
+    }
     // Replication lag: blocks this node knows exist (signed lengths it has seen)
     // but does not hold yet.
     let mut missing = 0u64;

@@ -15,6 +15,7 @@
 //! Two nodes that dial each other keep one session: see [`peers`].
 
 pub mod http;
+pub mod mqtt;
 pub mod peers;
 pub mod web;
 
@@ -83,6 +84,8 @@ pub struct NodeConfig {
     pub quiet: bool,
     /// Rename this gateway (its feeds carry the name to peers).
     pub name: Option<String>,
+    /// MQTT ingest (`--mqtt-listen` and its bounds).
+    pub mqtt: mqtt::MqttConfig,
 }
 
 /// Counters `/metrics` shows.
@@ -91,6 +94,7 @@ pub struct Metrics {
     pub published_messages: std::sync::atomic::AtomicU64,
     pub published_bytes: std::sync::atomic::AtomicU64,
     pub http_errors: std::sync::atomic::AtomicU64,
+    pub mqtt: Arc<mqtt::MqttMetrics>,
 }
 
 /// What every task of the node shares.
@@ -127,6 +131,7 @@ pub struct Bound {
     config: NodeConfig,
     listener: Option<TcpListener>,
     http: Option<TcpListener>,
+    mqtt: Option<TcpListener>,
     id: NodeId,
 }
 
@@ -139,6 +144,11 @@ impl Bound {
     /// Where the HTTP API will answer.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where MQTT clients connect.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// This run's node id.
@@ -165,7 +175,7 @@ impl Node {
     /// On error the store is closed again.
     pub async fn bind(store: Store, config: NodeConfig) -> anyhow::Result<Bound> {
         match Self::bind_sockets(&config).await {
-            Ok((listener, http)) => {
+            Ok((listener, http, mqtt)) => {
                 // Before anyone hears the node is up: the CLI finds its API by this file.
                 if let Some(addr) = http.as_ref().and_then(|l| l.local_addr().ok())
                     && let Err(e) = remote::write_api_file(&store.dir, addr)
@@ -180,6 +190,7 @@ impl Node {
                     config,
                     listener,
                     http,
+                    mqtt,
                     id: NodeId::random(),
                 })
             }
@@ -192,7 +203,11 @@ impl Node {
 
     async fn bind_sockets(
         config: &NodeConfig,
-    ) -> anyhow::Result<(Option<TcpListener>, Option<TcpListener>)> {
+    ) -> anyhow::Result<(
+        Option<TcpListener>,
+        Option<TcpListener>,
+        Option<TcpListener>,
+    )> {
         for peer in &config.peers {
             crate::resolve_addr(peer).await?;
         }
@@ -215,7 +230,28 @@ impl Node {
             // so there is always one, on loopback unless `--http` says otherwise.
             None => Some(bind("127.0.0.1:0", "the local API").await?),
         };
-        Ok((listener, http))
+        if let Some(broker) = &config.mqtt.broker {
+            mqtt::broker::parse_url(&broker.url).map_err(anyhow::Error::msg)?;
+            if broker.filters.is_empty() {
+                anyhow::bail!(
+                    "--mqtt-broker needs at least one --mqtt-subscribe FILTER (e.g. 'sensors/#') to know what to mirror"
+                );
+            }
+        }
+        let mqtt = match &config.mqtt.listen {
+            Some(addr) => {
+                let listener = bind(addr, "MQTT clients").await?;
+                let local = listener.local_addr()?;
+                if !local.ip().is_loopback() {
+                    tracing::warn!(
+                        "MQTT clients are accepted on {local} without authentication: anyone who reaches it can publish to the group's topics"
+                    );
+                }
+                Some(listener)
+            }
+            None => None,
+        };
+        Ok((listener, http, mqtt))
     }
 
     fn spawn(bound: Bound) -> Node {
@@ -224,6 +260,7 @@ impl Node {
             config,
             listener,
             http,
+            mqtt,
             id,
         } = bound;
         let cancel = CancellationToken::new();
@@ -260,6 +297,21 @@ impl Node {
         }
         if let Some(http) = http {
             tasks.spawn(http::serve(shared.clone(), http, cancel.clone()));
+        }
+        if mqtt.is_some() || config.mqtt.broker.is_some() {
+            let mut mqtt_config = config.mqtt.clone();
+            if let Some(broker) = &mut mqtt_config.broker
+                && broker.client_id.is_empty()
+            {
+                broker.client_id = mqtt::broker_client_id(&store.dir);
+            }
+            tasks.spawn(mqtt::serve(
+                shared.topics.clone(),
+                shared.metrics.mqtt.clone(),
+                mqtt_config,
+                mqtt,
+                cancel.clone(),
+            ));
         }
         Node {
             shared,

@@ -1,0 +1,196 @@
+//! The ingest committer: every message MQTT brings in goes through here, into
+//! [`Topics::publish_batch_with`], the node's publish path.
+//!
+//! Messages that arrive within the linger window (or while an append runs) are
+//! committed together: one signed append per topic, several messages packed per
+//! block, so a stream of small readings costs a handful of signatures. A
+//! QoS 1 message's reply is sent only once its append has returned, i.e. once it
+//! is durable under the store's [`multifeed::Durability`]; the listener sends the
+//! PUBACK then and not before.
+
+use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use multifeed::{
+    Error, Topics,
+    topics::{Message, Packing},
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::MqttMetrics;
+
+/// Messages waiting for the committer; a full queue holds the publishers back.
+const QUEUE: usize = 8_192;
+
+/// How the committer groups messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// How long the first message of a batch waits for more.
+    pub linger: Duration,
+    /// Most messages committed at once.
+    pub max_messages: usize,
+    /// Most payload bytes committed at once (a larger single message still goes).
+    pub max_bytes: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            linger: Duration::ZERO,
+            max_messages: 4_096,
+            max_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// What the sender of a message hears back: appended (durable), or why not.
+pub type Reply = oneshot::Receiver<Result<(), Error>>;
+
+struct Pending {
+    message: Message,
+    /// `None` for QoS 0: nobody waits.
+    reply: Option<oneshot::Sender<Result<(), Error>>>,
+}
+
+/// The handle connections publish through. Cheap to clone.
+#[derive(Clone)]
+pub struct Ingest {
+    queue: mpsc::Sender<Pending>,
+}
+
+impl Ingest {
+    /// Starts the committer over `topics`; it ends once every handle is dropped
+    /// and what was queued is committed.
+    pub fn start(
+        topics: Topics,
+        batching: Batching,
+        metrics: Arc<MqttMetrics>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (queue, receiver) = mpsc::channel(QUEUE);
+        let task = tokio::spawn(commit(topics, batching, metrics, receiver));
+        (Self { queue }, task)
+    }
+
+    /// Queues a message whose sender waits for it to be durable.
+    pub async fn publish_acked(&self, message: Message) -> Result<Reply, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Pending {
+                message,
+                reply: Some(reply),
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok(answer)
+    }
+
+    /// Queues a best-effort (QoS 0) message.
+    pub async fn publish(&self, message: Message) -> Result<(), Error> {
+        self.queue
+            .send(Pending {
+                message,
+                reply: None,
+            })
+            .await
+            .map_err(|_| Error::Closed)
+    }
+}
+
+async fn commit(
+    topics: Topics,
+    batching: Batching,
+    metrics: Arc<MqttMetrics>,
+    mut queue: mpsc::Receiver<Pending>,
+) {
+    let max_messages = batching.max_messages.max(1);
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, max_messages).await > 0 {
+        if !batching.linger.is_zero() {
+            let deadline = tokio::time::Instant::now() + batching.linger;
+            while batch.len() < max_messages && payload_bytes(&batch) < batching.max_bytes {
+                let room = max_messages - batch.len();
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => break,
+                    added = queue.recv_many(&mut batch, room) => {
+                        if added == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        commit_batch(&topics, &metrics, std::mem::take(&mut batch)).await;
+    }
+}
+
+fn payload_bytes(batch: &[Pending]) -> usize {
+    batch.iter().map(|p| p.message.payload.len()).sum()
+}
+
+/// Appends a batch, one signed append per topic, and answers every message.
+async fn commit_batch(topics: &Topics, metrics: &MqttMetrics, batch: Vec<Pending>) {
+    let mut by_topic: HashMap<String, Vec<Pending>> = HashMap::new();
+    for pending in batch {
+        by_topic
+            .entry(pending.message.topic.clone())
+            .or_default()
+            .push(pending);
+    }
+    for (topic, group) in by_topic {
+        let messages = group.iter().map(|p| p.message.clone());
+        match topics
+            .publish_batch_with(messages, Packing::default())
+            .await
+        {
+            Ok(_) => {
+                let bytes: usize = group.iter().map(|p| p.message.payload.len()).sum();
+                metrics
+                    .appended_messages
+                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+                metrics
+                    .appended_bytes
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+                for pending in group {
+                    if let Some(reply) = pending.reply {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            }
+            // Refused before anything was written: find whose message it was.
+            Err(Error::InvalidTopic { .. } | Error::InvalidMessage { .. }) => {
+                for pending in group {
+                    let result = topics
+                        .publish_batch_with([pending.message], Packing::default())
+                        .await
+                        .map(|_| ());
+                    match &result {
+                        Ok(()) => {
+                            metrics.appended_messages.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            metrics.refused_messages.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    if let Some(reply) = pending.reply {
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+            // The append itself failed: nothing is acknowledged, the sender retries.
+            Err(e) => {
+                tracing::error!("appending MQTT messages to topic {topic:?} failed: {e}");
+                metrics
+                    .refused_messages
+                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+                let reason = e.to_string();
+                for pending in group {
+                    if let Some(reply) = pending.reply {
+                        let _ = reply.send(Err(Error::Io {
+                            context: format!("publishing to {topic:?}"),
+                            source: std::io::Error::other(reason.clone()),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! The embedded MQTT listener: sensors connect straight to the node.
+//!
+//! Each client gets one task. It reads packets, hands publishes to the
+//! [`Ingest`] committer and writes PUBACKs in the order the publishes came, each
+//! only once its message is appended. Everything a client controls is bounded:
+//! packet size (refused from the header, before the bytes are read), QoS 1
+//! publishes awaiting their ack (reading stops at the bound), time to CONNECT and
+//! between packets (keep alive), and the number of clients. A client that breaks
+//! a rule gets a typed [`ClientError`] and its connection ends; nobody else
+//! notices, and the log hears of it at most once per interval and kind.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use futures::{StreamExt, future::BoxFuture, stream::FuturesOrdered};
+use multifeed::topics::{MAX_PAYLOAD_LEN, MAX_TOPIC_LEN, Message};
+use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    task::JoinSet,
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    MqttMetrics,
+    codec::{self, Incoming, Outgoing, Version},
+    ingest::Ingest,
+};
+
+/// What one client may use.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest packet (its remaining length), in bytes.
+    pub max_packet: usize,
+    /// Most QoS 1 publishes of one client awaiting their PUBACK.
+    pub max_inflight: u16,
+    /// Most clients at once.
+    pub max_clients: usize,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_packet: 256 * 1024,
+            max_inflight: 256,
+            max_clients: 1_024,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a client's connection was ended. Client faults, never the node's.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the packet is malformed ({0})")]
+    Malformed(String),
+    #[error("a packet of {size} bytes is larger than this listener accepts (--mqtt-max-packet)")]
+    PacketTooLarge { size: usize },
+    #[error("a topic name is not valid UTF-8")]
+    TopicNotUtf8,
+    #[error("topic {topic:?} cannot be mirrored: {reason}")]
+    InvalidTopic { topic: String, reason: &'static str },
+    #[error("the first packet was not CONNECT")]
+    NotConnect,
+    #[error("a second CONNECT on one connection")]
+    SecondConnect,
+    #[error("protocol level {level} is not spoken here (MQTT 3.1.1 and 5 are)")]
+    UnsupportedVersion { level: u8 },
+    #[error("QoS 2 is not supported; publish with QoS 0 or 1")]
+    QoS2,
+    #[error("{0} is not expected from a client")]
+    Unexpected(&'static str),
+    #[error("no CONNECT within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("silent for longer than its keep alive allows")]
+    KeepAliveExpired,
+    #[error("the message was refused: {0}")]
+    Refused(multifeed::Error),
+    /// The node's own failure (storage, stopping), not the client's.
+    #[error("the node could not take the message: {0}")]
+    Node(multifeed::Error),
+    #[error("the connection broke: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ClientError {
+    /// A short name for counting and logging.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::PacketTooLarge { .. } => "packet_too_large",
+            Self::TopicNotUtf8 => "topic_not_utf8",
+            Self::InvalidTopic { .. } => "invalid_topic",
+            Self::NotConnect | Self::SecondConnect | Self::Unexpected(_) => "protocol",
+            Self::UnsupportedVersion { .. } => "unsupported_version",
+            Self::QoS2 => "qos2",
+            Self::ConnectTimeout(_) | Self::KeepAliveExpired => "timeout",
+            Self::Refused(_) => "refused",
+            Self::Node(_) => "node",
+            Self::Io(_) => "io",
+        }
+    }
+
+    fn reason_code(&self) -> DisconnectReasonCode {
+        match self {
+            Self::Malformed(_) => DisconnectReasonCode::MalformedPacket,
+            Self::PacketTooLarge { .. } => DisconnectReasonCode::PacketTooLarge,
+            Self::TopicNotUtf8 | Self::InvalidTopic { .. } => {
+                DisconnectReasonCode::TopicNameInvalid
+            }
+            Self::QoS2 => DisconnectReasonCode::QoSNotSupported,
+            Self::KeepAliveExpired | Self::ConnectTimeout(_) => {
+                DisconnectReasonCode::KeepAliveTimeout
+            }
+            Self::Refused(_) => DisconnectReasonCode::ImplementationSpecificError,
+            Self::Node(multifeed::Error::Closed) => DisconnectReasonCode::ServerShuttingDown,
+            Self::Node(_) => DisconnectReasonCode::UnspecifiedError,
+            _ => DisconnectReasonCode::ProtocolError,
+        }
+    }
+}
+
+/// Client errors, logged at most once per interval and kind with a count of the rest.
+pub struct QuietLog {
+    interval: Duration,
+    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
+}
+
+impl QuietLog {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Logs `error` of `client` unless one of its kind was logged lately.
+    pub fn client_ended(&self, client: &str, error: &ClientError) {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = last.entry(error.kind()).or_insert((now, 0));
+        if entry.1 > 0 && now.duration_since(entry.0) < self.interval {
+            entry.1 += 1;
+            return;
+        }
+        let suppressed = entry.1.saturating_sub(1);
+        *entry = (now, 1);
+        drop(last);
+        if suppressed > 0 {
+            tracing::warn!(
+                "MQTT client {client} disconnected: {error} ({suppressed} more of this kind in the last {:.0?})",
+                self.interval
+            );
+        } else {
+            tracing::warn!("MQTT client {client} disconnected: {error}");
+        }
+    }
+}
+
+/// What every client task shares.
+pub struct Context {
+    pub ingest: Ingest,
+    pub metrics: Arc<MqttMetrics>,
+    pub limits: Limits,
+    pub log: QuietLog,
+}
+
+/// Accepts clients until `cancel`, then waits for their tasks.
+pub async fn accept(context: Arc<Context>, listener: TcpListener, cancel: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(context.limits.max_clients.max(1)));
+    let mut clients = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            Some(done) = clients.join_next(), if !clients.is_empty() => {
+                if let Err(e) = done {
+                    tracing::warn!("an MQTT client task failed: {e}");
+                }
+            }
+            accepted = listener.accept() => {
+                let (socket, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!("accepting an MQTT client failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    context.metrics.clients_refused.fetch_add(1, Ordering::Relaxed);
+                    drop(socket);
+                    continue;
+                };
+                let _ = socket.set_nodelay(true);
+                let (context, cancel) = (context.clone(), cancel.clone());
+                clients.spawn(async move {
+                    let _slot = slot;
+                    context.metrics.clients.fetch_add(1, Ordering::Relaxed);
+                    let result = serve_client(&context, socket, cancel).await;
+                    context.metrics.clients.fetch_sub(1, Ordering::Relaxed);
+                    if let Err(error) = result {
+                        context.metrics.client_errors.fetch_add(1, Ordering::Relaxed);
+                        context.log.client_ended(&peer.to_string(), &error);
+                    }
+                });
+            }
+        }
+    }
+    while let Some(done) = clients.join_next().await {
+        if let Err(e) = done {
+            tracing::warn!("an MQTT client task failed while stopping: {e}");
+        }
+    }
+}
+
+/// Why `topic` (from a PUBLISH) cannot be a multifeed topic, if it cannot.
+pub(super) fn topic_problem(topic: &str) -> Option<&'static str> {
+    if topic.is_empty() {
+        Some("it is empty (topic aliases are not supported)")
+    } else if topic.len() > MAX_TOPIC_LEN {
+        Some("it is longer than 200 bytes")
+    } else if topic.contains(['+', '#']) {
+        Some("a topic name holds no wildcards")
+    } else if topic.chars().any(char::is_control) {
+        Some("it contains a control character")
+    } else {
+        None
+    }
+}
+
+/// A message's own fault is the client's; anything else is the node's.
+fn refused(error: multifeed::Error) -> ClientError {
+    match error {
+        multifeed::Error::InvalidTopic { .. } | multifeed::Error::InvalidMessage { .. } => {
+            ClientError::Refused(error)
+        }
+        other => ClientError::Node(other),
+    }
+}
+
+type Ack = BoxFuture<'static, (u16, Result<(), ClientError>)>;
+
+/// One client, from CONNECT to its end. `Ok` when it disconnected or the node stops.
+async fn serve_client(
+    context: &Context,
+    socket: TcpStream,
+    cancel: CancellationToken,
+) -> Result<(), ClientError> {
+    let limits = context.limits;
+    let metrics = &context.metrics;
+    let (mut reader, mut writer) = socket.into_split();
+    let mut buffer = BytesMut::with_capacity(4 * 1024);
+    let mut out = BytesMut::new();
+    let mut version: Option<Version> = None;
+    // PUBACKs go out in the order the publishes came: MQTT asks for that order.
+    let mut acks: FuturesOrdered<Ack> = FuturesOrdered::new();
+    let mut waiting: HashSet<u16> = HashSet::new();
+    let mut idle_limit = limits.connect_timeout;
+    let mut deadline = Instant::now() + idle_limit;
+    let max_inflight = usize::from(limits.max_inflight.max(1));
+    let mut resend_window = 0usize;
+    let result = loop {
+        // Every whole packet already read, as long as the ack window has room.
+        let step: Result<bool, ClientError> = async {
+            while acks.len() < max_inflight {
+                let Some(packet) = codec::decode(&mut buffer, version, limits.max_packet)? else {
+                    break;
+                };
+                match packet {
+                    Incoming::Connect {
+                        version: v,
+                        client_id,
+                        keep_alive,
+                        keep_session,
+                    } => {
+                        tracing::debug!(client_id, ?v, keep_alive, "MQTT client connected");
+                        version = Some(v);
+                        // A client resuming its session resends first what it had no
+                        // PUBACK for: at most its inflight window.
+                        if keep_session {
+                            resend_window = max_inflight;
+                        }
+                        // Keep alive 0 turns the check off; the client slot still bounds it.
+                        idle_limit = if keep_alive == 0 {
+                            Duration::from_secs(365 * 24 * 3600)
+                        } else {
+                            Duration::from_secs(u64::from(keep_alive)) * 3 / 2
+                        };
+                        codec::encode(
+                            Outgoing::ConnAck {
+                                // What a session holds here is empty (no subscriptions,
+                                // no QoS 1 to deliver, no QoS 2), so one asked for is
+                                // always present; the client then resends every
+                                // publish that has no PUBACK, as MQTT asks.
+                                session_present: keep_session,
+                                receive_max: limits.max_inflight.max(1),
+                                max_packet: limits.max_packet as u32,
+                            },
+                            v,
+                            &mut out,
+                        );
+                    }
+                    Incoming::Publish(publish) => {
+                        if publish.qos > 1 {
+                            return Err(ClientError::QoS2);
+                        }
+                        if let Some(reason) = topic_problem(&publish.topic) {
+                            return Err(ClientError::InvalidTopic {
+                                topic: publish.topic.chars().take(64).collect(),
+                                reason,
+                            });
+                        }
+                        if publish.payload.len() > MAX_PAYLOAD_LEN {
+                            return Err(ClientError::PacketTooLarge {
+                                size: publish.payload.len(),
+                            });
+                        }
+                        metrics.received_messages.fetch_add(1, Ordering::Relaxed);
+                        metrics
+                            .received_bytes
+                            .fetch_add(publish.payload.len() as u64, Ordering::Relaxed);
+                        // A resend after a lost PUBACK (the node died between append
+                        // and ack) may already be held: counted, not told apart.
+                        if publish.qos == 1 {
+                            if publish.dup || resend_window > 0 {
+                                metrics.possible_duplicates.fetch_add(1, Ordering::Relaxed);
+                            }
+                            resend_window = resend_window.saturating_sub(1);
+                        }
+                        let mut message = Message::new(publish.topic, publish.payload.to_vec());
+                        if let Some(content_type) = publish.content_type {
+                            message = message.with_content_type(content_type);
+                        }
+                        if publish.qos == 0 {
+                            context
+                                .ingest
+                                .publish(message)
+                                .await
+                                .map_err(ClientError::Node)?;
+                            continue;
+                        }
+                        // A resend of a publish still awaiting its ack: that ack covers both.
+                        if !waiting.insert(publish.pkid) {
+                            metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        let reply = context
+                            .ingest
+                            .publish_acked(message)
+                            .await
+                            .map_err(ClientError::Node)?;
+                        let pkid = publish.pkid;
+                        acks.push_back(Box::pin(async move {
+                            let result = match reply.await {
+                                Ok(Ok(())) => Ok(()),
+                                Ok(Err(e)) => Err(refused(e)),
+                                Err(_) => Err(ClientError::Node(multifeed::Error::Closed)),
+                            };
+                            (pkid, result)
+                        }));
+                    }
+                    Incoming::Subscribe { pkid, filters } => codec::encode(
+                        Outgoing::SubAckRefused { pkid, filters },
+                        version.unwrap_or(Version::V4),
+                        &mut out,
+                    ),
+                    Incoming::PingReq => {
+                        codec::encode(Outgoing::PingResp, version.unwrap_or(Version::V4), &mut out);
+                    }
+                    Incoming::Disconnect => return Ok(true),
+                    Incoming::Ignored(what) => {
+                        tracing::debug!("ignored {what} from an MQTT client")
+                    }
+                }
+            }
+            Ok(false)
+        }
+        .await;
+        match step {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
+            Err(e) => break Err(e),
+        }
+        if !out.is_empty() {
+            if let Err(e) = writer.write_all(&out).await {
+                break Err(e.into());
+            }
+            out.clear();
+        }
+        // Room for one more packet (and its header) at most: the bound on memory.
+        let may_read = acks.len() < max_inflight && buffer.len() <= limits.max_packet + 5;
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                if let Some(v) = version {
+                    codec::encode(Outgoing::Disconnect(DisconnectReasonCode::ServerShuttingDown), v, &mut out);
+                    let _ = writer.write_all(&out).await;
+                }
+                break Ok(());
+            }
+            Some((pkid, result)) = acks.next(), if !acks.is_empty() => {
+                waiting.remove(&pkid);
+                if let Err(e) = result {
+                    break Err(e);
+                }
+                metrics.acked.fetch_add(1, Ordering::Relaxed);
+                codec::encode(Outgoing::PubAck(pkid), version.unwrap_or(Version::V4), &mut out);
+            }
+            read = reader.read_buf(&mut buffer), if may_read => match read {
+                Ok(0) => break Ok(()),
+                Ok(_) => deadline = Instant::now() + idle_limit,
+                Err(e) => break Err(e.into()),
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                break Err(if version.is_none() {
+                    ClientError::ConnectTimeout(limits.connect_timeout)
+                } else {
+                    ClientError::KeepAliveExpired
+                });
+            }
+        }
+    };
+    // What was answered before the fault still goes out (a CONNACK, acks), then why.
+    if let (Err(e), Some(v)) = (&result, version)
+        && !matches!(e, ClientError::Io(_))
+    {
+        codec::encode(Outgoing::Disconnect(e.reason_code()), v, &mut out);
+        let _ = writer.write_all(&out).await;
+    }
+    let _ = writer.shutdown().await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_are_checked_before_they_are_queued() {
+        assert!(topic_problem("sensors/1/temp").is_none());
+        assert!(topic_problem("").is_some());
+        assert!(topic_problem("a/+/b").is_some());
+        assert!(topic_problem("a/#").is_some());
+        assert!(topic_problem("a\u{7}b").is_some());
+        assert!(topic_problem(&"x".repeat(201)).is_some());
+    }
+}
