@@ -21,7 +21,7 @@ use super::{
     signal::shutdown_signal,
     store::{KeySource, Store},
 };
-use crate::node::{Node, NodeConfig};
+use crate::node::{self, Node, NodeConfig};
 
 const GATEWAYS: [&str; 3] = ["gateway-a", "gateway-b", "gateway-c"];
 const TOPICS: [(&str, &str, f64); 2] = [("temperature", "C", 19.0), ("humidity", "%", 52.0)];
@@ -63,6 +63,7 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
         dir.display()
     );
     let mut gateways: Vec<Gateway> = Vec::new();
+    let mut sensor = None;
     for (g, name) in GATEWAYS.into_iter().enumerate() {
         let store = open_with_history(&dir.join(name), &key, g).await?;
         let gateway_dir = store.dir.clone();
@@ -81,20 +82,32 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
             json: false,
             quiet: true,
             name: None,
-            mqtt: Default::default(),
+            // gateway-a's sensors publish over MQTT to its embedded listener.
+            mqtt: node::mqtt::MqttConfig {
+                listen: (g == 0).then(|| "127.0.0.1:0".to_owned()),
+                ..Default::default()
+            },
         };
         let bound = Node::bind(store, config).await?;
         let listen = bound.listen_addr().context("the node listens")?.to_string();
         let http = bound.http_addr().context("the node serves its API")?;
+        let mqtt = bound.mqtt_addr();
         let node = bound.start();
         let api = NodeApi::find(&gateway_dir, None)?.context("the node wrote its API file")?;
         println!(
-            "  {name}: node up, peers on {listen}{}, web page http://{http}/",
+            "  {name}: node up, peers on {listen}{}{}, web page http://{http}/",
             match gateways.last() {
                 Some(prev) => format!(", dials {}", prev.name),
                 None => String::new(),
+            },
+            match mqtt {
+                Some(addr) => format!(", MQTT on {addr}"),
+                None => String::new(),
             }
         );
+        if let Some(addr) = mqtt {
+            sensor = Some(Sensor::connect(addr).await?);
+        }
         gateways.push(Gateway {
             name,
             node,
@@ -104,8 +117,9 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
         });
     }
 
+    let mut sensor = sensor.context("gateway-a listens for MQTT")?;
     println!(
-        "\nLive: every gateway publishes a reading per topic every {} ms for {:.0} s through its\nHTTP API, while the nodes replicate live.",
+        "\nLive: every gateway publishes a reading per topic every {} ms for {:.0} s, gateway-a's\nsensor over MQTT (QoS 1), the others through their HTTP APIs, while the nodes\nreplicate live.",
         LIVE_PERIOD.as_millis(),
         (LIVE_PERIOD * LIVE_ROUNDS as u32).as_secs_f64()
     );
@@ -119,17 +133,24 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
                     + g as f64 * 1.5
                     + ((HISTORY + round) as f64 * 0.5).sin()
                     + (round as f64 * 0.37 + g as f64).cos() * 0.2;
-                let message = Message::new(topic, reading(gateway.name, value, unit))
-                    .with_content_type("application/json");
-                gateway.api.publish(message).await?;
+                let payload = reading(gateway.name, value, unit);
+                if g == 0 {
+                    sensor.publish(topic, payload).await?;
+                } else {
+                    let message =
+                        Message::new(topic, payload).with_content_type("application/json");
+                    gateway.api.publish(message).await?;
+                }
             }
         }
     }
+    // Every MQTT reading acknowledged: each was appended before its PUBACK.
+    let acked = sensor.finish().await?;
     let published = Instant::now();
     let each = (HISTORY + LIVE_ROUNDS) as usize * GATEWAYS.len();
     wait_until_converged(&gateways, each).await?;
     println!(
-        "  {} readings published in {:.1} s; all three gateways hold all {each} of each topic {} ms after the last one.",
+        "  {} readings published ({acked} over MQTT, each acknowledged once appended) in {:.1} s;\n  all three gateways hold all {each} of each topic {} ms after the last one.",
         LIVE_ROUNDS as usize * GATEWAYS.len() * TOPICS.len(),
         (published - live_started).as_secs_f64(),
         published.elapsed().as_millis()
@@ -194,10 +215,82 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
         g.node.shutdown().await?;
     }
     println!(
-        "\nDone in {:.1} s. The same with the command-line tool: `multifeed init`, `join`, `serve --listen --peer --http`, `write`, `read` (see the README).",
+        "\nDone in {:.1} s. The same with the command-line tool: `multifeed init`, `join`, `serve --listen --peer --http --mqtt-listen`, `write`, `read` (see the README).",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// A sensor publishing QoS 1 readings to a gateway's MQTT listener.
+struct Sensor {
+    client: rumqttc::AsyncClient,
+    /// PUBACKs received so far.
+    acked: tokio::sync::watch::Receiver<usize>,
+    events: tokio::task::JoinHandle<anyhow::Result<()>>,
+    sent: usize,
+}
+
+impl Sensor {
+    async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Self> {
+        let mut options =
+            rumqttc::MqttOptions::new("demo-sensor", addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
+        let (count, acked) = tokio::sync::watch::channel(0);
+        let events = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        count.send_modify(|n| *n += 1);
+                    }
+                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => bail!("the demo's MQTT sensor lost gateway-a: {e}"),
+                }
+            }
+        });
+        Ok(Self {
+            client,
+            acked,
+            events,
+            sent: 0,
+        })
+    }
+
+    async fn publish(&mut self, topic: &str, payload: String) -> anyhow::Result<()> {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .context("the demo's MQTT sensor stopped")?;
+        self.sent += 1;
+        Ok(())
+    }
+
+    /// Waits for a PUBACK of every reading, then disconnects; how many there were.
+    async fn finish(mut self) -> anyhow::Result<usize> {
+        let sent = self.sent;
+        let all_acked = tokio::time::timeout(CONVERGE_WITHIN, self.acked.wait_for(|n| *n >= sent))
+            .await
+            .map(|waited| waited.map(drop));
+        match all_acked {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => {
+                // The event loop ended: its error says why.
+                self.events.await??;
+                bail!("the demo's MQTT sensor stopped early");
+            }
+            Err(_) => bail!(
+                "gateway-a acknowledged {} of {sent} MQTT readings within {CONVERGE_WITHIN:?}",
+                *self.acked.borrow()
+            ),
+        }
+        self.client
+            .disconnect()
+            .await
+            .context("the demo's MQTT sensor stopped")?;
+        self.events.await??;
+        Ok(sent)
+    }
 }
 
 /// A gateway's store holding its history: one reading a minute per topic, the

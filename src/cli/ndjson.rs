@@ -47,6 +47,8 @@ struct Line {
     _seq: Option<IgnoredAny>,
     #[serde(default, rename = "index")]
     _index: Option<IgnoredAny>,
+    #[serde(default, rename = "gateway")]
+    _gateway: Option<IgnoredAny>,
     /// `read --json` ends with a line holding only its cursor.
     cursor: Option<IgnoredAny>,
 }
@@ -145,7 +147,7 @@ mod tests {
 
     #[test]
     fn what_read_json_prints_is_accepted() {
-        let line = r#"{"topic":"t","time_ms":5,"time":"1970-01-01T00:00:00.005Z","address":"a","key":"k","seq":0,"index":0,"payload":"x"}"#;
+        let line = r#"{"topic":"t","time_ms":5,"time":"1970-01-01T00:00:00.005Z","address":"a","key":"k","seq":0,"index":0,"gateway":"roof-a","payload":"x"}"#;
         let m = parse("other", 3, line, &Defaults::default())
             .unwrap()
             .unwrap();
