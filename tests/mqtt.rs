@@ -10,26 +10,9 @@ mod mqtt;
 use std::{collections::HashMap, time::Duration};
 
 use cli_common::*;
-use mqtt::Publisher;
+use mqtt::{Publisher, metric, path};
 
 const TOPIC: &str = "sensors/t1";
-
-/// `topic` as one segment of an API path.
-fn path(topic: &str) -> String {
-    topic.replace('/', "%2F")
-}
-
-/// A `/metrics` counter of a node.
-fn metric(http_addr: &str, name: &str) -> u64 {
-    let answer = http(http_addr, "GET", "/metrics", &[], b"").expect("metrics");
-    answer
-        .body
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("{name} missing from /metrics: {}", answer.body))
-        .parse()
-        .expect("a number")
-}
 
 /// Every message of `topic` a node holds, as JSON, page by page.
 fn read_json(http_addr: &str, topic: &str) -> Vec<serde_json::Value> {

@@ -17,6 +17,7 @@ use std::{
 };
 
 use cli_common::*;
+use mqtt::{metric, path};
 
 fn mosquitto() -> PathBuf {
     let found = || {
@@ -109,21 +110,6 @@ impl Drop for Broker {
             let _ = child.wait();
         }
     }
-}
-
-fn path(topic: &str) -> String {
-    topic.replace('/', "%2F")
-}
-
-fn metric(http_addr: &str, name: &str) -> u64 {
-    let answer = http(http_addr, "GET", "/metrics", &[], b"").expect("metrics");
-    answer
-        .body
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
-        .parse()
-        .expect("a number")
 }
 
 fn counts(payloads: &[String]) -> HashMap<&str, usize> {

@@ -293,3 +293,20 @@ pub fn publish_with_retry(
         }
     }
 }
+
+/// `topic` as one segment of an API path.
+pub fn path(topic: &str) -> String {
+    topic.replace('/', "%2F")
+}
+
+/// A `/metrics` counter of a node.
+pub fn metric(http_addr: &str, name: &str) -> u64 {
+    let answer = crate::cli_common::http(http_addr, "GET", "/metrics", &[], b"").expect("metrics");
+    answer
+        .body
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing from /metrics: {}", answer.body))
+        .parse()
+        .expect("a number")
+}
