@@ -358,6 +358,10 @@ struct MqttFlags {
     /// Without a value: 127.0.0.1:1883.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:1883")]
     mqtt_listen: Option<String>,
+    /// Accept MQTT clients on an address other than loopback, although the listener
+    /// has no authentication (only on a trusted network).
+    #[arg(long)]
+    mqtt_allow_anonymous: bool,
     /// Milliseconds the first MQTT message of a batch waits for more to share its
     /// append (0: only those that arrive while an append runs) [default: 0].
     #[arg(long, value_name = "MS")]
@@ -400,6 +404,8 @@ impl MqttFlags {
     fn config(self, file: &cli::config::ServeConfig) -> node::mqtt::MqttConfig {
         let mut config = node::mqtt::MqttConfig {
             listen: self.mqtt_listen.or(file.mqtt_listen.clone()),
+            allow_anonymous: self.mqtt_allow_anonymous
+                || file.mqtt_allow_anonymous.unwrap_or(false),
             ..Default::default()
         };
         config.batching.linger =

@@ -309,3 +309,21 @@ fn a_client_silent_past_its_keep_alive_is_disconnected() {
     assert_eq!(answer.len(), 4, "the CONNACK");
     node.running.stop();
 }
+
+#[test]
+fn off_loopback_the_listener_needs_the_operator_to_accept_anonymous_clients() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    let refused = gw.fails(&["serve", "--mqtt-listen", "0.0.0.0:0"]);
+    assert!(
+        refused.contains("refusing to accept MQTT clients")
+            && refused.contains("--mqtt-allow-anonymous"),
+        "{refused}"
+    );
+    // Nothing was opened for good: the store is free again.
+    gw.ok(&["feeds"]);
+    let mut node = gw.node(&["--mqtt-listen", "0.0.0.0:0", "--mqtt-allow-anonymous"]);
+    let warning = node.running.stderr_line("without authentication");
+    assert!(warning.contains("--mqtt-allow-anonymous"), "{warning}");
+    node.running.stop();
+}

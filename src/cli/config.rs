@@ -52,6 +52,7 @@ pub struct ServeConfig {
     pub timeout: Option<u64>,
     pub name: Option<String>,
     pub mqtt_listen: Option<String>,
+    pub mqtt_allow_anonymous: Option<bool>,
     pub mqtt_linger_ms: Option<u64>,
     pub mqtt_batch_max: Option<usize>,
     pub mqtt_max_packet: Option<usize>,

@@ -243,8 +243,15 @@ impl Node {
                 let listener = bind(addr, "MQTT clients").await?;
                 let local = listener.local_addr()?;
                 if !local.ip().is_loopback() {
+                    // As mosquitto 2 does: no anonymous clients from the network
+                    // unless the operator says so.
+                    if !config.mqtt.allow_anonymous {
+                        anyhow::bail!(
+                            "refusing to accept MQTT clients on {local}: the embedded listener has no authentication yet, so anyone who reaches it could publish to the group's topics; bind it to 127.0.0.1, put a broker with authentication in front (--mqtt-broker), or accept that risk on a trusted network with --mqtt-allow-anonymous"
+                        );
+                    }
                     tracing::warn!(
-                        "MQTT clients are accepted on {local} without authentication: anyone who reaches it can publish to the group's topics"
+                        "MQTT clients are accepted on {local} without authentication (--mqtt-allow-anonymous): anyone who reaches it can publish to the group's topics"
                     );
                 }
                 Some(listener)

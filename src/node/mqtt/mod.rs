@@ -46,6 +46,8 @@ pub use self::{ingest::Batching, listener::Limits};
 pub struct MqttConfig {
     /// Accept MQTT clients here.
     pub listen: Option<String>,
+    /// Accept clients off loopback although the listener has no authentication.
+    pub allow_anonymous: bool,
     /// Mirror from this external broker.
     pub broker: Option<broker::BrokerConfig>,
     pub batching: Batching,
