@@ -8,7 +8,7 @@
 //! stays the identity. Bounded in size, since peers choose it.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     path::Path,
 };
 
@@ -79,20 +79,39 @@ pub(crate) async fn write_info(
     tokio::fs::rename(&partial, dir.join(INFO_FILE)).await
 }
 
-/// Offered metadata of feeds not created yet (they may be requested next).
+/// Offered metadata of feeds not created yet (they may be requested next). Full,
+/// it forgets the oldest offer: feeds offered and never created (offered empty,
+/// or junk) must not shut out the labels of feeds created later.
 #[derive(Default)]
-pub(crate) struct Pending(HashMap<FeedKey, FeedMetadata>);
+pub(crate) struct Pending {
+    by_key: HashMap<FeedKey, FeedMetadata>,
+    /// Keys in order of first offer; may hold keys already taken.
+    order: VecDeque<FeedKey>,
+}
 
 impl Pending {
-    /// Keeps `metadata` for `key` unless already known or full.
+    /// Keeps `metadata` for `key` unless already known.
     pub(crate) fn offer(&mut self, key: FeedKey, metadata: FeedMetadata) {
-        if self.0.len() < MAX_PENDING {
-            self.0.entry(key).or_insert(metadata);
+        if self.by_key.contains_key(&key) {
+            return;
+        }
+        while self.by_key.len() >= MAX_PENDING {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            self.by_key.remove(&oldest);
+        }
+        self.by_key.insert(key, metadata);
+        self.order.push_back(key);
+        // Keys taken since leave stale entries behind: drop them before they pile up.
+        if self.order.len() > 2 * MAX_PENDING {
+            let by_key = &self.by_key;
+            self.order.retain(|k| by_key.contains_key(k));
         }
     }
 
     pub(crate) fn take(&mut self, key: &FeedKey) -> Option<FeedMetadata> {
-        self.0.remove(key)
+        self.by_key.remove(key)
     }
 }
 
@@ -132,21 +151,32 @@ mod tests {
     }
 
     #[test]
-    fn pending_is_bounded_and_first_offer_wins() {
+    fn pending_is_bounded_keeps_the_newest_and_the_first_offer_wins() {
         let mut pending = Pending::default();
         let meta = |v: &str| -> FeedMetadata { [("gateway".to_string(), v.to_string())].into() };
-        pending.offer(FeedKey::from_bytes([1; 32]), meta("first"));
-        pending.offer(FeedKey::from_bytes([1; 32]), meta("second"));
-        for i in 0..(MAX_PENDING as u32 + 10) {
-            let mut bytes = [0u8; 32];
+        let key = |i: u32| {
+            let mut bytes = [9u8; 32];
             bytes[..4].copy_from_slice(&i.to_le_bytes());
-            bytes[31] = 9;
-            pending.offer(FeedKey::from_bytes(bytes), meta("x"));
+            FeedKey::from_bytes(bytes)
+        };
+        pending.offer(key(0), meta("first"));
+        pending.offer(key(0), meta("second"));
+        assert_eq!(pending.take(&key(0)), Some(meta("first")));
+        // Many more offers than the bound, some taken on the way (as feeds are created).
+        for i in 1..=(5 * MAX_PENDING as u32) {
+            pending.offer(key(i), meta("x"));
+            if i % 3 == 0 {
+                assert!(pending.take(&key(i)).is_some());
+            }
         }
-        assert_eq!(pending.0.len(), MAX_PENDING);
+        assert!(pending.by_key.len() <= MAX_PENDING);
+        assert!(pending.order.len() <= 2 * MAX_PENDING);
+        let newest = key(5 * MAX_PENDING as u32 - 1);
+        assert_eq!(pending.take(&newest), Some(meta("x")));
         assert_eq!(
-            pending.take(&FeedKey::from_bytes([1; 32])),
-            Some(meta("first"))
+            pending.take(&key(1)),
+            None,
+            "the oldest offers were forgotten"
         );
     }
 }
