@@ -110,9 +110,6 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
             "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, --http ADDR for the local API, --mqtt-listen ADDR for MQTT clients, or --mqtt-broker URL"
         );
     }
-    if let Some(name) = &config.name {
-        store::check_gateway_name(name)?;
-    }
     let store = store::open_as(global, config.name.as_deref()).await?;
     if config.http.is_some() {
         config.token = match store::read_token_file(&store.dir) {

@@ -321,6 +321,10 @@ impl Store {
         source: KeySource,
         name: Option<&str>,
     ) -> anyhow::Result<Self> {
+        // A bad name is refused before anything is touched.
+        if let Some(name) = name {
+            check_gateway_name(name)?;
+        }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the storage directory {}", dir.display()))?;
         let lock_path = dir.join(LOCK_FILE);
@@ -412,7 +416,7 @@ fn host_name() -> String {
 }
 
 /// A gateway name is 1 to 64 bytes of printable text.
-pub fn check_gateway_name(name: &str) -> anyhow::Result<()> {
+fn check_gateway_name(name: &str) -> anyhow::Result<()> {
     if name.trim().is_empty() || name.len() > MAX_GATEWAY_NAME || name.chars().any(char::is_control)
     {
         bail!(
@@ -423,7 +427,6 @@ pub fn check_gateway_name(name: &str) -> anyhow::Result<()> {
 }
 
 fn write_gateway_name(dir: &Path, name: &str) -> anyhow::Result<()> {
-    check_gateway_name(name)?;
     let path = dir.join(GATEWAY_NAME_FILE);
     std::fs::write(&path, format!("{}\n", name.trim()))
         .with_context(|| format!("cannot write {}", path.display()))
