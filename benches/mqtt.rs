@@ -207,26 +207,14 @@ fn main() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (_node, addr) = start_node(&dir.path().join("store"));
         let figure = run(&addr, publishers, count, window);
-        println!(
-            "{:<40} {:>11} {:>14.0} {:>10.2}",
-            "multifeed --mqtt-listen (disk store)",
-            publishers,
-            figure.0,
-            figure.1.as_secs_f64() * 1e3
-        );
+        print_row("multifeed --mqtt-listen (disk store)", publishers, figure);
         figures.insert(("multifeed", publishers), figure);
 
         let dir = tempfile::tempdir().expect("temp dir");
         match start_nats(dir.path()) {
             Ok((_nats, addr)) => {
                 let figure = run(&addr, publishers, count, window);
-                println!(
-                    "{:<40} {:>11} {:>14.0} {:>10.2}",
-                    "nats-server MQTT (JetStream file)",
-                    publishers,
-                    figure.0,
-                    figure.1.as_secs_f64() * 1e3
-                );
+                print_row("nats-server MQTT (JetStream file)", publishers, figure);
                 figures.insert(("nats", publishers), figure);
             }
             Err(reason) => println!("nats-server skipped: {reason}"),
@@ -245,4 +233,12 @@ fn main() {
             );
         }
     }
+}
+
+/// One line of the table: messages/s and p99 in ms.
+fn print_row(what: &str, publishers: usize, (rate, p99): (f64, Duration)) {
+    println!(
+        "{what:<40} {publishers:>11} {rate:>14.0} {:>10.2}",
+        p99.as_secs_f64() * 1e3
+    );
 }
