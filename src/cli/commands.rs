@@ -173,9 +173,7 @@ impl Via<'_> {
                 let labelled = messages
                     .into_iter()
                     .map(|message| output::Labelled {
-                        gateway: group
-                            .feed(message.address.key)
-                            .and_then(|f| output::gateway_of(&f)),
+                        gateway: output::gateway_for(group, message.address.key),
                         message,
                     })
                     .collect();
@@ -463,7 +461,7 @@ async fn follow_topic(
                 let Some(item) = item else { break };
                 let m = item?;
                 cursor.advance(&m.address);
-                let gateway = store.group.feed(m.address.key).and_then(|f| output::gateway_of(&f));
+                let gateway = output::gateway_for(&store.group, m.address.key);
                 print_message(global.json, &m, gateway.as_deref());
                 if global.json {
                     print_cursor(true, &cursor);

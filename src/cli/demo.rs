@@ -328,16 +328,27 @@ async fn read_all(api: &NodeApi, topic: &str) -> anyhow::Result<Vec<Labelled>> {
     }
 }
 
-/// Waits until every gateway holds `each` messages of every topic.
+/// Waits until every gateway holds `each` messages of every topic, reading only
+/// what arrived since its last look.
 async fn wait_until_converged(gateways: &[Gateway], each: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + CONVERGE_WITHIN;
+    let mut seen: Vec<(Cursor, usize)> =
+        vec![(Cursor::default(), 0); gateways.len() * TOPICS.len()];
     loop {
         let mut short = Vec::new();
-        for g in gateways {
-            for (topic, _, _) in TOPICS {
-                let held = read_all(&g.api, topic).await?.len();
-                if held != each {
-                    short.push(format!("{} holds {held} of {each} {topic}", g.name));
+        for (g, gateway) in gateways.iter().enumerate() {
+            for (t, (topic, _, _)) in TOPICS.into_iter().enumerate() {
+                let (cursor, held) = &mut seen[g * TOPICS.len() + t];
+                loop {
+                    let (messages, next) = gateway.api.read(topic, cursor, 10_000).await?;
+                    if messages.is_empty() {
+                        break;
+                    }
+                    *held += messages.len();
+                    *cursor = next;
+                }
+                if *held != each {
+                    short.push(format!("{} holds {held} of {each} {topic}", gateway.name));
                 }
             }
         }

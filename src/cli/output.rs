@@ -37,6 +37,11 @@ pub fn gateway_of(feed: &multifeed::Feed) -> Option<String> {
     feed.metadata().get(GATEWAY).cloned()
 }
 
+/// The name of the gateway writing the feed `key` of `group`, when known.
+pub fn gateway_for(group: &multifeed::Multifeed, key: multifeed::FeedKey) -> Option<String> {
+    group.feed(key).and_then(|f| gateway_of(&f))
+}
+
 /// The metadata entry naming a feed's gateway.
 pub const GATEWAY: &str = "gateway";
 

@@ -469,10 +469,7 @@ async fn publish_batch(
 
 /// The name of the gateway that wrote `m`, when its feed says.
 fn gateway(shared: &Shared, m: &multifeed::topics::ReceivedMessage) -> Option<String> {
-    shared
-        .group
-        .feed(m.address.key)
-        .and_then(|f| output::gateway_of(&f))
+    output::gateway_for(&shared.group, m.address.key)
 }
 
 #[derive(Deserialize)]
