@@ -85,7 +85,23 @@ pub async fn run(
                         }
                         metrics.acked.fetch_add(1, Ordering::Relaxed);
                     }
-                    // Not appended: no ack, the broker redelivers it to the next session.
+                    // A message that can never be appended (too large, a bad content
+                    // type): acked, or the broker would redeliver it forever.
+                    Ok(Err(
+                        e @ (multifeed::Error::InvalidTopic { .. }
+                        | multifeed::Error::InvalidMessage { .. }),
+                    )) => {
+                        // (The committer counted it as refused.)
+                        tracing::warn!(
+                            "a message of {:?} from the broker is dropped: {e}",
+                            publish.topic
+                        );
+                        if client.ack(&publish).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Not appended for a reason of ours: no ack, the broker
+                    // redelivers it to the next session.
                     Ok(Err(e)) => tracing::warn!(
                         "a message of {:?} from the broker was not appended: {e}",
                         publish.topic
