@@ -408,15 +408,38 @@ impl MqttFlags {
                 || file.mqtt_allow_anonymous.unwrap_or(false),
             ..Default::default()
         };
-        config.batching.linger =
-            std::time::Duration::from_millis(pick(self.mqtt_linger_ms, file.mqtt_linger_ms, 0));
-        config.batching.max_messages = pick(self.mqtt_batch_max, file.mqtt_batch_max, 4096).max(1);
+        // The defaults are those of `Batching` and `Limits`, held in one place.
+        let (batching, limits) = (config.batching, config.limits);
+        config.batching.linger = pick(
+            self.mqtt_linger_ms.map(std::time::Duration::from_millis),
+            file.mqtt_linger_ms.map(std::time::Duration::from_millis),
+            batching.linger,
+        );
+        config.batching.max_messages = pick(
+            self.mqtt_batch_max,
+            file.mqtt_batch_max,
+            batching.max_messages,
+        )
+        .max(1);
         // A payload larger than a message may be could never be appended.
-        config.limits.max_packet = pick(self.mqtt_max_packet, file.mqtt_max_packet, 256 * 1024)
-            .clamp(1024, multifeed::topics::MAX_PAYLOAD_LEN + 64 * 1024);
-        config.limits.max_clients = pick(self.mqtt_max_clients, file.mqtt_max_clients, 1024).max(1);
-        config.limits.max_inflight =
-            pick(self.mqtt_max_inflight, file.mqtt_max_inflight, 256).max(1);
+        config.limits.max_packet = pick(
+            self.mqtt_max_packet,
+            file.mqtt_max_packet,
+            limits.max_packet,
+        )
+        .clamp(1024, multifeed::topics::MAX_PAYLOAD_LEN + 64 * 1024);
+        config.limits.max_clients = pick(
+            self.mqtt_max_clients,
+            file.mqtt_max_clients,
+            limits.max_clients,
+        )
+        .max(1);
+        config.limits.max_inflight = pick(
+            self.mqtt_max_inflight,
+            file.mqtt_max_inflight,
+            limits.max_inflight,
+        )
+        .max(1);
         let filters = if self.mqtt_subscribe.is_empty() {
             file.mqtt_subscribes.clone()
         } else {

@@ -97,10 +97,8 @@ pub fn decode(
     };
     let kind = header.packet_type().map_err(v4_error)?;
     match version {
+        // A CONNECT: any other first packet was refused above, from its first byte.
         None => {
-            if kind != v4bytes::PacketType::Connect {
-                return Err(ClientError::NotConnect);
-            }
             // MQTT 5 first: its reader refuses other levels by name.
             let mut probe = buffer.clone();
             match v5::Packet::read(&mut probe, Some(max_packet as u32)) {

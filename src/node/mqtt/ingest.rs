@@ -106,7 +106,9 @@ async fn commit(
     while queue.recv_many(&mut batch, max_messages).await > 0 {
         if !batching.linger.is_zero() {
             let deadline = tokio::time::Instant::now() + batching.linger;
-            while batch.len() < max_messages && payload_bytes(&batch) < batching.max_bytes {
+            // A running total: summing the batch again each round was quadratic.
+            let mut bytes = payload_bytes(&batch);
+            while batch.len() < max_messages && bytes < batching.max_bytes {
                 let room = max_messages - batch.len();
                 tokio::select! {
                     () = tokio::time::sleep_until(deadline) => break,
@@ -114,6 +116,7 @@ async fn commit(
                         if added == 0 {
                             break;
                         }
+                        bytes += payload_bytes(&batch[batch.len() - added..]);
                     }
                 }
             }
@@ -158,6 +161,7 @@ async fn commit_batch(topics: &Topics, metrics: &MqttMetrics, batch: Vec<Pending
             // Refused before anything was written: find whose message it was.
             Err(Error::InvalidTopic { .. } | Error::InvalidMessage { .. }) => {
                 for pending in group {
+                    let bytes = pending.message.payload.len() as u64;
                     let result = topics
                         .publish_batch_with([pending.message], Packing::default())
                         .await
@@ -165,6 +169,7 @@ async fn commit_batch(topics: &Topics, metrics: &MqttMetrics, batch: Vec<Pending
                     match &result {
                         Ok(()) => {
                             metrics.appended_messages.fetch_add(1, Ordering::Relaxed);
+                            metrics.appended_bytes.fetch_add(bytes, Ordering::Relaxed);
                         }
                         Err(_) => {
                             metrics.refused_messages.fetch_add(1, Ordering::Relaxed);
