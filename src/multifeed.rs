@@ -727,9 +727,13 @@ impl Multifeed {
         }
     }
 
-    /// Sets a remote feed's metadata and keeps it beside its files. A failed write
-    /// only costs the label after a restart.
+    /// Sets a remote feed's metadata and keeps it beside its files. Only the call
+    /// that sets it writes the file, so the file and memory agree when two sessions
+    /// offer labels at once. A failed write only costs the label after a restart.
     async fn record_metadata(&self, feed: &Feed, metadata: crate::FeedMetadata) {
+        if feed.inner.metadata.set(metadata.clone()).is_err() {
+            return;
+        }
         if let StorageConfig::Dir(root) = &self.inner.storage {
             let key = feed.key();
             if let Err(e) =
@@ -738,7 +742,6 @@ impl Multifeed {
                 tracing::warn!(%key, "cannot record the feed's metadata: {e}");
             }
         }
-        let _ = feed.inner.metadata.set(metadata);
     }
 
     fn admit(&self, feed: Feed) {
