@@ -384,8 +384,18 @@ struct MqttFlags {
     #[arg(long, value_name = "URL")]
     mqtt_broker: Option<String>,
     /// A topic filter to mirror from the broker (wildcards allowed). Repeatable.
+    /// Filters announced to the group are mirrored as well.
     #[arg(long = "mqtt-subscribe", value_name = "FILTER")]
     mqtt_subscribe: Vec<String>,
+    /// The topic where publishing a filter (e.g. `alerts/#`) makes every gateway
+    /// of the group mirror it from its broker [default: multifeed/announce].
+    #[arg(long, value_name = "TOPIC")]
+    mqtt_announce_topic: Option<String>,
+    /// Publish the messages other gateways wrote, as they arrive by replication,
+    /// under PREFIX/<gateway>/<topic>: to the broker (QoS 1) and to this node's
+    /// MQTT clients that subscribe (QoS 0). Nothing under PREFIX is mirrored.
+    #[arg(long, value_name = "PREFIX")]
+    mqtt_publish_remote: Option<String>,
     /// User name for the broker.
     #[arg(long, value_name = "NAME", env = "MULTIFEED_MQTT_USERNAME")]
     mqtt_username: Option<String>,
@@ -406,6 +416,13 @@ impl MqttFlags {
             listen: self.mqtt_listen.or(file.mqtt_listen.clone()),
             allow_anonymous: self.mqtt_allow_anonymous
                 || file.mqtt_allow_anonymous.unwrap_or(false),
+            announce_topic: self
+                .mqtt_announce_topic
+                .or(file.mqtt_announce_topic.clone())
+                .unwrap_or_default(),
+            publish_remote: self
+                .mqtt_publish_remote
+                .or(file.mqtt_publish_remote.clone()),
             ..Default::default()
         };
         // The defaults are those of `Batching` and `Limits`, held in one place.

@@ -10,7 +10,7 @@ mod mqtt;
 use std::{collections::HashMap, time::Duration};
 
 use cli_common::*;
-use mqtt::{Publisher, metric, path};
+use mqtt::{Publisher, Subscriber, metric, path};
 
 const TOPIC: &str = "sensors/t1";
 
@@ -326,4 +326,158 @@ fn off_loopback_the_listener_needs_the_operator_to_accept_anonymous_clients() {
     let warning = node.running.stderr_line("without authentication");
     assert!(warning.contains("--mqtt-allow-anonymous"), "{warning}");
     node.running.stop();
+}
+
+#[test]
+fn other_gateways_messages_reach_local_subscribers_and_nothing_under_the_prefix_loops_back() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mqtt_addr = format!("127.0.0.1:{}", free_port());
+    let a = gws[0].node(&[
+        "--listen",
+        &listen,
+        "--http",
+        "127.0.0.1:0",
+        "--name",
+        "site-a",
+    ]);
+    let b = gws[1].node(&[
+        "--peer",
+        &listen,
+        "--http",
+        "127.0.0.1:0",
+        "--name",
+        "site-b",
+        "--mqtt-listen",
+        &mqtt_addr,
+        "--mqtt-publish-remote",
+        "remote",
+    ]);
+    let dashboard = Subscriber::connect(&mqtt_addr, "dashboard", "remote/#")
+        .expect("the listener serves subscriptions to egress");
+    let temperatures =
+        Subscriber::connect(&mqtt_addr, "panel", "remote/+/sensors/temp").expect("a filter with +");
+
+    // site-b's own sensor: mirrored, but never published back to its subscribers.
+    let sensor = Publisher::connect(&mqtt_addr, "sensor-b");
+    for i in 0..20 {
+        sensor.publish("sensors/temp", format!("b-{i}").as_bytes());
+    }
+    for i in 0..50 {
+        publish(&a.http, &path("sensors/temp"), &format!("a-{i}")).expect("published on site-a");
+        publish(&a.http, &path("sensors/hum"), &format!("h-{i}")).expect("published on site-a");
+    }
+    let expected: Vec<(String, Vec<u8>)> = (0..50)
+        .map(|i| {
+            (
+                "remote/site-a/sensors/temp".to_owned(),
+                format!("a-{i}").into_bytes(),
+            )
+        })
+        .collect();
+    assert!(
+        poll_until(WAIT, || {
+            let got = temperatures.received();
+            expected.iter().all(|m| got.contains(m))
+        }),
+        "site-a's readings reach site-b's MQTT subscribers: got {:?}",
+        temperatures.received().len()
+    );
+    assert!(poll_until(WAIT, || dashboard.received().len() >= 100));
+    assert!(poll_until(WAIT, || sensor.acked_count() == 20));
+    let all = dashboard.received();
+    assert_eq!(
+        all.len(),
+        100,
+        "each of site-a's messages once, nothing else"
+    );
+    assert!(
+        all.iter()
+            .all(|(topic, _)| topic.starts_with("remote/site-a/")),
+        "site-b's own messages are not published back: {all:?}"
+    );
+    assert!(
+        temperatures
+            .received()
+            .iter()
+            .all(|(topic, _)| topic == "remote/+/sensors/temp".replace('+', "site-a").as_str())
+    );
+    assert_eq!(
+        metric(&b.http, "multifeed_mqtt_egress_published_total"),
+        100
+    );
+
+    // A publish under the prefix would loop: the client is refused, nothing is held.
+    let looped = [
+        mqtt::connect_packet("bridge"),
+        mqtt::publish_packet("remote/site-a/sensors/temp", b"loop", 1),
+    ]
+    .concat();
+    let answer = mqtt::send_raw(&mqtt_addr, &looped, WAIT).expect("the node closes");
+    assert!(
+        !answer.ends_with(&[0x40, 0x02, 0x00, 0x01]),
+        "no PUBACK for a looping publish"
+    );
+    let topics = gws[1].ok(&["topics"]);
+    assert!(
+        !topics.contains("remote/"),
+        "nothing under the prefix is mirrored: {topics}"
+    );
+
+    // An announcement must be a filter: a bad one is refused, a good one lands.
+    let bad = [
+        mqtt::connect_packet("announcer"),
+        mqtt::publish_packet("multifeed/announce", b"alerts/#/x", 1),
+    ]
+    .concat();
+    let answer = mqtt::send_raw(&mqtt_addr, &bad, WAIT).expect("the node closes");
+    assert!(!answer.ends_with(&[0x40, 0x02, 0x00, 0x01]));
+    sensor.publish("multifeed/announce", b"alerts/#");
+    assert!(poll_until(WAIT, || sensor.acked_count() == 21));
+    assert!(poll_until(WAIT, || {
+        metric(&b.http, "multifeed_mqtt_announced_filters") == 1
+    }));
+    let (announced, _) = gws[1].read("multifeed/announce", None);
+    assert_eq!(announced, vec!["alerts/#".to_owned()]);
+
+    // A restart resumes egress where it stood: what arrived while the node was
+    // down (here by a one-shot sync) is published, nothing is published twice.
+    drop((dashboard, temperatures, sensor));
+    b.running.stop();
+    publish(&a.http, &path("sensors/temp"), "while-away").expect("published");
+    gws[1].ok(&["sync", &listen]);
+    let b = gws[1].node(&[
+        "--peer",
+        &listen,
+        "--http",
+        "127.0.0.1:0",
+        "--name",
+        "site-b",
+        "--mqtt-listen",
+        &mqtt_addr,
+        "--mqtt-publish-remote",
+        "remote",
+    ]);
+    let dashboard = Subscriber::connect(&mqtt_addr, "dashboard-2", "remote/#").expect("subscribed");
+    // (Published at once, before this subscriber came: QoS 0 to whoever listens.)
+    assert!(poll_until(WAIT, || {
+        metric(&b.http, "multifeed_mqtt_egress_published_total") == 1
+    }));
+    publish(&a.http, &path("sensors/temp"), "after-restart").expect("published");
+    assert!(poll_until(WAIT, || !dashboard.received().is_empty()));
+    assert_eq!(
+        dashboard.received(),
+        vec![(
+            "remote/site-a/sensors/temp".to_owned(),
+            b"after-restart".to_vec()
+        )],
+    );
+    assert_eq!(
+        metric(&b.http, "multifeed_mqtt_egress_published_total"),
+        2,
+        "only what is new since the stop"
+    );
+    a.running.stop();
+    b.running.stop();
 }

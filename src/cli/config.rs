@@ -63,6 +63,8 @@ pub struct ServeConfig {
     #[serde(default, alias = "mqtt-subscribe")]
     pub mqtt_subscribes: Vec<String>,
     pub mqtt_username: Option<String>,
+    pub mqtt_announce_topic: Option<String>,
+    pub mqtt_publish_remote: Option<String>,
     // The broker's password stays in MULTIFEED_MQTT_PASSWORD, like the key.
 }
 

@@ -232,9 +232,39 @@ impl Node {
         };
         if let Some(broker) = &config.mqtt.broker {
             mqtt::broker::parse_url(&broker.url).map_err(anyhow::Error::msg)?;
+            for filter in &broker.filters {
+                if let Some(reason) = mqtt::filter::filter_problem(filter) {
+                    anyhow::bail!(
+                        "--mqtt-subscribe {filter:?} is not a topic filter: {reason} (e.g. 'sensors/#')"
+                    );
+                }
+            }
             if broker.filters.is_empty() {
+                tracing::info!(
+                    "no --mqtt-subscribe given: only the filters announced to the group are mirrored from the broker"
+                );
+            }
+        }
+        let rules = config.mqtt.rules();
+        if let Some(reason) = mqtt::filter::topic_problem(&rules.announce_topic) {
+            anyhow::bail!(
+                "--mqtt-announce-topic {:?} cannot be a topic: {reason}",
+                rules.announce_topic
+            );
+        }
+        if let Some(prefix) = &config.mqtt.publish_remote {
+            if let Some(reason) = mqtt::filter::topic_problem(prefix) {
+                anyhow::bail!("--mqtt-publish-remote {prefix:?} cannot start a topic: {reason}");
+            }
+            if config.mqtt.listen.is_none() && config.mqtt.broker.is_none() {
                 anyhow::bail!(
-                    "--mqtt-broker needs at least one --mqtt-subscribe FILTER (e.g. 'sensors/#') to know what to mirror"
+                    "--mqtt-publish-remote needs somewhere to publish: --mqtt-listen (to this node's MQTT clients) or --mqtt-broker"
+                );
+            }
+            if mqtt::filter::is_under(&rules.announce_topic, prefix) {
+                anyhow::bail!(
+                    "--mqtt-publish-remote {prefix:?} would hold the announce topic {:?}; choose another prefix",
+                    rules.announce_topic
                 );
             }
         }
@@ -317,6 +347,7 @@ impl Node {
                 shared.metrics.mqtt.clone(),
                 mqtt_config,
                 mqtt,
+                store.dir.clone(),
                 cancel.clone(),
             ));
         }

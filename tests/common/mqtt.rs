@@ -157,6 +157,79 @@ pub fn publish_v5(addr: &str, topic: &str, payload: &[u8], content_type: &str) {
     let _ = client.disconnect();
 }
 
+/// `(topic, payload)` of each publish a [`Subscriber`] got.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// An MQTT 3.1.1 subscriber (rumqttc) recording every publish it gets.
+pub struct Subscriber {
+    client: Client,
+    received: Received,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Subscriber {
+    /// Connects, subscribes to `filter` and waits for the SUBACK; `None` if the
+    /// server refused the filter.
+    pub fn connect(addr: &str, client_id: &str, filter: &str) -> Option<Self> {
+        let (host, port) = addr.rsplit_once(':').expect("host:port");
+        let mut options = MqttOptions::new(client_id, host, port.parse().expect("a port"));
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut connection) = Client::new(options, 100);
+        client.subscribe(filter, QoS::AtLeastOnce).expect("queued");
+        let received: Received = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (subacked, suback) = mpsc::channel();
+        let thread = {
+            let (received, stop) = (received.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for event in connection.iter() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match event {
+                        Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                            let _ = subacked.send(ack.return_codes);
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            received.lock().unwrap().push((p.topic, p.payload.to_vec()));
+                        }
+                        Ok(_) => {}
+                        // A refused filter, or the server went away: reconnects.
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                }
+            })
+        };
+        let subscriber = Self {
+            client,
+            received,
+            stop,
+            thread: Some(thread),
+        };
+        let codes = recv(&suback, Duration::from_secs(20)).expect("a SUBACK");
+        codes
+            .iter()
+            .all(|c| matches!(c, v4::SubscribeReasonCode::Success(_)))
+            .then_some(subscriber)
+    }
+
+    /// Every `(topic, payload)` received so far.
+    pub fn received(&self) -> Vec<(String, Vec<u8>)> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.client.disconnect();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// A 3.1.1 packet as bytes, from rumqttc's encoder.
 pub fn encode(packet: v4::Packet) -> Vec<u8> {
     let mut out = BytesMut::new();

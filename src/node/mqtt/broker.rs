@@ -7,14 +7,13 @@
 
 use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    MqttMetrics,
+    MqttMetrics, Refusal, Rules,
     ingest::{Ingest, Reply},
-    listener::topic_problem,
 };
 use multifeed::topics::Message;
 
@@ -49,20 +48,9 @@ pub fn parse_url(url: &str) -> Result<(String, u16), String> {
     }
 }
 
-/// Mirrors the broker's messages until `cancel`; reconnects after every loss.
-pub async fn run(
-    ingest: Ingest,
-    metrics: Arc<MqttMetrics>,
-    config: BrokerConfig,
-    cancel: CancellationToken,
-) {
-    let (host, port) = match parse_url(&config.url) {
-        Ok(target) => target,
-        Err(e) => {
-            tracing::error!("{e}");
-            return;
-        }
-    };
+/// The client for `config` and its event loop (not connected yet).
+pub fn connect(config: &BrokerConfig) -> Result<(AsyncClient, EventLoop), String> {
+    let (host, port) = parse_url(&config.url)?;
     let mut options = MqttOptions::new(config.client_id.clone(), host, port);
     options.set_clean_session(false);
     options.set_manual_acks(true);
@@ -71,7 +59,37 @@ pub async fn run(
     if let Some(user) = &config.username {
         options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
     }
-    let (client, mut events) = AsyncClient::new(options, 1_024);
+    Ok(AsyncClient::new(options, 1_024))
+}
+
+/// What the broker client works with.
+pub struct Bridge {
+    pub ingest: Ingest,
+    pub metrics: Arc<MqttMetrics>,
+    pub rules: Arc<Rules>,
+    pub client: AsyncClient,
+    /// Filters announced to the group, to subscribe to as they come.
+    pub to_subscribe: mpsc::Receiver<String>,
+}
+
+/// Mirrors the broker's messages until `cancel`; reconnects after every loss.
+/// Subscribes to the configured filters, the announce topic and every filter
+/// announced to the group.
+pub async fn run(
+    bridge: Bridge,
+    config: BrokerConfig,
+    mut events: EventLoop,
+    cancel: CancellationToken,
+) {
+    let Bridge {
+        ingest,
+        metrics,
+        rules,
+        client,
+        mut to_subscribe,
+    } = bridge;
+    let mut filters = config.filters.clone();
+    filters.push(rules.announce_topic.clone());
     // Acks in arrival order, each once its message is appended.
     let (pending, mut to_ack) = mpsc::channel::<(rumqttc::Publish, Reply)>(4_096);
     let acker = {
@@ -115,6 +133,17 @@ pub async fn run(
     loop {
         let event = tokio::select! {
             () = cancel.cancelled() => break,
+            Some(filter) = to_subscribe.recv() => {
+                if !filters.contains(&filter) {
+                    // Queued while disconnected, sent on the next connection (and
+                    // asked again with the rest at every CONNACK).
+                    if let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
+                        tracing::warn!("cannot subscribe to {filter:?}: {e}");
+                    }
+                    filters.push(filter);
+                }
+                continue;
+            }
             event = events.poll() => event,
         };
         match event {
@@ -123,7 +152,7 @@ pub async fn run(
                 tracing::info!("connected to the MQTT broker at {}", config.url);
                 // Kept by the session too; asking again costs nothing and covers a
                 // broker that lost it.
-                for filter in &config.filters {
+                for filter in &filters {
                     if let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
                         tracing::warn!("cannot subscribe to {filter:?}: {e}");
                     }
@@ -137,14 +166,20 @@ pub async fn run(
                 if publish.dup {
                     metrics.possible_duplicates.fetch_add(1, Ordering::Relaxed);
                 }
-                if let Some(reason) = topic_problem(&publish.topic) {
-                    // It can never be appended: acked so the broker stops resending it.
-                    tracing::warn!(
-                        "a message of {:?} from the broker is dropped: the topic {reason}",
-                        publish.topic
-                    );
-                    metrics.refused_messages.fetch_add(1, Ordering::Relaxed);
-                    let _ = client.ack(&publish).await;
+                if let Err(refusal) = rules.check(&publish.topic, &publish.payload) {
+                    // It must never be appended: acked so the broker stops resending it.
+                    if refusal == Refusal::Echo {
+                        metrics.echoes_skipped.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        tracing::warn!(
+                            "a message of {:?} from the broker is dropped: {refusal}",
+                            publish.topic
+                        );
+                        metrics.refused_messages.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if publish.qos != QoS::AtMostOnce {
+                        let _ = client.ack(&publish).await;
+                    }
                     continue;
                 }
                 let message = Message::new(publish.topic.clone(), publish.payload.to_vec());

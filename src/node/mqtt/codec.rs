@@ -32,12 +32,16 @@ pub enum Incoming {
     Publish(Publish),
     Subscribe {
         pkid: u16,
-        filters: usize,
+        filters: Vec<String>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
     },
     PingReq,
     Disconnect,
-    /// A packet a client may send that needs nothing from us (acks of ours, which
-    /// never come since we send no publishes yet, or UNSUBSCRIBE before egress).
+    /// A packet a client may send that needs nothing from us (a PUBACK: we only
+    /// send QoS 0).
     Ignored(&'static str),
 }
 
@@ -142,11 +146,14 @@ pub fn decode(
                 }),
                 v4::Packet::Subscribe(s) => Incoming::Subscribe {
                     pkid: s.pkid,
-                    filters: s.filters.len(),
+                    filters: s.filters.into_iter().map(|f| f.path).collect(),
                 },
                 v4::Packet::PingReq => Incoming::PingReq,
                 v4::Packet::Disconnect => Incoming::Disconnect,
-                v4::Packet::Unsubscribe(_) => Incoming::Ignored("UNSUBSCRIBE"),
+                v4::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
+                    pkid: u.pkid,
+                    filters: u.topics,
+                },
                 v4::Packet::PubAck(_) => Incoming::Ignored("PUBACK"),
                 other => return Err(ClientError::Unexpected(packet_name_v4(&other))),
             }))
@@ -175,11 +182,14 @@ pub fn decode(
                 }
                 v5::Packet::Subscribe(s) => Incoming::Subscribe {
                     pkid: s.pkid,
-                    filters: s.filters.len(),
+                    filters: s.filters.into_iter().map(|f| f.path).collect(),
                 },
                 v5::Packet::PingReq(_) => Incoming::PingReq,
                 v5::Packet::Disconnect(_) => Incoming::Disconnect,
-                v5::Packet::Unsubscribe(_) => Incoming::Ignored("UNSUBSCRIBE"),
+                v5::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
+                    pkid: u.pkid,
+                    filters: u.filters,
+                },
                 v5::Packet::PubAck(_) => Incoming::Ignored("PUBACK"),
                 v5::Packet::Auth(_) => return Err(ClientError::Unexpected("AUTH")),
                 _ => return Err(ClientError::Unexpected("a server's packet")),
@@ -205,11 +215,17 @@ pub enum Outgoing {
         max_packet: u32,
     },
     PubAck(u16),
-    /// Every filter refused (egress is not served yet).
-    SubAckRefused {
+    /// For each filter: granted at QoS 0 (`true`) or refused.
+    SubAck {
+        pkid: u16,
+        granted: Vec<bool>,
+    },
+    UnsubAck {
         pkid: u16,
         filters: usize,
     },
+    /// A QoS 0 publish to a subscriber (egress).
+    Publish(std::sync::Arc<super::egress::Delivery>),
     PingResp,
     /// MQTT 5 only: why we end the connection.
     Disconnect(v5::DisconnectReasonCode),
@@ -230,9 +246,21 @@ pub fn encode(packet: Outgoing, version: Version, out: &mut BytesMut) {
                     session_present,
                 )),
                 Outgoing::PubAck(pkid) => v4::Packet::PubAck(v4::PubAck::new(pkid)),
-                Outgoing::SubAckRefused { pkid, filters } => v4::Packet::SubAck(v4::SubAck::new(
+                Outgoing::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
                     pkid,
-                    vec![v4::SubscribeReasonCode::Failure; filters],
+                    granted
+                        .into_iter()
+                        .map(|ok| match ok {
+                            true => v4::SubscribeReasonCode::Success(v4bytes::QoS::AtMostOnce),
+                            false => v4::SubscribeReasonCode::Failure,
+                        })
+                        .collect(),
+                )),
+                Outgoing::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(pkid)),
+                Outgoing::Publish(out) => v4::Packet::Publish(v4::Publish::new(
+                    out.topic.clone(),
+                    v4bytes::QoS::AtMostOnce,
+                    out.payload.clone(),
                 )),
                 Outgoing::PingResp => v4::Packet::PingResp,
                 // 3.1.1 has no server DISCONNECT: closing the socket says it.
@@ -257,18 +285,40 @@ pub fn encode(packet: Outgoing, version: Version, out: &mut BytesMut) {
                         max_qos: Some(1),
                         retain_available: Some(0),
                         max_packet_size: Some(max_packet),
-                        wildcard_subscription_available: Some(0),
+                        wildcard_subscription_available: Some(1),
                         subscription_identifiers_available: Some(0),
                         shared_subscription_available: Some(0),
                         ..empty_connack_properties()
                     }),
                 }),
                 Outgoing::PubAck(pkid) => v5::Packet::PubAck(v5::PubAck::new(pkid, None)),
-                Outgoing::SubAckRefused { pkid, filters } => v5::Packet::SubAck(v5::SubAck {
+                Outgoing::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
                     pkid,
-                    return_codes: vec![v5::SubscribeReasonCode::ImplementationSpecific; filters],
+                    return_codes: granted
+                        .into_iter()
+                        .map(|ok| match ok {
+                            true => v5::SubscribeReasonCode::Success(v5bytes::QoS::AtMostOnce),
+                            false => v5::SubscribeReasonCode::ImplementationSpecific,
+                        })
+                        .collect(),
                     properties: None,
                 }),
+                Outgoing::UnsubAck { pkid, filters } => v5::Packet::UnsubAck(v5::UnsubAck {
+                    pkid,
+                    reasons: vec![v5::UnsubAckReason::Success; filters],
+                    properties: None,
+                }),
+                Outgoing::Publish(out) => v5::Packet::Publish(v5::Publish::new(
+                    out.topic.clone(),
+                    v5bytes::QoS::AtMostOnce,
+                    out.payload.clone(),
+                    out.content_type
+                        .clone()
+                        .map(|content_type| v5::PublishProperties {
+                            content_type: Some(content_type),
+                            ..Default::default()
+                        }),
+                )),
                 Outgoing::PingResp => v5::Packet::PingResp(v5::PingResp),
                 Outgoing::Disconnect(reason) => v5::Packet::Disconnect(v5::Disconnect {
                     reason_code: reason,

@@ -17,7 +17,7 @@ use std::{
 
 use bytes::BytesMut;
 use futures::{StreamExt, future::BoxFuture, stream::FuturesOrdered};
-use multifeed::topics::{MAX_PAYLOAD_LEN, MAX_TOPIC_LEN, Message};
+use multifeed::topics::{MAX_PAYLOAD_LEN, Message};
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -29,8 +29,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    MqttMetrics,
+    MqttMetrics, Refusal, Rules,
     codec::{self, Incoming, Outgoing, Version},
+    egress::{Subscribers, Subscription},
+    filter::filter_problem,
     ingest::Ingest,
 };
 
@@ -69,6 +71,8 @@ pub enum ClientError {
     TopicNotUtf8,
     #[error("topic {topic:?} cannot be mirrored: {reason}")]
     InvalidTopic { topic: String, reason: &'static str },
+    #[error("a publish to {topic:?} is not mirrored: {refusal}")]
+    NotMirrored { topic: String, refusal: Refusal },
     #[error("the first packet was not CONNECT")]
     NotConnect,
     #[error("a second CONNECT on one connection")]
@@ -100,6 +104,11 @@ impl ClientError {
             Self::PacketTooLarge { .. } => "packet_too_large",
             Self::TopicNotUtf8 => "topic_not_utf8",
             Self::InvalidTopic { .. } => "invalid_topic",
+            Self::NotMirrored {
+                refusal: Refusal::Echo,
+                ..
+            } => "echo",
+            Self::NotMirrored { .. } => "invalid_announcement",
             Self::NotConnect | Self::SecondConnect | Self::Unexpected(_) => "protocol",
             Self::UnsupportedVersion { .. } => "unsupported_version",
             Self::QoS2 => "qos2",
@@ -117,6 +126,11 @@ impl ClientError {
             Self::TopicNotUtf8 | Self::InvalidTopic { .. } => {
                 DisconnectReasonCode::TopicNameInvalid
             }
+            Self::NotMirrored {
+                refusal: Refusal::Echo,
+                ..
+            } => DisconnectReasonCode::TopicNameInvalid,
+            Self::NotMirrored { .. } => DisconnectReasonCode::PayloadFormatInvalid,
             Self::QoS2 => DisconnectReasonCode::QoSNotSupported,
             Self::KeepAliveExpired | Self::ConnectTimeout(_) => {
                 DisconnectReasonCode::KeepAliveTimeout
@@ -172,6 +186,9 @@ pub struct Context {
     pub metrics: Arc<MqttMetrics>,
     pub limits: Limits,
     pub log: QuietLog,
+    pub rules: Arc<Rules>,
+    /// Clients may subscribe (to egress's output) when this is set.
+    pub subscribers: Option<Arc<Subscribers>>,
 }
 
 /// Accepts clients until `cancel`, then waits for their tasks.
@@ -223,21 +240,6 @@ pub async fn accept(context: Arc<Context>, listener: TcpListener, cancel: Cancel
     }
 }
 
-/// Why `topic` (from a PUBLISH) cannot be a multifeed topic, if it cannot.
-pub(super) fn topic_problem(topic: &str) -> Option<&'static str> {
-    if topic.is_empty() {
-        Some("it is empty (topic aliases are not supported)")
-    } else if topic.len() > MAX_TOPIC_LEN {
-        Some("it is longer than 200 bytes")
-    } else if topic.contains(['+', '#']) {
-        Some("a topic name holds no wildcards")
-    } else if topic.chars().any(char::is_control) {
-        Some("it contains a control character")
-    } else {
-        None
-    }
-}
-
 /// A message's own fault is the client's; anything else is the node's.
 fn refused(error: multifeed::Error) -> ClientError {
     match error {
@@ -269,6 +271,8 @@ async fn serve_client(
     let mut deadline = Instant::now() + idle_limit;
     let max_inflight = usize::from(limits.max_inflight.max(1));
     let mut resend_window = 0usize;
+    // Egress deliveries, once the client subscribes.
+    let mut subscription: Option<Subscription> = None;
     let result = loop {
         // Every whole packet already read, as long as the ack window has room.
         let step: Result<bool, ClientError> = async {
@@ -314,11 +318,20 @@ async fn serve_client(
                         if publish.qos > 1 {
                             return Err(ClientError::QoS2);
                         }
-                        if let Some(reason) = topic_problem(&publish.topic) {
-                            return Err(ClientError::InvalidTopic {
-                                topic: publish.topic.chars().take(64).collect(),
-                                reason,
-                            });
+                        match context.rules.check(&publish.topic, &publish.payload) {
+                            Ok(()) => {}
+                            Err(Refusal::Topic(reason)) => {
+                                return Err(ClientError::InvalidTopic {
+                                    topic: publish.topic.chars().take(64).collect(),
+                                    reason,
+                                });
+                            }
+                            Err(refusal) => {
+                                return Err(ClientError::NotMirrored {
+                                    topic: publish.topic.chars().take(64).collect(),
+                                    refusal,
+                                });
+                            }
                         }
                         if publish.payload.len() > MAX_PAYLOAD_LEN {
                             return Err(ClientError::PacketTooLarge {
@@ -369,11 +382,39 @@ async fn serve_client(
                             (pkid, result)
                         }));
                     }
-                    Incoming::Subscribe { pkid, filters } => codec::encode(
-                        Outgoing::SubAckRefused { pkid, filters },
-                        version.unwrap_or(Version::V4),
-                        &mut out,
-                    ),
+                    Incoming::Subscribe { pkid, filters } => {
+                        // Only egress's output is served, and only when it runs.
+                        let granted = match &context.subscribers {
+                            Some(subscribers) => {
+                                let me = subscription.get_or_insert_with(|| subscribers.register());
+                                filters
+                                    .iter()
+                                    .map(|f| filter_problem(f).is_none() && me.add(f))
+                                    .collect()
+                            }
+                            None => vec![false; filters.len()],
+                        };
+                        codec::encode(
+                            Outgoing::SubAck { pkid, granted },
+                            version.unwrap_or(Version::V4),
+                            &mut out,
+                        );
+                    }
+                    Incoming::Unsubscribe { pkid, filters } => {
+                        if let Some(me) = &subscription {
+                            for filter in &filters {
+                                me.remove(filter);
+                            }
+                        }
+                        codec::encode(
+                            Outgoing::UnsubAck {
+                                pkid,
+                                filters: filters.len(),
+                            },
+                            version.unwrap_or(Version::V4),
+                            &mut out,
+                        );
+                    }
                     Incoming::PingReq => {
                         codec::encode(Outgoing::PingResp, version.unwrap_or(Version::V4), &mut out);
                     }
@@ -416,6 +457,9 @@ async fn serve_client(
                 metrics.acked.fetch_add(1, Ordering::Relaxed);
                 codec::encode(Outgoing::PubAck(pkid), version.unwrap_or(Version::V4), &mut out);
             }
+            Some(delivery) = next_delivery(&mut subscription), if subscription.is_some() => {
+                codec::encode(Outgoing::Publish(delivery), version.unwrap_or(Version::V4), &mut out);
+            }
             read = reader.read_buf(&mut buffer), if may_read => match read {
                 Ok(0) => break Ok(()),
                 Ok(_) => deadline = Instant::now() + idle_limit,
@@ -441,17 +485,12 @@ async fn serve_client(
     result
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn topics_are_checked_before_they_are_queued() {
-        assert!(topic_problem("sensors/1/temp").is_none());
-        assert!(topic_problem("").is_some());
-        assert!(topic_problem("a/+/b").is_some());
-        assert!(topic_problem("a/#").is_some());
-        assert!(topic_problem("a\u{7}b").is_some());
-        assert!(topic_problem(&"x".repeat(201)).is_some());
+/// The next egress delivery for a subscribed client.
+async fn next_delivery(
+    subscription: &mut Option<Subscription>,
+) -> Option<Arc<super::egress::Delivery>> {
+    match subscription {
+        Some(me) => me.deliveries.recv().await,
+        None => std::future::pending().await,
     }
 }

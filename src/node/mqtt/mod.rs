@@ -22,8 +22,11 @@
 //! messages first, and rumqttc, for one, does not set DUP when it does). The
 //! extra copies a log holds are bounded by that count.
 
+pub mod announce;
 pub mod broker;
 pub mod codec;
+pub mod egress;
+pub mod filter;
 pub mod ingest;
 pub mod listener;
 
@@ -36,7 +39,7 @@ use std::{
 };
 
 use multifeed::Topics;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 pub use self::{ingest::Batching, listener::Limits};
@@ -52,6 +55,64 @@ pub struct MqttConfig {
     pub broker: Option<broker::BrokerConfig>,
     pub batching: Batching,
     pub limits: Limits,
+    /// Where filters are announced to the group; [`announce::DEFAULT_TOPIC`] when empty.
+    pub announce_topic: String,
+    /// Publish other gateways' messages under this prefix ([`egress`]).
+    pub publish_remote: Option<String>,
+}
+
+impl MqttConfig {
+    /// The rules both ways in (listener and broker) apply.
+    pub fn rules(&self) -> Rules {
+        Rules {
+            announce_topic: if self.announce_topic.is_empty() {
+                announce::DEFAULT_TOPIC.to_owned()
+            } else {
+                self.announce_topic.clone()
+            },
+            egress_prefix: self.publish_remote.clone(),
+        }
+    }
+}
+
+/// What is mirrored into the group and what never is.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Messages here must be topic filters ([`announce`]).
+    pub announce_topic: String,
+    /// Messages under this prefix are egress's own output: never mirrored back.
+    pub egress_prefix: Option<String>,
+}
+
+/// Why a message is not mirrored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the topic {0}")]
+    Topic(&'static str),
+    #[error(
+        "the topic is under the egress prefix (--mqtt-publish-remote), where this node publishes other gateways' messages: mirroring it would loop them back into the group"
+    )]
+    Echo,
+    #[error("an announcement must be a topic filter such as sensors/#, and this one is not: {0}")]
+    Announcement(&'static str),
+}
+
+impl Rules {
+    /// Whether a publish of `payload` to `topic` may be mirrored.
+    pub fn check(&self, topic: &str, payload: &[u8]) -> Result<(), Refusal> {
+        if let Some(reason) = filter::topic_problem(topic) {
+            return Err(Refusal::Topic(reason));
+        }
+        if let Some(prefix) = &self.egress_prefix
+            && filter::is_under(topic, prefix)
+        {
+            return Err(Refusal::Echo);
+        }
+        if topic == self.announce_topic {
+            announce::announcement(payload).map_err(Refusal::Announcement)?;
+        }
+        Ok(())
+    }
 }
 
 /// Ingest counters `/metrics` shows.
@@ -72,6 +133,14 @@ pub struct MqttMetrics {
     pub possible_duplicates: AtomicU64,
     /// Messages the store refused.
     pub refused_messages: AtomicU64,
+    /// Publishes under the egress prefix that came back: skipped, never mirrored.
+    pub echoes_skipped: AtomicU64,
+    /// Filters announced to the group that this node mirrors.
+    pub announced_filters: AtomicU64,
+    /// Other gateways' messages published by egress.
+    pub egress_published: AtomicU64,
+    /// Egress deliveries dropped because a listener subscriber fell behind.
+    pub egress_dropped: AtomicU64,
     /// Clients connected now.
     pub clients: AtomicU64,
     /// Clients turned away because every slot was taken.
@@ -134,6 +203,30 @@ impl MqttMetrics {
                 get(&self.refused_messages),
             ),
             (
+                "multifeed_mqtt_echoes_skipped_total",
+                "counter",
+                "Publishes under the egress prefix that were not mirrored back into the group.",
+                get(&self.echoes_skipped),
+            ),
+            (
+                "multifeed_mqtt_announced_filters",
+                "gauge",
+                "Topic filters announced to the group and mirrored from the broker.",
+                get(&self.announced_filters),
+            ),
+            (
+                "multifeed_mqtt_egress_published_total",
+                "counter",
+                "Messages of other gateways published to MQTT under the egress prefix.",
+                get(&self.egress_published),
+            ),
+            (
+                "multifeed_mqtt_egress_dropped_total",
+                "counter",
+                "Egress deliveries dropped because a listener subscriber fell behind (QoS 0).",
+                get(&self.egress_dropped),
+            ),
+            (
                 "multifeed_mqtt_clients",
                 "gauge",
                 "MQTT clients connected.",
@@ -155,40 +248,97 @@ impl MqttMetrics {
     }
 }
 
-/// Runs the listener (if any) and the broker client (if any) until `cancel`;
-/// then every client ends and what was queued is appended before this returns
-/// (the store closes after).
+/// Runs the listener (if any), the broker client (if any), the announce
+/// follower and egress (if asked for) until `cancel`; then every client ends
+/// and what was queued is appended before this returns (the store closes
+/// after). `dir` is the store's folder, where egress keeps its place.
 pub async fn serve(
     topics: Topics,
     metrics: Arc<MqttMetrics>,
     config: MqttConfig,
     listener: Option<TcpListener>,
+    dir: std::path::PathBuf,
     cancel: CancellationToken,
 ) {
-    let (ingest, committer) = ingest::Ingest::start(topics, config.batching, metrics.clone());
-    let bridge = config.broker.clone().map(|broker| {
-        tokio::spawn(broker::run(
-            ingest.clone(),
+    let rules = Arc::new(config.rules());
+    let (ingest, committer) =
+        ingest::Ingest::start(topics.clone(), config.batching, metrics.clone());
+    let mut helpers = JoinSet::new();
+    let broker = match config
+        .broker
+        .clone()
+        .map(|b| broker::connect(&b).map(|c| (b, c)))
+    {
+        Some(Err(e)) => {
+            tracing::error!("{e}");
+            None
+        }
+        Some(Ok(broker)) => Some(broker),
+        None => None,
+    };
+    // Announced filters go to the broker client, which subscribes to them.
+    let (announced, to_subscribe) = match &broker {
+        Some(_) => {
+            let (tx, rx) = mpsc::channel(announce::MAX_FILTERS);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    helpers.spawn(announce::follow(
+        topics.clone(),
+        rules.announce_topic.clone(),
+        announced,
+        metrics.clone(),
+        cancel.clone(),
+    ));
+    let subscribers = (listener.is_some() && config.publish_remote.is_some())
+        .then(|| Arc::new(egress::Subscribers::default()));
+    if let Some(prefix) = config.publish_remote.clone() {
+        let sinks = egress::Sinks {
+            listener: subscribers.clone(),
+            broker: broker.as_ref().map(|(_, (client, _))| client.clone()),
+        };
+        helpers.spawn(egress::run(
+            topics,
+            prefix,
+            dir,
+            sinks,
             metrics.clone(),
-            broker,
             cancel.clone(),
-        ))
-    });
+        ));
+    }
+    if let Some((broker, (client, events))) = broker {
+        helpers.spawn(broker::run(
+            broker::Bridge {
+                ingest: ingest.clone(),
+                metrics: metrics.clone(),
+                rules: rules.clone(),
+                client,
+                to_subscribe: to_subscribe.unwrap_or_else(|| mpsc::channel(1).1),
+            },
+            broker,
+            events,
+            cancel.clone(),
+        ));
+    }
     if let Some(listener) = listener {
         let context = Arc::new(listener::Context {
             ingest,
             metrics,
             limits: config.limits,
             log: listener::QuietLog::new(Duration::from_secs(10)),
+            rules,
+            subscribers,
         });
         listener::accept(context, listener, cancel).await;
     } else {
         drop(ingest);
+        cancel.cancelled().await;
     }
-    if let Some(bridge) = bridge
-        && let Err(e) = bridge.await
-    {
-        tracing::error!("the MQTT broker client failed: {e}");
+    while let Some(done) = helpers.join_next().await {
+        if let Err(e) = done {
+            tracing::error!("an MQTT task failed: {e}");
+        }
     }
     // The last handle is gone: the committer drains and ends.
     if let Err(e) = committer.await {
