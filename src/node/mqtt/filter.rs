@@ -129,6 +129,15 @@ mod tests {
         }
     }
 
+    /// Why the match is ours (docs/upstream-defects.md): when this stops
+    /// panicking, rumqttc's could serve again.
+    #[test]
+    fn rumqttc_matches_panics_on_a_topic_starting_with_a_multibyte_character() {
+        let upstream = std::panic::catch_unwind(|| rumqttc::mqttbytes::matches("é/b", "+/b"));
+        assert!(upstream.is_err());
+        assert!(matches("é/b", "+/b"));
+    }
+
     #[test]
     fn prefixes_are_whole_levels() {
         assert!(is_under("remote/gw/t", "remote"));
