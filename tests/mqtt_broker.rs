@@ -17,7 +17,7 @@ use std::{
 };
 
 use cli_common::*;
-use mqtt::{metric, path};
+use mqtt::{Subscriber, metric, path};
 
 fn mosquitto() -> PathBuf {
     let found = || {
@@ -237,4 +237,125 @@ fn an_external_broker_is_mirrored_through_a_kill_9_of_the_node_and_a_broker_rest
     );
     node.running.stop();
     broker.stop();
+}
+
+/// Two sites, each with its own mosquitto: a filter announced at one site is
+/// mirrored at both; each site's broker gets the other site's messages under
+/// the egress prefix; a site subscribed to `#` gets its own egress back from its
+/// broker and does not mirror it (no loop).
+#[test]
+fn an_announced_filter_is_mirrored_by_every_gateway_and_egress_never_loops() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    let brokers: Vec<(Broker, String)> = (0..2)
+        .map(|i| {
+            let dir = root.path().join(format!("broker{i}"));
+            std::fs::create_dir(&dir).unwrap();
+            let port = free_port();
+            (Broker::start(&dir, port), format!("127.0.0.1:{port}"))
+        })
+        .collect();
+    let (broker_a, broker_b) = (&brokers[0].1, &brokers[1].1);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let url_a = format!("mqtt://{broker_a}");
+    let url_b = format!("mqtt://{broker_b}");
+    // site-a mirrors everything on its broker; site-b only what is announced.
+    let a = gws[0].node(&[
+        "--listen",
+        &listen,
+        "--http",
+        "127.0.0.1:0",
+        "--name",
+        "site-a",
+        "--mqtt-broker",
+        &url_a,
+        "--mqtt-subscribe",
+        "#",
+        "--mqtt-publish-remote",
+        "remote",
+    ]);
+    let b = gws[1].node(&[
+        "--peer",
+        &listen,
+        "--http",
+        "127.0.0.1:0",
+        "--name",
+        "site-b",
+        "--mqtt-broker",
+        &url_b,
+        "--mqtt-publish-remote",
+        "remote",
+    ]);
+    let watcher_b = Subscriber::connect(broker_b, "watcher-b", "remote/#").expect("subscribed");
+
+    // site-a's sensor: mirrored on site-a, replicated, published on site-b's broker.
+    let mut probes = 0;
+    assert!(
+        poll_until(WAIT, || {
+            probes += 1;
+            publish_all(broker_a, "sensor-a", "sensors/t", &[format!("a-{probes}")]);
+            watcher_b
+                .received()
+                .iter()
+                .any(|(topic, _)| topic == "remote/site-a/sensors/t")
+        }),
+        "site-a's readings reach site-b's broker under remote/site-a/"
+    );
+
+    // site-b mirrors nothing of alerts/ until it is announced (at site-a).
+    publish_all(
+        broker_a,
+        "operator",
+        "multifeed/announce",
+        &["alerts/#".into()],
+    );
+    assert!(poll_until(WAIT, || {
+        metric(&b.http, "multifeed_mqtt_announced_filters") == 1
+            && metric(&a.http, "multifeed_mqtt_announced_filters") == 1
+    }));
+    let mut fires = 0;
+    assert!(
+        poll_until(WAIT, || {
+            fires += 1;
+            publish_all(
+                broker_b,
+                "smoke-b",
+                "alerts/fire",
+                &[format!("fire-{fires}")],
+            );
+            read_all(&a.http, &path("alerts/fire")).is_some_and(|held| !held.is_empty())
+        }),
+        "an alert at site-b is mirrored there and replicated to site-a"
+    );
+    let (held_b, _) = gws[1].read("alerts/fire", None);
+    assert!(!held_b.is_empty());
+
+    // site-a's broker got site-b's alerts under remote/site-b/ and its `#`
+    // subscription brought them back: skipped, never mirrored.
+    assert!(poll_until(WAIT, || {
+        metric(&a.http, "multifeed_mqtt_echoes_skipped_total") > 0
+    }));
+    for gw in &gws {
+        let topics = gw.ok(&["topics"]);
+        assert!(!topics.contains("remote/"), "nothing looped back: {topics}");
+    }
+    // An announcement that is no filter is dropped (acked, never stored).
+    publish_all(
+        broker_a,
+        "operator",
+        "multifeed/announce",
+        &["a/#/b".into()],
+    );
+    assert!(poll_until(WAIT, || {
+        metric(&a.http, "multifeed_mqtt_refused_messages_total") >= 1
+    }));
+    let (announced, _) = gws[0].read("multifeed/announce", None);
+    assert_eq!(announced, vec!["alerts/#".to_owned()]);
+
+    drop(watcher_b);
+    a.running.stop();
+    b.running.stop();
+    for (broker, _) in brokers {
+        broker.stop();
+    }
 }

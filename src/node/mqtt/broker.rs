@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     MqttMetrics, Refusal, Rules,
+    filter::matches,
     ingest::{Ingest, Reply},
 };
 use multifeed::topics::Message;
@@ -89,7 +90,11 @@ pub async fn run(
         mut to_subscribe,
     } = bridge;
     let mut filters = config.filters.clone();
-    filters.push(rules.announce_topic.clone());
+    // Unless a configured filter covers it already (some brokers deliver a
+    // message once per matching subscription).
+    if !filters.iter().any(|f| matches(&rules.announce_topic, f)) {
+        filters.push(rules.announce_topic.clone());
+    }
     // Acks in arrival order, each once its message is appended.
     let (pending, mut to_ack) = mpsc::channel::<(rumqttc::Publish, Reply)>(4_096);
     let acker = {
