@@ -251,10 +251,13 @@ const PAGE_STATE: &str = r##"(() => {
     .map((row) => [...row.cells].map((cell) => cell.textContent));
   const feeds = [...document.querySelectorAll("#feeds tbody tr")]
     .map((row) => [...row.cells].map((cell) => cell.textContent));
+  const mqttRow = document.querySelector("#mqtt-counters tbody tr");
   return {
     charts,
     peers,
     feeds,
+    mqtt: document.getElementById("mqtt").hidden || !mqttRow
+      ? null : [...mqttRow.cells].map((cell) => cell.textContent),
     name: document.getElementById("name").textContent,
     group: document.getElementById("group").textContent,
     node: document.getElementById("node").textContent,
@@ -295,7 +298,19 @@ fn the_page_charts_readings_published_on_a_peer_and_shows_the_peer() {
     let gws = group(root.path(), 2);
     let pa = format!("127.0.0.1:{}", free_port());
     let a = gws[0].node(&["--listen", &pa, "--http", "127.0.0.1:0", "--name", "roof-a"]);
-    let b = gws[1].node(&["--peer", &pa, "--http", "127.0.0.1:0", "--name", "site-b"]);
+    let mqtt_b = format!("127.0.0.1:{}", free_port());
+    let b = gws[1].node(&[
+        "--peer",
+        &pa,
+        "--http",
+        "127.0.0.1:0",
+        "--name",
+        "site-b",
+        "--mqtt-listen",
+        &mqtt_b,
+        "--mqtt-publish-remote",
+        "remote",
+    ]);
 
     // History: readings published on A before the page is opened on B.
     let temps: Vec<f64> = (0..25).map(|i| 20.0 + f64::from(i % 7) * 0.5).collect();
@@ -362,6 +377,11 @@ fn the_page_charts_readings_published_on_a_peer_and_shows_the_peer() {
             .is_some_and(|l| l.contains("31.5")),
         "{state:#}"
     );
+    // B's MQTT side: every message from A went out through egress (column 10).
+    let state = wait_for_page(&mut browser, "MQTT egress counters", |s| {
+        s["mqtt"][9] == (temps.len() + 10 + 1 + 3).to_string().as_str()
+    });
+    assert_eq!(state["mqtt"][0], "0", "no MQTT clients: {state:#}");
     browser.screenshot(&artifacts().join("web.png"));
     drop(browser);
     a.running.stop();

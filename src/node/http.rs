@@ -267,6 +267,17 @@ async fn health(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value
         "feeds": shared.group.feeds().len(),
         "peers": peers.len(),
         "peers_connected": connected,
+        "mqtt": shared.mqtt.then(|| {
+            shared
+                .metrics
+                .mqtt
+                .lines()
+                .into_iter()
+                .map(|(name, _, _, value)| {
+                    (name.trim_start_matches("multifeed_mqtt_").to_owned(), json!(value))
+                })
+                .collect::<serde_json::Map<_, _>>()
+        }),
     }))
 }
 

@@ -111,6 +111,8 @@ pub struct Shared {
     pub quiet: bool,
     pub token: Option<String>,
     pub started_ms: u64,
+    /// MQTT ingest runs (a listener or a broker client).
+    pub mqtt: bool,
     /// Cancelled when the node stops: long-lived responses (SSE) end with it.
     pub stopping: CancellationToken,
     timeout: Duration,
@@ -317,6 +319,7 @@ impl Node {
                 .clone()
                 .filter(|_| http_addr.is_some_and(|a| !a.ip().is_loopback())),
             started_ms: peers::now_ms(),
+            mqtt: mqtt.is_some() || config.mqtt.broker.is_some(),
             stopping: cancel.clone(),
             timeout: config.timeout,
         });

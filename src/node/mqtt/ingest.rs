@@ -47,6 +47,8 @@ pub type Reply = oneshot::Receiver<Result<(), Error>>;
 
 struct Pending {
     message: Message,
+    /// When it reached the queue, for the lag metric.
+    queued_at: tokio::time::Instant,
     /// `None` for QoS 0: nobody waits.
     reply: Option<oneshot::Sender<Result<(), Error>>>,
 }
@@ -76,6 +78,7 @@ impl Ingest {
         self.queue
             .send(Pending {
                 message,
+                queued_at: tokio::time::Instant::now(),
                 reply: Some(reply),
             })
             .await
@@ -88,6 +91,7 @@ impl Ingest {
         self.queue
             .send(Pending {
                 message,
+                queued_at: tokio::time::Instant::now(),
                 reply: None,
             })
             .await
@@ -146,6 +150,10 @@ async fn commit_batch(topics: &Topics, metrics: &MqttMetrics, batch: Vec<Pending
         {
             Ok(_) => {
                 let bytes: usize = group.iter().map(|p| p.message.payload.len()).sum();
+                let lag = group.iter().map(|p| p.queued_at.elapsed()).max();
+                metrics
+                    .append_lag_ms
+                    .store(lag.map_or(0, |l| l.as_millis() as u64), Ordering::Relaxed);
                 metrics
                     .appended_messages
                     .fetch_add(group.len() as u64, Ordering::Relaxed);

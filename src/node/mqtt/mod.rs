@@ -133,6 +133,8 @@ pub struct MqttMetrics {
     pub possible_duplicates: AtomicU64,
     /// Messages the store refused.
     pub refused_messages: AtomicU64,
+    /// From arrival to durable append, for the oldest message of the last batch.
+    pub append_lag_ms: AtomicU64,
     /// Publishes under the egress prefix that came back: skipped, never mirrored.
     pub echoes_skipped: AtomicU64,
     /// Filters announced to the group that this node mirrors.
@@ -201,6 +203,12 @@ impl MqttMetrics {
                 "counter",
                 "MQTT messages the store refused.",
                 get(&self.refused_messages),
+            ),
+            (
+                "multifeed_mqtt_append_lag_ms",
+                "gauge",
+                "Milliseconds from arrival to durable append of the oldest message of the last batch.",
+                get(&self.append_lag_ms),
             ),
             (
                 "multifeed_mqtt_echoes_skipped_total",

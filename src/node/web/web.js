@@ -293,6 +293,18 @@ function renderFeeds(feeds) {
   body.replaceChildren(...rows);
 }
 
+const MQTT_COLUMNS = ["clients", "received_messages_total", "appended_messages_total",
+  "acked_total", "duplicates_total", "possible_duplicates_total", "refused_messages_total",
+  "append_lag_ms", "announced_filters", "egress_published_total", "egress_dropped_total"];
+
+function renderMqtt(mqtt) {
+  const section = document.getElementById("mqtt");
+  section.hidden = !mqtt;
+  if (!mqtt) return;
+  const row = el("tr", {}, ...MQTT_COLUMNS.map((c) => el("td", { class: "num" }, String(mqtt[c] ?? "–"))));
+  document.querySelector("#mqtt-counters tbody").replaceChildren(row);
+}
+
 function renderTopics(topics) {
   const wanted = topics.slice(0, MAX_LIVE);
   for (const [topic, live] of charts) {
@@ -321,6 +333,7 @@ async function poll() {
       setText("started", new Date(health.started_ms).toLocaleString());
     }
     renderPeers(peers.peers || []);
+    renderMqtt(health.mqtt);
     renderFeeds(feeds.feeds || []);
     renderTopics(topics.topics || []);
     setStatus("live", "live");
