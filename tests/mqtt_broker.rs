@@ -177,10 +177,22 @@ fn an_external_broker_is_mirrored_through_a_kill_9_of_the_node_and_a_broker_rest
     // kill -9 of the node in mid-stream; the broker keeps what was not acked.
     let payloads: Vec<String> = (0..2_000).map(|i| format!("m-{i}")).collect();
     std::thread::scope(|scope| {
-        let publisher = scope.spawn(|| publish_all(&broker_addr, "sensor", topic, &payloads));
+        // Paced (a load shape, not a wait), so the stream still flows when the
+        // kill comes.
+        let publisher = scope.spawn(|| {
+            for chunk in payloads.chunks(50) {
+                publish_all(&broker_addr, "sensor", topic, chunk);
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
         let http = http_of(&node);
+        // The kill comes while messages are received and not yet appended (the
+        // 200 ms linger): acks sent on receipt would lose them (tried: rumqttc's
+        // automatic acks lost 50, 250 and 200 of them in 3 runs).
         assert!(poll_until(WAIT, || {
-            metric(&http, "multifeed_mqtt_acked_total") >= 300
+            let received = metric(&http, "multifeed_mqtt_received_messages_total");
+            let appended = metric(&http, "multifeed_mqtt_appended_messages_total");
+            appended >= 300 && received >= appended + 20
         }));
         node.take().expect("running").running.kill9();
         node = Some(gws[0].node(&args));
@@ -195,10 +207,15 @@ fn an_external_broker_is_mirrored_through_a_kill_9_of_the_node_and_a_broker_rest
             })
         })
     };
-    assert!(
-        held_all(&node, &payloads),
-        "the broker redelivered what the killed node had not acked"
-    );
+    if !held_all(&node, &payloads) {
+        let held = read_all(&node.http, &path(topic)).unwrap_or_default();
+        let held = counts(&held);
+        let lost = payloads
+            .iter()
+            .filter(|p| !held.contains_key(p.as_str()))
+            .count();
+        panic!("{lost} messages lost: the broker did not redeliver them after the kill");
+    }
 
     // The broker stops and comes back: the node reconnects, nothing is lost.
     broker = broker.restart();
