@@ -311,9 +311,52 @@ fn a_client_silent_past_its_keep_alive_is_disconnected() {
 }
 
 #[test]
-fn off_loopback_the_listener_needs_the_operator_to_accept_anonymous_clients() {
+fn off_loopback_clients_must_show_the_gateways_token_unless_anonymous_is_accepted() {
     let root = tempfile::tempdir().unwrap();
     let gw = &group(root.path(), 1)[0];
+    let token_file = root.path().join("gw0.token");
+    let token = std::fs::read_to_string(&token_file).expect("join wrote a token");
+    let token = token.trim();
+    let port = free_port();
+    let node = gw.node(&[
+        "--http",
+        "127.0.0.1:0",
+        "--mqtt-listen",
+        &format!("0.0.0.0:{port}"),
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    // CONNACK return code 4 (bad user name or password), then the end.
+    let refused = [0x20, 0x02, 0x00, 0x04];
+    let anonymous = mqtt::send_raw(&addr, &mqtt::connect_packet("nobody"), WAIT);
+    assert_eq!(anonymous.as_deref(), Some(&refused[..]));
+    let wrong = mqtt::send_raw(
+        &addr,
+        &mqtt::connect_packet_with("guess", "x", "0000"),
+        WAIT,
+    );
+    assert_eq!(wrong.as_deref(), Some(&refused[..]));
+    // With the token: accepted, and the publish lands.
+    let with_token = [
+        mqtt::connect_packet_with("sensor", "any-user", token),
+        mqtt::publish_packet("sensors/auth", b"hello", 7),
+        mqtt::encode(rumqttc::mqttbytes::v4::Packet::Disconnect),
+    ]
+    .concat();
+    let answer = mqtt::send_raw(&addr, &with_token, WAIT).expect("the node answers");
+    assert_eq!(answer, [0x20, 0x02, 0x00, 0x00, 0x40, 0x02, 0x00, 0x07]);
+    assert_eq!(
+        read_all(&node.http, &path("sensors/auth")).unwrap(),
+        vec!["hello".to_owned()]
+    );
+    assert_eq!(
+        metric(&node.http, "multifeed_mqtt_client_errors_total"),
+        2,
+        "two refused"
+    );
+    node.running.stop();
+
+    // Without a token file there is nothing to check against: refused to start.
+    std::fs::remove_file(&token_file).unwrap();
     let refused = gw.fails(&["serve", "--mqtt-listen", "0.0.0.0:0"]);
     assert!(
         refused.contains("refusing to accept MQTT clients")

@@ -232,7 +232,8 @@ async fn authorize(
                     .then(|| web::token_cookie(request.headers()))
                     .flatten()
             });
-        if !given.is_some_and(|given| same_secret(given.trim().as_bytes(), token.as_bytes())) {
+        if !given.is_some_and(|given| super::same_secret(given.trim().as_bytes(), token.as_bytes()))
+        {
             return Err(ApiError {
                 status: StatusCode::UNAUTHORIZED,
                 kind: "unauthorized",
@@ -245,11 +246,6 @@ async fn authorize(
         shared.metrics.http_errors.fetch_add(1, Ordering::Relaxed);
     }
     Ok(response)
-}
-
-/// Compares without leaking where the first difference is.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn health(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value> {

@@ -97,6 +97,11 @@ pub struct Metrics {
     pub mqtt: Arc<mqtt::MqttMetrics>,
 }
 
+/// Compares secrets without leaking where the first difference is.
+pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// What every task of the node shares.
 pub struct Shared {
     /// This gateway's name.
@@ -277,14 +282,15 @@ impl Node {
                 if !local.ip().is_loopback() {
                     // As mosquitto 2 does: no anonymous clients from the network
                     // unless the operator says so.
-                    if !config.mqtt.allow_anonymous {
+                    if config.mqtt.allow_anonymous {
+                        tracing::warn!(
+                            "MQTT clients are accepted on {local} without authentication (--mqtt-allow-anonymous): anyone who reaches it can publish to the group's topics"
+                        );
+                    } else if config.token.is_none() {
                         anyhow::bail!(
-                            "refusing to accept MQTT clients on {local}: the embedded listener has no authentication yet, so anyone who reaches it could publish to the group's topics; bind it to 127.0.0.1, put a broker with authentication in front (--mqtt-broker), or accept that risk on a trusted network with --mqtt-allow-anonymous"
+                            "refusing to accept MQTT clients on {local} without a token: off loopback every client must send this gateway's token as its CONNECT password; run `multifeed join <key>` once to create the token file beside the key file, bind to 127.0.0.1, or accept anonymous clients on a trusted network with --mqtt-allow-anonymous"
                         );
                     }
-                    tracing::warn!(
-                        "MQTT clients are accepted on {local} without authentication (--mqtt-allow-anonymous): anyone who reaches it can publish to the group's topics"
-                    );
                 }
                 Some(listener)
             }
@@ -344,6 +350,14 @@ impl Node {
                 && broker.client_id.is_empty()
             {
                 broker.client_id = mqtt::broker_client_id(&store.dir);
+            }
+            // Off loopback, clients show the token (unless anonymous is accepted).
+            let off_loopback = mqtt
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .is_some_and(|a| !a.ip().is_loopback());
+            if off_loopback && !mqtt_config.allow_anonymous {
+                mqtt_config.password = config.token.clone();
             }
             tasks.spawn(mqtt::serve(
                 shared.topics.clone(),

@@ -241,6 +241,12 @@ pub fn connect_packet(client_id: &str) -> Vec<u8> {
     encode(v4::Packet::Connect(v4::Connect::new(client_id)))
 }
 
+pub fn connect_packet_with(client_id: &str, username: &str, password: &str) -> Vec<u8> {
+    let mut connect = v4::Connect::new(client_id);
+    connect.set_login(username, password);
+    encode(v4::Packet::Connect(connect))
+}
+
 pub fn publish_packet(topic: &str, payload: &[u8], pkid: u16) -> Vec<u8> {
     let mut publish = v4::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
     publish.pkid = pkid;

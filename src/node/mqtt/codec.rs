@@ -28,6 +28,8 @@ pub enum Incoming {
         keep_alive: u16,
         /// The client asks to keep its session (clean session / clean start off).
         keep_session: bool,
+        /// The CONNECT's password, if it has one.
+        password: Option<String>,
     },
     Publish(Publish),
     Subscribe {
@@ -106,13 +108,14 @@ pub fn decode(
             // MQTT 5 first: its reader refuses other levels by name.
             let mut probe = buffer.clone();
             match v5::Packet::read(&mut probe, Some(max_packet as u32)) {
-                Ok(v5::Packet::Connect(connect, _, _)) => {
+                Ok(v5::Packet::Connect(connect, _, login)) => {
                     *buffer = probe;
                     return Ok(Some(Incoming::Connect {
                         version: Version::V5,
                         client_id: connect.client_id,
                         keep_alive: connect.keep_alive,
                         keep_session: !connect.clean_start,
+                        password: login.map(|l| l.password),
                     }));
                 }
                 Err(v5bytes::Error::InvalidProtocolLevel(4)) => {}
@@ -128,6 +131,7 @@ pub fn decode(
                     client_id: connect.client_id,
                     keep_alive: connect.keep_alive,
                     keep_session: !connect.clean_session,
+                    password: connect.login.map(|l| l.password),
                 })),
                 _ => Err(ClientError::NotConnect),
             }
@@ -214,6 +218,8 @@ pub enum Outgoing {
         receive_max: u16,
         max_packet: u32,
     },
+    /// Refused: no or a wrong password.
+    ConnAckNotAuthorized,
     PubAck(u16),
     /// For each filter: granted at QoS 0 (`true`) or refused.
     SubAck {
@@ -244,6 +250,10 @@ pub fn encode(packet: Outgoing, version: Version, out: &mut BytesMut) {
                 } => v4::Packet::ConnAck(v4::ConnAck::new(
                     v4::ConnectReturnCode::Success,
                     session_present,
+                )),
+                Outgoing::ConnAckNotAuthorized => v4::Packet::ConnAck(v4::ConnAck::new(
+                    v4::ConnectReturnCode::BadUserNamePassword,
+                    false,
                 )),
                 Outgoing::PubAck(pkid) => v4::Packet::PubAck(v4::PubAck::new(pkid)),
                 Outgoing::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
@@ -290,6 +300,11 @@ pub fn encode(packet: Outgoing, version: Version, out: &mut BytesMut) {
                         shared_subscription_available: Some(0),
                         ..empty_connack_properties()
                     }),
+                }),
+                Outgoing::ConnAckNotAuthorized => v5::Packet::ConnAck(v5::ConnAck {
+                    session_present: false,
+                    code: v5::ConnectReturnCode::BadUserNamePassword,
+                    properties: None,
                 }),
                 Outgoing::PubAck(pkid) => v5::Packet::PubAck(v5::PubAck::new(pkid, None)),
                 Outgoing::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {

@@ -73,6 +73,10 @@ pub enum ClientError {
     InvalidTopic { topic: String, reason: &'static str },
     #[error("a publish to {topic:?} is not mirrored: {refusal}")]
     NotMirrored { topic: String, refusal: Refusal },
+    #[error(
+        "no or a wrong password: off loopback the listener wants this gateway's token (the file <DIR>.token) as the CONNECT password"
+    )]
+    NotAuthorized,
     #[error("the first packet was not CONNECT")]
     NotConnect,
     #[error("a second CONNECT on one connection")]
@@ -109,6 +113,7 @@ impl ClientError {
                 ..
             } => "echo",
             Self::NotMirrored { .. } => "invalid_announcement",
+            Self::NotAuthorized => "not_authorized",
             Self::NotConnect | Self::SecondConnect | Self::Unexpected(_) => "protocol",
             Self::UnsupportedVersion { .. } => "unsupported_version",
             Self::QoS2 => "qos2",
@@ -187,6 +192,8 @@ pub struct Context {
     pub limits: Limits,
     pub log: QuietLog,
     pub rules: Arc<Rules>,
+    /// The password every CONNECT must carry, if any (the gateway's token).
+    pub password: Option<String>,
     /// Clients may subscribe (to egress's output) when this is set.
     pub subscribers: Option<Arc<Subscribers>>,
 }
@@ -273,10 +280,12 @@ async fn serve_client(
     let mut resend_window = 0usize;
     // Egress deliveries, once the client subscribes.
     let mut subscription: Option<Subscription> = None;
+    // The client sent DISCONNECT: nothing more is read.
+    let mut disconnecting = false;
     let result = loop {
         // Every whole packet already read, as long as the ack window has room.
         let step: Result<bool, ClientError> = async {
-            while acks.len() < max_inflight {
+            while !disconnecting && acks.len() < max_inflight {
                 let Some(packet) = codec::decode(&mut buffer, version, limits.max_packet)? else {
                     break;
                 };
@@ -286,9 +295,18 @@ async fn serve_client(
                         client_id,
                         keep_alive,
                         keep_session,
+                        password,
                     } => {
-                        tracing::debug!(client_id, ?v, keep_alive, "MQTT client connected");
                         version = Some(v);
+                        if let Some(expected) = &context.password
+                            && !password.is_some_and(|given| {
+                                crate::node::same_secret(given.as_bytes(), expected.as_bytes())
+                            })
+                        {
+                            codec::encode(Outgoing::ConnAckNotAuthorized, v, &mut out);
+                            return Err(ClientError::NotAuthorized);
+                        }
+                        tracing::debug!(client_id, ?v, keep_alive, "MQTT client connected");
                         // A client resuming its session resends first what it had no
                         // PUBACK for: at most its inflight window.
                         if keep_session {
@@ -428,7 +446,7 @@ async fn serve_client(
         }
         .await;
         match step {
-            Ok(true) => break Ok(()),
+            Ok(true) => disconnecting = true,
             Ok(false) => {}
             Err(e) => break Err(e),
         }
@@ -438,8 +456,13 @@ async fn serve_client(
             }
             out.clear();
         }
+        // A DISCONNECT after publishes: their acks still go out, then the end.
+        if disconnecting && acks.is_empty() {
+            break Ok(());
+        }
         // Room for one more packet (and its header) at most: the bound on memory.
-        let may_read = acks.len() < max_inflight && buffer.len() <= limits.max_packet + 5;
+        let may_read =
+            !disconnecting && acks.len() < max_inflight && buffer.len() <= limits.max_packet + 5;
         tokio::select! {
             biased;
             () = cancel.cancelled() => {
@@ -478,7 +501,10 @@ async fn serve_client(
     if let (Err(e), Some(v)) = (&result, version)
         && !matches!(e, ClientError::Io(_))
     {
-        codec::encode(Outgoing::Disconnect(e.reason_code()), v, &mut out);
+        // A refused CONNECT's CONNACK says it all: no DISCONNECT after it.
+        if !matches!(e, ClientError::NotAuthorized) {
+            codec::encode(Outgoing::Disconnect(e.reason_code()), v, &mut out);
+        }
         let _ = writer.write_all(&out).await;
     }
     let _ = writer.shutdown().await;

@@ -59,6 +59,9 @@ pub struct MqttConfig {
     pub announce_topic: String,
     /// Publish other gateways' messages under this prefix ([`egress`]).
     pub publish_remote: Option<String>,
+    /// The password every listener client must send (the gateway's token, off
+    /// loopback); `None`: no authentication.
+    pub password: Option<String>,
 }
 
 impl MqttConfig {
@@ -336,6 +339,7 @@ pub async fn serve(
             limits: config.limits,
             log: listener::QuietLog::new(Duration::from_secs(10)),
             rules,
+            password: config.password.clone(),
             subscribers,
         });
         listener::accept(context, listener, cancel).await;
