@@ -20,8 +20,8 @@ use futures::{StreamExt, future::BoxFuture, stream::FuturesOrdered};
 use multifeed::topics::{MAX_PAYLOAD_LEN, Message};
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpListener,
     sync::Semaphore,
     task::JoinSet,
     time::Instant,
@@ -260,14 +260,17 @@ fn refused(error: multifeed::Error) -> ClientError {
 type Ack = BoxFuture<'static, (u16, Result<(), ClientError>)>;
 
 /// One client, from CONNECT to its end. `Ok` when it disconnected or the node stops.
-async fn serve_client(
+async fn serve_client<S>(
     context: &Context,
-    socket: TcpStream,
+    socket: S,
     cancel: CancellationToken,
-) -> Result<(), ClientError> {
+) -> Result<(), ClientError>
+where
+    S: AsyncRead + AsyncWrite + Send,
+{
     let limits = context.limits;
     let metrics = &context.metrics;
-    let (mut reader, mut writer) = socket.into_split();
+    let (mut reader, mut writer) = tokio::io::split(socket);
     let mut buffer = BytesMut::with_capacity(4 * 1024);
     let mut out = BytesMut::new();
     let mut version: Option<Version> = None;
@@ -318,6 +321,9 @@ async fn serve_client(
                         } else {
                             Duration::from_secs(u64::from(keep_alive)) * 3 / 2
                         };
+                        // The read that brought the CONNECT set the deadline by the
+                        // connect timeout: from now on the keep alive rules.
+                        deadline = Instant::now() + idle_limit;
                         codec::encode(
                             Outgoing::ConnAck {
                                 // What a session holds here is empty (no subscriptions,
@@ -518,5 +524,103 @@ async fn next_delivery(
     match subscription {
         Some(me) => me.deliveries.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use multifeed::{Multifeed, Options, SharedKey, StorageConfig, Topics};
+    use tokio::io::DuplexStream;
+
+    /// A client task on an in-memory connection, over an in-memory store.
+    async fn client() -> (
+        DuplexStream,
+        tokio::task::JoinHandle<Result<(), ClientError>>,
+        CancellationToken,
+    ) {
+        let group = Multifeed::open(
+            StorageConfig::Memory,
+            SharedKey::from_bytes([5; 32]),
+            Options::default(),
+        )
+        .await
+        .unwrap();
+        let metrics = Arc::new(MqttMetrics::default());
+        let (ingest, _committer) =
+            Ingest::start(Topics::new(group), Default::default(), metrics.clone());
+        let context = Context {
+            ingest,
+            metrics,
+            limits: Limits::default(),
+            log: QuietLog::new(Duration::from_secs(10)),
+            rules: Arc::new(super::super::MqttConfig::default().rules()),
+            password: None,
+            subscribers: None,
+        };
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let cancel = CancellationToken::new();
+        let task = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move { serve_client(&context, ours, cancel).await })
+        };
+        (theirs, task, cancel)
+    }
+
+    fn connect(keep_alive: u16) -> Vec<u8> {
+        use rumqttc::mqttbytes::v4;
+        let mut connect = v4::Connect::new("quiet");
+        connect.keep_alive = keep_alive;
+        let mut out = BytesMut::new();
+        v4::Packet::Connect(connect).write(&mut out, 1024).unwrap();
+        out.to_vec()
+    }
+
+    /// Paused clock: the deadlines are virtual time, exact, and cost no wall time.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_ended_after_one_and_a_half_keep_alives_and_not_before() {
+        let (mut peer, task, _cancel) = client().await;
+        let started = Instant::now();
+        peer.write_all(&connect(10)).await.unwrap();
+        let mut connack = [0u8; 4];
+        peer.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+        // A PINGREQ at 14 s keeps it alive for another 15 s.
+        tokio::time::sleep(Duration::from_secs(14)).await;
+        assert!(!task.is_finished());
+        peer.write_all(&[0xC0, 0x00]).await.unwrap();
+        let mut pong = [0u8; 2];
+        peer.read_exact(&mut pong).await.unwrap();
+        assert_eq!(pong, [0xD0, 0x00]);
+        let result = task.await.unwrap();
+        assert!(
+            matches!(result, Err(ClientError::KeepAliveExpired)),
+            "{result:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(29));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_connect_is_ended_at_the_connect_timeout() {
+        let (_peer, task, _cancel) = client().await;
+        let started = Instant::now();
+        let result = task.await.unwrap();
+        assert!(
+            matches!(result, Err(ClientError::ConnectTimeout(t)) if t == Limits::default().connect_timeout),
+            "{result:?}"
+        );
+        assert_eq!(started.elapsed(), Limits::default().connect_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_zero_means_no_deadline_and_stopping_ends_the_client() {
+        let (mut peer, task, cancel) = client().await;
+        peer.write_all(&connect(0)).await.unwrap();
+        let mut connack = [0u8; 4];
+        peer.read_exact(&mut connack).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(7 * 24 * 3600)).await;
+        assert!(!task.is_finished());
+        cancel.cancel();
+        assert!(task.await.unwrap().is_ok());
     }
 }
