@@ -94,6 +94,7 @@ use tokio::sync::watch;
 pub use self::{
     codec::{
         MAX_CONTENT_TYPE_LEN, MAX_MESSAGES_PER_BLOCK, MAX_PAYLOAD_LEN, MAX_TOPIC_LEN, Packing,
+        topic_problem,
     },
     cursor::{Cursor, MAX_CURSOR_FEEDS, MessageAddress, ReceivedMessage},
 };
@@ -149,6 +150,12 @@ impl Message {
     pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
         self.content_type = Some(content_type.into());
         self
+    }
+
+    /// Whether [`Topics::publish`] would take it: the topic, payload and content
+    /// type within their bounds. Lets a caller refuse a message before queueing it.
+    pub fn validate(&self) -> Result<()> {
+        validate_message(self)
     }
 }
 

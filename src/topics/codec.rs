@@ -63,7 +63,7 @@ impl Packing {
 }
 
 /// Why a topic name is refused, or `None` if it is fine.
-pub(crate) fn topic_problem(topic: &str) -> Option<&'static str> {
+pub fn topic_problem(topic: &str) -> Option<&'static str> {
     if topic.is_empty() {
         Some("it is empty")
     } else if topic.len() > MAX_TOPIC_LEN {

@@ -188,6 +188,18 @@ pub async fn run(
                     continue;
                 }
                 let message = Message::new(publish.topic.clone(), publish.payload.to_vec());
+                if let Err(e) = message.validate() {
+                    // It can never be appended: acked, or the broker resends it forever.
+                    tracing::warn!(
+                        "a message of {:?} from the broker is dropped: {e}",
+                        publish.topic
+                    );
+                    metrics.refused_messages.fetch_add(1, Ordering::Relaxed);
+                    if publish.qos != QoS::AtMostOnce {
+                        let _ = client.ack(&publish).await;
+                    }
+                    continue;
+                }
                 if publish.qos == QoS::AtMostOnce {
                     let _ = ingest.publish(message).await;
                     continue;

@@ -8,16 +8,15 @@
 
 use multifeed::topics::MAX_TOPIC_LEN;
 
-/// Why `topic` (from a PUBLISH) cannot be a multifeed topic, if it cannot.
+/// Why `topic` (from a PUBLISH) cannot be a multifeed topic, if it cannot: the
+/// library's rules, and no wildcards.
 pub fn topic_problem(topic: &str) -> Option<&'static str> {
     if topic.is_empty() {
         Some("it is empty (topic aliases are not supported)")
-    } else if topic.len() > MAX_TOPIC_LEN {
-        Some("it is longer than 200 bytes")
+    } else if let Some(reason) = multifeed::topics::topic_problem(topic) {
+        Some(reason)
     } else if topic.contains(['+', '#']) {
         Some("a topic name holds no wildcards")
-    } else if topic.chars().any(char::is_control) {
-        Some("it contains a control character")
     } else {
         None
     }

@@ -134,6 +134,8 @@ fn payload_bytes(batch: &[Pending]) -> usize {
 }
 
 /// Appends a batch, one signed append per topic, and answers every message.
+/// Messages were validated before they were queued ([`Message::validate`]), so
+/// a topic's append fails only as a whole (storage), never for one message.
 async fn commit_batch(topics: &Topics, metrics: &MqttMetrics, batch: Vec<Pending>) {
     let mut by_topic: HashMap<String, Vec<Pending>> = HashMap::new();
     for pending in batch {
@@ -143,67 +145,49 @@ async fn commit_batch(topics: &Topics, metrics: &MqttMetrics, batch: Vec<Pending
             .push(pending);
     }
     for (topic, group) in by_topic {
-        let messages = group.iter().map(|p| p.message.clone());
-        match topics
+        let count = group.len() as u64;
+        let bytes: usize = group.iter().map(|p| p.message.payload.len()).sum();
+        let oldest = group.iter().map(|p| p.queued_at).min();
+        let (messages, replies): (Vec<Message>, Vec<_>) =
+            group.into_iter().map(|p| (p.message, p.reply)).unzip();
+        let result = topics
             .publish_batch_with(messages, Packing::default())
             .await
-        {
-            Ok(_) => {
-                let bytes: usize = group.iter().map(|p| p.message.payload.len()).sum();
-                let lag = group.iter().map(|p| p.queued_at.elapsed()).max();
-                metrics
-                    .append_lag_ms
-                    .store(lag.map_or(0, |l| l.as_millis() as u64), Ordering::Relaxed);
+            .map(|_| ());
+        match &result {
+            Ok(()) => {
+                metrics.append_lag_ms.store(
+                    oldest.map_or(0, |t| t.elapsed().as_millis() as u64),
+                    Ordering::Relaxed,
+                );
                 metrics
                     .appended_messages
-                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+                    .fetch_add(count, Ordering::Relaxed);
                 metrics
                     .appended_bytes
                     .fetch_add(bytes as u64, Ordering::Relaxed);
-                for pending in group {
-                    if let Some(reply) = pending.reply {
-                        let _ = reply.send(Ok(()));
-                    }
-                }
             }
-            // Refused before anything was written: find whose message it was.
-            Err(Error::InvalidTopic { .. } | Error::InvalidMessage { .. }) => {
-                for pending in group {
-                    let bytes = pending.message.payload.len() as u64;
-                    let result = topics
-                        .publish_batch_with([pending.message], Packing::default())
-                        .await
-                        .map(|_| ());
-                    match &result {
-                        Ok(()) => {
-                            metrics.appended_messages.fetch_add(1, Ordering::Relaxed);
-                            metrics.appended_bytes.fetch_add(bytes, Ordering::Relaxed);
-                        }
-                        Err(_) => {
-                            metrics.refused_messages.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    if let Some(reply) = pending.reply {
-                        let _ = reply.send(result);
-                    }
-                }
-            }
-            // The append itself failed: nothing is acknowledged, the sender retries.
             Err(e) => {
+                // Nothing is acknowledged: each sender hears why and retries.
                 tracing::error!("appending MQTT messages to topic {topic:?} failed: {e}");
-                metrics
-                    .refused_messages
-                    .fetch_add(group.len() as u64, Ordering::Relaxed);
-                let reason = e.to_string();
-                for pending in group {
-                    if let Some(reply) = pending.reply {
-                        let _ = reply.send(Err(Error::Io {
-                            context: format!("publishing to {topic:?}"),
-                            source: std::io::Error::other(reason.clone()),
-                        }));
-                    }
-                }
+                metrics.refused_messages.fetch_add(count, Ordering::Relaxed);
             }
+        }
+        for reply in replies.into_iter().flatten() {
+            let _ = reply.send(match &result {
+                Ok(()) => Ok(()),
+                Err(Error::InvalidTopic { topic, reason }) => Err(Error::InvalidTopic {
+                    topic: topic.clone(),
+                    reason,
+                }),
+                Err(Error::InvalidMessage { reason }) => Err(Error::InvalidMessage {
+                    reason: reason.clone(),
+                }),
+                Err(e) => Err(Error::Io {
+                    context: format!("publishing to {topic:?}"),
+                    source: std::io::Error::other(e.to_string()),
+                }),
+            });
         }
     }
 }

@@ -378,6 +378,8 @@ where
                         if let Some(content_type) = publish.content_type {
                             message = message.with_content_type(content_type);
                         }
+                        // Refused here, so a batch never fails for one message.
+                        message.validate().map_err(ClientError::Refused)?;
                         if publish.qos == 0 {
                             context
                                 .ingest
@@ -598,6 +600,43 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(started.elapsed(), Duration::from_secs(29));
+    }
+
+    #[tokio::test]
+    async fn a_content_type_over_the_bound_is_refused_before_it_is_queued() {
+        use rumqttc::v5::mqttbytes::{QoS, v5};
+        let (mut peer, task, _cancel) = client().await;
+        let mut out = BytesMut::new();
+        v5::Packet::Connect(
+            v5::Connect {
+                keep_alive: 30,
+                client_id: "typed".into(),
+                clean_start: true,
+                properties: None,
+            },
+            None,
+            None,
+        )
+        .write(&mut out, None)
+        .unwrap();
+        let properties = v5::PublishProperties {
+            content_type: Some("x".repeat(multifeed::topics::MAX_CONTENT_TYPE_LEN + 1)),
+            ..Default::default()
+        };
+        let mut publish = v5::Publish::new("sensors/t", QoS::AtLeastOnce, "1", Some(properties));
+        publish.pkid = 1;
+        v5::Packet::Publish(publish).write(&mut out, None).unwrap();
+        peer.write_all(&out).await.unwrap();
+        let result = task.await.unwrap();
+        assert!(
+            matches!(
+                &result,
+                Err(ClientError::Refused(
+                    multifeed::Error::InvalidMessage { .. }
+                ))
+            ),
+            "{result:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
