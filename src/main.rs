@@ -379,7 +379,7 @@ struct MqttFlags {
     /// Most QoS 1 publishes of one client awaiting their PUBACK [default: 256].
     #[arg(long, value_name = "N")]
     mqtt_max_inflight: Option<u16>,
-    /// Mirror from this MQTT broker, e.g. mqtt://127.0.0.1:1883: the node keeps a
+    /// Mirror from this MQTT broker, e.g. mqtt://127.0.0.1:1883 (mqtts:// for TLS): the node keeps a
     /// persistent session there and acknowledges each message only once appended.
     #[arg(long, value_name = "URL")]
     mqtt_broker: Option<String>,
@@ -396,6 +396,17 @@ struct MqttFlags {
     /// MQTT clients that subscribe (QoS 0). Nothing under PREFIX is mirrored.
     #[arg(long, value_name = "PREFIX")]
     mqtt_publish_remote: Option<String>,
+    /// For an mqtts:// broker: the CA certificates (PEM) to trust instead of the
+    /// system's.
+    #[arg(long, value_name = "PEM")]
+    mqtt_ca_file: Option<std::path::PathBuf>,
+    /// For an mqtts:// broker that asks for one: this node's certificate chain (PEM);
+    /// with --mqtt-client-key.
+    #[arg(long, value_name = "PEM", requires = "mqtt_client_key")]
+    mqtt_client_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --mqtt-client-cert.
+    #[arg(long, value_name = "PEM", requires = "mqtt_client_cert")]
+    mqtt_client_key: Option<std::path::PathBuf>,
     /// User name for the broker.
     #[arg(long, value_name = "NAME", env = "MULTIFEED_MQTT_USERNAME")]
     mqtt_username: Option<String>,
@@ -471,6 +482,11 @@ impl MqttFlags {
                 // Filled in from the store when the node starts.
                 client_id: String::new(),
                 max_packet: config.limits.max_packet,
+                ca_file: self.mqtt_ca_file.or(file.mqtt_ca_file.clone()),
+                client_cert: self.mqtt_client_cert.zip(self.mqtt_client_key).or(file
+                    .mqtt_client_cert
+                    .clone()
+                    .zip(file.mqtt_client_key.clone())),
             }
         });
         config

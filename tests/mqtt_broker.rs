@@ -54,11 +54,16 @@ struct Broker {
 
 impl Broker {
     fn start(dir: &Path, port: u16) -> Self {
+        Self::start_with(dir, port, "")
+    }
+
+    /// With `extra` lines at the end of its config (e.g. a TLS listener).
+    fn start_with(dir: &Path, port: u16, extra: &str) -> Self {
         let config = dir.join("mosquitto.conf");
         std::fs::write(
             &config,
             format!(
-                "listener {port} 127.0.0.1\n{}allow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nlog_dest file {}/mosquitto.log\nlog_type all\n",
+                "listener {port} 127.0.0.1\n{}allow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nlog_dest file {}/mosquitto.log\nlog_type all\n{extra}",
                 // As root mosquitto drops to its own user, which can't write the
                 // temporary directory: it stays who it is.
                 if is_root() { "user root\n" } else { "" },
@@ -375,4 +380,148 @@ fn an_announced_filter_is_mirrored_by_every_gateway_and_egress_never_loops() {
     for (broker, _) in brokers {
         broker.stop();
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the
+/// openssl command (scripts/ci-deps.sh installs it where missing).
+fn certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=multifeed test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+/// `mqtts://`: the node mirrors a broker over TLS, trusting the CA it is
+/// given; without it (the system's roots) it refuses the broker's certificate
+/// and says so; a CA file it cannot read stops it at start.
+#[test]
+fn a_broker_over_tls_is_mirrored_with_the_ca_given_and_refused_without() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    let broker_dir = root.path().join("broker");
+    std::fs::create_dir(&broker_dir).unwrap();
+    certificates(&broker_dir);
+    let (plain, tls) = (free_port(), free_port());
+    let broker = Broker::start_with(
+        &broker_dir,
+        plain,
+        &format!(
+            "listener {tls} 127.0.0.1\ncafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\n",
+            broker_dir.display()
+        ),
+    );
+    let url = format!("mqtts://127.0.0.1:{tls}");
+    let ca = broker_dir.join("ca.pem");
+    let node = gws[0].node(&[
+        "--http",
+        "127.0.0.1:0",
+        "--mqtt-broker",
+        &url,
+        "--mqtt-ca-file",
+        ca.to_str().unwrap(),
+        "--mqtt-subscribe",
+        "sensors/#",
+    ]);
+    let plain_addr = format!("127.0.0.1:{plain}");
+    let mut probes = 0;
+    assert!(
+        poll_until(WAIT, || {
+            probes += 1;
+            publish_all(
+                &plain_addr,
+                "sensor",
+                "sensors/tls",
+                &[format!("r-{probes}")],
+            );
+            read_all(&node.http, &path("sensors/tls")).is_some_and(|held| !held.is_empty())
+        }),
+        "mirrored over TLS"
+    );
+
+    // The system's roots do not hold our test CA: refused, and said why.
+    let mut untrusting = gws[1].node(&["--http", "127.0.0.1:0", "--mqtt-broker", &url]);
+    let line = untrusting.running.stderr_line("is unreachable");
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+    untrusting.running.stop();
+
+    let missing = root.path().join("no-such-ca.pem");
+    let refused = gws[1].fails(&[
+        "serve",
+        "--mqtt-broker",
+        &url,
+        "--mqtt-ca-file",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(refused.contains("cannot read the CA file"), "{refused}");
+    let refused = gws[1].fails(&[
+        "serve",
+        "--mqtt-broker",
+        &format!("mqtt://{plain_addr}"),
+        "--mqtt-ca-file",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(refused.contains("mqtts://"), "{refused}");
+    node.running.stop();
+    broker.stop();
 }

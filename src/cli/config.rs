@@ -64,6 +64,9 @@ pub struct ServeConfig {
     pub mqtt_subscribes: Vec<String>,
     pub mqtt_username: Option<String>,
     pub mqtt_announce_topic: Option<String>,
+    pub mqtt_ca_file: Option<std::path::PathBuf>,
+    pub mqtt_client_cert: Option<std::path::PathBuf>,
+    pub mqtt_client_key: Option<std::path::PathBuf>,
     pub mqtt_publish_remote: Option<String>,
     // The broker's password stays in MULTIFEED_MQTT_PASSWORD, like the key.
 }
@@ -86,12 +89,21 @@ impl ConfigFile {
         })?;
         let mut config = Self::parse(&text)
             .with_context(|| format!("the config file {} is not valid", path.display()))?;
-        // A relative `dir` means from the file's folder, wherever the command runs.
-        if let Some(dir) = &config.dir
-            && dir.is_relative()
+        // Relative paths mean from the file's folder, wherever the command runs.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let serve = &mut config.serve;
+        for path in [
+            &mut config.dir,
+            &mut serve.mqtt_ca_file,
+            &mut serve.mqtt_client_cert,
+            &mut serve.mqtt_client_key,
+        ]
+        .into_iter()
+        .flatten()
         {
-            let base = path.parent().unwrap_or(Path::new("."));
-            config.dir = Some(base.join(dir));
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
         }
         Ok(config)
     }

@@ -238,7 +238,7 @@ impl Node {
             None => Some(bind("127.0.0.1:0", "the local API").await?),
         };
         if let Some(broker) = &config.mqtt.broker {
-            mqtt::broker::parse_url(&broker.url).map_err(anyhow::Error::msg)?;
+            mqtt::broker::check(broker).map_err(anyhow::Error::msg)?;
             for filter in &broker.filters {
                 if let Some(reason) = mqtt::filter::filter_problem(filter) {
                     anyhow::bail!(

@@ -5,9 +5,16 @@
 //! the broker redelivers whatever the node did not get to keep (a kill, a lost
 //! connection). Acks go out in the order the messages came, as MQTT asks.
 
-use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    sync::atomic::Ordering,
+    time::Duration,
+};
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -31,28 +38,152 @@ pub struct BrokerConfig {
     pub client_id: String,
     /// Largest packet accepted from the broker.
     pub max_packet: usize,
+    /// `mqtts://`: the CA certificates (PEM) to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// `mqtts://`: a client certificate chain and its key (PEM), when the broker
+    /// asks for one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
-/// `mqtt://host:port` into host and port; an error in words otherwise.
-pub fn parse_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url.strip_prefix("mqtt://").ok_or_else(|| {
-        format!("the broker address {url:?} must start with mqtt:// (e.g. mqtt://127.0.0.1:1883)")
-    })?;
+/// Where the broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://`: TLS.
+    pub tls: bool,
+}
+
+/// `mqtt://host:port` (1883 by default) or `mqtts://host:port` (TLS, 8883 by
+/// default); an error in words otherwise.
+pub fn parse_url(url: &str) -> Result<BrokerAddr, String> {
+    let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("mqtt://") {
+        (rest, false, 1883)
+    } else if let Some(rest) = url.strip_prefix("mqtts://") {
+        (rest, true, 8883)
+    } else {
+        return Err(format!(
+            "the broker address {url:?} must start with mqtt:// or mqtts:// (TLS), e.g. mqtt://127.0.0.1:1883"
+        ));
+    };
     let rest = rest.trim_end_matches('/');
-    match rest.rsplit_once(':') {
-        Some((host, port)) => port
-            .parse()
-            .map(|port| (host.trim_matches(['[', ']']).to_owned(), port))
-            .map_err(|_| format!("the broker address {url:?} has no valid port")),
-        None if !rest.is_empty() => Ok((rest.to_owned(), 1883)),
-        None => Err(format!("the broker address {url:?} names no host")),
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) => (
+            host.trim_matches(['[', ']']),
+            port.parse()
+                .map_err(|_| format!("the broker address {url:?} has no valid port"))?,
+        ),
+        None => (rest, default_port),
+    };
+    if host.is_empty() {
+        return Err(format!("the broker address {url:?} names no host"));
+    }
+    Ok(BrokerAddr {
+        host: host.to_owned(),
+        port,
+        tls,
+    })
+}
+
+/// The TLS settings for `config`: its CA file or the system's roots, and its
+/// client certificate if any.
+fn tls_config(config: &BrokerConfig) -> Result<rustls::ClientConfig, String> {
+    let read = |what: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &config.ca_file {
+        Some(path) => {
+            let pem = read("CA file", path)?;
+            for cert in rustls_pemfile::certs(&mut &pem[..]) {
+                let cert =
+                    cert.map_err(|e| format!("the CA file {} is not PEM: {e}", path.display()))?;
+                roots.add(cert).map_err(|e| {
+                    format!(
+                        "the CA file {} holds a bad certificate: {e}",
+                        path.display()
+                    )
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "the CA file {} holds no certificate",
+                    path.display()
+                ));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err("no system CA certificates were found for mqtts://; give the broker's CA with --mqtt-ca-file".into());
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS cannot be set up: {e}"))?
+    .with_root_certificates(roots);
+    match &config.client_cert {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert_path, key_path)) => {
+            let pem = read("client certificate", cert_path)?;
+            let chain = rustls_pemfile::certs(&mut &pem[..])
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    format!(
+                        "the client certificate {} is not PEM: {e}",
+                        cert_path.display()
+                    )
+                })?;
+            let pem = read("client key", key_path)?;
+            let key = rustls_pemfile::private_key(&mut &pem[..])
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    format!(
+                        "the client key {} holds no private key in PEM",
+                        key_path.display()
+                    )
+                })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("the client certificate and key do not fit: {e}"))
+        }
+    }
+}
+
+/// The client for `config` and its event loop (not connected yet).
+/// Whether `config` can work (its address, its TLS files), before anything
+/// connects: the node checks this when it starts.
+pub fn check(config: &BrokerConfig) -> Result<(), String> {
+    let addr = parse_url(&config.url)?;
+    if addr.tls {
+        tls_config(config).map(|_| ())
+    } else if config.ca_file.is_some() || config.client_cert.is_some() {
+        Err(format!(
+            "--mqtt-ca-file and --mqtt-client-cert are for TLS: write the broker as mqtts://… instead of {}",
+            config.url
+        ))
+    } else {
+        Ok(())
     }
 }
 
 /// The client for `config` and its event loop (not connected yet).
 pub fn connect(config: &BrokerConfig) -> Result<(AsyncClient, EventLoop), String> {
-    let (host, port) = parse_url(&config.url)?;
-    let mut options = MqttOptions::new(config.client_id.clone(), host, port);
+    let addr = parse_url(&config.url)?;
+    let mut options = MqttOptions::new(config.client_id.clone(), addr.host, addr.port);
+    check(config)?;
+    if addr.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls_config(config)?),
+        )));
+    }
     options.set_clean_session(false);
     options.set_manual_acks(true);
     options.set_keep_alive(Duration::from_secs(30));
@@ -239,13 +370,21 @@ mod tests {
 
     #[test]
     fn broker_urls() {
+        let addr = |host: &str, port, tls| BrokerAddr {
+            host: host.into(),
+            port,
+            tls,
+        };
         assert_eq!(
             parse_url("mqtt://127.0.0.1:1884"),
-            Ok(("127.0.0.1".into(), 1884))
+            Ok(addr("127.0.0.1", 1884, false))
         );
-        assert_eq!(parse_url("mqtt://broker"), Ok(("broker".into(), 1883)));
+        assert_eq!(parse_url("mqtt://broker"), Ok(addr("broker", 1883, false)));
+        assert_eq!(parse_url("mqtts://broker"), Ok(addr("broker", 8883, true)));
+        assert_eq!(parse_url("mqtts://[::1]:9"), Ok(addr("::1", 9, true)));
         assert!(parse_url("tcp://broker:1883").is_err());
         assert!(parse_url("mqtt://broker:x").is_err());
         assert!(parse_url("mqtt://").is_err());
+        assert!(parse_url("mqtts://:1").is_err());
     }
 }
