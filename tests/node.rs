@@ -642,3 +642,61 @@ fn reads_and_follows_can_start_at_the_tail_of_a_long_topic() {
     assert_eq!(gw.read_args(TOPIC, &["--tail", "1"]).0, ["old-499"]);
     assert!(gw.read_args(TOPIC, &["--tail", "0"]).0.is_empty());
 }
+
+#[test]
+fn topics_with_slashes_need_no_encoding_in_api_paths() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 1);
+    let node = gws[0].node(&["--http", "127.0.0.1:0"]);
+    let post = |path: &str, body: &str| {
+        http(
+            &node.http,
+            "POST",
+            path,
+            &[("Content-Type", "text/plain")],
+            body.as_bytes(),
+        )
+        .unwrap()
+        .status
+    };
+    assert_eq!(post("/topics/sensors/site-a/temp/messages", "21.5"), 201);
+    assert_eq!(
+        post("/topics/sensors%2Fsite-a%2Ftemp/messages", "22.0"),
+        201
+    );
+    assert_eq!(
+        post(
+            "/topics/sensors/site-a/temp/batch",
+            "{\"payload\": \"22.5\"}\n{\"payload\": \"23.0\"}"
+        ),
+        201
+    );
+    let read = |path: &str| {
+        let answer = http(&node.http, "GET", path, &[], b"").unwrap().json();
+        answer["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["payload"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let all = ["21.5", "22.0", "22.5", "23.0"];
+    assert_eq!(read("/topics/sensors/site-a/temp/messages"), all);
+    assert_eq!(
+        read("/topics/sensors%2Fsite-a%2Ftemp/messages?limit=2"),
+        all[..2]
+    );
+    assert_eq!(
+        read("/topics/sensors/site-a/temp/messages?limit=1"),
+        all[..1]
+    );
+    assert_eq!(gws[0].read("sensors/site-a/temp", None).0, all);
+    // Other paths are left alone.
+    assert_eq!(
+        http(&node.http, "GET", "/topics/a/b/nothing", &[], b"")
+            .unwrap()
+            .status,
+        404
+    );
+    node.running.stop();
+}

@@ -86,9 +86,13 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellat
     let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
     // Owned here: it ends once the server (which holds every sender) has.
     let committer = tokio::spawn(commit_groups(shared.topics.clone(), queue));
-    let app = router(Api { shared, publish });
+    use axum::ServiceExt as _;
+    use tower::Layer as _;
+    // Before routing: a route's `{topic}` is one path segment.
+    let app = tower::util::MapRequestLayer::new(topic_slashes_encoded)
+        .layer(router(Api { shared, publish }));
     let stop = cancel.clone();
-    if let Err(e) = axum::serve(listener, app)
+    if let Err(e) = axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
     {
@@ -145,6 +149,35 @@ async fn commit_groups(topics: Topics, mut queue: mpsc::Receiver<Pending>) {
             }
         }
     }
+}
+
+/// `/topics/sensors/temp/messages` as `/topics/sensors%2Ftemp/messages`: MQTT
+/// topics hold `/`, and a client should not have to encode it. The last segment
+/// names the action, everything between `/topics/` and it the topic.
+fn topic_slashes_encoded(mut request: Request) -> Request {
+    let path = request.uri().path();
+    let Some((topic, action)) = path
+        .strip_prefix("/topics/")
+        .and_then(|rest| rest.rsplit_once('/'))
+    else {
+        return request;
+    };
+    if !topic.contains('/') || !matches!(action, "messages" | "batch" | "events") {
+        return request;
+    }
+    let mut path_and_query = format!("/topics/{}/{action}", topic.replace('/', "%2F"));
+    if let Some(query) = request.uri().query() {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
+    let mut parts = request.uri().clone().into_parts();
+    if let Ok(rewritten) = path_and_query.parse() {
+        parts.path_and_query = Some(rewritten);
+        if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+    request
 }
 
 pub fn router(api: Api) -> Router {
