@@ -326,7 +326,7 @@ fn error_text(error: &anyhow::Error) -> String {
 }
 
 /// `--timestamp`: RFC 3339 or milliseconds since the Unix epoch.
-fn parse_timestamp(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_timestamp(text: &str) -> Result<u64, String> {
     if let Ok(ms) = text.parse::<u64>() {
         return Ok(ms);
     }
@@ -396,6 +396,11 @@ struct MqttFlags {
     /// MQTT clients that subscribe (QoS 0). Nothing under PREFIX is mirrored.
     #[arg(long, value_name = "PREFIX")]
     mqtt_publish_remote: Option<String>,
+    /// Take a message's time from this MQTT 5 user property (RFC 3339 or
+    /// milliseconds since 1970) when it has one, instead of the time it arrived;
+    /// a value that is no time gets the publish refused.
+    #[arg(long, value_name = "NAME")]
+    mqtt_timestamp_property: Option<String>,
     /// For an mqtts:// broker: the CA certificates (PEM) to trust instead of the
     /// system's.
     #[arg(long, value_name = "PEM")]
@@ -434,6 +439,9 @@ impl MqttFlags {
             publish_remote: self
                 .mqtt_publish_remote
                 .or(file.mqtt_publish_remote.clone()),
+            timestamp_property: self
+                .mqtt_timestamp_property
+                .or(file.mqtt_timestamp_property.clone()),
             ..Default::default()
         };
         // The defaults are those of `Batching` and `Limits`, held in one place.

@@ -64,6 +64,7 @@ pub struct ServeConfig {
     pub mqtt_subscribes: Vec<String>,
     pub mqtt_username: Option<String>,
     pub mqtt_announce_topic: Option<String>,
+    pub mqtt_timestamp_property: Option<String>,
     pub mqtt_ca_file: Option<std::path::PathBuf>,
     pub mqtt_client_cert: Option<std::path::PathBuf>,
     pub mqtt_client_key: Option<std::path::PathBuf>,

@@ -57,6 +57,8 @@ pub struct Publish {
     pub payload: bytes::Bytes,
     /// MQTT 5's content type property.
     pub content_type: Option<String>,
+    /// MQTT 5's user properties (bounded by the packet size).
+    pub user_properties: Vec<(String, String)>,
 }
 
 fn v4_error(e: v4bytes::Error) -> ClientError {
@@ -147,6 +149,7 @@ pub fn decode(
                     topic: p.topic,
                     payload: p.payload,
                     content_type: None,
+                    user_properties: Vec::new(),
                 }),
                 v4::Packet::Subscribe(s) => Incoming::Subscribe {
                     pkid: s.pkid,
@@ -175,13 +178,18 @@ pub fn decode(
                 v5::Packet::Publish(p) => {
                     let topic = String::from_utf8(p.topic.to_vec())
                         .map_err(|_| ClientError::TopicNotUtf8)?;
+                    let (content_type, user_properties) = p
+                        .properties
+                        .map(|p| (p.content_type, p.user_properties))
+                        .unwrap_or_default();
                     Incoming::Publish(Publish {
                         qos: p.qos as u8,
                         pkid: p.pkid,
                         dup: p.dup,
                         topic,
                         payload: p.payload,
-                        content_type: p.properties.and_then(|p| p.content_type),
+                        content_type,
+                        user_properties,
                     })
                 }
                 v5::Packet::Subscribe(s) => Incoming::Subscribe {

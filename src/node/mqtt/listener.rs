@@ -194,6 +194,8 @@ pub struct Context {
     pub rules: Arc<Rules>,
     /// The password every CONNECT must carry, if any (the gateway's token).
     pub password: Option<String>,
+    /// The MQTT 5 user property holding a message's time, if configured.
+    pub timestamp_property: Option<String>,
     /// Clients may subscribe (to egress's output) when this is set.
     pub subscribers: Option<Arc<Subscribers>>,
 }
@@ -378,6 +380,19 @@ where
                         if let Some(content_type) = publish.content_type {
                             message = message.with_content_type(content_type);
                         }
+                        if let Some(name) = &context.timestamp_property
+                            && let Some((_, value)) =
+                                publish.user_properties.iter().find(|(k, _)| k == name)
+                        {
+                            let ms = crate::parse_timestamp(value).map_err(|reason| {
+                                ClientError::Refused(multifeed::Error::InvalidMessage {
+                                    reason: format!(
+                                        "its user property {name:?} is no time ({reason})"
+                                    ),
+                                })
+                            })?;
+                            message = message.with_timestamp_ms(ms);
+                        }
                         // Refused here, so a batch never fails for one message.
                         message.validate().map_err(ClientError::Refused)?;
                         if publish.qos == 0 {
@@ -541,6 +556,16 @@ mod tests {
         tokio::task::JoinHandle<Result<(), ClientError>>,
         CancellationToken,
     ) {
+        let (peer, task, cancel, _) = client_of_topics().await;
+        (peer, task, cancel)
+    }
+
+    async fn client_of_topics() -> (
+        DuplexStream,
+        tokio::task::JoinHandle<Result<(), ClientError>>,
+        CancellationToken,
+        Topics,
+    ) {
         let group = Multifeed::open(
             StorageConfig::Memory,
             SharedKey::from_bytes([5; 32]),
@@ -549,8 +574,9 @@ mod tests {
         .await
         .unwrap();
         let metrics = Arc::new(MqttMetrics::default());
+        let topics = Topics::new(group);
         let (ingest, _committer) =
-            Ingest::start(Topics::new(group), Default::default(), metrics.clone());
+            Ingest::start(topics.clone(), Default::default(), metrics.clone());
         let context = Context {
             ingest,
             metrics,
@@ -558,6 +584,7 @@ mod tests {
             log: QuietLog::new(Duration::from_secs(10)),
             rules: Arc::new(super::super::MqttConfig::default().rules()),
             password: None,
+            timestamp_property: Some("ts".into()),
             subscribers: None,
         };
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
@@ -566,7 +593,7 @@ mod tests {
             let cancel = cancel.clone();
             tokio::spawn(async move { serve_client(&context, ours, cancel).await })
         };
-        (theirs, task, cancel)
+        (theirs, task, cancel, topics)
     }
 
     fn connect(keep_alive: u16) -> Vec<u8> {
@@ -635,6 +662,67 @@ mod tests {
                     multifeed::Error::InvalidMessage { .. }
                 ))
             ),
+            "{result:?}"
+        );
+    }
+
+    /// MQTT 5 CONNECT, then a QoS 1 PUBLISH with the user property `ts`.
+    fn v5_publish_with_time(ts: &str) -> Vec<u8> {
+        use rumqttc::v5::mqttbytes::{QoS, v5};
+        let mut out = BytesMut::new();
+        v5::Packet::Connect(
+            v5::Connect {
+                keep_alive: 30,
+                client_id: "timed".into(),
+                clean_start: true,
+                properties: None,
+            },
+            None,
+            None,
+        )
+        .write(&mut out, None)
+        .unwrap();
+        let properties = v5::PublishProperties {
+            user_properties: vec![("site".into(), "a".into()), ("ts".into(), ts.into())],
+            ..Default::default()
+        };
+        let mut publish = v5::Publish::new("sensors/t", QoS::AtLeastOnce, "7", Some(properties));
+        publish.pkid = 1;
+        v5::Packet::Publish(publish).write(&mut out, None).unwrap();
+        out.to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_configured_user_property_gives_the_time_and_a_bad_one_is_refused() {
+        let (mut peer, task, cancel, topics) = client_of_topics().await;
+        peer.write_all(&v5_publish_with_time("2026-01-02T03:04:05Z"))
+            .await
+            .unwrap();
+        // CONNACK (with properties), then PUBACK 1: wait for the PUBACK's bytes.
+        let mut seen = Vec::new();
+        while !seen.ends_with(&[0x40, 0x02, 0x00, 0x01])
+            && !seen.ends_with(&[0x40, 0x03, 0x00, 0x01, 0x00])
+        {
+            let mut byte = [0u8; 1];
+            peer.read_exact(&mut byte).await.unwrap();
+            seen.push(byte[0]);
+        }
+        let (read, _) = topics
+            .read("sensors/t", &multifeed::topics::Cursor::new(), 10)
+            .await
+            .unwrap();
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].message.timestamp_ms, 1_767_323_045_000);
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+
+        let (mut peer, task, _cancel, _) = client_of_topics().await;
+        peer.write_all(&v5_publish_with_time("yesterday"))
+            .await
+            .unwrap();
+        let result = task.await.unwrap();
+        assert!(
+            matches!(&result, Err(ClientError::Refused(multifeed::Error::InvalidMessage { reason })) if reason.contains("\"ts\"")),
             "{result:?}"
         );
     }

@@ -59,6 +59,8 @@ pub struct MqttConfig {
     pub announce_topic: String,
     /// Publish other gateways' messages under this prefix ([`egress`]).
     pub publish_remote: Option<String>,
+    /// Take a message's time from this MQTT 5 user property when present.
+    pub timestamp_property: Option<String>,
     /// The password every listener client must send (the gateway's token, off
     /// loopback); `None`: no authentication.
     pub password: Option<String>,
@@ -340,6 +342,7 @@ pub async fn serve(
             log: listener::QuietLog::new(Duration::from_secs(10)),
             rules,
             password: config.password.clone(),
+            timestamp_property: config.timestamp_property.clone(),
             subscribers,
         });
         listener::accept(context, listener, cancel).await;
