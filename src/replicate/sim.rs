@@ -487,6 +487,9 @@ struct Sim {
     /// `ReplicateOptions::max_unproven_feeds` of every side: small in the seeds
     /// that give peers many empty writers.
     max_unproven: usize,
+    /// `ReplicateOptions::max_waiting_feeds` of every side: small in some seeds,
+    /// so offers are requested in many waves.
+    max_waiting: usize,
     failure: Option<String>,
     done: bool,
     trace: Option<String>,
@@ -530,6 +533,7 @@ impl Sim {
             churn_end: 0,
             deadline: 0,
             max_unproven: ReplicateOptions::new(true).max_unproven_feeds,
+            max_waiting: ReplicateOptions::new(true).max_waiting_feeds,
             failure: None,
             done: false,
             trace: trace.then(String::new),
@@ -555,6 +559,9 @@ impl Sim {
                     sim.new_writer(peer);
                 }
             }
+        }
+        if sim.rng.chance(40) {
+            sim.max_waiting = sim.rng.range(1, 2) as usize;
         }
         let writers = sim.writers.clone();
         for (owner, key) in writers {
@@ -915,7 +922,8 @@ impl Sim {
         let options = ReplicateOptions::new(initiator)
             .live(live)
             .max_active_feeds(max_active)
-            .max_unproven_feeds(self.max_unproven);
+            .max_unproven_feeds(self.max_unproven)
+            .max_waiting_feeds(self.max_waiting);
         let ping_seed = self.rng.next();
         Side {
             peer,
