@@ -12,6 +12,7 @@
 //! On loopback every host is 127.0.0.1; the attackers connect from 127.0.0.2 and
 //! up (all of 127/8 is local on Linux) so that the per-address cap on
 //! unauthenticated connections tells them from the member, as it would on a network.
+//! `ATTACK_PER_ADDRESS=n` puts n attacking connections on each address (default 8).
 
 mod cli_common;
 mod common;
@@ -51,11 +52,24 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// The `index`-th attacking connection's source address: 8 per address (the
-/// per-address cap), from 127.0.0.2 up.
+/// The `index`-th attacking connection's source address, from 127.0.0.2 up:
+/// `ATTACK_PER_ADDRESS` connections per address (default 8, the per-address cap
+/// on unauthenticated connections; 1 gives every attacker an address of its own,
+/// as members on separate hosts would have).
 fn attacker_address(index: usize) -> IpAddr {
-    let host = 2 + u8::try_from(index / 8).expect("at most 2,000 attackers");
-    IpAddr::from([127, 0, 0, host])
+    let per_address = std::env::var("ATTACK_PER_ADDRESS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(8);
+    let host = index / per_address;
+    let (high, low) = (host / 250, 2 + host % 250);
+    IpAddr::from([
+        127,
+        0,
+        u8::try_from(high).expect("at most 64,000 attacking addresses"),
+        u8::try_from(low).expect("below 252"),
+    ])
 }
 
 async fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
