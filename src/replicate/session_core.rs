@@ -674,9 +674,13 @@ impl<C> SessionCore<C> {
                 Ok(())
             }
             // The peer judged the feed in sync and closed first, before our view caught
-            // up: ask for it again (bounded), which settles it on a fresh channel.
+            // up: ask for it again (bounded), which settles it on a fresh channel. A
+            // feed on trial whose channel the peer keeps closing has delivered
+            // nothing: its trial ends (see `settle`), not the session, so a peer
+            // doing it to every feed it offers ends as `TooManyUnprovenFeeds`.
             Err(FeedSyncError::ClosedBeforeSync)
-                if self.retries.get(&key).copied().unwrap_or(0) < MAX_RETRIES =>
+                if self.retries.get(&key).copied().unwrap_or(0) < MAX_RETRIES
+                    || self.candidates.contains(&key) =>
             {
                 self.running.remove(&key);
                 self.synced_channels.remove(&key);
