@@ -482,6 +482,65 @@ async fn a_member_offering_junk_feeds_gets_none_admitted_or_forwarded() {
     );
 }
 
+/// A crash while feeds are on trial: serve is killed (-9) while a junk member's
+/// feeds are on trial on disk. The next open of the store removes them (they
+/// were marked as on trial when created), and keeps every member and a feed
+/// directory it cannot place (it may hold the only copy of a feed whose index
+/// record was lost). Before, every such directory stayed for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_left_on_trial_by_a_crash_are_removed_at_the_next_open() {
+    let setup = Setup::new();
+    let (ok, _, stderr) = setup.member_sync();
+    assert!(ok, "{stderr}");
+    let stray = setup.server_gw.dir.join("feeds").join("ab".repeat(32));
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("oplog"), b"not ours to judge").unwrap();
+    let dirs_before = setup.server_feed_dirs();
+    let junk = Attack::JunkManifest {
+        connections: 1,
+        keys: 300,
+        repeats: 1,
+    }
+    .start_junk(setup.addr(), setup.key())
+    .await;
+    assert!(
+        poll_until(Duration::from_secs(30), || setup.server_feed_dirs()
+            > dirs_before + 100),
+        "serve put no feeds on trial"
+    );
+    let Setup {
+        _root,
+        server_gw,
+        member: _,
+        server,
+    } = setup;
+    server.kill9();
+    junk.abort();
+    assert!(
+        std::fs::read_dir(server_gw.dir.join("feeds"))
+            .unwrap()
+            .count()
+            > dirs_before
+    );
+
+    server_gw.ok(&["feeds"]);
+    let left: Vec<String> = std::fs::read_dir(server_gw.dir.join("feeds"))
+        .unwrap()
+        .flatten()
+        .map(|dir| format!("{:?}", std::fs::read_dir(dir.path()).unwrap().count()))
+        .collect();
+    assert_eq!(
+        left.len(),
+        dirs_before,
+        "feeds left on trial by the crash are still on disk (files in each: {left:?})"
+    );
+    assert!(
+        stray.join("oplog").is_file(),
+        "a directory never on trial was deleted"
+    );
+    server_gw.verify();
+}
+
 /// A member that opens more channels for feeds nobody offered than the cap (256)
 /// ends as its fault at once. Without the cap its session ran on, holding each
 /// channel's state, until some unrelated timeout ended it.
