@@ -307,6 +307,32 @@ async fn thousands_of_new_feeds_arrive_in_one_sync() {
     assert_eq!(contents(&a).await, contents(&b).await);
 }
 
+/// Two peers offer the same new feeds at once: both sessions hold them on trial,
+/// but each feed is learnt once, so the sessions' `feeds_learnt` add up to the
+/// feeds that arrived (both counted each feed, so `sync --live` with two
+/// peers reported twice the feeds it learnt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_learnt_from_two_peers_at_once_counts_once() {
+    const FEEDS: usize = 200;
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let c = open_memory().await;
+    for i in 0..FEEDS {
+        b.writer(&format!("w{i}"))
+            .await
+            .unwrap()
+            .append(format!("entry {i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let (rc, _) = sync_pair(&c, &b).await;
+    assert_eq!(rc.unwrap().feeds_learnt, FEEDS);
+    let (from_b, from_c) = futures::future::join(sync_pair(&a, &b), sync_pair(&a, &c)).await;
+    let learnt = from_b.0.unwrap().feeds_learnt + from_c.0.unwrap().feeds_learnt;
+    assert_eq!(a.feeds().len(), FEEDS);
+    assert_eq!(learnt, FEEDS, "feeds learnt from both peers counted twice");
+}
+
 #[tokio::test]
 async fn over_tcp_on_loopback() {
     let dir_a = tempfile::tempdir().unwrap();

@@ -224,7 +224,8 @@ impl ReplicateOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReplicationSummary {
-    /// Remote feeds this side learnt (admitted as new members).
+    /// Remote feeds this side learnt (admitted as new members). A feed that
+    /// several sessions had on trial at once counts in the one that admitted it.
     pub feeds_learnt: usize,
     /// Feed channels that reached sync.
     pub feeds_synced: usize,
