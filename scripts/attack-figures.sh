@@ -4,17 +4,22 @@
 # silent connections; 10 members opening 65,000 channels each; 10 members each
 # offering 3 manifests of 20,000 fresh keys), from tests/attacks.rs
 # `full_size_figures`. ATTACK_ONLY=<part of a name> (e.g. "fresh keys") runs only
-# the matching attacks.
+# the matching attacks. ATTACK_PER_ADDRESS=n puts n attacking connections on
+# each source address (default 8, the per-address cap; 1: every attacking member
+# from an address of its own, 127.0.0.2, 127.0.0.3, ...).
 #
 #   scripts/attack-figures.sh                 this build
 #   BEFORE_BIN=/path/to/old/multifeed scripts/attack-figures.sh
 #                                             also an older build's serve, side by side
+#   ATTACK_PER_ADDRESS=1 BEFORE_BIN=... scripts/attack-figures.sh
+#                                             one address per attacker, before and after
 #
 # Targets: serve never aborts, < 64 MB extra peak memory per attack, the member's
 # sync always succeeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== ${ATTACK_PER_ADDRESS:-8} attacking connection(s) per source address"
 run() {
     cargo test --release --test attacks full_size_figures -- --ignored --nocapture --test-threads=1 2>&1 \
         | grep -E 'MiB|member sync:|panicked|test result' || true

@@ -2,7 +2,7 @@
 //! events and the storage lifecycle.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{
         Arc, RwLock,
@@ -227,6 +227,13 @@ fn feed_dir(root: &Path, key: &FeedKey) -> PathBuf {
     feeds_dir(root).join(key.to_hex())
 }
 
+/// A file in the directory of a feed on trial, written before the feed's own
+/// files and removed once the feed is recorded as a member: a directory holding
+/// it and unknown to the index was left by a crash during a trial, and holds no
+/// feed that was ever admitted. Directories without it are never deleted (one
+/// may hold the only copy of a feed whose index record was lost).
+const ON_TRIAL_MARK: &str = "on-trial";
+
 impl Multifeed {
     /// Opens the group stored in `storage` (creating it if empty) under `shared_key`.
     ///
@@ -247,6 +254,12 @@ impl Multifeed {
         let residency = Residency::new(options.max_loaded_feeds);
         let mut index = IndexCore::open(&storage, options.durability, &pool).await?;
         let (records, bad) = index.records().await?;
+        if let StorageConfig::Dir(root) = &storage {
+            // Every record readable: a feed on trial that is in none of them was
+            // never admitted, and its files can go.
+            let recorded: HashSet<FeedKey> = records.iter().map(|r| r.key).collect();
+            clear_trial_leftovers(root, &recorded, bad.is_empty());
+        }
         let mut skipped: Vec<SkippedFeed> = bad
             .into_iter()
             .map(|b| SkippedFeed {
@@ -545,6 +558,12 @@ impl Multifeed {
 
     async fn create_candidate(&self, key: FeedKey) -> Result<Feed> {
         let (record, keypair) = self.remote_record(key)?;
+        if let StorageConfig::Dir(root) = &self.inner.storage {
+            let dir = feed_dir(root, &key);
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::File::create(dir.join(ON_TRIAL_MARK)).map(drop))
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
         let created = self.create_feed(&record, keypair).await;
         if created.is_err() {
             self.discard_unrecorded(Vec::<(Feed, ())>::new(), Some(key))
@@ -625,6 +644,18 @@ impl Multifeed {
         self.inner
             .admitted
             .fetch_add(count as u64, Ordering::Relaxed);
+        if let StorageConfig::Dir(root) = &self.inner.storage {
+            for feed in &promote {
+                // A member now: its directory must survive any crash from here on
+                // (a mark left behind is cleared at the next open).
+                let mark = feed_dir(root, &feed.key()).join(ON_TRIAL_MARK);
+                if let Err(error) = std::fs::remove_file(&mark)
+                    && error.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::debug!(path = %mark.display(), %error, "removing the on-trial mark of a new member");
+                }
+            }
+        }
         for feed in promote {
             self.admit(feed);
         }
@@ -933,6 +964,43 @@ async fn load_feed(
         Some(sync),
         durability,
     ))
+}
+
+/// Directories of feeds on trial left by a crash ([`ON_TRIAL_MARK`]): removed
+/// unless the index records the feed (then only the mark goes) or some index
+/// record is unreadable (`index_complete` false: the feed may be that record's).
+/// An empty directory of a feed the index does not know goes too.
+fn clear_trial_leftovers(root: &Path, recorded: &HashSet<FeedKey>, index_complete: bool) {
+    let Ok(entries) = std::fs::read_dir(feeds_dir(root)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let key = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| FeedKey::from_hex(n).ok());
+        let mark = dir.join(ON_TRIAL_MARK);
+        if !mark.is_file() {
+            // Made, and the crash came before the mark: it holds nothing.
+            if key.is_some_and(|key| !recorded.contains(&key))
+                && std::fs::read_dir(&dir).is_ok_and(|mut files| files.next().is_none())
+            {
+                let _ = std::fs::remove_dir(&dir);
+            }
+            continue;
+        }
+        let removed = match key {
+            Some(key) if recorded.contains(&key) => std::fs::remove_file(&mark),
+            Some(_) if index_complete => std::fs::remove_dir_all(&dir).inspect(|()| {
+                tracing::info!(path = %dir.display(), "removed a feed left on trial by an interrupted session (never admitted)");
+            }),
+            _ => continue,
+        };
+        if let Err(error) = removed {
+            tracing::warn!(path = %dir.display(), %error, "cannot clear a feed left on trial by an interrupted session");
+        }
+    }
 }
 
 /// Feed directories that the index does not know: left by a crash between creating

@@ -12,6 +12,7 @@
 //! On loopback every host is 127.0.0.1; the attackers connect from 127.0.0.2 and
 //! up (all of 127/8 is local on Linux) so that the per-address cap on
 //! unauthenticated connections tells them from the member, as it would on a network.
+//! `ATTACK_PER_ADDRESS=n` puts n attacking connections on each address (default 8).
 
 mod cli_common;
 mod common;
@@ -51,11 +52,24 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// The `index`-th attacking connection's source address: 8 per address (the
-/// per-address cap), from 127.0.0.2 up.
+/// The `index`-th attacking connection's source address, from 127.0.0.2 up:
+/// `ATTACK_PER_ADDRESS` connections per address (default 8, the per-address cap
+/// on unauthenticated connections; 1 gives every attacker an address of its own,
+/// as members on separate hosts would have).
 fn attacker_address(index: usize) -> IpAddr {
-    let host = 2 + u8::try_from(index / 8).expect("at most 2,000 attackers");
-    IpAddr::from([127, 0, 0, host])
+    let per_address = std::env::var("ATTACK_PER_ADDRESS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(8);
+    let host = index / per_address;
+    let (high, low) = (host / 250, 2 + host % 250);
+    IpAddr::from([
+        127,
+        0,
+        u8::try_from(high).expect("at most 64,000 attacking addresses"),
+        u8::try_from(low).expect("below 252"),
+    ])
 }
 
 async fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
@@ -466,6 +480,65 @@ async fn a_member_offering_junk_feeds_gets_none_admitted_or_forwarded() {
         dirs_before,
         "feeds offered by the junk members left files in serve's store"
     );
+}
+
+/// A crash while feeds are on trial: serve is killed (-9) while a junk member's
+/// feeds are on trial on disk. The next open of the store removes them (they
+/// were marked as on trial when created), and keeps every member and a feed
+/// directory it cannot place (it may hold the only copy of a feed whose index
+/// record was lost). Before, every such directory stayed for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_left_on_trial_by_a_crash_are_removed_at_the_next_open() {
+    let setup = Setup::new();
+    let (ok, _, stderr) = setup.member_sync();
+    assert!(ok, "{stderr}");
+    let stray = setup.server_gw.dir.join("feeds").join("ab".repeat(32));
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("oplog"), b"not ours to judge").unwrap();
+    let dirs_before = setup.server_feed_dirs();
+    let junk = Attack::JunkManifest {
+        connections: 1,
+        keys: 300,
+        repeats: 1,
+    }
+    .start_junk(setup.addr(), setup.key())
+    .await;
+    assert!(
+        poll_until(Duration::from_secs(30), || setup.server_feed_dirs()
+            > dirs_before + 100),
+        "serve put no feeds on trial"
+    );
+    let Setup {
+        _root,
+        server_gw,
+        member: _,
+        server,
+    } = setup;
+    server.kill9();
+    junk.abort();
+    assert!(
+        std::fs::read_dir(server_gw.dir.join("feeds"))
+            .unwrap()
+            .count()
+            > dirs_before
+    );
+
+    server_gw.ok(&["feeds"]);
+    let left: Vec<String> = std::fs::read_dir(server_gw.dir.join("feeds"))
+        .unwrap()
+        .flatten()
+        .map(|dir| format!("{:?}", std::fs::read_dir(dir.path()).unwrap().count()))
+        .collect();
+    assert_eq!(
+        left.len(),
+        dirs_before,
+        "feeds left on trial by the crash are still on disk (files in each: {left:?})"
+    );
+    assert!(
+        stray.join("oplog").is_file(),
+        "a directory never on trial was deleted"
+    );
+    server_gw.verify();
 }
 
 /// A member that opens more channels for feeds nobody offered than the cap (256)

@@ -269,6 +269,70 @@ async fn three_hundred_feeds_on_one_connection() {
     assert_eq!(contents(&a).await, contents(&b).await);
 }
 
+/// A peer holding a few thousand feeds, all new to us, hands every one over in
+/// one sync (on disk, over TCP): only `max_unproven_feeds + max_waiting_feeds`
+/// of them are requested at a time, the rest in waves as trials end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_new_feeds_arrive_in_one_sync() {
+    const FEEDS: usize = 3_000;
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let a = open_dir(dir_a.path()).await;
+    let b = open_dir(dir_b.path()).await;
+    for i in 0..FEEDS {
+        a.writer(&format!("w{i}"))
+            .await
+            .unwrap()
+            .append(format!("entry {i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let defaults = ReplicateOptions::new(true);
+    assert!(FEEDS > 2 * (defaults.max_unproven_feeds + defaults.max_waiting_feeds));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (dialed, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    let (rb, ra) = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures::future::join(
+            b.replicate(dialed.unwrap(), ReplicateOptions::new(true)),
+            a.replicate(accepted.unwrap().0, ReplicateOptions::new(false)),
+        ),
+    )
+    .await
+    .expect("the sync did not finish within 120 s");
+    let (rb, ra) = (rb.unwrap(), ra.unwrap());
+    assert_eq!((rb.feeds_learnt, ra.feeds_learnt), (FEEDS, 0));
+    assert_eq!(b.feeds().len(), FEEDS);
+    assert_eq!(contents(&a).await, contents(&b).await);
+}
+
+/// Two peers offer the same new feeds at once: both sessions hold them on trial,
+/// but each feed is learnt once, so the sessions' `feeds_learnt` add up to the
+/// feeds that arrived (both counted each feed, so `sync --live` with two
+/// peers reported twice the feeds it learnt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_learnt_from_two_peers_at_once_counts_once() {
+    const FEEDS: usize = 200;
+    let a = open_memory().await;
+    let b = open_memory().await;
+    let c = open_memory().await;
+    for i in 0..FEEDS {
+        b.writer(&format!("w{i}"))
+            .await
+            .unwrap()
+            .append(format!("entry {i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let (rc, _) = sync_pair(&c, &b).await;
+    assert_eq!(rc.unwrap().feeds_learnt, FEEDS);
+    let (from_b, from_c) = futures::future::join(sync_pair(&a, &b), sync_pair(&a, &c)).await;
+    let learnt = from_b.0.unwrap().feeds_learnt + from_c.0.unwrap().feeds_learnt;
+    assert_eq!(a.feeds().len(), FEEDS);
+    assert_eq!(learnt, FEEDS, "feeds learnt from both peers counted twice");
+}
+
 #[tokio::test]
 async fn over_tcp_on_loopback() {
     let dir_a = tempfile::tempdir().unwrap();

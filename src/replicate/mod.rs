@@ -80,6 +80,11 @@ pub struct ReplicateOptions {
     /// delivered nothing before the session ends with
     /// [`crate::Error::TooManyUnprovenFeeds`]. Default 256.
     pub max_unproven_feeds: usize,
+    /// At most this many offered feeds new to us are requested and waiting for a
+    /// place on trial; the rest of the offer is requested as places free up, so
+    /// a large offer still arrives in one session while a peer offering
+    /// `max_offered_feeds` junk keys costs little more than the keys. Default 1,024.
+    pub max_waiting_feeds: usize,
     /// Largest feed-exchange message or block accepted from the peer. Default 4 MiB.
     pub max_message_len: usize,
     /// Block requests in flight per feed. Default 32. A feed with large blocks gets
@@ -121,6 +126,7 @@ impl ReplicateOptions {
             max_active_feeds: 64,
             max_offered_feeds: 100_000,
             max_unproven_feeds: 256,
+            max_waiting_feeds: 1024,
             max_message_len: 4 * 1024 * 1024,
             window: 32,
             client_name: CLIENT_NAME.to_string(),
@@ -179,6 +185,12 @@ impl ReplicateOptions {
         self
     }
 
+    /// Sets [`ReplicateOptions::max_waiting_feeds`].
+    pub fn max_waiting_feeds(mut self, max: usize) -> Self {
+        self.max_waiting_feeds = max.max(1);
+        self
+    }
+
     /// Sets [`ReplicateOptions::protocol_version`].
     pub fn protocol_version(mut self, version: impl Into<String>) -> Self {
         self.protocol_version = version.into();
@@ -212,7 +224,8 @@ impl ReplicateOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReplicationSummary {
-    /// Remote feeds this side learnt (admitted as new members).
+    /// Remote feeds this side learnt (admitted as new members). A feed that
+    /// several sessions had on trial at once counts in the one that admitted it.
     pub feeds_learnt: usize,
     /// Feed channels that reached sync.
     pub feeds_synced: usize,

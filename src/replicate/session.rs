@@ -96,8 +96,14 @@ where
     if let Some(account) = &options_account {
         account.refund(on_trial.len());
     }
-    if let Err(error) = multifeed.release_candidates(&on_trial).await {
-        tracing::warn!(%error, "ending the trial of offered feeds");
+    let mut result = result;
+    match multifeed.release_candidates(&on_trial).await {
+        Ok(learnt) => {
+            if let Ok(summary) = &mut result {
+                summary.feeds_learnt += learnt;
+            }
+        }
+        Err(error) => tracing::warn!(%error, "ending the trial of offered feeds"),
     }
     if matches!(result, Err(Error::TooManyUnprovenFeeds { .. })) {
         multifeed.count_limit_hit();
@@ -432,7 +438,9 @@ impl Session {
                 if let Some(account) = &self.options.admission_account {
                     account.refund(keys.len());
                 }
-                self.multifeed.release_candidates(&keys).await.map(|_| ())
+                let learnt = self.multifeed.release_candidates(&keys).await?;
+                self.core.count_learnt(learnt);
+                Ok(())
             }
             Action::Emit(event) => {
                 self.emit(event);

@@ -14,7 +14,7 @@
 //! `C` is the driver's handle of an open feed channel; the core only holds it
 //! while an older channel of the same feed is finishing.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 // The tokio clock (a plain instant type: nothing here sleeps), so a paused test
 // clock drives every timeout.
@@ -147,13 +147,14 @@ pub(crate) struct SessionCore<C> {
     offered: HashMap<DiscoveryKey, FeedKey>,
     /// The same feeds by key, so membership events need no hashing.
     offered_keys: HashSet<FeedKey>,
-    /// Feeds the peer told us about.
-    remote_offer: HashSet<FeedKey>,
-    /// Feeds new to us that the peer offered empty: nothing to fetch, so neither
-    /// requested nor put on trial (they would hold a place for as long as a live
-    /// session lasts). The peer offers them again once they hold data; if one
-    /// becomes our member meanwhile, its channel opens then.
-    remote_empty: HashSet<FeedKey>,
+    /// Feeds the peer told us about, and what is left to do about each. Ordered,
+    /// so the next feeds to request are found without a second collection of them
+    /// (a peer may offer `max_offered_feeds`), in the same order on every run.
+    remote_offer: BTreeMap<FeedKey, RemoteOffer>,
+    /// Entries of `remote_offer` that are [`RemoteOffer::Unrequested`].
+    unrequested: usize,
+    /// Every unrequested feed sorts at or after this key (`None`: from the start).
+    unrequested_from: Option<FeedKey>,
     /// Members we offered empty that the peer neither requested nor has a
     /// channel of (it does not hold them), watched until they hold data and then
     /// offered again.
@@ -164,7 +165,8 @@ pub(crate) struct SessionCore<C> {
     /// block or signed length) or we give up on them; at most
     /// `max_unproven_feeds`.
     candidates: HashSet<FeedKey>,
-    /// Feeds new to us that we want, waiting for a place on trial.
+    /// Feeds new to us that we requested, waiting for a place on trial; at most
+    /// `max_waiting_feeds` (the others wait in `remote_offer`, unrequested).
     deferred: FeedQueue,
     /// Feeds whose trial ended with nothing delivered.
     given_up: usize,
@@ -226,8 +228,9 @@ impl<C> SessionCore<C> {
             handshake_deadline: now + options.handshake_timeout,
             offered: HashMap::new(),
             offered_keys: HashSet::new(),
-            remote_offer: HashSet::new(),
-            remote_empty: HashSet::new(),
+            remote_offer: BTreeMap::new(),
+            unrequested: 0,
+            unrequested_from: None,
             offered_empty: HashSet::new(),
             admitting: HashSet::new(),
             candidates: HashSet::new(),
@@ -295,6 +298,11 @@ impl<C> SessionCore<C> {
     /// What the session did so far.
     pub(crate) fn summary(&self) -> &ReplicationSummary {
         &self.summary
+    }
+
+    /// Counts feeds that became members when this session released them.
+    pub(crate) fn count_learnt(&mut self, learnt: usize) {
+        self.summary.feeds_learnt += learnt;
     }
 
     /// Counts a feed task that finished after the session ended; its
@@ -671,9 +679,13 @@ impl<C> SessionCore<C> {
                 Ok(())
             }
             // The peer judged the feed in sync and closed first, before our view caught
-            // up: ask for it again (bounded), which settles it on a fresh channel.
+            // up: ask for it again (bounded), which settles it on a fresh channel. A
+            // feed on trial whose channel the peer keeps closing has delivered
+            // nothing: its trial ends (see `settle`), not the session, so a peer
+            // doing it to every feed it offers ends as `TooManyUnprovenFeeds`.
             Err(FeedSyncError::ClosedBeforeSync)
-                if self.retries.get(&key).copied().unwrap_or(0) < MAX_RETRIES =>
+                if self.retries.get(&key).copied().unwrap_or(0) < MAX_RETRIES
+                    || self.candidates.contains(&key) =>
             {
                 self.running.remove(&key);
                 self.synced_channels.remove(&key);
@@ -813,7 +825,7 @@ impl<C> SessionCore<C> {
         // Feeds offered again (empty ones that grew) count once.
         let new = feeds
             .iter()
-            .filter(|f| !self.remote_offer.contains(&f.key))
+            .filter(|f| !self.remote_offer.contains_key(&f.key))
             .count();
         if self.remote_offer.len() + new > self.options.max_offered_feeds {
             return Err(Error::PeerFault {
@@ -838,18 +850,23 @@ impl<C> SessionCore<C> {
             );
             return Ok(());
         }
-        let mut wanted = Vec::new();
+        // Members we want are requested at once; feeds new to us wait in
+        // `remote_offer` and are requested as room to wait for a trial frees up.
+        let mut requested = Vec::new();
         for offered in &feeds {
             let key = offered.key;
             if key.as_bytes() == &self.shared_key {
                 continue;
             }
-            self.remote_offer.insert(key);
-            if !store.is_member(&key) && offered.length == Some(0) {
-                self.remote_empty.insert(key);
+            if self.remote_offer.get(&key) == Some(&RemoteOffer::Unrequested) {
+                // Offered again before its turn: requested then.
                 continue;
             }
-            self.remote_empty.remove(&key);
+            if !store.is_member(&key) && offered.length == Some(0) {
+                self.remote_offer.insert(key, RemoteOffer::Empty);
+                continue;
+            }
+            self.remote_offer.insert(key, RemoteOffer::Seen);
             let want = match store.contiguous_length(&key) {
                 _ if !store.is_member(&key) => true,
                 None => true,
@@ -865,7 +882,12 @@ impl<C> SessionCore<C> {
                 && !self.candidates.contains(&key)
                 && !self.deferred.contains(&key)
             {
-                wanted.push(key);
+                if store.is_member(&key) {
+                    requested.push(key);
+                    self.queue.push(key);
+                } else {
+                    self.mark_unrequested(key);
+                }
             }
         }
         self.got_manifest = true;
@@ -881,34 +903,94 @@ impl<C> SessionCore<C> {
             keys: feeds.iter().map(|f| f.key).collect(),
             lengths: feeds.iter().map(|f| f.length).collect(),
         });
-        self.send(ExchangeMessage::Request(wanted.clone()));
-        for key in wanted {
-            if store.is_member(&key) {
-                self.queue.push(key);
-            } else {
-                // Members only once they deliver: on trial, a few at a time.
-                self.deferred.push(key);
-            }
-        }
-        self.admit_deferred(store);
+        // A manifest is always answered, if only with an empty request.
+        self.admit_waiting(requested, true, store);
         self.pump_queue();
         self.maybe_done();
         Ok(())
     }
 
-    /// Puts deferred feeds on trial while places are free.
-    fn admit_deferred(&mut self, store: &impl LocalFeeds) {
-        let mut new = Vec::new();
-        while self.candidates.len() < self.options.max_unproven_feeds {
-            let Some(key) = self.deferred.pop() else {
-                break;
-            };
-            if store.is_member(&key) {
-                self.queue.push(key);
-            } else if self.admitting.insert(key) {
-                self.candidates.insert(key);
-                new.push(key);
+    /// An offered feed new to us that we want: requested once there is room.
+    fn mark_unrequested(&mut self, key: FeedKey) {
+        if self.remote_offer.insert(key, RemoteOffer::Unrequested) != Some(RemoteOffer::Unrequested)
+        {
+            self.unrequested += 1;
+        }
+        if self.unrequested_from.is_some_and(|from| key < from) {
+            self.unrequested_from = Some(key);
+        }
+    }
+
+    /// Moves unrequested offered feeds into `deferred` while it has room, adding
+    /// them to `requested`.
+    fn fill_waiting(&mut self, requested: &mut Vec<FeedKey>) {
+        use std::ops::Bound;
+        let room = self
+            .options
+            .max_waiting_feeds
+            .max(1)
+            .saturating_sub(self.deferred.len());
+        if room == 0 || self.unrequested == 0 {
+            return;
+        }
+        let from = self
+            .unrequested_from
+            .map_or(Bound::Unbounded, Bound::Included);
+        let mut taken = Vec::new();
+        let mut next = None;
+        for (key, state) in self.remote_offer.range_mut((from, Bound::Unbounded)) {
+            if *state != RemoteOffer::Unrequested {
+                continue;
             }
+            if taken.len() == room {
+                next = Some(*key);
+                break;
+            }
+            *state = RemoteOffer::Seen;
+            taken.push(*key);
+        }
+        self.unrequested = self.unrequested.saturating_sub(taken.len());
+        // `None` looks from the start next time, which is always right.
+        self.unrequested_from = next;
+        for key in taken {
+            self.deferred.push(key);
+            requested.push(key);
+        }
+    }
+
+    /// Puts waiting feeds on trial while places are free, and requests more of
+    /// the peer's offer as room to wait frees up: one `Request` with `requested`
+    /// and those, sent if not empty or if `answer` (a manifest's answer).
+    fn admit_waiting(
+        &mut self,
+        mut requested: Vec<FeedKey>,
+        answer: bool,
+        store: &impl LocalFeeds,
+    ) {
+        let mut new = Vec::new();
+        loop {
+            self.fill_waiting(&mut requested);
+            let mut taken = false;
+            while self.candidates.len() < self.options.max_unproven_feeds {
+                let Some(key) = self.deferred.pop() else {
+                    break;
+                };
+                taken = true;
+                if store.is_member(&key) {
+                    self.queue.push(key);
+                } else if self.admitting.insert(key) {
+                    self.candidates.insert(key);
+                    new.push(key);
+                }
+            }
+            if !taken || self.unrequested == 0 {
+                break;
+            }
+        }
+        // Room the trials left in the waiting queue is filled too.
+        self.fill_waiting(&mut requested);
+        if answer || !requested.is_empty() {
+            self.send(ExchangeMessage::Request(requested));
         }
         if !new.is_empty() {
             self.actions.push_back(Action::Admit(new));
@@ -930,14 +1012,14 @@ impl<C> SessionCore<C> {
             return;
         }
         self.candidates.remove(&key);
-        if delivered {
-            self.summary.feeds_learnt += 1;
-        } else {
+        // A feed that delivered is counted as learnt by the driver, once the
+        // release made it a member: another session may hold it too.
+        if !delivered {
             tracing::debug!(%key, "an offered feed delivered nothing; not admitted");
             self.given_up += 1;
         }
         self.actions.push_back(Action::Release(vec![key]));
-        self.admit_deferred(store);
+        self.admit_waiting(Vec::new(), false, store);
     }
 
     /// Feeds the admission task created: they join the queue.
@@ -992,6 +1074,7 @@ impl<C> SessionCore<C> {
             && self.got_request
             && self.queue.is_empty()
             && self.deferred.is_empty()
+            && self.unrequested == 0
             && self.admitting.is_empty()
             && self.syncing.is_empty()
             && self.serving.is_empty()
@@ -1010,14 +1093,21 @@ impl<C> SessionCore<C> {
         for key in keys {
             // Offered empty by the peer and ours now (delivered by another peer):
             // live, a channel keeps it in step both ways.
-            if self.remote_empty.remove(&key)
+            let offered_empty = match self.remote_offer.get_mut(&key) {
+                Some(state @ RemoteOffer::Empty) => {
+                    *state = RemoteOffer::Seen;
+                    true
+                }
+                _ => false,
+            };
+            if offered_empty
                 && self.options.live
                 && store.is_member(&key)
                 && !self.syncing.contains(&key)
             {
                 self.queue.push(key);
             }
-            if self.offered_keys.contains(&key) || self.remote_offer.contains(&key) {
+            if self.offered_keys.contains(&key) || self.remote_offer.contains_key(&key) {
                 continue;
             }
             let Some(length) = store.length(&key) else {
@@ -1057,6 +1147,20 @@ pub(crate) fn feed_error(key: FeedKey, error: FeedSyncError) -> Error {
             reason: format!("feed {key}: {other}"),
         },
     }
+}
+
+/// What is left to do about a feed the peer offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RemoteOffer {
+    /// Nothing more: handled when offered (requested, held already, or not wanted).
+    Seen,
+    /// New to us and offered empty: nothing to fetch, so neither requested nor
+    /// put on trial (it would hold a place for as long as a live session lasts).
+    /// The peer offers it again once it holds data; if it becomes our member
+    /// meanwhile, its channel opens then.
+    Empty,
+    /// New to us and wanted, not requested yet: it waits for room in `deferred`.
+    Unrequested,
 }
 
 /// Feeds waiting for a channel, in request order, with O(1) membership.
@@ -1334,7 +1438,86 @@ mod tests {
         assert!(offered_again);
     }
 
-    /// A feed on trial that delivers is released to become a member and counted.
+    /// A peer offering far more feeds new to us than may wait for a trial gets
+    /// them all requested in waves, as trials end, within the one session: at no
+    /// time are more than `max_unproven_feeds + max_waiting_feeds` of them
+    /// requested and unsettled (before, the whole offer was requested and queued
+    /// at once: a member offering 20,000 junk keys cost each peer megabytes).
+    #[test]
+    fn a_large_offer_is_requested_in_waves_and_all_of_it_arrives() {
+        const TRIAL: usize = 4;
+        const WAITING: usize = 8;
+        const OFFERED: usize = 50;
+        let options = ReplicateOptions::new(true)
+            .max_unproven_feeds(TRIAL)
+            .max_waiting_feeds(WAITING);
+        let (mut core, now) = handshaken(options, &Store(Vec::new()));
+        let mut offer: Vec<(FeedKey, u64)> =
+            (0..OFFERED as u8).map(|i| (feed(100 + i), 5)).collect();
+        offer.sort();
+        // The first key in order comes in a later manifest, once the waves have
+        // started further on: it must not be passed over.
+        let late = offer.remove(0);
+        core.handle(now, manifest(&offer), &Store(Vec::new()));
+        core.handle(
+            now,
+            exchange(ExchangeMessage::Request(Vec::new())),
+            &Store(Vec::new()),
+        );
+        let mut requested = HashSet::new();
+        let mut waves = 0;
+        let mut trial = VecDeque::new();
+        let mut released = 0;
+        let mut done = false;
+        let mut actions = drain(&mut core);
+        loop {
+            for action in actions {
+                match action {
+                    Action::Send(ExchangeMessage::Request(keys)) if !keys.is_empty() => {
+                        waves += 1;
+                        for key in keys {
+                            assert!(requested.insert(key), "{key} requested twice");
+                        }
+                    }
+                    Action::Admit(keys) => trial.extend(keys),
+                    Action::Release(keys) => released += keys.len(),
+                    Action::Send(ExchangeMessage::Done) => done = true,
+                    _ => {}
+                }
+            }
+            assert!(
+                requested.len() - released <= TRIAL + WAITING,
+                "{} requested and unsettled",
+                requested.len() - released
+            );
+            if released == 1 {
+                core.handle(now, manifest(&[late]), &Store(Vec::new()));
+            }
+            let Some(key) = trial.pop_front() else {
+                break;
+            };
+            // Created, opened, delivers, and its channel reaches sync.
+            let created = Trial(vec![(key, 0)]);
+            core.handle(now, Input::Admitted { keys: vec![key] }, &created);
+            core.handle(now, Input::ChannelReady { key, channel: 1 }, &created);
+            core.handle(now, Input::Progress(key), &Trial(vec![(key, 5)]));
+            let finished = Input::FeedFinished {
+                key,
+                result: Ok(FeedSyncSummary {
+                    synced: true,
+                    ..Default::default()
+                }),
+            };
+            core.handle(now, finished, &Store(vec![(key, 5)]));
+            actions = drain(&mut core);
+        }
+        assert_eq!((requested.len(), released), (OFFERED, OFFERED));
+        assert!(waves > 1, "all of it requested at once");
+        assert!(done, "one-shot side never said Done");
+    }
+
+    /// A feed on trial that delivers is released to become a member (the driver
+    /// counts it once the release made it one).
     #[test]
     fn an_offered_feed_that_delivers_is_admitted() {
         let a = feed(1);
@@ -1360,7 +1543,6 @@ mod tests {
                 .iter()
                 .any(|x| matches!(x, Action::Release(keys) if keys == &vec![a]))
         );
-        assert_eq!(core.summary().feeds_learnt, 1);
     }
 
     /// A one-shot side that said `Done` wants nothing more: a member the peer

@@ -487,6 +487,9 @@ struct Sim {
     /// `ReplicateOptions::max_unproven_feeds` of every side: small in the seeds
     /// that give peers many empty writers.
     max_unproven: usize,
+    /// `ReplicateOptions::max_waiting_feeds` of every side: small in some seeds,
+    /// so offers are requested in many waves.
+    max_waiting: usize,
     failure: Option<String>,
     done: bool,
     trace: Option<String>,
@@ -530,6 +533,7 @@ impl Sim {
             churn_end: 0,
             deadline: 0,
             max_unproven: ReplicateOptions::new(true).max_unproven_feeds,
+            max_waiting: ReplicateOptions::new(true).max_waiting_feeds,
             failure: None,
             done: false,
             trace: trace.then(String::new),
@@ -555,6 +559,9 @@ impl Sim {
                     sim.new_writer(peer);
                 }
             }
+        }
+        if sim.rng.chance(40) {
+            sim.max_waiting = sim.rng.range(1, 2) as usize;
         }
         let writers = sim.writers.clone();
         for (owner, key) in writers {
@@ -833,10 +840,12 @@ impl Sim {
     /// Drops a hold on a feed on trial, as `Multifeed::release_candidates` does:
     /// one that delivered becomes a member, one that did not goes once nobody
     /// holds it.
-    fn release(&mut self, peer: usize, key: FeedKey) {
+    /// Drops a hold on a feed on trial, as `Multifeed::release_candidates`;
+    /// whether the feed became a member by it.
+    fn release(&mut self, peer: usize, key: FeedKey) -> bool {
         let p = &mut self.peers[peer];
         let Some(holders) = p.trial.get_mut(&key) else {
-            return;
+            return false;
         };
         *holders = holders.saturating_sub(1);
         let len = p.lens.get(&key).copied().unwrap_or(0);
@@ -844,10 +853,12 @@ impl Sim {
             p.trial.remove(&key);
             p.lens.remove(&key);
             self.add_member(peer, key, len);
+            return true;
         } else if *holders == 0 {
             p.trial.remove(&key);
             p.lens.remove(&key);
         }
+        false
     }
 
     /// A feed of `peer` grew: every feed task of it looks again, and sessions
@@ -915,7 +926,8 @@ impl Sim {
         let options = ReplicateOptions::new(initiator)
             .live(live)
             .max_active_feeds(max_active)
-            .max_unproven_feeds(self.max_unproven);
+            .max_unproven_feeds(self.max_unproven)
+            .max_waiting_feeds(self.max_waiting);
         let ping_seed = self.rng.next();
         Side {
             peer,
@@ -1609,14 +1621,15 @@ impl Sim {
             }
             Action::Release(keys) => {
                 let peer = self.conns[conn].sides[side].peer;
+                let mut learnt = 0;
                 for key in keys {
-                    if self.peers[peer].lens.get(&key).copied().unwrap_or(0) > 0 {
-                        self.conns[conn].sides[side].created += 1;
-                    }
-                    if self.conns[conn].sides[side].held.remove(&key) {
-                        self.release(peer, key);
+                    if self.conns[conn].sides[side].held.remove(&key) && self.release(peer, key) {
+                        learnt += 1;
                     }
                 }
+                let s = &mut self.conns[conn].sides[side];
+                s.created += learnt;
+                s.core.count_learnt(learnt);
                 Ok(())
             }
             Action::LearnMetadata(_) => Ok(()),
@@ -1710,12 +1723,18 @@ impl Sim {
         s.state = State::Closed;
         s.tasks.clear();
         let peer = s.peer;
+        let mut learnt = 0;
         for key in std::mem::take(&mut s.held) {
-            self.release(peer, key);
+            learnt += usize::from(self.release(peer, key));
         }
         let s = &mut self.conns[conn].sides[side];
+        s.created += learnt;
         let result = match s.pending_end.take() {
-            Some(Ok(())) => Ok(s.core.summary().clone()),
+            Some(Ok(())) => {
+                let mut summary = s.core.summary().clone();
+                summary.feeds_learnt += learnt;
+                Ok(summary)
+            }
             Some(Err(error)) => Err(error.to_string()),
             None => Err("ended without an outcome".into()),
         };

@@ -164,6 +164,16 @@ pub async fn member_protocol(
     socket: TcpStream,
     shared_key: [u8; 32],
 ) -> hypercore_protocol::Protocol {
+    member_protocol_as(socket, shared_key, true).await
+}
+
+/// [`member_protocol`] on either side of the Noise handshake: a hostile server
+/// answers as the responder.
+pub async fn member_protocol_as(
+    socket: TcpStream,
+    shared_key: [u8; 32],
+    initiator: bool,
+) -> hypercore_protocol::Protocol {
     let codec = LengthDelimitedCodec::builder()
         .little_endian()
         .length_field_length(3)
@@ -171,7 +181,12 @@ pub async fn member_protocol(
         .new_codec();
     let io = QuietIo(Framed::new(socket, codec));
     let io = Some(Box::new(io) as Box<dyn hypercore_handshake::CipherIo<Error = io::Error>>);
-    let cipher = Cipher::new_dht_init_with_pattern(io, HandshakePattern::XX, None, &[]).unwrap();
+    let cipher = if initiator {
+        Cipher::new_dht_init_with_pattern(io, HandshakePattern::XX, None, &[]).unwrap()
+    } else {
+        let keypair = generate_keypair().unwrap();
+        Cipher::resp_from_private_with_pattern(io, &keypair, HandshakePattern::XX, &[]).unwrap()
+    };
     let mut cipher = MemberCipher {
         cipher,
         queued: Default::default(),
@@ -213,8 +228,14 @@ pub mod wire {
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Request {
+        #[prost(bytes = "vec", repeated, tag = "1")]
+        pub keys: Vec<Vec<u8>>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
     pub struct ExchangeMessage {
-        #[prost(oneof = "Body", tags = "1, 2")]
+        #[prost(oneof = "Body", tags = "1, 2, 3")]
         pub body: Option<Body>,
     }
 
@@ -224,19 +245,53 @@ pub mod wire {
         Handshake(Handshake),
         #[prost(message, tag = "2")]
         Manifest(Manifest),
+        #[prost(message, tag = "3")]
+        Request(Request),
+    }
+
+    /// This implementation's handshake, encoded.
+    pub fn handshake() -> Vec<u8> {
+        use prost::Message as _;
+        ExchangeMessage {
+            body: Some(Body::Handshake(Handshake {
+                client: multifeed::CLIENT_NAME.to_string(),
+                protocol_version: multifeed::PROTOCOL_VERSION.to_string(),
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    /// A request for nothing, encoded.
+    pub fn empty_request() -> Vec<u8> {
+        use prost::Message as _;
+        ExchangeMessage {
+            body: Some(Body::Request(Request { keys: Vec::new() })),
+        }
+        .encode_to_vec()
     }
 }
 
 /// `count` fresh feed keys (real ed25519 public keys: the serve side refuses
 /// anything else outright), each offered as holding `length` blocks.
 pub fn junk_manifest(count: usize, length: u64) -> Vec<u8> {
+    junk_manifest_with_keys(count, length).0
+}
+
+/// [`junk_manifest`] and its keys, for a rogue that answers channels of them.
+pub fn junk_manifest_with_keys(count: usize, length: u64) -> (Vec<u8>, Vec<[u8; 32]>) {
+    let keys: Vec<[u8; 32]> = (0..count)
+        .map(|_| *multifeed::Keypair::generate().public_key().as_bytes())
+        .collect();
+    (manifest_of(&keys, length), keys)
+}
+
+/// A manifest offering `keys`, each as holding `length` blocks.
+pub fn manifest_of(keys: &[[u8; 32]], length: u64) -> Vec<u8> {
     use prost::Message as _;
-    let feeds = (0..count)
-        .map(|_| wire::FeedInfo {
-            key: multifeed::Keypair::generate()
-                .public_key()
-                .as_bytes()
-                .to_vec(),
+    let feeds = keys
+        .iter()
+        .map(|key| wire::FeedInfo {
+            key: key.to_vec(),
             length: Some(length),
         })
         .collect();
