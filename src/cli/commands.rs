@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use futures::{FutureExt, StreamExt};
 use multifeed::{
     SharedKey,
-    topics::{Cursor, Message, ReceivedMessage},
+    topics::{Cursor, DamagedBlock, Message, ReceivedMessage},
 };
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
@@ -160,26 +160,32 @@ impl Via<'_> {
         })
     }
 
+    /// Up to `limit` messages after `cursor`, the cursor past them, and the
+    /// blocks passed over as damaged (a node reports its own in its log).
     async fn read(
         &self,
         topic: &str,
         cursor: &Cursor,
         limit: usize,
-    ) -> anyhow::Result<(Vec<output::Labelled>, Cursor)> {
+    ) -> anyhow::Result<(Vec<output::Labelled>, Cursor, Vec<DamagedBlock>)> {
         Ok(match self {
             Via::Store(topics) => {
-                let (messages, next) = topics.read(topic, cursor, limit).await?;
+                let read = topics.read_report(topic, cursor, limit).await?;
                 let group = topics.group();
-                let labelled = messages
+                let labelled = read
+                    .messages
                     .into_iter()
                     .map(|message| output::Labelled {
                         gateway: output::gateway_for(group, message.address.key),
                         message,
                     })
                     .collect();
-                (labelled, next)
+                (labelled, read.cursor, read.damaged)
             }
-            Via::Node(api) => api.read(topic, cursor, limit).await?,
+            Via::Node(api) => {
+                let (messages, next) = api.read(topic, cursor, limit).await?;
+                (messages, next, Vec::new())
+            }
         })
     }
 }
@@ -415,10 +421,27 @@ async fn read_topic(
     limit: Option<usize>,
 ) -> anyhow::Result<()> {
     let mut left = limit.unwrap_or(usize::MAX);
+    // Reported at the end, once each and in runs: a truncated file damages every
+    // block after the cut, and a damaged block 0 (the feed's topic) is met on
+    // every read.
+    let mut damaged: Vec<DamagedBlock> = Vec::new();
     while left > 0 {
-        let (messages, next) = via.read(topic, &cursor, left.min(READ_BATCH)).await?;
+        let (messages, next, passed_over) = via.read(topic, &cursor, left.min(READ_BATCH)).await?;
+        let moved = next != cursor;
         cursor = next;
-        if messages.is_empty() {
+        for run in &passed_over {
+            for seq in run.first..=run.last {
+                let known = damaged
+                    .iter_mut()
+                    .any(|d| d.absorb(run.key, seq, &run.reason));
+                if !known {
+                    let mut single = run.clone();
+                    (single.first, single.last) = (seq, seq);
+                    damaged.push(single);
+                }
+            }
+        }
+        if messages.is_empty() && (passed_over.is_empty() || !moved) {
             break;
         }
         left = left.saturating_sub(messages.len());
@@ -427,6 +450,23 @@ async fn read_topic(
         }
     }
     print_cursor(global.json, &cursor);
+    for run in &damaged {
+        if global.json {
+            eprintln!(
+                "{}",
+                json!({"damaged": {"key": run.key.to_hex(), "first": run.first, "last": run.last, "message": run.to_string()}})
+            );
+        } else {
+            eprintln!("error: {run}");
+        }
+    }
+    if !damaged.is_empty() {
+        let count: u64 = damaged.iter().map(|d| d.last - d.first + 1).sum();
+        let blocks = if count == 1 { "block" } else { "blocks" };
+        bail!(
+            "{count} damaged {blocks} passed over (see above), every intact message printed; run `multifeed verify` to see the extent of the damage"
+        );
+    }
     Ok(())
 }
 
