@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
+use blake2::{Blake2b, Digest, digest::consts::U32};
 use futures::FutureExt;
-use hypercore_schema::Hash;
 use tokio::sync::watch;
 
 pub(crate) use crate::residency::SharedFeed;
@@ -196,9 +196,7 @@ impl Feed {
             let Some(leaf) = leaf else {
                 return Err(self.damaged(seq, MISSING_LEAF.into()));
             };
-            if leaf.length != value.len() as u64
-                || Hash::data(value).as_bytes() != leaf.hash.as_slice()
-            {
+            if leaf.length != value.len() as u64 || leaf_hash(value) != leaf.hash {
                 return Err(self.damaged(
                     seq,
                     "its bytes do not match the hash its Merkle tree holds".into(),
@@ -236,6 +234,17 @@ impl Feed {
     }
 }
 
+/// Hypercore's Merkle leaf hash of a block: BLAKE2b-256 over a zero type byte,
+/// the block's length (u64, little-endian) and the block. Computed here without
+/// the allocation `hypercore_schema::Hash::data` makes for the length.
+fn leaf_hash(block: &[u8]) -> [u8; 32] {
+    let mut hasher = Blake2b::<U32>::new();
+    hasher.update([0u8]);
+    hasher.update((block.len() as u64).to_le_bytes());
+    hasher.update(block);
+    hasher.finalize().into()
+}
+
 const MISSING_LEAF: &str = "its Merkle tree node is missing or blank";
 
 /// Why hypercore could not read a block it marks as held, in our words.
@@ -250,5 +259,24 @@ fn unreadable(error: &hypercore::HypercoreError) -> String {
             MISSING_LEAF.into()
         }
         other => format!("its files cannot be read as a block ({other})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hypercore_schema::Hash;
+
+    use super::leaf_hash;
+
+    #[test]
+    fn the_leaf_hash_is_hypercores() {
+        for len in [0usize, 1, 100, 127, 128, 129, 4096, 70_000] {
+            let block: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            assert_eq!(
+                leaf_hash(&block).as_slice(),
+                Hash::data(&block).as_bytes(),
+                "{len}"
+            );
+        }
     }
 }

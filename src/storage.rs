@@ -248,35 +248,6 @@ impl PageCache {
     }
 }
 
-fn lock_cache(cache: &StdMutex<PageCache>) -> std::sync::MutexGuard<'_, PageCache> {
-    // Pages are only inserted, updated in place or cleared: a panic elsewhere
-    // cannot leave one half-written, so a poisoned lock is taken over.
-    cache
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Reads `buf.len()` bytes at `offset` of a tree file `file_len` bytes long,
-/// through its page cache once the file is busy enough to have one.
-fn read_tree(
-    cache: &mut PageCache,
-    file: &Arc<FileSlot>,
-    file_len: u64,
-    offset: u64,
-    buf: &mut [u8],
-) -> io::Result<()> {
-    if cache.enabled() && buf.len() as u64 <= PAGE {
-        cache.read(offset, buf, |page_at, page| {
-            // The last page may run past the end of the file: the rest stays zero.
-            let n = (file_len.saturating_sub(page_at)).min(PAGE) as usize;
-            file.with(|f| f.read_exact_at(&mut page[..n], page_at))
-        })
-    } else {
-        cache.reads += 1;
-        file.with(|f| f.read_exact_at(buf, offset))
-    }
-}
-
 /// Largest amount of tree writes held before they are written anyway.
 const MAX_HELD_BYTES: usize = 1 << 20;
 
@@ -385,12 +356,17 @@ impl Default for RecentLeaves {
 }
 
 impl RecentLeaves {
+    /// Whether `len` bytes read at `offset` of a tree file are one leaf.
+    fn is_leaf(offset: u64, len: usize) -> bool {
+        len as u64 == NODE && offset.is_multiple_of(2 * NODE)
+    }
+
     /// Records `bytes` read at `offset` of the tree file if they are one leaf.
     fn note(&mut self, offset: u64, bytes: &[u8]) {
         let Ok(node) = <[u8; NODE as usize]>::try_from(bytes) else {
             return;
         };
-        if !offset.is_multiple_of(2 * NODE) {
+        if !Self::is_leaf(offset, bytes.len()) {
             return;
         }
         self.slots[self.next] = (offset / (2 * NODE), node);
@@ -492,8 +468,8 @@ enum AtOpen {
 /// One file of a hypercore, written with positioned writes and no fsync.
 #[derive(Debug)]
 struct PlainFile {
-    /// Read cache, for the tree file only (shared with [`SyncSet::leaf`]).
-    cache: Option<Arc<StdMutex<PageCache>>>,
+    /// Read cache, for the tree file only.
+    cache: Option<PageCache>,
     /// For the oplog and the tree: the file's length, mirrored for
     /// [`SyncSet::has_oplog_entries`] and [`SyncSet::leaf`].
     length_mirror: Option<Arc<AtomicU64>>,
@@ -570,8 +546,8 @@ impl RandomAccess for PlainFile {
             self.file.with(|f| f.write_all_at(data, offset))?;
             self.writes.fetch_add(1, Ordering::Release);
         }
-        if let Some(cache) = &self.cache {
-            lock_cache(cache).write(offset, data);
+        if let Some(cache) = &mut self.cache {
+            cache.write(offset, data);
         }
         if let Some(recent) = &self.recent_leaves {
             lock_recent(recent).clear();
@@ -631,17 +607,25 @@ impl RandomAccess for PlainFile {
         }
         // Bounded by the file's own length, checked above.
         let mut buf = vec![0u8; length as usize];
-        match &self.cache {
-            Some(cache) => read_tree(
-                &mut lock_cache(cache),
-                &self.file,
-                self.length,
-                offset,
-                &mut buf,
-            )?,
-            None => self.file.with(|f| f.read_exact_at(&mut buf, offset))?,
+        match &mut self.cache {
+            Some(cache) if cache.enabled() && length <= PAGE => {
+                let (file, file_len) = (&self.file, self.length);
+                cache.read(offset, &mut buf, |page_at, page| {
+                    // The last page may run past the end of the file: the rest stays zero.
+                    let n = (file_len.saturating_sub(page_at)).min(PAGE) as usize;
+                    file.with(|f| f.read_exact_at(&mut page[..n], page_at))
+                })?;
+            }
+            cache => {
+                if let Some(cache) = cache {
+                    cache.reads += 1;
+                }
+                self.file.with(|f| f.read_exact_at(&mut buf, offset))?;
+            }
         }
-        if let Some(recent) = &self.recent_leaves {
+        if let Some(recent) = &self.recent_leaves
+            && RecentLeaves::is_leaf(offset, buf.len())
+        {
             lock_recent(recent).note(offset, &buf);
         }
         Ok(buf)
@@ -664,8 +648,8 @@ impl RandomAccess for PlainFile {
             return self.truncate(offset).await;
         }
         self.flush_held()?;
-        if let Some(cache) = &self.cache {
-            lock_cache(cache).pages.clear();
+        if let Some(cache) = &mut self.cache {
+            cache.pages.clear();
         }
         if let Some(recent) = &self.recent_leaves {
             lock_recent(recent).clear();
@@ -698,8 +682,8 @@ impl RandomAccess for PlainFile {
         let length = self.file_offset(length);
         self.flush_held()?;
         self.file.with(|f| f.set_len(length))?;
-        if let Some(cache) = &self.cache {
-            lock_cache(cache).pages.clear();
+        if let Some(cache) = &mut self.cache {
+            cache.pages.clear();
         }
         if let Some(recent) = &self.recent_leaves {
             lock_recent(recent).clear();
@@ -740,8 +724,6 @@ pub(crate) struct SyncSet {
     oplog_len: Arc<AtomicU64>,
     /// Tree writes not yet issued (see [`HeldWrites`]).
     held: Arc<StdMutex<HeldWrites>>,
-    /// The tree file's read cache, shared by the core's storage and [`SyncSet::leaf`].
-    tree_cache: Arc<StdMutex<PageCache>>,
     /// Length of the tree file, held writes included.
     tree_len: Arc<AtomicU64>,
     /// The oplog entries since hypercore last wrote its tree nodes out.
@@ -830,8 +812,7 @@ impl SyncSet {
         }
         let file = {
             let mut held = lock_held(&self.held)?;
-            // As in a read through the cache, which loads whole pages.
-            if held.ends_after(at / PAGE * PAGE) {
+            if held.overlaps(at, at + NODE) {
                 held.flush()?;
             }
             match &held.file {
@@ -839,14 +820,9 @@ impl SyncSet {
                 None => return Ok(None),
             }
         };
+        // Rare (hypercore had the node in memory, or read it a while ago): uncached.
         let mut node = [0u8; NODE as usize];
-        read_tree(
-            &mut lock_cache(&self.tree_cache),
-            &file,
-            file_len,
-            at,
-            &mut node,
-        )?;
+        file.with(|f| f.read_exact_at(&mut node, at))?;
         Ok(leaf_from_node(seq, &node))
     }
 
@@ -992,7 +968,6 @@ pub(crate) async fn open_dir_with(
     let fresh = create && make_dir(dir)?;
     let view = if fresh { None } else { read_open_view(dir)? };
     // What the core knew before an unload is gone: it replays its oplog again.
-    lock_cache(&set.tree_cache).pages.clear();
     lock_recent(&set.recent_leaves).clear();
     *lock_entries(&set.pending_entries) = PendingEntries {
         bytes: view
@@ -1057,7 +1032,7 @@ pub(crate) async fn open_dir_with(
                     }
                 };
                 let file = PlainFile {
-                    cache: matches!(store, Store::Tree).then(|| set.tree_cache.clone()),
+                    cache: matches!(store, Store::Tree).then(PageCache::default),
                     length_mirror: match store {
                         Store::Oplog => Some(set.oplog_len.clone()),
                         Store::Tree => Some(set.tree_len.clone()),
@@ -1414,7 +1389,7 @@ mod tests {
             ..Default::default()
         }));
         let mut file = PlainFile {
-            cache: Some(Arc::default()),
+            cache: Some(PageCache::default()),
             length_mirror: None,
             entries: None,
             recent_leaves: None,
@@ -1486,7 +1461,7 @@ mod tests {
             }
         }
         assert!(
-            lock_cache(file.cache.as_ref().unwrap()).enabled(),
+            file.cache.as_ref().unwrap().enabled(),
             "the cache was exercised"
         );
         drop(file);

@@ -459,6 +459,11 @@ impl Topics {
     }
 }
 
+/// The topic of a message block, if `bytes` is one.
+pub(crate) fn block_topic(bytes: &[u8]) -> Option<String> {
+    decode_block(bytes).ok().map(|(topic, _)| topic)
+}
+
 /// What [`Topics::read_report`] returns.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

@@ -292,6 +292,69 @@ fn read_of_a_truncated_data_file_prints_the_blocks_before_the_cut_and_one_error(
 }
 
 #[test]
+fn a_lost_index_is_never_an_empty_store_and_repair_brings_everything_back() {
+    let root = tempfile::tempdir().unwrap();
+    let (gw, _) = thirty_readings(root.path());
+    gw.ok(&["write", "other", "x"]);
+    let before = gw.read("t", None).0;
+    std::fs::remove_dir_all(gw.dir.join("index")).unwrap();
+
+    // read and feeds warn, verify fails and lists both directories.
+    let out = gw.run(&["read", "t"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("2 feed directories under"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = gw.run(&["verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    assert_eq!(stdout.matches("UNLISTED").count(), 2, "{stdout}");
+    assert!(stderr.contains("not in the store's index"), "{stderr}");
+
+    let out = gw.ok(&["repair"]);
+    assert!(
+        out.contains("writer \"topic/t\"") && out.contains("writer \"topic/other\""),
+        "{out}"
+    );
+    assert!(gw.ok(&["verify"]).contains("all 2 feeds verified"));
+    assert_eq!(gw.read("t", None).0, before);
+    // The writer is the same feed: a new message lands after the old ones.
+    gw.ok(&["write", "t", "after-repair"]);
+    assert_eq!(
+        gw.read("t", None).0.last().map(String::as_str),
+        Some("after-repair")
+    );
+    let feeds = gw.ok(&["--json", "feeds"]);
+    assert_eq!(feeds.lines().count(), 2, "{feeds}");
+}
+
+#[test]
+fn repair_sets_a_damaged_index_aside_and_rebuilds_it() {
+    let root = tempfile::tempdir().unwrap();
+    let (gw, _) = thirty_readings(root.path());
+    let before = gw.read("t", None).0;
+    std::fs::write(gw.dir.join("index").join("oplog"), vec![0xff; 100]).unwrap();
+    let out = gw.run(&["repair"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("the index was damaged"), "{stderr}");
+    let aside: Vec<_> = std::fs::read_dir(&gw.dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("index.damaged-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged index is kept");
+    assert_eq!(gw.read("t", None).0, before);
+    gw.verify();
+}
+
+#[test]
 fn verify_reports_a_zeroed_bitfield_of_our_own_writer() {
     let root = tempfile::tempdir().unwrap();
     let gw = &group(root.path(), 1)[0];

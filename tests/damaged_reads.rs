@@ -210,3 +210,90 @@ async fn a_topic_read_passes_over_a_damaged_block_and_reports_it() {
     assert_eq!(messages.len(), 49);
     group.close().await.unwrap();
 }
+
+/// Losing the index does not look like an empty store: every feed directory is
+/// reported as unlisted, verify is not ok, and `repair` takes every feed back,
+/// writers under their names (kept in `writer-name`, or recovered from a topic
+/// feed's first message in a store written before that file), remote feeds as
+/// remote, with every block.
+#[tokio::test]
+async fn repair_after_losing_the_index_brings_back_every_feed_and_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    // A remote feed, replicated in from another store of the group.
+    let other = open_dir(source.path()).await;
+    let theirs = other.writer("theirs").await.unwrap();
+    theirs.append_batch(&[b"r0", b"r1"]).await.unwrap();
+    let group = open_dir(dir.path()).await;
+    let topics = Topics::new(group.clone());
+    topics
+        .publish(Message::new("temperature", "21.5"))
+        .await
+        .unwrap();
+    let plain = group.writer("plain").await.unwrap();
+    for i in 0..100 {
+        plain.append(&block(i)).await.unwrap();
+    }
+    let (a, b) = sync_pair(&group, &other).await;
+    a.unwrap();
+    b.unwrap();
+    let topic_key = group.writer("topic/temperature").await.unwrap().key();
+    let (plain_key, theirs_key) = (plain.key(), theirs.key());
+    assert!(group.feed(theirs_key).is_some());
+    group.close().await.unwrap();
+    other.close().await.unwrap();
+    // A store from before the name file: the topic writer's name must be inferred.
+    std::fs::remove_file(feed_file(dir.path(), topic_key, "writer-name")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+
+    let group = open_dir(dir.path()).await;
+    assert!(group.feeds().is_empty());
+    assert_eq!(group.unlisted_feed_dirs().len(), 3);
+    let report = group.verify().await.unwrap();
+    assert!(
+        !report.is_ok(),
+        "a store that lost its index is never healthy"
+    );
+    assert_eq!(report.unlisted.len(), 3);
+
+    let repaired = group.repair().await.unwrap();
+    assert!(repaired.left.is_empty(), "{:?}", repaired.left);
+    let mut relisted = repaired.relisted.clone();
+    relisted.sort();
+    let mut expected = vec![
+        (topic_key, Some("topic/temperature".to_owned())),
+        (plain_key, Some("plain".to_owned())),
+        (theirs_key, None),
+    ];
+    expected.sort();
+    assert_eq!(relisted, expected);
+    assert!(group.unlisted_feed_dirs().is_empty());
+    assert!(group.verify().await.unwrap().is_ok());
+    group.close().await.unwrap();
+
+    // Reopened: the same feeds under the same names, every block, and writable.
+    let group = open_dir(dir.path()).await;
+    assert!(group.unlisted_feed_dirs().is_empty());
+    let plain = group.writer("plain").await.unwrap();
+    assert_eq!(plain.key(), plain_key);
+    intact(&plain, 0..100).await;
+    plain.append(&block(100)).await.unwrap();
+    let theirs = group.feed(theirs_key).unwrap();
+    assert!(!theirs.is_local());
+    assert_eq!(theirs.get(1).await.unwrap(), Some(b"r1".to_vec()));
+    let topics = Topics::new(group.clone());
+    let (messages, _) = topics
+        .read("temperature", &Cursor::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(messages.len(), 1);
+    topics
+        .publish(Message::new("temperature", "22.0"))
+        .await
+        .unwrap();
+    assert_eq!(
+        group.writer("topic/temperature").await.unwrap().key(),
+        topic_key
+    );
+    group.close().await.unwrap();
+}

@@ -612,21 +612,109 @@ pub async fn verify(global: &Global) -> anyhow::Result<()> {
             println!("{}", output::verify_line(row));
         }
     }
+    let unlisted = rows
+        .iter()
+        .filter(|r| r["unlisted"].as_bool() == Some(true))
+        .count();
     let damaged = rows
         .iter()
         .filter(|r| r["ok"].as_bool() != Some(true))
-        .count();
+        .count()
+        - unlisted;
+    if unlisted > 0 && damaged == 0 {
+        bail!(
+            "{unlisted} feed directories in {} are not in the store's index (listed above; a lost or damaged index/, or an interrupted writer creation or download); their data is intact and was not changed: restore index/ from a backup, and keep those directories",
+            store_dir_display(global)
+        );
+    }
     if damaged > 0 {
         bail!(
-            "{damaged} of {} feeds are damaged (listed above) in {}; restore those feeds' directories from a backup; blocks before the damage are intact and nothing was changed",
-            rows.len(),
-            store_dir_display(global)
+            "{damaged} of {} feeds are damaged (listed above) in {}; restore those feeds' directories from a backup; blocks before the damage are intact and nothing was changed{}",
+            rows.len() - unlisted,
+            store_dir_display(global),
+            if unlisted > 0 {
+                format!(
+                    "; {unlisted} feed directories are also not in the store's index (UNLISTED above)"
+                )
+            } else {
+                String::new()
+            }
         );
     }
     if !global.json {
         println!("all {feeds} feeds verified");
     }
     Ok(())
+}
+
+pub async fn repair(global: &Global) -> anyhow::Result<()> {
+    let dir = store::resolve_dir(global.dir.as_deref())?;
+    let store = match store::open(global).await {
+        Ok(store) => store,
+        Err(e) if damaged_index(&e, &dir) => {
+            // Kept, never deleted: it may still be read by hand or restored.
+            let index = dir.join("index");
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let aside = dir.join(format!("index.damaged-{secs}"));
+            std::fs::rename(&index, &aside).with_context(|| {
+                format!("cannot move the damaged index {} aside", index.display())
+            })?;
+            tell!(
+                "the index was damaged ({e:#}); it is kept as {} and a new one is built",
+                aside.display()
+            );
+            store::open(global).await?
+        }
+        Err(e) => return Err(e),
+    };
+    let report = store.group.repair().await;
+    let closed = store.close().await;
+    let report = report?;
+    closed?;
+    for (key, name) in &report.relisted {
+        let what = match name {
+            Some(name) => format!("writer {name:?}"),
+            None => "remote feed".to_owned(),
+        };
+        if global.json {
+            println!("{}", json!({"relisted": key.to_hex(), "name": name}));
+        } else {
+            println!("relisted {} ({what})", key.to_hex());
+        }
+    }
+    for (path, reason) in &report.left {
+        if global.json {
+            println!("{}", json!({"left": path, "reason": reason}));
+        } else {
+            println!("left     {}: {reason}", path.display());
+        }
+    }
+    if !report.left.is_empty() {
+        bail!(
+            "{} feed directories could not be taken back (listed above) and were left as they are; nothing was deleted",
+            report.left.len()
+        );
+    }
+    if !global.json {
+        println!(
+            "{} feeds taken back into the index; run `multifeed verify` to check them",
+            report.relisted.len()
+        );
+    }
+    Ok(())
+}
+
+/// Whether `error` says the index of the store at `dir` is damaged.
+fn damaged_index(error: &anyhow::Error, dir: &std::path::Path) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<multifeed::Error>(),
+            Some(multifeed::Error::Damaged { path, .. }) if path.starts_with(dir.join("index"))
+        )
+    })
 }
 
 fn store_dir_display(global: &Global) -> String {
