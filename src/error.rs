@@ -207,6 +207,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// A block read from local storage does not match the feed's Merkle tree
+    /// (its bytes, its tree node or its place in the data file are damaged), so
+    /// it was not returned. The feed's other blocks are still readable.
+    #[error("feed {key}, block {seq}: damaged on disk ({reason}); {DAMAGED_BLOCK_ADVICE}")]
+    DamagedBlock {
+        /// Hex key of the feed.
+        key: String,
+        /// The block's sequence number.
+        seq: u64,
+        /// What did not match.
+        reason: String,
+    },
+
     /// A topic name that cannot be used (see `topics`).
     #[error(
         "invalid topic {topic:?}: {reason}; topics are 1 to 200 bytes of UTF-8 without control characters"
@@ -271,6 +284,7 @@ impl Error {
             Error::PeerFault { .. } => "peer_fault",
             Error::InvalidData { .. } => "invalid_data",
             Error::Damaged { .. } => "damaged",
+            Error::DamagedBlock { .. } => "damaged_block",
             Error::InvalidTopic { .. } => "invalid_topic",
             Error::InvalidMessage { .. } => "invalid_message",
             Error::InvalidCursor { .. } => "invalid_cursor",
@@ -366,6 +380,9 @@ fn describe_io(error: &io::Error) -> String {
     };
     format!("{advice} ({error})")
 }
+
+/// What to do about a damaged block ([`Error::DamagedBlock`]).
+pub(crate) const DAMAGED_BLOCK_ADVICE: &str = "the feed's other blocks are unaffected. Restore the feed's files from a backup, or, for a feed another gateway writes, delete its directory under feeds/ and sync to fetch it again";
 
 /// Shorthand for results in this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

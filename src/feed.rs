@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use blake2::{Blake2b, Digest, digest::consts::U32};
+use futures::FutureExt;
 use tokio::sync::watch;
 
 pub(crate) use crate::residency::SharedFeed;
@@ -159,6 +161,10 @@ impl Feed {
     }
 
     /// The block at `seq`, or `None` if this peer does not hold it (yet).
+    ///
+    /// A block read from disk is checked against its Merkle leaf (one BLAKE2b of
+    /// the block) before it is returned: damaged bytes, a damaged tree node or a
+    /// truncated file give [`Error::DamagedBlock`], never wrong data.
     pub async fn get(&self, seq: u64) -> Result<Option<Vec<u8>>> {
         self.check_open()?;
         if seq >= self.inner.shared.info().length {
@@ -168,7 +174,44 @@ impl Feed {
         if seq >= core.info().length {
             return Ok(None);
         }
-        core.get(seq).await.map_err(|e| Error::core(self.key(), e))
+        // Damaged files can trip assertions inside hypercore: contain them.
+        let read = std::panic::AssertUnwindSafe(core.get(seq))
+            .catch_unwind()
+            .await;
+        let value = match read {
+            Ok(Ok(value)) => value,
+            // The OS refused (permissions, I/O): not damage to the data.
+            Ok(Err(e @ hypercore::HypercoreError::IO { .. })) => {
+                return Err(Error::core(self.key(), e));
+            }
+            Ok(Err(e)) => return Err(self.damaged(seq, unreadable(&e))),
+            Err(_) => {
+                return Err(self.damaged(seq, "reading it tripped over inconsistent files".into()));
+            }
+        };
+        if let (Some(value), Some(sync)) = (&value, &self.inner.sync) {
+            let leaf = sync
+                .leaf(seq)
+                .map_err(|e| Error::io(format!("read feed {}", self.key()), e))?;
+            let Some(leaf) = leaf else {
+                return Err(self.damaged(seq, MISSING_LEAF.into()));
+            };
+            if leaf.length != value.len() as u64 || leaf_hash(value) != leaf.hash {
+                return Err(self.damaged(
+                    seq,
+                    "its bytes do not match the hash its Merkle tree holds".into(),
+                ));
+            }
+        }
+        Ok(value)
+    }
+
+    fn damaged(&self, seq: u64, reason: String) -> Error {
+        Error::DamagedBlock {
+            key: self.key().to_hex(),
+            seq,
+            reason,
+        }
     }
 
     /// Makes every block written so far survive a power loss. Concurrent flushes
@@ -188,5 +231,52 @@ impl Feed {
 
     pub(crate) fn shared(&self) -> &Arc<SharedFeed> {
         &self.inner.shared
+    }
+}
+
+/// Hypercore's Merkle leaf hash of a block: BLAKE2b-256 over a zero type byte,
+/// the block's length (u64, little-endian) and the block. Computed here without
+/// the allocation `hypercore_schema::Hash::data` makes for the length.
+fn leaf_hash(block: &[u8]) -> [u8; 32] {
+    let mut hasher = Blake2b::<U32>::new();
+    hasher.update([0u8]);
+    hasher.update((block.len() as u64).to_le_bytes());
+    hasher.update(block);
+    hasher.finalize().into()
+}
+
+const MISSING_LEAF: &str = "its Merkle tree node is missing or blank";
+
+/// Why hypercore could not read a block it marks as held, in our words.
+fn unreadable(error: &hypercore::HypercoreError) -> String {
+    match error {
+        hypercore::HypercoreError::InvalidOperation { context }
+            if context.contains("out of bounds") =>
+        {
+            "its data or tree file ends before it (truncated)".into()
+        }
+        hypercore::HypercoreError::InvalidOperation { context } if context.contains("blank") => {
+            MISSING_LEAF.into()
+        }
+        other => format!("its files cannot be read as a block ({other})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hypercore_schema::Hash;
+
+    use super::leaf_hash;
+
+    #[test]
+    fn the_leaf_hash_is_hypercores() {
+        for len in [0usize, 1, 100, 127, 128, 129, 4096, 70_000] {
+            let block: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            assert_eq!(
+                leaf_hash(&block).as_slice(),
+                Hash::data(&block).as_bytes(),
+                "{len}"
+            );
+        }
     }
 }

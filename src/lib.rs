@@ -103,7 +103,7 @@ pub use crate::{
     feed::Feed,
     keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
     metadata::FeedMetadata,
-    multifeed::{AdmissionStats, Event, Multifeed, Options, SkippedFeed},
+    multifeed::{AdmissionStats, Event, Multifeed, Options, RepairReport, SkippedFeed},
     replicate::{
         Backoff, BackoffPolicy, DialEvent, DialOptions, DialSummary, Dialer, PreAuth,
         ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary, SessionEnd,

@@ -136,6 +136,10 @@ enum Command {
     },
     /// Re-check every feed's Merkle tree and signatures; report damage.
     Verify,
+    /// Rebuild a lost or damaged index from the feed directories: every feed
+    /// directory the index does not list is taken back, writers under their
+    /// names. Deletes nothing (a damaged index/ is kept beside the new one).
+    Repair,
     /// Three gateway nodes on loopback publish sensor readings while they replicate
     /// live, then show the merged view and their peers.
     Demo {
@@ -255,6 +259,7 @@ async fn main() {
             cli::net::sync(&global, &addr, live, timeout).await
         }
         Command::Verify => cli::commands::verify(&global).await,
+        Command::Repair => cli::commands::repair(&global).await,
         Command::Demo { dir, stay } => cli::demo::run(dir, stay).await,
     };
     if let Err(e) = result {

@@ -79,6 +79,31 @@ pub(crate) async fn write_info(
     tokio::fs::rename(&partial, dir.join(INFO_FILE)).await
 }
 
+/// The file in a local writer's directory that holds its name, so the name
+/// survives the loss of the index (see `Multifeed::repair`).
+const WRITER_NAME_FILE: &str = "writer-name";
+
+/// The local writer name kept in the feed directory `dir`, if any. Bounded by
+/// the index's own limit on names.
+pub(crate) fn read_writer_name(dir: &Path) -> Option<String> {
+    let path = dir.join(WRITER_NAME_FILE);
+    let len = std::fs::metadata(&path).ok()?.len();
+    if len > crate::index::MAX_NAME_LEN as u64 {
+        tracing::warn!(path = %path.display(), "ignoring an oversized writer name file");
+        return None;
+    }
+    let name = std::fs::read_to_string(&path).ok()?;
+    (!name.is_empty()).then_some(name)
+}
+
+/// Keeps the local writer name `name` in its feed directory `dir`, replacing the
+/// file whole (a crash leaves the old file or the new one).
+pub(crate) fn write_writer_name(dir: &Path, name: &str) -> std::io::Result<()> {
+    let partial = dir.join(format!("{WRITER_NAME_FILE}.partial"));
+    std::fs::write(&partial, name)?;
+    std::fs::rename(&partial, dir.join(WRITER_NAME_FILE))
+}
+
 /// Offered metadata of feeds not created yet (they may be requested next). Full,
 /// it forgets the oldest offer: feeds offered and never created (offered empty,
 /// or junk) must not shut out the labels of feeds created later.

@@ -188,6 +188,8 @@ struct Inner {
     members: RwLock<Members>,
     events: broadcast::Sender<Event>,
     skipped: Vec<SkippedFeed>,
+    /// Feed directories found at open that the index does not list (until `repair`).
+    unlisted: std::sync::Mutex<Vec<PathBuf>>,
     pool: Arc<FilePool>,
     residency: Arc<Residency>,
     closed: AtomicBool,
@@ -285,6 +287,9 @@ impl Multifeed {
             }
             match load_feed(&storage, &record, options.durability, &pool, &residency).await {
                 Ok(feed) => {
+                    if let (StorageConfig::Dir(root), Some(name)) = (&storage, feed.name()) {
+                        keep_writer_name(&feed_dir(root, &record.key), name);
+                    }
                     let metadata = match (&storage, feed.is_local()) {
                         (_, true) => Some(crate::metadata::bounded(&options.writer_metadata)),
                         (StorageConfig::Dir(root), false) => {
@@ -312,9 +317,10 @@ impl Multifeed {
                 }
             }
         }
-        if let StorageConfig::Dir(root) = &storage {
-            report_orphans(root, &members);
-        }
+        let unlisted = match &storage {
+            StorageConfig::Dir(root) => unlisted_feed_dirs(root, &members, &skipped),
+            StorageConfig::Memory => Vec::new(),
+        };
 
         let (events, _) = broadcast::channel(options.event_capacity.max(1));
         Ok(Self {
@@ -326,6 +332,7 @@ impl Multifeed {
                 members: RwLock::new(members),
                 events,
                 skipped,
+                unlisted: std::sync::Mutex::new(unlisted),
                 pool,
                 residency,
                 closed: AtomicBool::new(false),
@@ -351,6 +358,125 @@ impl Multifeed {
     /// Members that were recorded but could not be loaded at open.
     pub fn skipped(&self) -> &[SkippedFeed] {
         &self.inner.skipped
+    }
+
+    /// Feed directories found under `feeds/` at open that the index does not list:
+    /// their blocks are kept but neither read nor replicated. A lost or damaged
+    /// index leaves every feed here; an interrupted writer creation or download
+    /// can leave one. Never deleted by multifeed; [`Multifeed::repair`] lists them
+    /// again.
+    pub fn unlisted_feed_dirs(&self) -> Vec<PathBuf> {
+        self.lock_unlisted().clone()
+    }
+
+    fn lock_unlisted(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        self.inner
+            .unlisted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes every unlisted feed directory ([`Multifeed::unlisted_feed_dirs`])
+    /// back into the index, as it was: a directory holding a secret key is a
+    /// local writer again, under the name kept in it (`writer-name`; a store
+    /// written before that file existed gets `topic/<T>` for a topic feed, from
+    /// its first message, else `recovered-<key prefix>`), any other one a remote
+    /// feed. Nothing is deleted or rewritten; a directory that cannot be taken
+    /// back is left as it is, with the reason.
+    pub async fn repair(&self) -> Result<RepairReport> {
+        let StorageConfig::Dir(root) = &self.inner.storage else {
+            return Ok(RepairReport::default());
+        };
+        let mut index = self.inner.write.lock().await;
+        let index = index.as_mut().ok_or(Error::Closed)?;
+        let mut report = RepairReport::default();
+        let unlisted = self.unlisted_feed_dirs();
+        for dir in unlisted {
+            match self.relist(root, &dir).await {
+                Ok((record, feed)) => {
+                    index.append(&record).await?;
+                    report
+                        .relisted
+                        .push((record.key, record.local_name.clone()));
+                    self.admit(feed);
+                    self.lock_unlisted().retain(|d| *d != dir);
+                }
+                Err(reason) => report.left.push((dir, reason)),
+            }
+        }
+        Ok(report)
+    }
+
+    /// The index record and loaded feed of the unlisted feed directory `dir`.
+    async fn relist(
+        &self,
+        root: &Path,
+        dir: &Path,
+    ) -> std::result::Result<(IndexRecord, Feed), String> {
+        let key = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| FeedKey::from_hex(n).ok())
+            .ok_or("its name is not a feed key")?;
+        if self.contains(&key) {
+            return Err("its key is already a member".into());
+        }
+        let (pool, residency) = (&self.inner.pool, &self.inner.residency);
+        let durability = self.inner.options.durability;
+        let storage = &self.inner.storage;
+        // Loading as a local writer fails unless the directory holds the secret key.
+        let probe = IndexRecord::new(key, Some(String::new()));
+        let local = load_feed(storage, &probe, durability, pool, residency)
+            .await
+            .is_ok();
+        let name = match (local, crate::metadata::read_writer_name(dir)) {
+            (false, _) => None,
+            (true, Some(name)) => Some(name),
+            (true, None) => Some(self.guess_writer_name(storage, key).await),
+        };
+        if let Some(name) = &name {
+            validate_name(name).map_err(|e| e.to_string())?;
+            if let Some(other) =
+                self.read_members(|m| m.by_name.get(name).map(|&i| m.order[i].key()))
+            {
+                return Err(format!("its writer name {name:?} is taken by feed {other}"));
+            }
+        }
+        let record = IndexRecord::new(key, name);
+        let feed = load_feed(storage, &record, durability, pool, residency).await?;
+        let metadata = match &record.local_name {
+            Some(name) => {
+                keep_writer_name(dir, name);
+                Some(crate::metadata::bounded(
+                    &self.inner.options.writer_metadata,
+                ))
+            }
+            None => crate::metadata::read_info(&feed_dir(root, &key), &key),
+        };
+        if let Some(metadata) = metadata {
+            let _ = feed.inner.metadata.set(metadata);
+        }
+        Ok((record, feed))
+    }
+
+    /// A name for a local writer whose name was lost with the index: `topic/<T>`
+    /// for a feed of topic `T` when that name is free, else `recovered-<key prefix>`.
+    async fn guess_writer_name(&self, storage: &StorageConfig, key: FeedKey) -> String {
+        let fallback = format!("recovered-{}", &key.to_hex()[..16]);
+        let probe = IndexRecord::new(key, None);
+        let (pool, residency) = (&self.inner.pool, &self.inner.residency);
+        let durability = self.inner.options.durability;
+        let Ok(feed) = load_feed(storage, &probe, durability, pool, residency).await else {
+            return fallback;
+        };
+        let topic = match feed.get(0).await {
+            Ok(Some(block)) => crate::topics::block_topic(&block),
+            _ => None,
+        };
+        match topic.map(|t| format!("{}{t}", crate::topics::WRITER_PREFIX)) {
+            Some(name) if self.read_members(|m| !m.by_name.contains_key(&name)) => name,
+            _ => fallback,
+        }
     }
 
     /// Every member feed, local and remote, in order of admission. Never includes
@@ -429,6 +555,14 @@ impl Multifeed {
         }
         let record = IndexRecord::new(key, Some(name.to_owned()));
         let feed = self.create_feed(&record, keypair.to_partial()).await?;
+        if let StorageConfig::Dir(root) = &self.inner.storage {
+            // Before the index record: a crash in between leaves a directory that
+            // `repair` takes back under this name.
+            let dir = feed_dir(root, &key);
+            crate::metadata::write_writer_name(&dir, name).map_err(|e| {
+                Error::io(format!("write the writer name into {}", dir.display()), e)
+            })?;
+        }
         index.append(&record).await?;
         self.admit(feed.clone());
         Ok(feed)
@@ -1003,22 +1137,50 @@ fn clear_trial_leftovers(root: &Path, recorded: &HashSet<FeedKey>, index_complet
     }
 }
 
-/// Feed directories that the index does not know: left by a crash between creating
-/// a feed and recording it. Harmless; reported so an operator can remove them.
-fn report_orphans(root: &Path, members: &Members) {
-    let Ok(entries) = std::fs::read_dir(feeds_dir(root)) else {
+/// Writes a local writer's name into its directory if it is not there yet (stores
+/// written before the file existed), so `repair` can restore it.
+fn keep_writer_name(dir: &Path, name: &str) {
+    if crate::metadata::read_writer_name(dir).as_deref() == Some(name) {
         return;
+    }
+    if let Err(error) = crate::metadata::write_writer_name(dir, name) {
+        tracing::warn!(path = %dir.display(), %error, "cannot keep the writer name beside its feed");
+    }
+}
+
+/// What [`Multifeed::repair`] did.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct RepairReport {
+    /// Feeds taken back into the index: key, and local writer name (`None`: remote).
+    pub relisted: Vec<(FeedKey, Option<String>)>,
+    /// Unlisted directories left as they are, and why.
+    pub left: Vec<(PathBuf, String)>,
+}
+
+/// The directories under `feeds/` that are neither members nor skipped members:
+/// left by a lost or damaged index, or by a crash between creating a feed and
+/// recording it.
+fn unlisted_feed_dirs(root: &Path, members: &Members, skipped: &[SkippedFeed]) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(feeds_dir(root)) else {
+        return Vec::new();
     };
+    let mut unlisted = Vec::new();
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let known = name
+        let key = entry
+            .file_name()
             .to_str()
-            .and_then(|n| FeedKey::from_hex(n).ok())
-            .is_some_and(|k| members.by_key.contains_key(&k));
-        if !known {
-            tracing::info!(path = %entry.path().display(), "feed directory not in the member index (left by an interrupted writer creation?)");
+            .and_then(|n| FeedKey::from_hex(n).ok());
+        let listed = key.is_some_and(|k| {
+            members.by_key.contains_key(&k) || skipped.iter().any(|s| s.key == Some(k))
+        });
+        if !listed && entry.path().is_dir() {
+            tracing::info!(path = %entry.path().display(), "feed directory not in the member index");
+            unlisted.push(entry.path());
         }
     }
+    unlisted.sort();
+    unlisted
 }
 
 #[cfg(test)]

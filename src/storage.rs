@@ -8,7 +8,7 @@
 //! loss, and concurrent callers share one round of fsyncs.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs::{File, OpenOptions},
     io,
     os::unix::fs::FileExt,
@@ -26,7 +26,8 @@ use crate::error::{Error, Result};
 
 mod open_view;
 
-use open_view::{OPLOG_ENTRIES_AT, OpenView, open_view};
+pub(crate) use open_view::Leaf;
+use open_view::{OPLOG_ENTRIES_AT, OpenView, leaves_in_entries, open_view};
 
 /// Where a multifeed keeps its feeds.
 #[derive(Debug, Clone)]
@@ -331,6 +332,111 @@ impl HeldWrites {
     }
 }
 
+/// Bytes of a Merkle tree node in the tree file: byte length, then hash.
+const NODE: u64 = 40;
+
+/// The last few leaf nodes hypercore read from a tree file. Reading a block, it
+/// reads the block's leaf (for its length) just before the data: a verified read
+/// finds it here instead of reading it again.
+#[derive(Debug)]
+struct RecentLeaves {
+    slots: [(u64, [u8; NODE as usize]); 4],
+    len: usize,
+    next: usize,
+}
+
+impl Default for RecentLeaves {
+    fn default() -> Self {
+        RecentLeaves {
+            slots: [(0, [0; NODE as usize]); 4],
+            len: 0,
+            next: 0,
+        }
+    }
+}
+
+impl RecentLeaves {
+    /// Whether `len` bytes read at `offset` of a tree file are one leaf.
+    fn is_leaf(offset: u64, len: usize) -> bool {
+        len as u64 == NODE && offset.is_multiple_of(2 * NODE)
+    }
+
+    /// Records `bytes` read at `offset` of the tree file if they are one leaf.
+    fn note(&mut self, offset: u64, bytes: &[u8]) {
+        let Ok(node) = <[u8; NODE as usize]>::try_from(bytes) else {
+            return;
+        };
+        if !Self::is_leaf(offset, bytes.len()) {
+            return;
+        }
+        self.slots[self.next] = (offset / (2 * NODE), node);
+        self.next = (self.next + 1) % self.slots.len();
+        self.len = (self.len + 1).min(self.slots.len());
+    }
+
+    fn get(&self, seq: u64) -> Option<[u8; NODE as usize]> {
+        self.slots[..self.len]
+            .iter()
+            .find(|(at, _)| *at == seq)
+            .map(|(_, node)| *node)
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+fn lock_recent(recent: &StdMutex<RecentLeaves>) -> std::sync::MutexGuard<'_, RecentLeaves> {
+    // Plain copies in and out: a poisoned lock is taken over.
+    recent
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Block `seq`'s leaf from its node bytes; `None` for a blank node.
+fn leaf_from_node(seq: u64, node: &[u8; NODE as usize]) -> Option<Leaf> {
+    if node.iter().all(|&b| b == 0) {
+        return None;
+    }
+    let (length, hash) = node.split_at(8);
+    Some(Leaf {
+        seq,
+        length: u64::from_le_bytes(length.try_into().ok()?),
+        hash: hash.try_into().ok()?,
+    })
+}
+
+/// The oplog entries a core wrote (or replayed at open) since it last wrote its
+/// tree nodes out: the nodes hypercore holds only in memory are theirs.
+#[derive(Debug, Default)]
+struct PendingEntries {
+    bytes: Vec<u8>,
+    /// Their leaves by block, parsed on first need, and how many bytes that covered.
+    leaves: HashMap<u64, Leaf>,
+    parsed: usize,
+}
+
+impl PendingEntries {
+    fn leaf(&mut self, seq: u64) -> Option<Leaf> {
+        if self.parsed != self.bytes.len() {
+            let leaves = &mut self.leaves;
+            leaves.clear();
+            leaves_in_entries(&self.bytes, |leaf| {
+                leaves.insert(leaf.seq, leaf);
+            });
+            self.parsed = self.bytes.len();
+        }
+        self.leaves.get(&seq).copied()
+    }
+}
+
+fn lock_entries(entries: &StdMutex<PendingEntries>) -> std::sync::MutexGuard<'_, PendingEntries> {
+    // Changed only by appends and resets: a poisoned lock is taken over.
+    entries
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn lock_held(held: &StdMutex<HeldWrites>) -> io::Result<std::sync::MutexGuard<'_, HeldWrites>> {
     held.lock()
         .map_err(|_| io::Error::other("held writes lock poisoned"))
@@ -364,8 +470,14 @@ enum AtOpen {
 struct PlainFile {
     /// Read cache, for the tree file only.
     cache: Option<PageCache>,
-    /// For the core's oplog: its length, mirrored for [`SyncSet::has_oplog_entries`].
-    oplog_len: Option<Arc<AtomicU64>>,
+    /// For the oplog and the tree: the file's length, mirrored for
+    /// [`SyncSet::has_oplog_entries`] and [`SyncSet::leaf`].
+    length_mirror: Option<Arc<AtomicU64>>,
+    /// For the oplog: the entries written since hypercore last flushed its tree
+    /// (see [`SyncSet::leaf`]).
+    entries: Option<Arc<StdMutex<PendingEntries>>>,
+    /// For the tree: the leaves hypercore read last (see [`SyncSet::leaf`]).
+    recent_leaves: Option<Arc<StdMutex<RecentLeaves>>>,
     at_open: AtOpen,
     /// For the oplog: stored entries kept for replay at open, until hypercore
     /// folds them in. Its own entry offsets count from none (upstream defect 11),
@@ -387,8 +499,8 @@ impl PlainFile {
         }
     }
 
-    fn mirror_oplog_len(&self) {
-        if let Some(len) = &self.oplog_len {
+    fn mirror_len(&self) {
+        if let Some(len) = &self.length_mirror {
             len.store(self.length, Ordering::Release);
         }
     }
@@ -424,6 +536,7 @@ fn io_err(context: &str, path: &Path, e: io::Error) -> RandomAccessError {
 impl RandomAccess for PlainFile {
     async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
         self.at_open = AtOpen::AsStored;
+        let entries = offset >= OPLOG_ENTRIES_AT as u64;
         let offset = self.file_offset(offset);
         if let Held::Holder(held) = &self.held {
             lock_held(held)?.hold(offset, data)?;
@@ -436,8 +549,17 @@ impl RandomAccess for PlainFile {
         if let Some(cache) = &mut self.cache {
             cache.write(offset, data);
         }
+        if let Some(recent) = &self.recent_leaves {
+            lock_recent(recent).clear();
+        }
+        if let Some(pending) = &self.entries
+            && entries
+        {
+            // Kept as written: they are parsed only if a read needs one of their leaves.
+            lock_entries(pending).bytes.extend_from_slice(data);
+        }
         self.length = self.length.max(offset + data.len() as u64);
-        self.mirror_oplog_len();
+        self.mirror_len();
         Ok(())
     }
 
@@ -501,6 +623,11 @@ impl RandomAccess for PlainFile {
                 self.file.with(|f| f.read_exact_at(&mut buf, offset))?;
             }
         }
+        if let Some(recent) = &self.recent_leaves
+            && RecentLeaves::is_leaf(offset, buf.len())
+        {
+            lock_recent(recent).note(offset, &buf);
+        }
         Ok(buf)
     }
 
@@ -524,6 +651,9 @@ impl RandomAccess for PlainFile {
         if let Some(cache) = &mut self.cache {
             cache.pages.clear();
         }
+        if let Some(recent) = &self.recent_leaves {
+            lock_recent(recent).clear();
+        }
         // Zero the range in bounded chunks; hypercore only deletes cleared blocks.
         const CHUNK: u64 = 64 * 1024;
         let zeros = vec![0u8; CHUNK.min(length) as usize];
@@ -544,6 +674,10 @@ impl RandomAccess for PlainFile {
         // is folded into the tree and bitfield, kept entries included.
         if length <= OPLOG_ENTRIES_AT as u64 {
             self.kept_entries = 0;
+            // Every entry is folded in: hypercore wrote their nodes to the tree.
+            if let Some(pending) = &self.entries {
+                *lock_entries(pending) = PendingEntries::default();
+            }
         }
         let length = self.file_offset(length);
         self.flush_held()?;
@@ -551,9 +685,12 @@ impl RandomAccess for PlainFile {
         if let Some(cache) = &mut self.cache {
             cache.pages.clear();
         }
+        if let Some(recent) = &self.recent_leaves {
+            lock_recent(recent).clear();
+        }
         self.length = length;
         self.writes.fetch_add(1, Ordering::Release);
-        self.mirror_oplog_len();
+        self.mirror_len();
         Ok(())
     }
 
@@ -587,6 +724,12 @@ pub(crate) struct SyncSet {
     oplog_len: Arc<AtomicU64>,
     /// Tree writes not yet issued (see [`HeldWrites`]).
     held: Arc<StdMutex<HeldWrites>>,
+    /// Length of the tree file, held writes included.
+    tree_len: Arc<AtomicU64>,
+    /// The oplog entries since hypercore last wrote its tree nodes out.
+    pending_entries: Arc<StdMutex<PendingEntries>>,
+    /// The leaves hypercore read last from the tree file.
+    recent_leaves: Arc<StdMutex<RecentLeaves>>,
     /// Highest write count known to be on stable storage; the lock serialises syncs.
     synced: tokio::sync::Mutex<u64>,
     /// Copy of `synced` readable without the lock.
@@ -634,6 +777,53 @@ impl SyncSet {
                 *file = SlotFile::Evicted;
             }
         }
+    }
+
+    /// The Merkle leaf of block `seq` as the core holds it: from the tree file,
+    /// else from the oplog entries hypercore has not folded into it yet (their
+    /// nodes live only in its memory). `None` if neither has it. A verified read
+    /// compares the block it got with this.
+    ///
+    /// The tree file comes first, as it has nearly every leaf: a leaf never
+    /// changes once written, unless its writer truncates the feed (which
+    /// multifeed never does; a fork by another implementation could leave a
+    /// stale leaf there until hypercore next writes its tree).
+    pub(crate) fn leaf(&self, seq: u64) -> io::Result<Option<Leaf>> {
+        // What hypercore itself just read for this block, when it read the file.
+        if let Some(node) = lock_recent(&self.recent_leaves).get(seq)
+            && let Some(leaf) = leaf_from_node(seq, &node)
+        {
+            return Ok(Some(leaf));
+        }
+        match self.stored_leaf(seq)? {
+            Some(leaf) => Ok(Some(leaf)),
+            None => Ok(lock_entries(&self.pending_entries).leaf(seq)),
+        }
+    }
+
+    /// Block `seq`'s leaf in the tree file, unless past its end or blank.
+    fn stored_leaf(&self, seq: u64) -> io::Result<Option<Leaf>> {
+        let Some(at) = seq.checked_mul(2 * NODE) else {
+            return Ok(None);
+        };
+        let file_len = self.tree_len.load(Ordering::Acquire);
+        if at + NODE > file_len {
+            return Ok(None);
+        }
+        let file = {
+            let mut held = lock_held(&self.held)?;
+            if held.overlaps(at, at + NODE) {
+                held.flush()?;
+            }
+            match &held.file {
+                Some(file) => file.clone(),
+                None => return Ok(None),
+            }
+        };
+        // Rare (hypercore had the node in memory, or read it a while ago): uncached.
+        let mut node = [0u8; NODE as usize];
+        file.with(|f| f.read_exact_at(&mut node, at))?;
+        Ok(leaf_from_node(seq, &node))
     }
 
     /// Whether the core's oplog holds entries not yet folded into its tree and
@@ -777,6 +967,16 @@ pub(crate) async fn open_dir_with(
     // calls per feed, a twentieth of the time taken to learn 10,000 new feeds).
     let fresh = create && make_dir(dir)?;
     let view = if fresh { None } else { read_open_view(dir)? };
+    // What the core knew before an unload is gone: it replays its oplog again.
+    lock_recent(&set.recent_leaves).clear();
+    *lock_entries(&set.pending_entries) = PendingEntries {
+        bytes: view
+            .as_ref()
+            .and_then(|v| v.oplog.get(OPLOG_ENTRIES_AT..))
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default(),
+        ..Default::default()
+    };
     let view = Arc::new(StdMutex::new(view));
     let dir_owned = dir.to_path_buf();
     let set_for_open = set.clone();
@@ -833,7 +1033,13 @@ pub(crate) async fn open_dir_with(
                 };
                 let file = PlainFile {
                     cache: matches!(store, Store::Tree).then(PageCache::default),
-                    oplog_len: matches!(store, Store::Oplog).then(|| set.oplog_len.clone()),
+                    length_mirror: match store {
+                        Store::Oplog => Some(set.oplog_len.clone()),
+                        Store::Tree => Some(set.tree_len.clone()),
+                        Store::Data | Store::Bitfield => None,
+                    },
+                    entries: matches!(store, Store::Oplog).then(|| set.pending_entries.clone()),
+                    recent_leaves: matches!(store, Store::Tree).then(|| set.recent_leaves.clone()),
                     at_open,
                     kept_entries,
                     file: slot,
@@ -841,7 +1047,7 @@ pub(crate) async fn open_dir_with(
                     writes: set.writes.clone(),
                     held,
                 };
-                file.mirror_oplog_len();
+                file.mirror_len();
                 Ok(Box::new(file) as Box<dyn StorageTraits + Send>)
             })
         },
@@ -1184,7 +1390,9 @@ mod tests {
         }));
         let mut file = PlainFile {
             cache: Some(PageCache::default()),
-            oplog_len: None,
+            length_mirror: None,
+            entries: None,
+            recent_leaves: None,
             at_open: AtOpen::AsStored,
             kept_entries: 0,
             file: tree_slot,
@@ -1198,7 +1406,9 @@ mod tests {
         };
         let mut oplog = PlainFile {
             cache: None,
-            oplog_len: None,
+            length_mirror: None,
+            entries: None,
+            recent_leaves: None,
             at_open: AtOpen::AsStored,
             kept_entries: 0,
             file: slot(&pool, &dir.path().join("oplog")),

@@ -103,7 +103,7 @@ use self::{
     merge::{Merge, Step},
 };
 use crate::{
-    error::{Error, Result},
+    error::{DAMAGED_BLOCK_ADVICE, Error, Result},
     feed::Feed,
     keys::FeedKey,
     multifeed::{Event, Multifeed},
@@ -288,22 +288,33 @@ impl Topics {
     /// block 0 of, sorted.
     pub async fn topics(&self) -> Result<Vec<String>> {
         let mut topics = BTreeSet::new();
+        let mut damaged = Vec::new();
         for feed in self.inner.group.feeds() {
-            if let Some(topic) = self.feed_topic(&feed).await? {
+            if let Some(topic) = self.feed_topic(&feed, &mut damaged).await? {
                 topics.insert(topic);
             }
+        }
+        for block in damaged {
+            tracing::warn!("{block}");
         }
         Ok(topics.into_iter().collect())
     }
 
     /// The topic of a feed, from its block 0; `None` if it is not a topic feed or
-    /// its block 0 is not held yet.
-    async fn feed_topic(&self, feed: &Feed) -> Result<Option<String>> {
+    /// its block 0 is not held yet, or is damaged (then added to `damaged`).
+    async fn feed_topic(
+        &self,
+        feed: &Feed,
+        damaged: &mut Vec<DamagedBlock>,
+    ) -> Result<Option<String>> {
         let key = feed.key();
         if let Some(topic) = lock(&self.inner.feed_topics).get(&key) {
             return Ok(topic.clone());
         }
-        let Some(block) = feed.get(0).await? else {
+        let Some(block) = pass_damaged(key, feed.get(0).await, damaged)? else {
+            return Ok(None);
+        };
+        let Some(block) = block else {
             return Ok(None);
         };
         let topic = match decode_block(&block) {
@@ -318,10 +329,10 @@ impl Topics {
     }
 
     /// The feeds of `topic`.
-    async fn topic_feeds(&self, topic: &str) -> Result<Vec<Feed>> {
+    async fn topic_feeds(&self, topic: &str, damaged: &mut Vec<DamagedBlock>) -> Result<Vec<Feed>> {
         let mut feeds = Vec::new();
         for feed in self.inner.group.feeds() {
-            if self.feed_topic(&feed).await?.as_deref() == Some(topic) {
+            if self.feed_topic(&feed, damaged).await?.as_deref() == Some(topic) {
                 feeds.push(feed);
             }
         }
@@ -332,17 +343,37 @@ impl Topics {
     /// timestamp, and the cursor past them. Returns no messages and the same
     /// positions when nothing is unread. See the [module docs](self) for the
     /// order and the guarantee.
+    ///
+    /// A block damaged on disk is passed over with a warning, and the cursor moves
+    /// past it; [`Topics::read_report`] returns such blocks instead.
     pub async fn read(
         &self,
         topic: &str,
         cursor: &Cursor,
         limit: usize,
     ) -> Result<(Vec<ReceivedMessage>, Cursor)> {
+        let read = self.read_report(topic, cursor, limit).await?;
+        for block in &read.damaged {
+            tracing::warn!("{block}");
+        }
+        Ok((read.messages, read.cursor))
+    }
+
+    /// [`Topics::read`], returning the blocks it passed over because they are
+    /// damaged on disk (see [`Error::DamagedBlock`]) instead of logging them. The
+    /// messages before and after such a block are read as usual.
+    pub async fn read_report(
+        &self,
+        topic: &str,
+        cursor: &Cursor,
+        limit: usize,
+    ) -> Result<TopicRead> {
         validate_topic(topic)?;
         let mut cursor = cursor.clone();
         cursor.check_scope(self.scope(topic))?;
         let cursor = &cursor;
-        let feeds = self.topic_feeds(topic).await?;
+        let mut damaged = Vec::new();
+        let feeds = self.topic_feeds(topic, &mut damaged).await?;
         let mut merge = Merge::new(feeds.iter().map(Feed::key), cursor, limit);
         let mut messages = Vec::new();
         loop {
@@ -350,15 +381,22 @@ impl Topics {
                 Step::Done => break,
                 Step::Message(message) => messages.push(message),
                 Step::Need { feed, key, seq } => {
-                    let block = feeds[feed].get(seq).await?;
-                    let block = block.map(|bytes| topic_messages(&bytes, topic, &key, seq));
+                    let block = match pass_damaged(key, feeds[feed].get(seq).await, &mut damaged)? {
+                        Some(block) => block.map(|bytes| topic_messages(&bytes, topic, &key, seq)),
+                        // A damaged block holds no message this peer can trust.
+                        None => Some(Vec::new()),
+                    };
                     merge.supply(feed, block);
                 }
             }
         }
         let mut next = cursor.clone();
         merge.update_cursor(&mut next);
-        Ok((messages, next))
+        Ok(TopicRead {
+            messages,
+            cursor: next,
+            damaged,
+        })
     }
 
     /// A cursor from which a read of `topic` returns the last `per_feed` messages
@@ -371,16 +409,19 @@ impl Topics {
         validate_topic(topic)?;
         let mut cursor = Cursor::new();
         cursor.check_scope(self.scope(topic))?;
-        for feed in self.topic_feeds(topic).await? {
+        let mut damaged = Vec::new();
+        for feed in self.topic_feeds(topic, &mut damaged).await? {
             let key = feed.key();
             let mut position = (feed.contiguous_len().await, 0u32);
             let mut wanted = per_feed;
             while wanted > 0 && position.0 > 0 {
                 let seq = position.0 - 1;
-                let Some(block) = feed.get(seq).await? else {
-                    break;
+                let count = match pass_damaged(key, feed.get(seq).await, &mut damaged)? {
+                    Some(Some(block)) => topic_messages(&block, topic, &key, seq).len(),
+                    Some(None) => break,
+                    // A damaged block counts as holding no message; the read reports it.
+                    None => 0,
                 };
-                let count = topic_messages(&block, topic, &key, seq).len();
                 if count >= wanted {
                     // Blocks hold at most u32::MAX messages (their index type).
                     position = (seq, u32::try_from(count - wanted).unwrap_or(u32::MAX));
@@ -423,6 +464,111 @@ impl Topics {
         })
         .boxed()
     }
+}
+
+/// The topic of a message block, if `bytes` is one.
+pub(crate) fn block_topic(bytes: &[u8]) -> Option<String> {
+    decode_block(bytes).ok().map(|(topic, _)| topic)
+}
+
+/// What [`Topics::read_report`] returns.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TopicRead {
+    /// Up to `limit` unread messages, merged by timestamp.
+    pub messages: Vec<ReceivedMessage>,
+    /// The cursor past them (and past any damaged block passed over).
+    pub cursor: Cursor,
+    /// Blocks passed over because they are damaged on disk, in the order met
+    /// (consecutive blocks of a feed with the same fault as one run).
+    pub damaged: Vec<DamagedBlock>,
+}
+
+/// Blocks a read passed over because they are damaged on disk: one block, or a
+/// run of them in one feed with the same fault (as a truncated file gives).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DamagedBlock {
+    /// The feed.
+    pub key: FeedKey,
+    /// The first damaged block of the run.
+    pub first: u64,
+    /// The last damaged block of the run (`first` for one block).
+    pub last: u64,
+    /// What did not match.
+    pub reason: String,
+}
+
+impl DamagedBlock {
+    /// Takes block `seq` of `key` into this run if it continues it with the
+    /// same fault (or is already in it); false if it belongs to another run.
+    pub fn absorb(&mut self, key: FeedKey, seq: u64, reason: &str) -> bool {
+        if key != self.key || reason != self.reason {
+            return false;
+        }
+        if (self.first..=self.last).contains(&seq) {
+            return true;
+        }
+        if self.last.checked_add(1) == Some(seq) {
+            self.last = seq;
+            return true;
+        }
+        false
+    }
+}
+
+impl std::fmt::Display for DamagedBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (key, reason) = (self.key.to_hex(), &self.reason);
+        if self.first == self.last {
+            write!(f, "feed {key}, block {}", self.first)?;
+        } else {
+            let count = self.last - self.first + 1;
+            write!(
+                f,
+                "feed {key}, blocks {} to {} ({count} blocks)",
+                self.first, self.last
+            )?;
+        }
+        write!(f, ": damaged on disk ({reason}); {DAMAGED_BLOCK_ADVICE}")
+    }
+}
+
+/// `Ok(Some(block))` for a read that worked, `Ok(None)` for a damaged block
+/// (added to `damaged`); any other error as it is.
+fn pass_damaged(
+    key: FeedKey,
+    read: Result<Option<Vec<u8>>>,
+    damaged: &mut Vec<DamagedBlock>,
+) -> Result<Option<Option<Vec<u8>>>> {
+    match read {
+        Ok(block) => Ok(Some(block)),
+        Err(Error::DamagedBlock { seq, reason, .. }) => {
+            note_damaged(damaged, key, seq, reason);
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Adds block `seq` of `key` to `damaged`, extending the last run if it continues it.
+pub(crate) fn note_damaged(
+    damaged: &mut Vec<DamagedBlock>,
+    key: FeedKey,
+    seq: u64,
+    reason: String,
+) {
+    if let Some(run) = damaged.last_mut()
+        && run.absorb(key, seq, &reason)
+    {
+        return;
+    }
+    damaged.push(DamagedBlock {
+        key,
+        first: seq,
+        last: seq,
+        reason,
+    });
 }
 
 /// The messages of a block of `topic`'s feed `key`; none (with a warning) if the

@@ -28,12 +28,18 @@ pub struct VerifyReport {
     pub feeds: Vec<FeedReport>,
     /// Members that could not even be loaded at open (see [`Multifeed::skipped`]).
     pub skipped: Vec<SkippedFeed>,
+    /// Feed directories the index does not list (see
+    /// [`Multifeed::unlisted_feed_dirs`]): data this store holds but does not use.
+    pub unlisted: Vec<std::path::PathBuf>,
 }
 
 impl VerifyReport {
-    /// Whether every feed checked out and none was skipped.
+    /// Whether every feed checked out, none was skipped, and the index lists
+    /// every feed directory. A store whose index was lost is never ok.
     pub fn is_ok(&self) -> bool {
-        self.skipped.is_empty() && self.feeds.iter().all(|f| f.status == FeedStatus::Ok)
+        self.skipped.is_empty()
+            && self.unlisted.is_empty()
+            && self.feeds.iter().all(|f| f.status == FeedStatus::Ok)
     }
 
     /// Number of damaged or skipped feeds.
@@ -96,6 +102,7 @@ impl Multifeed {
         Ok(VerifyReport {
             feeds,
             skipped: self.skipped().to_vec(),
+            unlisted: self.unlisted_feed_dirs().to_vec(),
         })
     }
 }

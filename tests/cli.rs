@@ -193,6 +193,167 @@ fn verify_reports_a_flipped_byte_in_a_data_file() {
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: 1 of 1 feeds are damaged"));
 }
 
+/// A gateway holding `reading-00` .. `reading-29`, one block each; its feed's
+/// data file.
+fn thirty_readings(root: &std::path::Path) -> (Gw, std::path::PathBuf) {
+    let gw = group(root, 1).remove(0);
+    for i in 0..30 {
+        gw.ok(&["write", "t", &format!("reading-{i:02}")]);
+    }
+    let feed = std::fs::read_dir(gw.dir.join("feeds"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let data = feed.path().join("data");
+    (gw, data)
+}
+
+fn offset_of(data: &std::path::Path, needle: &str) -> usize {
+    let bytes = std::fs::read(data).unwrap();
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .unwrap()
+}
+
+fn payloads(stdout: &[u8]) -> Vec<String> {
+    parse_read(&String::from_utf8_lossy(stdout)).0
+}
+
+#[test]
+fn read_passes_over_a_damaged_block_reports_it_once_and_fails_at_the_end() {
+    let root = tempfile::tempdir().unwrap();
+    let (gw, data) = thirty_readings(root.path());
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[offset_of(&data, "reading-20") + 3] ^= 0x01;
+    std::fs::write(&data, bytes).unwrap();
+
+    let out = gw.run(&["--json", "read", "t"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a damaged block must fail the read: {stderr}"
+    );
+    let expected: Vec<String> = (0..30)
+        .filter(|&i| i != 20)
+        .map(|i| format!("reading-{i:02}"))
+        .collect();
+    assert_eq!(payloads(&out.stdout), expected, "{stderr}");
+
+    let out = gw.run(&["read", "t"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 2, "{stderr}");
+    assert!(
+        errors[0].contains(", block 20: damaged on disk"),
+        "{stderr}"
+    );
+    assert!(
+        errors[1].contains("1 damaged block passed over"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no colour codes into a pipe: {stderr}"
+    );
+}
+
+#[test]
+fn read_of_a_truncated_data_file_prints_the_blocks_before_the_cut_and_one_error() {
+    let root = tempfile::tempdir().unwrap();
+    let (gw, data) = thirty_readings(root.path());
+    let cut = offset_of(&data, "reading-20");
+    let file = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    file.set_len(cut as u64).unwrap();
+
+    let out = gw.run(&["read", "t"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let printed: Vec<&str> = stdout.lines().collect();
+    assert_eq!(printed.len(), 20, "{stdout}\n{stderr}");
+    assert!(printed[19].contains("reading-19"), "{stdout}");
+    // One line for the damage, one to end on, and the cursor: no flood.
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("cursor: "))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].contains("blocks 20 to 29 (10 blocks): damaged on disk")
+            && lines[0].contains("truncated"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_lost_index_is_never_an_empty_store_and_repair_brings_everything_back() {
+    let root = tempfile::tempdir().unwrap();
+    let (gw, _) = thirty_readings(root.path());
+    gw.ok(&["write", "other", "x"]);
+    let before = gw.read("t", None).0;
+    std::fs::remove_dir_all(gw.dir.join("index")).unwrap();
+
+    // read and feeds warn, verify fails and lists both directories.
+    let out = gw.run(&["read", "t"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("2 feed directories under"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = gw.run(&["verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    assert_eq!(stdout.matches("UNLISTED").count(), 2, "{stdout}");
+    assert!(stderr.contains("not in the store's index"), "{stderr}");
+
+    let out = gw.ok(&["repair"]);
+    assert!(
+        out.contains("writer \"topic/t\"") && out.contains("writer \"topic/other\""),
+        "{out}"
+    );
+    assert!(gw.ok(&["verify"]).contains("all 2 feeds verified"));
+    assert_eq!(gw.read("t", None).0, before);
+    // The writer is the same feed: a new message lands after the old ones.
+    gw.ok(&["write", "t", "after-repair"]);
+    assert_eq!(
+        gw.read("t", None).0.last().map(String::as_str),
+        Some("after-repair")
+    );
+    let feeds = gw.ok(&["--json", "feeds"]);
+    assert_eq!(feeds.lines().count(), 2, "{feeds}");
+}
+
+#[test]
+fn repair_sets_a_damaged_index_aside_and_rebuilds_it() {
+    let root = tempfile::tempdir().unwrap();
+    let (gw, _) = thirty_readings(root.path());
+    let before = gw.read("t", None).0;
+    std::fs::write(gw.dir.join("index").join("oplog"), vec![0xff; 100]).unwrap();
+    let out = gw.run(&["repair"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("the index was damaged"), "{stderr}");
+    let aside: Vec<_> = std::fs::read_dir(&gw.dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("index.damaged-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged index is kept");
+    assert_eq!(gw.read("t", None).0, before);
+    gw.verify();
+}
+
 #[test]
 fn verify_reports_a_zeroed_bitfield_of_our_own_writer() {
     let root = tempfile::tempdir().unwrap();

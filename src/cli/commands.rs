@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use futures::{FutureExt, StreamExt};
 use multifeed::{
     SharedKey,
-    topics::{Cursor, Message, ReceivedMessage},
+    topics::{Cursor, DamagedBlock, Message, ReceivedMessage},
 };
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
@@ -160,26 +160,32 @@ impl Via<'_> {
         })
     }
 
+    /// Up to `limit` messages after `cursor`, the cursor past them, and the
+    /// blocks passed over as damaged (a node reports its own in its log).
     async fn read(
         &self,
         topic: &str,
         cursor: &Cursor,
         limit: usize,
-    ) -> anyhow::Result<(Vec<output::Labelled>, Cursor)> {
+    ) -> anyhow::Result<(Vec<output::Labelled>, Cursor, Vec<DamagedBlock>)> {
         Ok(match self {
             Via::Store(topics) => {
-                let (messages, next) = topics.read(topic, cursor, limit).await?;
+                let read = topics.read_report(topic, cursor, limit).await?;
                 let group = topics.group();
-                let labelled = messages
+                let labelled = read
+                    .messages
                     .into_iter()
                     .map(|message| output::Labelled {
                         gateway: output::gateway_for(group, message.address.key),
                         message,
                     })
                     .collect();
-                (labelled, next)
+                (labelled, read.cursor, read.damaged)
             }
-            Via::Node(api) => api.read(topic, cursor, limit).await?,
+            Via::Node(api) => {
+                let (messages, next) = api.read(topic, cursor, limit).await?;
+                (messages, next, Vec::new())
+            }
         })
     }
 }
@@ -415,10 +421,27 @@ async fn read_topic(
     limit: Option<usize>,
 ) -> anyhow::Result<()> {
     let mut left = limit.unwrap_or(usize::MAX);
+    // Reported at the end, once each and in runs: a truncated file damages every
+    // block after the cut, and a damaged block 0 (the feed's topic) is met on
+    // every read.
+    let mut damaged: Vec<DamagedBlock> = Vec::new();
     while left > 0 {
-        let (messages, next) = via.read(topic, &cursor, left.min(READ_BATCH)).await?;
+        let (messages, next, passed_over) = via.read(topic, &cursor, left.min(READ_BATCH)).await?;
+        let moved = next != cursor;
         cursor = next;
-        if messages.is_empty() {
+        for run in &passed_over {
+            for seq in run.first..=run.last {
+                let known = damaged
+                    .iter_mut()
+                    .any(|d| d.absorb(run.key, seq, &run.reason));
+                if !known {
+                    let mut single = run.clone();
+                    (single.first, single.last) = (seq, seq);
+                    damaged.push(single);
+                }
+            }
+        }
+        if messages.is_empty() && (passed_over.is_empty() || !moved) {
             break;
         }
         left = left.saturating_sub(messages.len());
@@ -427,6 +450,23 @@ async fn read_topic(
         }
     }
     print_cursor(global.json, &cursor);
+    for run in &damaged {
+        if global.json {
+            eprintln!(
+                "{}",
+                json!({"damaged": {"key": run.key.to_hex(), "first": run.first, "last": run.last, "message": run.to_string()}})
+            );
+        } else {
+            eprintln!("error: {run}");
+        }
+    }
+    if !damaged.is_empty() {
+        let count: u64 = damaged.iter().map(|d| d.last - d.first + 1).sum();
+        let blocks = if count == 1 { "block" } else { "blocks" };
+        bail!(
+            "{count} damaged {blocks} passed over (see above), every intact message printed; run `multifeed verify` to see the extent of the damage"
+        );
+    }
     Ok(())
 }
 
@@ -572,21 +612,109 @@ pub async fn verify(global: &Global) -> anyhow::Result<()> {
             println!("{}", output::verify_line(row));
         }
     }
+    let unlisted = rows
+        .iter()
+        .filter(|r| r["unlisted"].as_bool() == Some(true))
+        .count();
     let damaged = rows
         .iter()
         .filter(|r| r["ok"].as_bool() != Some(true))
-        .count();
+        .count()
+        - unlisted;
+    if unlisted > 0 && damaged == 0 {
+        bail!(
+            "{unlisted} feed directories in {} are not in the store's index (listed above; a lost or damaged index/, or an interrupted writer creation or download); their data is intact and was not changed: restore index/ from a backup, and keep those directories",
+            store_dir_display(global)
+        );
+    }
     if damaged > 0 {
         bail!(
-            "{damaged} of {} feeds are damaged (listed above) in {}; restore those feeds' directories from a backup; blocks before the damage are intact and nothing was changed",
-            rows.len(),
-            store_dir_display(global)
+            "{damaged} of {} feeds are damaged (listed above) in {}; restore those feeds' directories from a backup; blocks before the damage are intact and nothing was changed{}",
+            rows.len() - unlisted,
+            store_dir_display(global),
+            if unlisted > 0 {
+                format!(
+                    "; {unlisted} feed directories are also not in the store's index (UNLISTED above)"
+                )
+            } else {
+                String::new()
+            }
         );
     }
     if !global.json {
         println!("all {feeds} feeds verified");
     }
     Ok(())
+}
+
+pub async fn repair(global: &Global) -> anyhow::Result<()> {
+    let dir = store::resolve_dir(global.dir.as_deref())?;
+    let store = match store::open(global).await {
+        Ok(store) => store,
+        Err(e) if damaged_index(&e, &dir) => {
+            // Kept, never deleted: it may still be read by hand or restored.
+            let index = dir.join("index");
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let aside = dir.join(format!("index.damaged-{secs}"));
+            std::fs::rename(&index, &aside).with_context(|| {
+                format!("cannot move the damaged index {} aside", index.display())
+            })?;
+            tell!(
+                "the index was damaged ({e:#}); it is kept as {} and a new one is built",
+                aside.display()
+            );
+            store::open(global).await?
+        }
+        Err(e) => return Err(e),
+    };
+    let report = store.group.repair().await;
+    let closed = store.close().await;
+    let report = report?;
+    closed?;
+    for (key, name) in &report.relisted {
+        let what = match name {
+            Some(name) => format!("writer {name:?}"),
+            None => "remote feed".to_owned(),
+        };
+        if global.json {
+            println!("{}", json!({"relisted": key.to_hex(), "name": name}));
+        } else {
+            println!("relisted {} ({what})", key.to_hex());
+        }
+    }
+    for (path, reason) in &report.left {
+        if global.json {
+            println!("{}", json!({"left": path, "reason": reason}));
+        } else {
+            println!("left     {}: {reason}", path.display());
+        }
+    }
+    if !report.left.is_empty() {
+        bail!(
+            "{} feed directories could not be taken back (listed above) and were left as they are; nothing was deleted",
+            report.left.len()
+        );
+    }
+    if !global.json {
+        println!(
+            "{} feeds taken back into the index; run `multifeed verify` to check them",
+            report.relisted.len()
+        );
+    }
+    Ok(())
+}
+
+/// Whether `error` says the index of the store at `dir` is damaged.
+fn damaged_index(error: &anyhow::Error, dir: &std::path::Path) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<multifeed::Error>(),
+            Some(multifeed::Error::Damaged { path, .. }) if path.starts_with(dir.join("index"))
+        )
+    })
 }
 
 fn store_dir_display(global: &Global) -> String {

@@ -171,6 +171,10 @@ pub fn verify_rows(report: &multifeed::VerifyReport) -> Vec<serde_json::Value> {
                          "path": skipped.path, "reason": skipped.reason}),
         );
     }
+    for path in &report.unlisted {
+        let key = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        rows.push(json!({"key": key, "ok": false, "unlisted": true, "path": path}));
+    }
     rows
 }
 
@@ -179,6 +183,12 @@ pub fn verify_line(row: &serde_json::Value) -> String {
     let key = row["key"].as_str().unwrap_or("?");
     let name = row["name"].as_str().unwrap_or("(remote)");
     let reason = row["reason"].as_str().unwrap_or_default();
+    if row["unlisted"].as_bool() == Some(true) {
+        return format!(
+            "UNLISTED {key}: the store's index does not list the feed directory {}: its blocks are kept but neither read nor replicated",
+            row["path"].as_str().unwrap_or("?")
+        );
+    }
     if row["skipped"].as_bool() == Some(true) {
         return format!(
             "DAMAGED  {key}  {name}: cannot be loaded ({}): {reason}",

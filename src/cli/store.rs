@@ -373,6 +373,15 @@ impl Store {
                 skipped.reason
             );
         }
+        let unlisted = group.unlisted_feed_dirs();
+        if !unlisted.is_empty() {
+            // Not an empty store: feeds it holds are missing from what it shows.
+            tracing::warn!(
+                "{} feed directories under {} are not in the store's index, so their messages are neither read nor replicated (a lost or damaged index/, or an interrupted writer creation or download); run `multifeed verify` for the list",
+                unlisted.len(),
+                dir.join("feeds").display()
+            );
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             name,

@@ -191,6 +191,8 @@ fn fatal_copy(error: &Error) -> Option<Error> {
         | Error::PeerFault { .. }
         | Error::TooManyUnprovenFeeds { .. }
         | Error::InvalidData { .. }
+        // One damaged block does not stop the rest of the group replicating.
+        | Error::DamagedBlock { .. }
         | Error::InvalidTopic { .. }
         | Error::InvalidMessage { .. }
         | Error::InvalidCursor { .. } => None,

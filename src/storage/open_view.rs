@@ -244,6 +244,63 @@ fn decodable_entry(payload: &[u8]) -> Option<Option<TreeState>> {
     (r.at == payload.len()).then_some(upgrade)
 }
 
+/// A Merkle leaf as a core's oplog entry carries it: block `seq`'s byte length
+/// and hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Leaf {
+    pub(crate) seq: u64,
+    pub(crate) length: u64,
+    pub(crate) hash: [u8; 32],
+}
+
+/// Every leaf carried by the whole, intact records of `records` (oplog entries,
+/// any mix of parts, as hypercore writes them), in order. Stops at the first
+/// record that is torn or does not decode.
+pub(super) fn leaves_in_entries(records: &[u8], mut each: impl FnMut(Leaf)) {
+    let mut at = 0;
+    while let Some(record) = record_at(records, at) {
+        if !entry_leaves(record.payload, &mut each) {
+            return;
+        }
+        at += LEADER + record.payload.len();
+    }
+}
+
+/// Passes the leaves among an entry's tree nodes to `each`; false if the entry
+/// does not decode.
+fn entry_leaves(payload: &[u8], each: &mut impl FnMut(Leaf)) -> bool {
+    let mut r = Reader::new(payload);
+    let Some(flags) = r.u8() else {
+        return false;
+    };
+    if flags & HAS_USER_DATA != 0 && r.strings().is_none() {
+        return false;
+    }
+    if flags & HAS_TREE_NODES == 0 {
+        return true;
+    }
+    let Some(nodes) = r.varint() else {
+        return false;
+    };
+    // Each node is read before it is used: a bogus count ends at the buffer's end.
+    for _ in 0..nodes {
+        let (Some(index), Some(length), Some(hash)) = (r.varint(), r.varint(), r.take(32)) else {
+            return false;
+        };
+        if index.is_multiple_of(2) {
+            let Ok(hash) = hash.try_into() else {
+                return false;
+            };
+            each(Leaf {
+                seq: index / 2,
+                length,
+                hash,
+            });
+        }
+    }
+    true
+}
+
 /// Maximal runs `(start, length)` of set bits below `limit` in a bitfield file
 /// (bit `i` is bit `i % 8` of byte `i / 8`). Like hypercore, only whole 4-byte
 /// words count.
