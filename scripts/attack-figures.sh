@@ -6,7 +6,9 @@
 # `full_size_figures`. ATTACK_ONLY=<part of a name> (e.g. "fresh keys") runs only
 # the matching attacks. ATTACK_PER_ADDRESS=n puts n attacking connections on
 # each source address (default 8, the per-address cap; 1: every attacking member
-# from an address of its own, 127.0.0.2, 127.0.0.3, ...).
+# from an address of its own, 127.0.0.2, 127.0.0.3, ...). ATTACK_ROUNDS=n
+# (default 3) runs each attack n times against one serve: what a later round adds
+# to the peak is what serve kept of the earlier ones once their connections ended.
 #
 #   scripts/attack-figures.sh                 this build
 #   BEFORE_BIN=/path/to/old/multifeed scripts/attack-figures.sh
@@ -19,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== ${ATTACK_PER_ADDRESS:-8} attacking connection(s) per source address"
+echo "== ${ATTACK_PER_ADDRESS:-8} attacking connection(s) per source address, ${ATTACK_ROUNDS:-3} round(s) per attack"
 run() {
     cargo test --release --test attacks full_size_figures -- --ignored --nocapture --test-threads=1 2>&1 \
         | grep -E 'MiB|member sync:|panicked|test result' || true

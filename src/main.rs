@@ -8,7 +8,7 @@
 mod cli;
 mod node;
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf};
 
 use clap::{ArgAction, Parser, Subcommand};
 use cli::config::pick;
@@ -122,6 +122,10 @@ enum Command {
         name: Option<String>,
         #[command(flatten)]
         mqtt: MqttFlags,
+        #[command(flatten)]
+        caps: CapFlags,
+        #[arg(long, value_name = "N", help = cap_help(GROUP_CAP_HELP, node::AdmissionCaps::default().group_max_unproven_feeds))]
+        group_max_unproven_feeds: Option<NonZeroUsize>,
     },
     /// Replicate with a peer: once (default) or live until Ctrl-C.
     Sync {
@@ -133,6 +137,8 @@ enum Command {
         /// Seconds allowed to connect and complete the handshake [default: 10].
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
+        #[command(flatten)]
+        caps: CapFlags,
     },
     /// Re-check every feed's Merkle tree and signatures; report damage.
     Verify,
@@ -233,9 +239,19 @@ async fn main() {
             timeout,
             name,
             mqtt,
+            caps,
+            group_max_unproven_feeds,
         } => {
             let file = config.serve;
             let mqtt = mqtt.config(&file);
+            let caps = node::AdmissionCaps {
+                group_max_unproven_feeds: pick_cap(
+                    group_max_unproven_feeds,
+                    file.group_max_unproven_feeds,
+                    node::AdmissionCaps::default().group_max_unproven_feeds,
+                ),
+                ..caps.caps(file.caps())
+            };
             let node = node::NodeConfig {
                 listen: listen.or(file.listen),
                 peers: if peers.is_empty() { file.peers } else { peers },
@@ -247,6 +263,7 @@ async fn main() {
                 quiet: false,
                 name: name.or(file.name),
                 mqtt,
+                caps,
             };
             cli::net::serve(&global, node).await
         }
@@ -254,9 +271,11 @@ async fn main() {
             addr,
             live,
             timeout,
+            caps,
         } => {
             let timeout = pick(timeout, config.sync.timeout, 10);
-            cli::net::sync(&global, &addr, live, timeout).await
+            let caps = caps.caps(config.sync.caps());
+            cli::net::sync(&global, &addr, live, timeout, &caps).await
         }
         Command::Verify => cli::commands::verify(&global).await,
         Command::Repair => cli::commands::repair(&global).await,
@@ -353,6 +372,58 @@ pub async fn resolve_addr(addr: &str) -> anyhow::Result<SocketAddr> {
         })?
         .next()
         .with_context(|| format!("the address {addr:?} resolves to nothing; expected HOST:PORT"))
+}
+
+/// `serve`'s and `sync`'s caps on what a peer's offer of feeds may cost.
+#[derive(clap::Args, Debug)]
+struct CapFlags {
+    #[arg(long, value_name = "N", help = cap_help(OFFERED_HELP, node::AdmissionCaps::default().max_offered_feeds))]
+    max_offered_feeds: Option<NonZeroUsize>,
+    #[arg(long, value_name = "N", help = cap_help(UNPROVEN_HELP, node::AdmissionCaps::default().max_unproven_feeds))]
+    max_unproven_feeds: Option<NonZeroUsize>,
+    #[arg(long, value_name = "N", help = cap_help(WAITING_HELP, node::AdmissionCaps::default().max_waiting_feeds))]
+    max_waiting_feeds: Option<NonZeroUsize>,
+}
+
+const OFFERED_HELP: &str =
+    "Most feeds one peer may offer; a peer offering more is refused as faulty";
+const UNPROVEN_HELP: &str = "Most feeds new to us that one peer's offer may have on trial at once (requested, nothing verified yet); also what a session may give up on before it ends, and, with --listen, what one source address may hold";
+const WAITING_HELP: &str = "Most offered feeds new to us requested and waiting for a place on trial, per session; the rest of the offer is requested as places free up";
+const GROUP_CAP_HELP: &str =
+    "Most feeds on trial at once over all sessions of the group; a session that would pass it ends";
+
+/// A cap's help with the library's default, so the text cannot fall behind it.
+fn cap_help(text: &str, default: usize) -> String {
+    format!("{text} [default: {default}]")
+}
+
+/// A cap's flag when given, else the file's, else the library's default.
+fn pick_cap(flag: Option<NonZeroUsize>, file: Option<NonZeroUsize>, default: usize) -> usize {
+    flag.or(file).map_or(default, NonZeroUsize::get)
+}
+
+impl CapFlags {
+    fn caps(self, file: cli::config::CapConfig) -> node::AdmissionCaps {
+        let default = node::AdmissionCaps::default();
+        node::AdmissionCaps {
+            max_offered_feeds: pick_cap(
+                self.max_offered_feeds,
+                file.max_offered_feeds,
+                default.max_offered_feeds,
+            ),
+            max_unproven_feeds: pick_cap(
+                self.max_unproven_feeds,
+                file.max_unproven_feeds,
+                default.max_unproven_feeds,
+            ),
+            max_waiting_feeds: pick_cap(
+                self.max_waiting_feeds,
+                file.max_waiting_feeds,
+                default.max_waiting_feeds,
+            ),
+            ..default
+        }
+    }
 }
 
 /// `serve`'s MQTT ingest flags.

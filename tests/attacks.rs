@@ -618,21 +618,46 @@ async fn full_size_figures() {
         .into_iter()
         .filter(|a| a.name().contains(&only))
         .collect();
-    if std::env::var_os("ATTACK_SERVE_BIN").is_some() {
-        // Another build: figures only.
-        for attack in attacks {
-            let setup = Setup::new();
-            let (ok, _, stderr) = setup.member_sync();
-            assert!(ok, "{stderr}");
+    // ATTACK_ROUNDS=n (default 3): each attack n times against one serve. VmHWM
+    // only grows, so what a later round adds to the peak is what the node did not
+    // free (or reuse) of the earlier rounds once their connections ended.
+    let rounds: usize = std::env::var("ATTACK_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    // Another build's serve: figures only.
+    let checked = std::env::var_os("ATTACK_SERVE_BIN").is_none();
+    for attack in attacks {
+        let setup = Setup::new();
+        // Warm up: one sync before, so the peak counts the attack and not the first sync.
+        let (ok, _, stderr) = setup.member_sync();
+        assert!(ok, "{stderr}");
+        let feeds_before = setup.member_feeds();
+        let mut added_mib = Vec::new();
+        let mut rss_after_mib = Vec::new();
+        for round in 1..=rounds {
             let figures = setup.run(attack).await;
-            println!("{figures}");
+            println!("round {round}/{rounds}: {figures}");
             if !figures.sync_ok {
                 println!("  member sync: {}", figures.sync_stderr.trim());
             }
+            added_mib.push(format!("+{:.1}", figures.extra_peak_mib()));
+            rss_after_mib.push(format!("{:.1}", figures.rss_after_kib as f64 / 1024.0));
+            if checked {
+                assert_survived(&figures);
+                // serve still serves once the attackers are gone, and kept nothing of theirs.
+                let (ok, _, stderr) = setup.member_sync();
+                assert!(ok, "{stderr}");
+                assert_eq!(setup.member_feeds(), feeds_before, "nothing junk arrived");
+            }
         }
-        return;
-    }
-    for attack in attacks {
-        attack_once(attack).await;
+        println!(
+            "{} rounds of {}: peak added per round {} MiB; RSS after each {} MiB",
+            rounds,
+            attack.name(),
+            added_mib.join(", "),
+            rss_after_mib.join(", ")
+        );
     }
 }

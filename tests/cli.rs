@@ -797,3 +797,78 @@ fn messages_show_the_gateway_that_wrote_them_wherever_they_replicate() {
     let refused = a.fails(&["serve", "--listen", "127.0.0.1:0", "--name", "bad\nname"]);
     assert!(refused.contains("gateway name"), "{refused}");
 }
+
+/// A peer's offer refused by a `max-offered-feeds` of 3 (per message, or in all).
+fn refused_by_cap_of_3(stderr: &str) -> bool {
+    stderr.contains("the peer broke the protocol")
+        && (stderr.contains("(limit 3)") || stderr.contains("more than 3 feeds"))
+}
+
+/// The admission caps are flags of `sync` and `serve` and keys of the config
+/// file: a lowered `max-offered-feeds` refuses a peer offering more, from the
+/// flag and from the file, while lowered trial caps still let a group arrive.
+#[test]
+fn admission_caps_from_flags_and_config_take_effect() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    let topics = ["t0", "t1", "t2", "t3", "t4"];
+    for topic in topics {
+        gws[0].ok(&["write", topic, &format!("from-{topic}")]);
+    }
+    let server = gws[0].serve();
+
+    let refused = gws[1].fails(&["sync", "--max-offered-feeds", "3", &server.addr]);
+    assert!(refused_by_cap_of_3(&refused), "{refused}");
+    let config = root.path().join("sync.toml");
+    std::fs::write(&config, "[sync]\nmax-offered-feeds = 3\n").unwrap();
+    let refused = gws[1].fails(&["--config", config.to_str().unwrap(), "sync", &server.addr]);
+    assert!(refused_by_cap_of_3(&refused), "{refused}");
+    // Refused as the peer's fault: nothing of the offer is kept.
+    assert!(gws[1].ok(&["topics"]).is_empty());
+    let zero = gws[1].fails(&["sync", "--max-unproven-feeds", "0", &server.addr]);
+    assert!(zero.contains("--max-unproven-feeds"), "{zero}");
+
+    // One feed on trial and one waiting at a time: the five arrive in waves.
+    let out = gws[1].ok(&[
+        "--json",
+        "sync",
+        "--max-unproven-feeds",
+        "1",
+        "--max-waiting-feeds",
+        "1",
+        &server.addr,
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["feeds_learnt"], topics.len(), "{out}");
+    server.stop();
+    for topic in topics {
+        assert_eq!(gws[1].read(topic, None).0, [format!("from-{topic}")]);
+    }
+
+    // The server's side, from its config file: a client offering more than the
+    // server's cap is refused and none of its feeds is kept.
+    let config = root.path().join("serve.toml");
+    std::fs::write(&config, "[serve]\nmax-offered-feeds = 3\n").unwrap();
+    gws[1].ok(&["write", "extra", "from-extra"]);
+    let server = Running::spawn(gws[0].cmd(&[
+        "--config",
+        config.to_str().unwrap(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]));
+    let mut server = server;
+    let line = server.line();
+    let addr = line
+        .strip_prefix("listening on ")
+        .unwrap()
+        .trim()
+        .to_owned();
+    let out = gws[1].run(&["sync", &addr]);
+    server.stop();
+    assert!(
+        gws[0].read("extra", None).0.is_empty(),
+        "sync: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -17,6 +17,7 @@ use super::{
     store::{self, Access, KeySource, Store, open_or_node},
 };
 use crate::Global;
+use crate::node::AdmissionCaps;
 
 /// Most messages published in one signed append when reading stdin.
 const STDIN_BATCH: usize = 1024;
@@ -479,7 +480,7 @@ async fn follow_topic(
     peer: Option<String>,
 ) -> anyhow::Result<()> {
     let mut dialer = match &peer {
-        Some(addr) => Some(net::dial(&store.group, addr, 10).await?),
+        Some(addr) => Some(net::dial(&store.group, addr, 10, &AdmissionCaps::default()).await?),
         None => None,
     };
     let mut report = peer

@@ -15,6 +15,7 @@
 //! name = "site-a"
 //! ```
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -70,6 +71,40 @@ pub struct ServeConfig {
     pub mqtt_client_key: Option<std::path::PathBuf>,
     pub mqtt_publish_remote: Option<String>,
     // The broker's password stays in MULTIFEED_MQTT_PASSWORD, like the key.
+    pub max_offered_feeds: Option<NonZeroUsize>,
+    pub max_unproven_feeds: Option<NonZeroUsize>,
+    pub max_waiting_feeds: Option<NonZeroUsize>,
+    pub group_max_unproven_feeds: Option<NonZeroUsize>,
+}
+
+/// The caps on peers' offers that `[serve]` and `[sync]` both take (see
+/// `--max-offered-feeds`). Not flattened into them: serde's `flatten` would
+/// turn off `deny_unknown_fields`, and a typo must stay an error.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CapConfig {
+    pub max_offered_feeds: Option<NonZeroUsize>,
+    pub max_unproven_feeds: Option<NonZeroUsize>,
+    pub max_waiting_feeds: Option<NonZeroUsize>,
+}
+
+impl ServeConfig {
+    pub fn caps(&self) -> CapConfig {
+        CapConfig {
+            max_offered_feeds: self.max_offered_feeds,
+            max_unproven_feeds: self.max_unproven_feeds,
+            max_waiting_feeds: self.max_waiting_feeds,
+        }
+    }
+}
+
+impl SyncConfig {
+    pub fn caps(&self) -> CapConfig {
+        CapConfig {
+            max_offered_feeds: self.max_offered_feeds,
+            max_unproven_feeds: self.max_unproven_feeds,
+            max_waiting_feeds: self.max_waiting_feeds,
+        }
+    }
 }
 
 /// `[sync]`: the flags of `multifeed sync`.
@@ -77,6 +112,9 @@ pub struct ServeConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SyncConfig {
     pub timeout: Option<u64>,
+    pub max_offered_feeds: Option<NonZeroUsize>,
+    pub max_unproven_feeds: Option<NonZeroUsize>,
+    pub max_waiting_feeds: Option<NonZeroUsize>,
 }
 
 impl ConfigFile {
@@ -158,6 +196,26 @@ mod tests {
         assert_eq!(config.serve.max_peers, Some(64));
         assert_eq!(config.serve.peers, ["10.0.0.2:7000"]);
         assert_eq!(config.sync.timeout, Some(30));
+    }
+
+    #[test]
+    fn caps_parse_and_zero_is_refused() {
+        let text = "[serve]\nmax-unproven-feeds = 8\ngroup-max-unproven-feeds = 64\n[sync]\nmax-offered-feeds = 2\n";
+        let config = ConfigFile::parse(text).unwrap();
+        assert_eq!(
+            config.serve.caps().max_unproven_feeds.map(|n| n.get()),
+            Some(8)
+        );
+        assert_eq!(
+            config.serve.group_max_unproven_feeds.map(|n| n.get()),
+            Some(64)
+        );
+        assert_eq!(
+            config.sync.caps().max_offered_feeds.map(|n| n.get()),
+            Some(2)
+        );
+        assert!(ConfigFile::parse("[sync]\nmax-waiting-feeds = 0\n").is_err());
+        assert!(ConfigFile::parse("[sync]\nmax-waiting-feed = 3\n").is_err());
     }
 
     #[test]

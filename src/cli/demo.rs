@@ -21,7 +21,7 @@ use super::{
     signal::shutdown_signal,
     store::{KeySource, Store},
 };
-use crate::node::{self, Node, NodeConfig};
+use crate::node::{self, AdmissionCaps, Node, NodeConfig};
 
 const GATEWAYS: [&str; 3] = ["gateway-a", "gateway-b", "gateway-c"];
 const TOPICS: [(&str, &str, f64); 2] = [("temperature", "C", 19.0), ("humidity", "%", 52.0)];
@@ -87,6 +87,7 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
                 listen: (g == 0).then(|| "127.0.0.1:0".to_owned()),
                 ..Default::default()
             },
+            caps: AdmissionCaps::default(),
         };
         let bound = Node::bind(store, config).await?;
         let listen = bound.listen_addr().context("the node listens")?.to_string();
@@ -297,7 +298,14 @@ impl Sensor {
 /// gateways 20 s apart.
 async fn open_with_history(dir: &Path, key: &SharedKey, g: usize) -> anyhow::Result<Store> {
     let name = GATEWAYS[g];
-    let store = Store::open_as(dir, key.clone(), KeySource::Flag, Some(name)).await?;
+    let store = Store::open_as(
+        dir,
+        key.clone(),
+        KeySource::Flag,
+        Some(name),
+        &AdmissionCaps::default(),
+    )
+    .await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     Global,
-    node::{Node, NodeConfig},
+    node::{AdmissionCaps, Node, NodeConfig},
 };
 
 /// Connects to `addr` within `timeout_secs`, with errors that say what to do.
@@ -56,14 +56,19 @@ pub async fn connect(addr: &str, timeout_secs: u64) -> anyhow::Result<TcpStream>
 
 /// Replicates live with the peer at `addr`, reconnecting after every loss until
 /// stopped. The address must resolve now; reaching it may wait.
-pub async fn dial(group: &Multifeed, addr: &str, timeout_secs: u64) -> anyhow::Result<Dialer> {
+pub async fn dial(
+    group: &Multifeed,
+    addr: &str,
+    timeout_secs: u64,
+    caps: &AdmissionCaps,
+) -> anyhow::Result<Dialer> {
     crate::resolve_addr(addr).await?;
     let timeout = Duration::from_secs(timeout_secs);
     Ok(group.dial(
         addr,
         DialOptions::default()
             .connect_timeout(timeout)
-            .replicate(ReplicateOptions::new(true).handshake_timeout(timeout)),
+            .replicate(caps.apply(ReplicateOptions::new(true).handshake_timeout(timeout))),
     ))
 }
 
@@ -110,7 +115,7 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
             "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, --http ADDR for the local API, --mqtt-listen ADDR for MQTT clients, or --mqtt-broker URL"
         );
     }
-    let store = store::open_as(global, config.name.as_deref()).await?;
+    let store = store::open_as(global, config.name.as_deref(), &config.caps).await?;
     if config.http.is_some() {
         config.token = match store::read_token_file(&store.dir) {
             Ok(token) => token,
@@ -159,12 +164,18 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
     Ok(())
 }
 
-pub async fn sync(global: &Global, addr: &str, live: bool, timeout: u64) -> anyhow::Result<()> {
-    let store = store::open(global).await?;
+pub async fn sync(
+    global: &Global,
+    addr: &str,
+    live: bool,
+    timeout: u64,
+    caps: &AdmissionCaps,
+) -> anyhow::Result<()> {
+    let store = store::open_as(global, None, caps).await?;
     let result = if live {
-        sync_live(global, &store.group, addr, timeout).await
+        sync_live(global, &store.group, addr, timeout, caps).await
     } else {
-        sync_once(global, &store.group, addr, timeout).await
+        sync_once(global, &store.group, addr, timeout, caps).await
     };
     let closed = store.close().await;
     result.and(closed)
@@ -205,12 +216,13 @@ async fn sync_once(
     group: &Multifeed,
     addr: &str,
     timeout: u64,
+    caps: &AdmissionCaps,
 ) -> anyhow::Result<()> {
     let mut tally = Tally::of(group).await;
     let socket = connect(addr, timeout).await?;
     let mut replication = group.start_replication(
         socket,
-        ReplicateOptions::new(true).handshake_timeout(Duration::from_secs(timeout)),
+        caps.apply(ReplicateOptions::new(true).handshake_timeout(Duration::from_secs(timeout))),
     );
     let bar = progress_bar(global);
     let mut synced: HashSet<FeedKey> = HashSet::new();
@@ -309,8 +321,9 @@ async fn sync_live(
     group: &Multifeed,
     addr: &str,
     timeout: u64,
+    caps: &AdmissionCaps,
 ) -> anyhow::Result<()> {
-    let mut dialer = dial(group, addr, timeout).await?;
+    let mut dialer = dial(group, addr, timeout, caps).await?;
     let mut report = DialReport::new(addr, global.json);
     // Per session: what is expected and what arrived; feeds already reported in sync.
     let mut tally = Tally::default();

@@ -25,14 +25,20 @@ use super::{
     remote::{self, NodeApi},
 };
 use crate::Global;
+use crate::node::AdmissionCaps;
 
 /// Opens the group of the global options.
 pub async fn open(global: &Global) -> anyhow::Result<Store> {
-    open_as(global, None).await
+    open_as(global, None, &AdmissionCaps::default()).await
 }
 
-/// [`open`], renaming the gateway to `name` when given.
-pub async fn open_as(global: &Global, name: Option<&str>) -> anyhow::Result<Store> {
+/// [`open`], renaming the gateway to `name` when given, with the group's cap
+/// of `caps`.
+pub async fn open_as(
+    global: &Global,
+    name: Option<&str>,
+    caps: &AdmissionCaps,
+) -> anyhow::Result<Store> {
     let dir = resolve_dir(global.dir.as_deref())?;
     let (key, source) = resolve_key(global.key.as_deref(), &dir)?;
     if source == KeySource::File && !is_group_dir(&dir) {
@@ -49,7 +55,7 @@ pub async fn open_as(global: &Global, name: Option<&str>) -> anyhow::Result<Stor
             dir.display()
         );
     }
-    Store::open_as(&dir, key, source, name).await
+    Store::open_as(&dir, key, source, name, caps).await
 }
 
 /// Environment variable holding the shared key.
@@ -310,16 +316,18 @@ impl Store {
     /// Opens the group in `dir` under `key`: takes the lock, checks the group id,
     /// opens the group and warns about members that could not be loaded.
     pub async fn open(dir: &Path, key: SharedKey, source: KeySource) -> anyhow::Result<Self> {
-        Self::open_as(dir, key, source, None).await
+        Self::open_as(dir, key, source, None, &AdmissionCaps::default()).await
     }
 
     /// [`Store::open`], renaming the gateway to `name` first when given (kept in
-    /// `<dir>/gateway-name`; its feeds carry the name to peers).
+    /// `<dir>/gateway-name`; its feeds carry the name to peers), with the group's
+    /// cap of `caps`.
     pub async fn open_as(
         dir: &Path,
         key: SharedKey,
         source: KeySource,
         name: Option<&str>,
+        caps: &AdmissionCaps,
     ) -> anyhow::Result<Self> {
         // A bad name is refused before anything is touched.
         if let Some(name) = name {
@@ -358,7 +366,9 @@ impl Store {
             None => gateway_name(dir),
         };
         let metadata = [(output::GATEWAY.to_owned(), name.clone())].into();
-        let options = Options::default().writer_metadata(metadata);
+        let options = Options::default()
+            .writer_metadata(metadata)
+            .max_unproven_feeds(caps.group_max_unproven_feeds);
         let group = Multifeed::open(StorageConfig::dir(dir), key, options)
             .await
             .with_context(|| format!("cannot open the group at {}", dir.display()))?;

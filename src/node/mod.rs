@@ -86,6 +86,48 @@ pub struct NodeConfig {
     pub name: Option<String>,
     /// MQTT ingest (`--mqtt-listen` and its bounds).
     pub mqtt: mqtt::MqttConfig,
+    /// What peers' offers may cost (`--max-unproven-feeds` and the like).
+    pub caps: AdmissionCaps,
+}
+
+/// Caps on what a peer's offer of feeds may cost us: the library's admission
+/// settings that `serve` and `sync` take as flags. Defaults are the library's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmissionCaps {
+    /// [`ReplicateOptions::max_offered_feeds`]: most feeds one peer may offer.
+    pub max_offered_feeds: usize,
+    /// [`ReplicateOptions::max_unproven_feeds`]: most feeds on trial per session,
+    /// and per source address on a listening node.
+    pub max_unproven_feeds: usize,
+    /// [`ReplicateOptions::max_waiting_feeds`]: most offered feeds requested and
+    /// waiting for a place on trial, per session.
+    pub max_waiting_feeds: usize,
+    /// [`multifeed::Options::max_unproven_feeds`]: most feeds on trial over all
+    /// sessions of the group.
+    pub group_max_unproven_feeds: usize,
+}
+
+impl Default for AdmissionCaps {
+    fn default() -> Self {
+        // Either side's defaults: the caps do not depend on who dialed.
+        let session = ReplicateOptions::new(true);
+        Self {
+            max_offered_feeds: session.max_offered_feeds,
+            max_unproven_feeds: session.max_unproven_feeds,
+            max_waiting_feeds: session.max_waiting_feeds,
+            group_max_unproven_feeds: multifeed::Options::default().max_unproven_feeds,
+        }
+    }
+}
+
+impl AdmissionCaps {
+    /// `options` with this session's caps.
+    pub fn apply(&self, options: ReplicateOptions) -> ReplicateOptions {
+        options
+            .max_offered_feeds(self.max_offered_feeds)
+            .max_unproven_feeds(self.max_unproven_feeds)
+            .max_waiting_feeds(self.max_waiting_feeds)
+    }
 }
 
 /// Counters `/metrics` shows.
@@ -121,11 +163,13 @@ pub struct Shared {
     /// Cancelled when the node stops: long-lived responses (SSE) end with it.
     pub stopping: CancellationToken,
     timeout: Duration,
+    caps: AdmissionCaps,
 }
 
 impl Shared {
     fn replicate_options(&self, initiator: bool) -> ReplicateOptions {
-        ReplicateOptions::new(initiator)
+        self.caps
+            .apply(ReplicateOptions::new(initiator))
             .live(true)
             .handshake_timeout(self.timeout)
             .user_data(self.registry.own().hello())
@@ -328,6 +372,7 @@ impl Node {
             mqtt: mqtt.is_some() || config.mqtt.broker.is_some(),
             stopping: cancel.clone(),
             timeout: config.timeout,
+            caps: config.caps,
         });
         let mut tasks = JoinSet::new();
         if let Some(listener) = listener {
