@@ -538,7 +538,24 @@ async fn feeds_left_on_trial_by_a_crash_are_removed_at_the_next_open() {
         stray.join("oplog").is_file(),
         "a directory never on trial was deleted"
     );
+    // verify reports that one, and only that one, as not in the index.
+    let out = server_gw.run(&["verify"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("1 feed directories") && all_output(&out).contains(&"ab".repeat(32)),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&stray).unwrap();
     server_gw.verify();
+}
+
+fn all_output(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// A member that opens more channels for feeds nobody offered than the cap (256)
