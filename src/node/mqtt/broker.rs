@@ -302,30 +302,25 @@ pub async fn run(
                 if publish.dup {
                     metrics.possible_duplicates.fetch_add(1, Ordering::Relaxed);
                 }
-                if let Err(refusal) = rules.check(&publish.topic, &publish.payload) {
-                    // It must never be appended: acked so the broker stops resending it.
-                    if refusal == Refusal::Echo {
+                let message = Message::new(publish.topic.clone(), publish.payload.to_vec());
+                // `Some(None)`: skipped quietly (our own egress, back); `Some(Some(why))`: refused.
+                let problem = match rules.check(&publish.topic, &publish.payload) {
+                    Err(Refusal::Echo) => {
                         metrics.echoes_skipped.fetch_add(1, Ordering::Relaxed);
-                    } else {
+                        Some(None)
+                    }
+                    Err(refusal) => Some(Some(refusal.to_string())),
+                    Ok(()) => message.validate().err().map(|e| Some(e.to_string())),
+                };
+                if let Some(reason) = problem {
+                    // It must never be appended: acked so the broker stops resending it.
+                    if let Some(reason) = reason {
                         tracing::warn!(
-                            "a message of {:?} from the broker is dropped: {refusal}",
+                            "a message of {:?} from the broker is dropped: {reason}",
                             publish.topic
                         );
                         metrics.refused_messages.fetch_add(1, Ordering::Relaxed);
                     }
-                    if publish.qos != QoS::AtMostOnce {
-                        let _ = client.ack(&publish).await;
-                    }
-                    continue;
-                }
-                let message = Message::new(publish.topic.clone(), publish.payload.to_vec());
-                if let Err(e) = message.validate() {
-                    // It can never be appended: acked, or the broker resends it forever.
-                    tracing::warn!(
-                        "a message of {:?} from the broker is dropped: {e}",
-                        publish.topic
-                    );
-                    metrics.refused_messages.fetch_add(1, Ordering::Relaxed);
                     if publish.qos != QoS::AtMostOnce {
                         let _ = client.ack(&publish).await;
                     }

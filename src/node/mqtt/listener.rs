@@ -629,23 +629,27 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(29));
     }
 
+    /// An MQTT 5 CONNECT.
+    fn v5_connect() -> BytesMut {
+        use rumqttc::v5::mqttbytes::v5;
+        let mut out = BytesMut::new();
+        let connect = v5::Connect {
+            keep_alive: 30,
+            client_id: "v5-client".into(),
+            clean_start: true,
+            properties: None,
+        };
+        v5::Packet::Connect(connect, None, None)
+            .write(&mut out, None)
+            .unwrap();
+        out
+    }
+
     #[tokio::test]
     async fn a_content_type_over_the_bound_is_refused_before_it_is_queued() {
         use rumqttc::v5::mqttbytes::{QoS, v5};
         let (mut peer, task, _cancel) = client().await;
-        let mut out = BytesMut::new();
-        v5::Packet::Connect(
-            v5::Connect {
-                keep_alive: 30,
-                client_id: "typed".into(),
-                clean_start: true,
-                properties: None,
-            },
-            None,
-            None,
-        )
-        .write(&mut out, None)
-        .unwrap();
+        let mut out = v5_connect();
         let properties = v5::PublishProperties {
             content_type: Some("x".repeat(multifeed::topics::MAX_CONTENT_TYPE_LEN + 1)),
             ..Default::default()
@@ -669,19 +673,7 @@ mod tests {
     /// MQTT 5 CONNECT, then a QoS 1 PUBLISH with the user property `ts`.
     fn v5_publish_with_time(ts: &str) -> Vec<u8> {
         use rumqttc::v5::mqttbytes::{QoS, v5};
-        let mut out = BytesMut::new();
-        v5::Packet::Connect(
-            v5::Connect {
-                keep_alive: 30,
-                client_id: "timed".into(),
-                clean_start: true,
-                properties: None,
-            },
-            None,
-            None,
-        )
-        .write(&mut out, None)
-        .unwrap();
+        let mut out = v5_connect();
         let properties = v5::PublishProperties {
             user_properties: vec![("site".into(), "a".into()), ("ts".into(), ts.into())],
             ..Default::default()
