@@ -734,7 +734,9 @@ impl<C> SessionCore<C> {
     fn on_exchange(&mut self, now: Instant, bytes: &[u8], store: &impl LocalFeeds) -> Result<()> {
         let message = ExchangeMessage::decode(bytes, &self.limits).map_err(|e| match e {
             DecodeError::TooManyFeeds { count, max } => Error::PeerFault {
-                reason: format!("it offered {count} feeds in one message (limit {max})"),
+                reason: format!(
+                    "it offered {count} feeds in one message, more than the {max} accepted from one peer (max_offered_feeds; raise it if the group is that large)"
+                ),
             },
             other => Error::PeerFault {
                 reason: format!("undecodable exchange message: {other}"),
@@ -830,7 +832,7 @@ impl<C> SessionCore<C> {
         if self.remote_offer.len() + new > self.options.max_offered_feeds {
             return Err(Error::PeerFault {
                 reason: format!(
-                    "it offered more than {} feeds (ReplicateOptions::max_offered_feeds)",
+                    "it offered more than {} feeds, the most accepted from one peer (max_offered_feeds; raise it if the group is that large)",
                     self.options.max_offered_feeds
                 ),
             });
