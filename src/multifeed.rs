@@ -421,6 +421,13 @@ impl Multifeed {
         if self.contains(&key) {
             return Err("its key is already a member".into());
         }
+        // Never admitted: a peer offered it and a crash came before it proved
+        // itself. Taking it in would admit what the peer never proved.
+        if dir.join(ON_TRIAL_MARK).is_file() {
+            return Err(
+                "it was a feed on trial, never admitted (left by an interrupted session); delete it or let the next sync fetch it again".into(),
+            );
+        }
         let (pool, residency) = (&self.inner.pool, &self.inner.residency);
         let durability = self.inner.options.durability;
         let storage = &self.inner.storage;
