@@ -801,7 +801,7 @@ fn messages_show_the_gateway_that_wrote_them_wherever_they_replicate() {
 /// A peer's offer refused by a `max-offered-feeds` of 3 (per message, or in all).
 fn refused_by_cap_of_3(stderr: &str) -> bool {
     stderr.contains("the peer broke the protocol")
-        && (stderr.contains("(limit 3)") || stderr.contains("more than 3 feeds"))
+        && (stderr.contains("more than the 3 accepted") || stderr.contains("more than 3 feeds"))
 }
 
 /// The admission caps are flags of `sync` and `serve` and keys of the config
