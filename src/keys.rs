@@ -74,6 +74,53 @@ impl SharedKey {
     }
 }
 
+/// Context string of [`SharedKey::discovery_topic`]; changing it splits the network.
+const DISCOVERY_CONTEXT: &[u8] = b"multifeed discovery topic v1";
+
+impl SharedKey {
+    /// The topic under which the group's nodes find each other (mDNS, the
+    /// Hyperswarm DHT): BLAKE2b-256 keyed by the shared key over a fixed context
+    /// string. It is a one-way function of the key: knowing the topic finds peers,
+    /// but reveals nothing that lets a stranger pass the replication handshake.
+    pub fn discovery_topic(&self) -> DiscoveryTopic {
+        use blake2::digest::{FixedOutput, Mac, typenum::U32};
+        // A 32-byte key is always accepted by the keyed mode (at most 64).
+        let Ok(mut mac) = <blake2::Blake2bMac<U32> as Mac>::new_from_slice(&self.0) else {
+            unreachable!("BLAKE2b takes a 32-byte key")
+        };
+        Mac::update(&mut mac, DISCOVERY_CONTEXT);
+        DiscoveryTopic(mac.finalize_fixed().into())
+    }
+}
+
+/// A group's discovery topic (see [`SharedKey::discovery_topic`]): public, 32 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DiscoveryTopic([u8; 32]);
+
+impl DiscoveryTopic {
+    /// The raw bytes (a Hyperswarm topic).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for DiscoveryTopic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DiscoveryTopic({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for DiscoveryTopic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
 impl fmt::Debug for SharedKey {
     // The key is a secret: never print it by accident.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -242,5 +289,20 @@ mod tests {
             assert!(!message.contains(&secret[40..56]), "{message}");
         }
         assert!(SharedKey::from_hex(&secret).is_ok());
+    }
+
+    /// Pinned against an independent BLAKE2b (Python's `hashlib.blake2b(context,
+    /// key=key, digest_size=32)`): the topic is part of the wire, other
+    /// implementations must find the same peers.
+    #[test]
+    fn the_discovery_topic_is_a_keyed_blake2b_of_the_context() {
+        let key = SharedKey::from_bytes(std::array::from_fn(|i| i as u8));
+        assert_eq!(
+            key.discovery_topic().to_hex(),
+            "7c79b730061bdd8f9a6fd1f0992c8f31d3882e146a64154bbe1a8c1ed9f8931a"
+        );
+        let other = SharedKey::generate();
+        assert_ne!(other.discovery_topic(), key.discovery_topic());
+        assert!(!key.discovery_topic().to_hex().contains(&key.to_hex()[..16]));
     }
 }

@@ -101,7 +101,7 @@ pub use crate::{
     error::{AdmissionScope, Error, Result},
     exchange::{CLIENT_NAME, PROTOCOL_VERSION},
     feed::Feed,
-    keys::{AsFeedKey, FeedKey, Keypair, SharedKey},
+    keys::{AsFeedKey, DiscoveryTopic, FeedKey, Keypair, SharedKey},
     metadata::FeedMetadata,
     multifeed::{AdmissionStats, Event, Multifeed, Options, RepairReport, SkippedFeed},
     replicate::{
