@@ -106,6 +106,15 @@ enum Command {
         /// every loss, with backoff. Repeatable.
         #[arg(long = "peer", value_name = "ADDR")]
         peers: Vec<String>,
+        /// Find the group's peers by the shared key alone and dial them: `lan` announces
+        /// this node (its --listen port) over mDNS and looks for the others on the local
+        /// network. Repeatable.
+        #[arg(long, value_enum, value_name = "HOW")]
+        discover: Vec<DiscoverHow>,
+        /// The UDP port of mDNS for --discover lan [default: 5353]; another port keeps a
+        /// set of nodes apart from the LAN's mDNS (all of them must use the same).
+        #[arg(long, value_name = "PORT")]
+        mdns_port: Option<u16>,
         /// Serve the HTTP API here, e.g. 127.0.0.1:8080. Off loopback it requires the
         /// group's token (the file `<DIR>.token` written by init/join).
         #[arg(long, value_name = "ADDR")]
@@ -234,6 +243,8 @@ async fn main() {
         Command::Serve {
             listen,
             peers,
+            discover,
+            mdns_port,
             http,
             max_peers,
             timeout,
@@ -252,9 +263,21 @@ async fn main() {
                 ),
                 ..caps.caps(file.caps())
             };
+            let discover = if discover.is_empty() {
+                file.discover
+            } else {
+                discover
+            };
+            let lan =
+                discover
+                    .contains(&DiscoverHow::Lan)
+                    .then(|| node::discovery::lan::LanConfig {
+                        mdns_port: pick(mdns_port, file.mdns_port, node::discovery::lan::MDNS_PORT),
+                    });
             let node = node::NodeConfig {
                 listen: listen.or(file.listen),
                 peers: if peers.is_empty() { file.peers } else { peers },
+                lan,
                 http: http.or(file.http),
                 token: None,
                 max_peers: pick(max_peers, file.max_peers, 256),
@@ -398,6 +421,14 @@ fn cap_help(text: &str, default: usize) -> String {
 }
 
 /// A cap's flag when given, else the file's, else the library's default.
+/// A way of finding peers (`serve --discover`).
+#[derive(clap::ValueEnum, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiscoverHow {
+    /// mDNS/DNS-SD on the local network.
+    Lan,
+}
+
 fn pick_cap(flag: Option<NonZeroUsize>, file: Option<NonZeroUsize>, default: usize) -> usize {
     flag.or(file).map_or(default, NonZeroUsize::get)
 }

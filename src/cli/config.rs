@@ -48,6 +48,10 @@ pub struct ServeConfig {
     /// `--peer`, repeatable on the command line.
     #[serde(default, alias = "peer")]
     pub peers: Vec<String>,
+    /// `--discover`, repeatable on the command line.
+    #[serde(default)]
+    pub discover: Vec<crate::DiscoverHow>,
+    pub mdns_port: Option<u16>,
     pub http: Option<String>,
     pub max_peers: Option<usize>,
     pub timeout: Option<u64>,

@@ -88,6 +88,7 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
                 ..Default::default()
             },
             caps: AdmissionCaps::default(),
+            lan: None,
         };
         let bound = Node::bind(store, config).await?;
         let listen = bound.listen_addr().context("the node listens")?.to_string();

@@ -12,8 +12,10 @@
 //! store, which releases its lock. Channels are bounded; the session and dialer
 //! events the tasks consume are advisory and never hold replication back.
 //!
-//! Two nodes that dial each other keep one session: see [`peers`].
+//! Two nodes that dial each other keep one session: see [`peers`]. Peers found
+//! by the group alone (`--discover lan`) are dialed as [`discovery`] decides.
 
+pub mod discovery;
 pub mod http;
 pub mod mqtt;
 pub mod peers;
@@ -50,7 +52,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use self::peers::{Direction, NodeId, PeerState, PeerTable, Registry};
+use self::{
+    discovery::{Action, Discovery, PeerBook, Source, lan::LanConfig},
+    peers::{Direction, NodeId, PeerState, PeerTable, Registry},
+};
 use crate::cli::{
     remote,
     report::{end_reason, say, summary_json, summary_text},
@@ -88,6 +93,8 @@ pub struct NodeConfig {
     pub mqtt: mqtt::MqttConfig,
     /// What peers' offers may cost (`--max-unproven-feeds` and the like).
     pub caps: AdmissionCaps,
+    /// Find peers of the group on the local network (`--discover lan`).
+    pub lan: Option<LanConfig>,
 }
 
 /// Caps on what a peer's offer of feeds may cost us: the library's admission
@@ -225,7 +232,14 @@ impl Node {
     /// Binds what `config` asks for; [`Bound::start`] then starts every task.
     /// On error the store is closed again.
     pub async fn bind(store: Store, config: NodeConfig) -> anyhow::Result<Bound> {
-        match Self::bind_sockets(&config).await {
+        let sockets = if config.lan.is_some() && config.listen.is_none() {
+            Err(anyhow::anyhow!(
+                "--discover lan announces this node's replication port: add --listen ADDR (e.g. 0.0.0.0:7000)"
+            ))
+        } else {
+            Self::bind_sockets(&config).await
+        };
+        match sockets {
             Ok((listener, http, mqtt)) => {
                 // Before anyone hears the node is up: the CLI finds its API by this file.
                 if let Some(addr) = http.as_ref().and_then(|l| l.local_addr().ok())
@@ -354,6 +368,7 @@ impl Node {
         } = bound;
         let cancel = CancellationToken::new();
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        let listen_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
         let shared = Arc::new(Shared {
             gateway: store.name.clone(),
             group: store.group.clone(),
@@ -384,7 +399,32 @@ impl Node {
             ));
         }
         for addr in config.peers {
-            tasks.spawn(dial_peer(shared.clone(), addr, cancel.clone()));
+            let target = DialTarget {
+                label: addr.clone(),
+                addrs: vec![addr],
+                source: Source::Configured,
+                lost: CancellationToken::new(),
+            };
+            let (shared, cancel) = (shared.clone(), cancel.clone());
+            tasks.spawn(async move {
+                dial_peer(shared, target, cancel).await;
+            });
+        }
+        if let (Some(lan), Some(listen)) = (config.lan.clone(), listen_addr) {
+            let (found, discoveries) = tokio::sync::mpsc::channel(64);
+            let topic = store.group.shared_key().discovery_topic();
+            let (own, stop) = (shared.registry.own(), cancel.clone());
+            tasks.spawn(async move {
+                if let Err(e) = discovery::lan::run(topic, own, listen, lan, found, stop).await {
+                    tracing::warn!("{e}; peers are not looked for on the local network");
+                }
+            });
+            tasks.spawn(discover(
+                shared.clone(),
+                discoveries,
+                config.max_peers.max(1),
+                cancel.clone(),
+            ));
         }
         if let Some(http) = http {
             tasks.spawn(http::serve(shared.clone(), http, cancel.clone()));
@@ -707,9 +747,12 @@ async fn serve_peer(
     }
     // Holds the peer slot for as long as the session runs.
     let _pre_auth = pre_auth;
-    shared
-        .peers
-        .insert(&peer, Direction::Accepted, PeerState::Connected);
+    shared.peers.insert(
+        &peer,
+        Direction::Accepted,
+        Source::Inbound,
+        PeerState::Connected,
+    );
     shared.peers.update(&peer, |row| row.sessions = 1);
     say_connected(&shared, &peer, Direction::Accepted);
     let (duplicate_tx, mut duplicate_rx) = watch::channel(false);
@@ -784,31 +827,130 @@ async fn serve_peer(
     shared.peers.remove(&peer);
 }
 
-/// Connects to `addr` within `timeout`.
-async fn connect(addr: &str, timeout: Duration) -> io::Result<(TcpStream, Option<SocketAddr>)> {
-    let attempt = connect_tcp(addr);
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no connection within {timeout:?}"),
-            ))
-        })
+/// Connects to the first of `addrs` that answers, each within `timeout`.
+async fn connect(
+    addrs: &[String],
+    timeout: Duration,
+) -> io::Result<(TcpStream, Option<SocketAddr>)> {
+    let mut last = io::Error::new(io::ErrorKind::AddrNotAvailable, "no address to dial");
+    for addr in addrs {
+        let attempt = tokio::time::timeout(timeout, connect_tcp(addr)).await;
+        match attempt {
+            Ok(Ok(connected)) => return Ok(connected),
+            Ok(Err(e)) => last = e,
+            Err(_) => {
+                last = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {timeout:?}"),
+                )
+            }
+        }
+    }
+    Err(last)
 }
 
-/// One configured peer: dial, replicate live, and after any loss dial again
-/// with backoff, until the node stops or the peer refuses us for good.
-async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken) {
+/// A peer to dial and keep dialing.
+struct DialTarget {
+    /// Its row in `/peers`: the configured address, or the first one found.
+    label: String,
+    /// Tried in turn at each attempt.
+    addrs: Vec<String>,
+    source: Source,
+    /// Cancelled when the peer's announcement was withdrawn: the dialer ends
+    /// once no session runs.
+    lost: CancellationToken,
+}
+
+/// Keeps the discovered peers dialed as the [`PeerBook`] decides: one dialer per
+/// remote node, none after a refusal, at most `max_dialers` at once.
+async fn discover(
+    shared: Arc<Shared>,
+    mut discoveries: tokio::sync::mpsc::Receiver<Discovery>,
+    max_dialers: usize,
+    cancel: CancellationToken,
+) {
+    let mut book = PeerBook::new(shared.registry.own(), max_dialers);
+    let mut dialers: JoinSet<(NodeId, bool)> = JoinSet::new();
+    let mut lost: HashMap<NodeId, CancellationToken> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let now = tokio::time::Instant::now();
+        let actions = tokio::select! {
+            () = cancel.cancelled() => break,
+            discovery = discoveries.recv() => match discovery {
+                Some(discovery) => book.on_discovery(discovery, now),
+                None => break,
+            },
+            Some(ended) = dialers.join_next() => match ended {
+                Ok((node, refused)) => {
+                    lost.remove(&node);
+                    book.dial_ended(node, refused, now)
+                }
+                Err(e) => {
+                    tracing::warn!("a discovered peer's dialer failed: {e}");
+                    Vec::new()
+                }
+            },
+            _ = tick.tick() => book.tick(now, |node| shared.registry.has_session(node)),
+        };
+        for action in actions {
+            match action {
+                Action::Dial {
+                    node,
+                    addrs,
+                    source,
+                } => {
+                    let token = CancellationToken::new();
+                    lost.insert(node, token.clone());
+                    let target = DialTarget {
+                        label: addrs.first().map(|a| a.to_string()).unwrap_or_default(),
+                        addrs: addrs.iter().map(|a| a.to_string()).collect(),
+                        source,
+                        lost: token,
+                    };
+                    let (shared, cancel) = (shared.clone(), cancel.clone());
+                    dialers.spawn(async move {
+                        let refused = dial_peer(shared.clone(), target, cancel).await;
+                        (node, refused)
+                    });
+                }
+                Action::Stop { node } => {
+                    if let Some(token) = lost.get(&node) {
+                        token.cancel();
+                    }
+                }
+            }
+        }
+    }
+    while let Some(ended) = dialers.join_next().await {
+        if let Err(e) = ended {
+            tracing::warn!("a discovered peer's dialer failed while stopping: {e}");
+        }
+    }
+}
+
+/// One peer: dial, replicate live, and after any loss dial again with backoff,
+/// until the node stops, the peer's announcement is withdrawn (with no session
+/// up), or the peer refuses us for good. Returns whether it refused us.
+async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: CancellationToken) -> bool {
+    let DialTarget {
+        label: addr,
+        addrs,
+        source,
+        lost,
+    } = target;
     shared
         .peers
-        .insert(&addr, Direction::Dialed, PeerState::Connecting);
+        .insert(&addr, Direction::Dialed, source, PeerState::Connecting);
     // The node at `addr`, once a session told us; it decides standby.
     let target: Arc<Mutex<Option<NodeId>>> = Arc::new(Mutex::new(None));
+    let addrs = Arc::new(addrs);
     let connect_once = {
         let (shared, target, addr) = (shared.clone(), target.clone(), addr.clone());
         move || {
-            let (shared, target, addr) = (shared.clone(), target.clone(), addr.clone());
+            let (shared, target, addr, addrs) =
+                (shared.clone(), target.clone(), addr.clone(), addrs.clone());
             async move {
                 let remote = *target.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(remote) = remote
@@ -818,7 +960,7 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                     shared.registry.stand_by(remote).await;
                 }
                 shared.peers.set_state(&addr, PeerState::Connecting);
-                connect(&addr, shared.timeout).await
+                connect(&addrs, shared.timeout).await
             }
         }
     };
@@ -833,6 +975,7 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
     // The same running totals for what we send.
     let mut sent = Totals::default();
     let mut stopping = false;
+    let (mut connected, mut withdrawn, mut refused) = (false, false, false);
     loop {
         let event = tokio::select! {
             event = dialer.next_event() => match event {
@@ -842,6 +985,15 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
             () = cancel.cancelled(), if !stopping => {
                 dialer.stop();
                 stopping = true;
+                continue;
+            }
+            () = lost.cancelled(), if !stopping && !withdrawn => {
+                // A live session runs to its end; no new attempt after it.
+                withdrawn = true;
+                if !connected {
+                    dialer.stop();
+                    stopping = true;
+                }
                 continue;
             }
         };
@@ -858,6 +1010,7 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                 });
             }
             DialEvent::Connected { .. } => {
+                connected = true;
                 received = Totals::default();
                 sent = Totals::default();
                 shared.peers.set_state(&addr, PeerState::Connected);
@@ -896,6 +1049,11 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                 result, retry_in, ..
             } => {
                 registered = None;
+                connected = false;
+                if withdrawn && !stopping {
+                    dialer.stop();
+                    stopping = true;
+                }
                 let state = if retry_in.is_some() {
                     PeerState::Retrying
                 } else {
@@ -918,6 +1076,7 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                 say_disconnected(&shared, &addr, result, None);
             }
             DialEvent::GaveUp { error } => {
+                refused = true;
                 shared.peers.set_state(&addr, PeerState::Refused);
                 shared
                     .peers
@@ -937,7 +1096,13 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
         } else {
             say!("gave up dialing {addr}: {e}");
         }
+        refused = true;
     }
+    // A discovered peer's row goes with its dialer, unless it shows a refusal.
+    if source != Source::Configured && !refused {
+        shared.peers.remove(&addr);
+    }
+    refused
 }
 
 #[cfg(test)]

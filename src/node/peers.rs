@@ -25,6 +25,8 @@ use std::{
 use serde::Serialize;
 use tokio::sync::watch;
 
+pub use super::discovery::Source;
+
 /// Prefix of the handshake `user_data` that carries a node id.
 const NODE_ID_PREFIX: &str = "multifeed-node:";
 
@@ -45,10 +47,19 @@ impl NodeId {
     /// The id a peer's handshake announced, if it is a node (a `sync` client is not).
     pub fn from_hello(user_data: Option<&[u8]>) -> Option<Self> {
         let text = std::str::from_utf8(user_data?).ok()?;
-        let hex_id = text.strip_prefix(NODE_ID_PREFIX)?;
+        Self::parse(text.strip_prefix(NODE_ID_PREFIX)?)
+    }
+
+    /// An id from its 32 hex characters.
+    pub fn parse(hex_id: &str) -> Option<Self> {
         let mut id = [0u8; 16];
         hex::decode_to_slice(hex_id, &mut id).ok()?;
         Some(Self(id))
+    }
+
+    #[cfg(test)]
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
     }
 }
 
@@ -147,6 +158,16 @@ impl Registry {
         }
     }
 
+    /// Whether a session with `remote` is up, in either direction.
+    pub fn has_session(&self, remote: NodeId) -> bool {
+        let sessions = self.lock();
+        sessions.dialed.contains_key(&remote)
+            || sessions
+                .accepted
+                .get(&remote)
+                .is_some_and(|s| !s.is_empty())
+    }
+
     /// Whether a dialer to `remote` must stand by: `remote` dialed us, and its
     /// session is the one kept.
     pub fn must_stand_by(&self, remote: NodeId) -> bool {
@@ -214,7 +235,7 @@ impl Drop for DialedGuard {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
-    /// Configured with `--peer`: this node dials it.
+    /// This node dials it (configured with `--peer`, or discovered).
     Dialed,
     /// It connected to `--listen`.
     Accepted,
@@ -240,6 +261,8 @@ pub enum PeerState {
 pub struct PeerStatus {
     pub address: String,
     pub direction: Direction,
+    /// How it was found.
+    pub source: Source,
     pub state: PeerState,
     /// When the state last changed, in ms since the Unix epoch.
     pub since_ms: u64,
@@ -271,12 +294,13 @@ impl PeerTable {
         self.rows.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn insert(&self, address: &str, direction: Direction, state: PeerState) {
+    pub fn insert(&self, address: &str, direction: Direction, source: Source, state: PeerState) {
         self.lock().insert(
             address.to_owned(),
             PeerStatus {
                 address: address.to_owned(),
                 direction,
+                source,
                 state,
                 since_ms: now_ms(),
                 node: None,
