@@ -1,0 +1,258 @@
+//! Finding peers by the group alone (`serve --discover lan`): real nodes as
+//! separate processes on loopback, real mDNS (multicast on `lo`) on a UDP port
+//! of the test's own, so parallel tests and the LAN's mDNS stay apart.
+
+mod cli_common;
+
+use std::{
+    net::TcpListener as StdListener,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use cli_common::*;
+
+const TOPIC: &str = "readings";
+
+/// A UDP port that was free a moment ago, for one test's mDNS.
+fn free_mdns_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port()
+}
+
+fn lan_node(gw: &Gw, mdns_port: u16) -> Node {
+    let port = mdns_port.to_string();
+    gw.node(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--discover",
+        "lan",
+        "--mdns-port",
+        &port,
+        "--http",
+        "127.0.0.1:0",
+    ])
+}
+
+/// Whether every node holds every one of `expected`.
+fn converged(nodes: &[&Node], expected: &[String]) -> bool {
+    nodes.iter().all(|node| {
+        read_all(&node.http, TOPIC)
+            .is_some_and(|held| expected.iter().all(|p| held.contains(p)))
+    })
+}
+
+/// The rows of a node's `/peers`.
+fn peers(node: &Node) -> Vec<serde_json::Value> {
+    http(&node.http, "GET", "/peers", &[], b"")
+        .map(|a| a.json()["peers"].as_array().cloned().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+fn connected(node: &Node) -> usize {
+    peers(node)
+        .iter()
+        .filter(|p| p["state"] == "connected")
+        .count()
+}
+
+fn publish_all(round: usize, nodes: &[(&str, &Node)], expected: &mut Vec<String>) {
+    for (name, node) in nodes {
+        let payload = format!("{name}-{round}");
+        publish(&node.http, TOPIC, &payload).expect("acknowledged");
+        expected.push(payload);
+    }
+}
+
+/// Three gateways that already hold readings, given nothing but the key: they
+/// find each other, converge while publishing, keep one session per pair, and
+/// find each other again after one of them restarts.
+#[test]
+fn nodes_with_only_the_key_find_each_other_on_the_lan_and_converge() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 3);
+    let mut stored: Vec<Vec<String>> = Vec::new();
+    for (i, gw) in gws.iter().enumerate() {
+        stored.push(
+            (0..5)
+                .map(|n| {
+                    let payload = format!("stored-{i}-{n}");
+                    gw.ok(&["write", TOPIC, &payload]);
+                    payload
+                })
+                .collect(),
+        );
+    }
+    let mut expected = [stored[0].clone(), stored[1].clone()].concat();
+    let mdns = free_mdns_port();
+    let started = Instant::now();
+    let mut a = lan_node(&gws[0], mdns);
+    let b = lan_node(&gws[1], mdns);
+    let (first, _) = a.running.event("connected");
+    let found_after = started.elapsed();
+    assert!(first["peer"].is_string(), "{first}");
+    eprintln!("LAN: first peer connected {found_after:.2?} after the first node started");
+    for round in 0..20 {
+        publish_all(round, &[("a", &a), ("b", &b)], &mut expected);
+    }
+    assert!(
+        poll_until(WAIT, || converged(&[&a, &b], &expected)),
+        "a and b did not converge: a holds {:?}, b holds {:?}, a's peers {:?}",
+        read_all(&a.http, TOPIC).map(|h| h.len()),
+        read_all(&b.http, TOPIC).map(|h| h.len()),
+        peers(&a)
+    );
+
+    // A third one joins later, with its own stored readings.
+    let c = lan_node(&gws[2], mdns);
+    expected.extend(stored[2].clone());
+    for round in 20..30 {
+        publish_all(round, &[("a", &a), ("b", &b), ("c", &c)], &mut expected);
+    }
+    assert!(
+        poll_until(WAIT, || converged(&[&a, &b, &c], &expected)),
+        "the three nodes did not converge"
+    );
+    // One session per pair, and every peer was found on the LAN.
+    assert!(
+        poll_until(WAIT, || [&a, &b, &c].iter().all(|n| connected(n) == 2)),
+        "expected 2 sessions each: a {}, b {}, c {}",
+        connected(&a),
+        connected(&b),
+        connected(&c)
+    );
+    for node in [&a, &b, &c] {
+        for row in peers(node) {
+            if row["direction"] == "dialed" {
+                assert_eq!(row["source"], "lan", "{row}");
+            }
+        }
+    }
+
+    // b restarts (a new node id, a new port): found again, and it catches up.
+    b.running.stop();
+    for round in 30..35 {
+        publish_all(round, &[("a", &a), ("c", &c)], &mut expected);
+    }
+    let b = lan_node(&gws[1], mdns);
+    publish_all(35, &[("b", &b)], &mut expected);
+    assert!(
+        poll_until(WAIT, || converged(&[&a, &b, &c], &expected)),
+        "the restarted node did not catch up"
+    );
+    for node in [a, b, c] {
+        node.running.stop();
+    }
+    for gw in &gws {
+        gw.verify();
+    }
+}
+
+/// Counts the connections to `target` it forwards.
+fn counting_proxy(target: String) -> (String, Arc<AtomicUsize>) {
+    let listener = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    std::thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { return };
+            counted.fetch_add(1, Ordering::SeqCst);
+            let Ok(outbound) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (addr, count)
+}
+
+/// Announces, over mDNS on `port`, a node of `topic` at `addr`.
+fn announce(
+    daemon: &mdns_sd::ServiceDaemon,
+    topic: &multifeed::DiscoveryTopic,
+    node: &str,
+    addr: &str,
+) -> String {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let properties = [("topic", topic.to_hex()), ("node", node.to_owned())];
+    let info = mdns_sd::ServiceInfo::new(
+        "_multifeed._tcp.local.",
+        node,
+        "impostor.local.",
+        addr.ip().to_string().as_str(),
+        addr.port(),
+        &properties[..],
+    )
+    .unwrap();
+    let fullname = info.get_fullname().to_owned();
+    daemon.register(info).unwrap();
+    fullname
+}
+
+/// A record of our topic that leads to a node of another group (misconfigured,
+/// or hostile) costs one refused connection, however often it is announced;
+/// the group's real peers are still found.
+#[test]
+fn a_node_of_another_group_announced_under_our_topic_is_dialed_once() {
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 2);
+    let key = std::fs::read_to_string(root.path().join("gw0.key")).unwrap();
+    let topic = multifeed::SharedKey::from_hex(key.trim())
+        .unwrap()
+        .discovery_topic();
+    let stranger = Gw::new(root.path(), "stranger");
+    stranger.ok(&["init"]);
+    let stranger_node = stranger.node(&["--listen", "127.0.0.1:0"]);
+    let (proxy, dials) = counting_proxy(stranger_node.running.addr.clone());
+
+    let mdns = free_mdns_port();
+    let a = lan_node(&gws[0], mdns);
+    let impostor = mdns_sd::ServiceDaemon::new_with_port(mdns).unwrap();
+    // The largest id: `a` is the smaller node, so it dials at once.
+    let id = "f".repeat(32);
+    let fullname = announce(&impostor, &topic, &id, &proxy);
+    assert!(
+        poll_until(WAIT, || peers(&a).iter().any(|p| p["state"] == "refused")),
+        "the stranger was never refused: {:?}",
+        peers(&a)
+    );
+    assert_eq!(dials.load(Ordering::SeqCst), 1);
+    let refused: Vec<_> = peers(&a)
+        .into_iter()
+        .filter(|p| p["state"] == "refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let reason = refused[0]["last_error"].as_str().unwrap_or_default();
+    assert!(reason.contains("group"), "{reason}");
+
+    // Withdrawn and announced again, then a real member arrives and is found:
+    // the stranger is not dialed again meanwhile.
+    let gone = impostor.unregister(&fullname).unwrap();
+    let _ = gone.recv_timeout(WAIT);
+    announce(&impostor, &topic, &id, &proxy);
+    let b = lan_node(&gws[1], mdns);
+    publish(&b.http, TOPIC, "from-b").expect("acknowledged");
+    assert!(
+        poll_until(WAIT, || converged(&[&a], &["from-b".to_owned()])),
+        "a never found b"
+    );
+    assert_eq!(dials.load(Ordering::SeqCst), 1, "the stranger was dialed again");
+    let _ = impostor.shutdown();
+    for node in [a, b, stranger_node] {
+        node.running.stop();
+    }
+}
