@@ -42,8 +42,7 @@ fn lan_node(gw: &Gw, mdns_port: u16) -> Node {
 /// Whether every node holds every one of `expected`.
 fn converged(nodes: &[&Node], expected: &[String]) -> bool {
     nodes.iter().all(|node| {
-        read_all(&node.http, TOPIC)
-            .is_some_and(|held| expected.iter().all(|p| held.contains(p)))
+        read_all(&node.http, TOPIC).is_some_and(|held| expected.iter().all(|p| held.contains(p)))
     })
 }
 
@@ -204,8 +203,8 @@ fn announce(
 }
 
 /// A record of our topic that leads to a node of another group (misconfigured,
-/// or hostile) costs one refused connection, however often it is announced;
-/// the group's real peers are still found.
+/// or hostile) costs each node one refused connection, however often it is
+/// announced; the group's real peers are still found.
 #[test]
 fn a_node_of_another_group_announced_under_our_topic_is_dialed_once() {
     let root = tempfile::tempdir().unwrap();
@@ -241,16 +240,41 @@ fn a_node_of_another_group_announced_under_our_topic_is_dialed_once() {
 
     // Withdrawn and announced again, then a real member arrives and is found:
     // the stranger is not dialed again meanwhile.
+    let heard_by = |node: &Node, what: &str| {
+        http(&node.http, "GET", "/health", &[], b"").map_or(0, |h| {
+            h.json()["discovery"][what].as_u64().unwrap_or_default()
+        })
+    };
+    let heard = |what: &str| heard_by(&a, what);
+    let announced_before = heard("announcements_total");
     let gone = impostor.unregister(&fullname).unwrap();
     let _ = gone.recv_timeout(WAIT);
+    assert!(
+        poll_until(WAIT, || heard("withdrawals_total") >= 1),
+        "the withdrawal never reached a"
+    );
     announce(&impostor, &topic, &id, &proxy);
+    assert!(
+        poll_until(WAIT, || heard("announcements_total") > announced_before),
+        "the new announcement never reached a"
+    );
     let b = lan_node(&gws[1], mdns);
     publish(&b.http, TOPIC, "from-b").expect("acknowledged");
     assert!(
         poll_until(WAIT, || converged(&[&a], &["from-b".to_owned()])),
         "a never found b"
     );
-    assert_eq!(dials.load(Ordering::SeqCst), 1, "the stranger was dialed again");
+    // b sees the same record and is refused once too.
+    assert!(
+        poll_until(WAIT, || heard_by(&b, "refusals_total") == 1),
+        "b never dialed the stranger"
+    );
+    assert_eq!(
+        dials.load(Ordering::SeqCst),
+        2,
+        "the stranger was dialed again"
+    );
+    assert_eq!(heard("refusals_total"), 1);
     let _ = impostor.shutdown();
     for node in [a, b, stranger_node] {
         node.running.stop();

@@ -144,6 +144,7 @@ pub struct Metrics {
     pub published_bytes: std::sync::atomic::AtomicU64,
     pub http_errors: std::sync::atomic::AtomicU64,
     pub mqtt: Arc<mqtt::MqttMetrics>,
+    pub discovery: discovery::DiscoveryMetrics,
 }
 
 /// Compares secrets without leaking where the first difference is.
@@ -870,6 +871,7 @@ async fn discover(
     cancel: CancellationToken,
 ) {
     let mut book = PeerBook::new(shared.registry.own(), max_dialers);
+    let metrics = &shared.metrics.discovery;
     let mut dialers: JoinSet<(NodeId, bool)> = JoinSet::new();
     let mut lost: HashMap<NodeId, CancellationToken> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -879,12 +881,23 @@ async fn discover(
         let actions = tokio::select! {
             () = cancel.cancelled() => break,
             discovery = discoveries.recv() => match discovery {
-                Some(discovery) => book.on_discovery(discovery, now),
+                Some(discovery) => {
+                    let counter = match discovery {
+                        Discovery::Found { .. } => &metrics.announcements,
+                        Discovery::Lost { .. } => &metrics.withdrawals,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    book.on_discovery(discovery, now)
+                }
                 None => break,
             },
             Some(ended) = dialers.join_next() => match ended {
                 Ok((node, refused)) => {
                     lost.remove(&node);
+                    metrics.dialers.fetch_sub(1, Ordering::Relaxed);
+                    if refused {
+                        metrics.refusals.fetch_add(1, Ordering::Relaxed);
+                    }
                     book.dial_ended(node, refused, now)
                 }
                 Err(e) => {
@@ -903,6 +916,7 @@ async fn discover(
                 } => {
                     let token = CancellationToken::new();
                     lost.insert(node, token.clone());
+                    metrics.dialers.fetch_add(1, Ordering::Relaxed);
                     let target = DialTarget {
                         label: addrs.first().map(|a| a.to_string()).unwrap_or_default(),
                         addrs: addrs.iter().map(|a| a.to_string()).collect(),

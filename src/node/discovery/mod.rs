@@ -29,6 +29,8 @@ use std::{
     time::Duration,
 };
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -44,6 +46,52 @@ pub const REFUSALS_KEPT: usize = 4096;
 /// Addresses kept per discovered peer (an announcement carries them; they are
 /// tried in order).
 pub const ADDRESSES_KEPT: usize = 8;
+
+/// What discovery did, for `/health` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct DiscoveryMetrics {
+    /// Records of our topic received (every announcement, repeats included).
+    pub announcements: AtomicU64,
+    /// Announcements withdrawn.
+    pub withdrawals: AtomicU64,
+    /// Discovered dialers running now.
+    pub dialers: AtomicU64,
+    /// Discovered nodes that refused us for good.
+    pub refusals: AtomicU64,
+}
+
+impl DiscoveryMetrics {
+    /// `(name, kind, help, value)` for each metric.
+    pub fn lines(&self) -> [(&'static str, &'static str, &'static str, u64); 4] {
+        let get = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        [
+            (
+                "multifeed_discovery_announcements_total",
+                "counter",
+                "Announcements of peers of this group received (repeats included).",
+                get(&self.announcements),
+            ),
+            (
+                "multifeed_discovery_withdrawals_total",
+                "counter",
+                "Announcements of peers withdrawn (goodbye or expiry).",
+                get(&self.withdrawals),
+            ),
+            (
+                "multifeed_discovery_dialers",
+                "gauge",
+                "Discovered peers being dialed now.",
+                get(&self.dialers),
+            ),
+            (
+                "multifeed_discovery_refusals_total",
+                "counter",
+                "Discovered peers that refused this node for good (not dialed again).",
+                get(&self.refusals),
+            ),
+        ]
+    }
+}
 
 /// How a peer was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
