@@ -280,3 +280,52 @@ fn a_node_of_another_group_announced_under_our_topic_is_dialed_once() {
         node.running.stop();
     }
 }
+
+/// The scale figure: `DISCOVERY_NODES` (default 50) gateways on one machine,
+/// each holding one reading of its own and knowing nothing but the key,
+/// converge on every feed. Prints the time to converge and the sessions per node.
+#[test]
+fn many_nodes_converge_by_the_topic_alone() {
+    let n: usize = std::env::var("DISCOVERY_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), n);
+    let mdns = free_mdns_port();
+    let started = Instant::now();
+    let nodes: Vec<Node> = gws.iter().map(|gw| lan_node(gw, mdns)).collect();
+    let all_up = started.elapsed();
+    let expected: Vec<String> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let payload = format!("from-{i}");
+            publish(&node.http, TOPIC, &payload).expect("acknowledged");
+            payload
+        })
+        .collect();
+    let everyone: Vec<&Node> = nodes.iter().collect();
+    assert!(
+        poll_until(WAIT * 3, || converged(&everyone, &expected)),
+        "{n} nodes did not converge"
+    );
+    let converged_after = started.elapsed();
+    let sessions: Vec<usize> = nodes.iter().map(connected).collect();
+    let (min, max) = (
+        sessions.iter().min().copied().unwrap_or(0),
+        sessions.iter().max().copied().unwrap_or(0),
+    );
+    let mean = sessions.iter().sum::<usize>() as f64 / n as f64;
+    eprintln!(
+        "{n} nodes: all started in {all_up:.2?}, converged on all {n} feeds {converged_after:.2?} after the first start; sessions per node min {min} mean {mean:.1} max {max}"
+    );
+    // Every node stops cleanly, all at once.
+    for node in &nodes {
+        node.running.signal("TERM");
+    }
+    for node in nodes {
+        let (status, _, stderr) = node.running.finish();
+        assert!(status.success(), "{status}: {stderr}");
+    }
+}
