@@ -26,8 +26,12 @@ fn free_mdns_port() -> u16 {
 }
 
 fn lan_node(gw: &Gw, mdns_port: u16) -> Node {
+    lan_node_with(gw, mdns_port, &[])
+}
+
+fn lan_node_with(gw: &Gw, mdns_port: u16, extra: &[&str]) -> Node {
     let port = mdns_port.to_string();
-    gw.node(&[
+    let mut args = vec![
         "--listen",
         "127.0.0.1:0",
         "--discover",
@@ -36,7 +40,9 @@ fn lan_node(gw: &Gw, mdns_port: u16) -> Node {
         &port,
         "--http",
         "127.0.0.1:0",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    gw.node(&args)
 }
 
 /// Whether every node holds every one of `expected`.
@@ -69,8 +75,9 @@ fn publish_all(round: usize, nodes: &[(&str, &Node)], expected: &mut Vec<String>
 }
 
 /// Three gateways that already hold readings, given nothing but the key: they
-/// find each other, converge while publishing, keep one session per pair, and
-/// find each other again after one of them restarts.
+/// find each other, converge while publishing, keep one session per pair (also
+/// where a peer is both configured and discovered), and find each other again
+/// after one of them restarts.
 #[test]
 fn nodes_with_only_the_key_find_each_other_on_the_lan_and_converge() {
     let root = tempfile::tempdir().unwrap();
@@ -107,8 +114,9 @@ fn nodes_with_only_the_key_find_each_other_on_the_lan_and_converge() {
         peers(&a)
     );
 
-    // A third one joins later, with its own stored readings.
-    let c = lan_node(&gws[2], mdns);
+    // A third one joins later, with its own stored readings; it also has `a`
+    // configured: still one session with it.
+    let c = lan_node_with(&gws[2], mdns, &["--peer", &a.running.addr]);
     expected.extend(stored[2].clone());
     for round in 20..30 {
         publish_all(round, &[("a", &a), ("b", &b), ("c", &c)], &mut expected);
@@ -127,7 +135,7 @@ fn nodes_with_only_the_key_find_each_other_on_the_lan_and_converge() {
     );
     for node in [&a, &b, &c] {
         for row in peers(node) {
-            if row["direction"] == "dialed" {
+            if row["direction"] == "dialed" && row["address"] != a.running.addr.as_str() {
                 assert_eq!(row["source"], "lan", "{row}");
             }
         }

@@ -404,6 +404,7 @@ impl Node {
                 label: addr.clone(),
                 addrs: vec![addr],
                 source: Source::Configured,
+                node: None,
                 lost: CancellationToken::new(),
             };
             let (shared, cancel) = (shared.clone(), cancel.clone());
@@ -857,6 +858,9 @@ struct DialTarget {
     /// Tried in turn at each attempt.
     addrs: Vec<String>,
     source: Source,
+    /// The node announced there, for a discovered peer: its session is only
+    /// added where no other session with that node runs, and yields to others.
+    node: Option<NodeId>,
     /// Cancelled when the peer's announcement was withdrawn: the dialer ends
     /// once no session runs.
     lost: CancellationToken,
@@ -921,6 +925,7 @@ async fn discover(
                         label: addrs.first().map(|a| a.to_string()).unwrap_or_default(),
                         addrs: addrs.iter().map(|a| a.to_string()).collect(),
                         source,
+                        node: Some(node),
                         lost: token,
                     };
                     let (shared, cancel) = (shared.clone(), cancel.clone());
@@ -952,13 +957,15 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
         label: addr,
         addrs,
         source,
+        node: announced,
         lost,
     } = target;
     shared
         .peers
         .insert(&addr, Direction::Dialed, source, PeerState::Connecting);
     // The node at `addr`, once a session told us; it decides standby.
-    let target: Arc<Mutex<Option<NodeId>>> = Arc::new(Mutex::new(None));
+    let target: Arc<Mutex<Option<NodeId>>> = Arc::new(Mutex::new(announced));
+    let discovered = announced.is_some();
     let addrs = Arc::new(addrs);
     let connect_once = {
         let (shared, target, addr) = (shared.clone(), target.clone(), addr.clone());
@@ -967,11 +974,14 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
                 (shared.clone(), target.clone(), addr.clone(), addrs.clone());
             async move {
                 let remote = *target.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(remote) = remote
-                    && shared.registry.must_stand_by(remote)
-                {
-                    shared.peers.set_state(&addr, PeerState::Standby);
-                    shared.registry.stand_by(remote).await;
+                if let Some(remote) = remote {
+                    if discovered && shared.registry.has_session(remote) {
+                        shared.peers.set_state(&addr, PeerState::Standby);
+                        shared.registry.until_no_session(remote).await;
+                    } else if shared.registry.must_stand_by(remote) {
+                        shared.peers.set_state(&addr, PeerState::Standby);
+                        shared.registry.stand_by(remote).await;
+                    }
                 }
                 shared.peers.set_state(&addr, PeerState::Connecting);
                 connect(&addrs, shared.timeout).await
@@ -990,8 +1000,15 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
     let mut sent = Totals::default();
     let mut stopping = false;
     let (mut connected, mut withdrawn, mut refused) = (false, false, false);
+    // Set when a discovered session yields to another session with its node.
+    let (yield_switch, mut must_yield) = watch::channel(false);
     loop {
         let event = tokio::select! {
+            Ok(()) = must_yield.changed(), if !stopping && *must_yield.borrow() => {
+                dialer.stop();
+                stopping = true;
+                continue;
+            }
             event = dialer.next_event() => match event {
                 Some(event) => event,
                 None => break,
@@ -1037,7 +1054,17 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
                     shared
                         .peers
                         .update(&addr, |row| row.node = Some(remote.to_string()));
-                    if remote != shared.registry.own() {
+                    let own = remote == shared.registry.own();
+                    if !own && discovered {
+                        registered = shared
+                            .registry
+                            .dialed_discovered(remote, yield_switch.clone());
+                        if registered.is_none() && !stopping {
+                            // Another session with that node is up already.
+                            dialer.stop();
+                            stopping = true;
+                        }
+                    } else if !own {
                         registered = Some(shared.registry.dialed(remote));
                     }
                 }

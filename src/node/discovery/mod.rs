@@ -18,6 +18,10 @@
 //! - a node that refused us for good (another group, an incompatible version) is
 //!   never dialed again in this run, however often it is announced;
 //! - at most `max_dialers` discovered dialers at once; the rest wait their turn;
+//! - a discovered session is only added where no other session with that node
+//!   runs, and yields to one that comes later and is kept
+//!   ([`super::peers::Registry::dialed_discovered`]); its peer is dialed again
+//!   once no session with it has been up for [`FALLBACK_AFTER`];
 //! - a peer whose announcement is withdrawn (it said goodbye, or its record
 //!   expired) is no longer dialed.
 
@@ -279,6 +283,18 @@ impl PeerBook {
                 self.refused.pop_front();
             }
             self.refused.push_back(node);
+        } else if matches!(known.stage, Stage::Dialing) {
+            // Still announced; it ended to leave another session with that node
+            // alone: dialed again if none is up for a while.
+            self.known.insert(
+                node,
+                Known {
+                    stage: Stage::Waiting {
+                        unconnected_since: now,
+                    },
+                    ..known
+                },
+            );
         } else if matches!(known.stage, Stage::Stopping { found_again: true }) {
             let mut actions = self.found(node, known.addrs, known.source, now);
             actions.extend(self.start_queued());
@@ -398,16 +414,17 @@ mod tests {
             );
         }
         assert_eq!(book.dialing(), 0);
-        // A dialer that ended without a refusal (stopped) may start again.
+        // A dialer that ended without a refusal (it yielded to another session)
+        // starts again once no session with that node is up for a while.
         assert_eq!(
             dialed(&book.found(id(3), addr(9), Source::Lan, now)),
             [id(3)]
         );
         book.dial_ended(id(3), false, now);
-        assert_eq!(
-            dialed(&book.found(id(3), addr(9), Source::Lan, now)),
-            [id(3)]
-        );
+        assert!(book.found(id(3), addr(9), Source::Lan, now).is_empty());
+        assert!(book.tick(now + FALLBACK_AFTER, |_| true).is_empty());
+        let later = now + FALLBACK_AFTER * 2 + Duration::from_secs(1);
+        assert_eq!(dialed(&book.tick(later, |_| false)), [id(3)]);
     }
 
     #[test]
@@ -442,6 +459,7 @@ mod tests {
         assert_eq!(started, [id(1), id(2)]);
         assert_eq!(dialed(&book.dial_ended(id(1), true, now)), [id(3)]);
         book.lost(id(4));
+        assert_eq!(book.lost(id(2)), [Action::Stop { node: id(2) }]);
         assert_eq!(
             dialed(&book.dial_ended(id(2), false, now)),
             [id(5)],
