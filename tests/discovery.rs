@@ -337,3 +337,172 @@ fn many_nodes_converge_by_the_topic_alone() {
         assert!(status.success(), "{status}: {stderr}");
     }
 }
+
+/// Network namespaces joined by a bridge: hosts of one LAN on this machine.
+/// Removed (with their interfaces) on drop.
+struct Lan {
+    prefix: String,
+    hosts: usize,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run `ip` (Debian package iproute2): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Lan {
+    /// `hosts` namespaces with addresses 10.77.0.1.. on one bridge (in a
+    /// namespace of its own, so the machine's network is left alone).
+    fn new(hosts: usize) -> Result<Self, String> {
+        let prefix = format!("mf{}", std::process::id());
+        let lan = Self { prefix, hosts };
+        let switch = lan.switch();
+        ip(&["netns", "add", &switch])?;
+        ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &switch, "link", "set", "br0", "up"])?;
+        for i in 0..hosts {
+            let host = lan.host(i);
+            let (inside, outside) = (format!("{host}i"), format!("{host}o"));
+            ip(&["netns", "add", &host])?;
+            ip(&["-n", &host, "link", "set", "lo", "up"])?;
+            ip(&[
+                "link", "add", &inside, "netns", &host, "type", "veth", "peer", "name", &outside,
+                "netns", &switch,
+            ])?;
+            ip(&["-n", &switch, "link", "set", &outside, "master", "br0"])?;
+            ip(&["-n", &switch, "link", "set", &outside, "up"])?;
+            let addr = format!("10.77.0.{}/24", i + 1);
+            ip(&["-n", &host, "addr", "add", &addr, "dev", &inside])?;
+            ip(&["-n", &host, "link", "set", &inside, "multicast", "on"])?;
+            ip(&["-n", &host, "link", "set", &inside, "up"])?;
+        }
+        Ok(lan)
+    }
+
+    fn switch(&self) -> String {
+        format!("{}s", self.prefix)
+    }
+
+    fn host(&self, i: usize) -> String {
+        format!("{}h{i}", self.prefix)
+    }
+
+    /// `multifeed` run on host `i`.
+    fn cmd(&self, i: usize, gw: &Gw, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.host(i), BIN, "--dir"])
+            .arg(&gw.dir)
+            .args(args)
+            .env_remove("MULTIFEED_KEY")
+            .env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// Payloads of `topic` that gateway `gw` on host `i` holds (through its node).
+    fn read(&self, i: usize, gw: &Gw, topic: &str) -> Vec<String> {
+        let out = self.cmd(i, gw, &["read", topic]).output().expect("read");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split("  ").nth(2).map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for i in 0..self.hosts {
+            let _ = ip(&["netns", "del", &self.host(i)]);
+        }
+        let _ = ip(&["netns", "del", &self.switch()]);
+    }
+}
+
+/// Three hosts of a LAN (network namespaces on a bridge, mDNS on its standard
+/// port) hold gateways of one group and a fourth holds another group's: the
+/// group finds itself by the key alone and converges; the other group's node
+/// is never dialed (its topic differs).
+#[test]
+fn gateways_on_separate_hosts_of_a_lan_find_each_other() {
+    let lan = Lan::new(4).unwrap_or_else(|reason| {
+        panic!("this test needs network namespaces (run as root with iproute2): {reason}")
+    });
+    let root = tempfile::tempdir().unwrap();
+    let gws = group(root.path(), 3);
+    let stranger = Gw::new(root.path(), "stranger");
+    stranger.ok(&["init"]);
+    let serve = [
+        "--json",
+        "serve",
+        "--listen",
+        "0.0.0.0:7000",
+        "--discover",
+        "lan",
+        "--http",
+        "127.0.0.1:0",
+    ];
+    let mut nodes: Vec<Running> = gws
+        .iter()
+        .chain([&stranger])
+        .enumerate()
+        .map(|(i, gw)| Running::spawn(lan.cmd(i, gw, &serve)))
+        .collect();
+    for node in &mut nodes {
+        let first = node.json();
+        assert_eq!(first["listening"], "0.0.0.0:7000", "{first}");
+    }
+    let mut expected = Vec::new();
+    for (i, gw) in gws.iter().enumerate() {
+        let payload = format!("host-{i}");
+        let out = lan
+            .cmd(i, gw, &["write", TOPIC, &payload])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        expected.push(payload);
+    }
+    assert!(
+        poll_until(WAIT, || (0..3).all(|i| {
+            let held = lan.read(i, &gws[i], TOPIC);
+            expected.iter().all(|p| held.contains(p))
+        })),
+        "the hosts did not converge: {:?}",
+        (0..3)
+            .map(|i| lan.read(i, &gws[i], TOPIC))
+            .collect::<Vec<_>>()
+    );
+    // Every peer was reached at its LAN address; the stranger never was.
+    let stranger_node = nodes.pop().unwrap();
+    stranger_node.signal("TERM");
+    let (status, lines, stderr) = stranger_node.finish();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        !lines.iter().any(|l| l.contains("\"connected\"")),
+        "the other group's node had a session: {lines:?}"
+    );
+    for node in nodes {
+        node.signal("TERM");
+        let (status, lines, stderr) = node.finish();
+        assert!(status.success(), "{stderr}");
+        let peers: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("\"connected\""))
+            .collect();
+        assert!(peers.iter().all(|l| l.contains("10.77.0.")), "{peers:?}");
+        assert!(!peers.iter().any(|l| l.contains("10.77.0.4")), "{peers:?}");
+    }
+}
