@@ -203,6 +203,19 @@ mod tests {
     }
 
     #[test]
+    fn discovery_parses_and_an_unknown_way_is_refused() {
+        let config =
+            ConfigFile::parse("[serve]\ndiscover = [\"lan\"]\nmdns-port = 5454\n").unwrap();
+        assert_eq!(config.serve.discover, [crate::DiscoverHow::Lan]);
+        assert_eq!(config.serve.mdns_port, Some(5454));
+        let refused = ConfigFile::parse("[serve]\ndiscover = [\"carrier-pigeon\"]\n").unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("carrier-pigeon"),
+            "{refused:#}"
+        );
+    }
+
+    #[test]
     fn caps_parse_and_zero_is_refused() {
         let text = "[serve]\nmax-unproven-feeds = 8\ngroup-max-unproven-feeds = 64\n[sync]\nmax-offered-feeds = 2\n";
         let config = ConfigFile::parse(text).unwrap();
