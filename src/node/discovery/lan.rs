@@ -115,6 +115,11 @@ pub fn parse_record(
         .take(ADDRESSES_KEPT)
         .map(|ip| SocketAddr::new(ip, port))
         .collect();
+    // A loopback address is another host's own machine: only worth trying when
+    // the record has nothing else (nodes on one machine).
+    if addrs.iter().any(|a| !a.ip().is_loopback()) {
+        addrs.retain(|a| !a.ip().is_loopback());
+    }
     // IPv4 first, then in a fixed order: the dialer tries them in turn.
     addrs.sort_by_key(|a| (a.is_ipv6(), *a));
     (!addrs.is_empty()).then_some(Discovery::Found {
@@ -235,6 +240,19 @@ mod tests {
             panic!("found");
         };
         assert_eq!(addrs.len(), ADDRESSES_KEPT);
+
+        let lan: IpAddr = "192.168.1.20".parse().unwrap();
+        let v6: IpAddr = "fd00::20".parse().unwrap();
+        let Some(Discovery::Found { addrs, .. }) =
+            parse_record(&topic, Some(&hex), Some(&id), [v6, lo, lan], 7000)
+        else {
+            panic!("found");
+        };
+        assert_eq!(
+            addrs,
+            [SocketAddr::new(lan, 7000), SocketAddr::new(v6, 7000)],
+            "loopback dropped beside a LAN address; IPv4 first"
+        );
     }
 
     #[test]
