@@ -88,6 +88,8 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
                 ..Default::default()
             },
             caps: AdmissionCaps::default(),
+            #[cfg(feature = "dht")]
+            dht: None,
         };
         let bound = Node::bind(store, config).await?;
         let listen = bound.listen_addr().context("the node listens")?.to_string();

@@ -14,6 +14,8 @@
 //!
 //! Two nodes that dial each other keep one session: see [`peers`].
 
+#[cfg(feature = "dht")]
+pub mod dht;
 pub mod http;
 pub mod mqtt;
 pub mod peers;
@@ -88,6 +90,9 @@ pub struct NodeConfig {
     pub mqtt: mqtt::MqttConfig,
     /// What peers' offers may cost (`--max-unproven-feeds` and the like).
     pub caps: AdmissionCaps,
+    /// Find peers on the Hyperswarm DHT (`--discover dht`).
+    #[cfg(feature = "dht")]
+    pub dht: Option<dht::DhtConfig>,
 }
 
 /// Caps on what a peer's offer of feeds may cost us: the library's admission
@@ -389,6 +394,10 @@ impl Node {
         if let Some(http) = http {
             tasks.spawn(http::serve(shared.clone(), http, cancel.clone()));
         }
+        #[cfg(feature = "dht")]
+        if let Some(dht) = config.dht.clone() {
+            tasks.spawn(dht::run_dht(shared.clone(), dht, cancel.clone()));
+        }
         if mqtt.is_some() || config.mqtt.broker.is_some() {
             let mut mqtt_config = config.mqtt.clone();
             if let Some(broker) = &mut mqtt_config.broker
@@ -547,6 +556,7 @@ async fn accept_peers(
                     shared.clone(),
                     socket,
                     peer,
+                    false,
                     pre_auth,
                     admissions.account(peer.ip()),
                     quiet.clone(),
@@ -660,21 +670,26 @@ fn local_reason(duplicate: bool, itself: bool) -> Option<(&'static str, String)>
     }
 }
 
-/// One accepted peer's live session, until it ends or the node stops.
-async fn serve_peer(
+/// One accepted peer's live session, until it ends or the node stops. `initiator`:
+/// the Noise role, which a DHT connection decides (an accepted socket responds).
+#[allow(clippy::too_many_arguments)]
+async fn serve_peer<S>(
     shared: Arc<Shared>,
-    socket: TcpStream,
-    peer: SocketAddr,
+    socket: S,
+    peer: impl std::fmt::Display,
+    initiator: bool,
     pre_auth: PreAuth,
     admission_account: AdmissionAccount,
     quiet: Arc<Quiet>,
     cancel: CancellationToken,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let peer = peer.to_string();
     let mut replication = shared.group.start_replication(
         socket,
         shared
-            .replicate_options(false)
+            .replicate_options(initiator)
             .pre_auth(pre_auth.clone())
             .admission_account(admission_account),
     );
