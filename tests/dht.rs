@@ -301,6 +301,37 @@ fn two_nodes_and_a_js_peer_meet_by_topic_and_the_nodes_replicate() {
 }
 
 #[test]
+fn a_peer_we_dialed_is_dialed_again_after_its_connection_ended() {
+    let root = tempfile::tempdir().unwrap();
+    let gw = &group(root.path(), 1)[0];
+    let (_testnet, bootstrap) = testnet();
+    // The JS peer only announces: every connection to it is one the node dialed.
+    let mut js = Js::spawn(&["peer", &bootstrap, &topic_of(gw), "1000", "server"]);
+    let js_key = js.expect("KEY", Instant::now() + WAIT);
+    let mut cmd = gw.cmd(&[
+        "--json",
+        "serve",
+        "--discover",
+        "dht",
+        "--bootstrap",
+        &bootstrap,
+        "--dht-bind",
+        "127.0.0.1:0",
+        // The JS peer never speaks the replication protocol: its session ends after
+        // a second, like a connection lost.
+        "--timeout",
+        "1",
+    ]);
+    cmd.env("RUST_LOG", LOG);
+    let mut node = Running::spawn(cmd);
+    let dialed = format!("remote={js_key} we_dialed=true");
+    node.stderr_line(&dialed);
+    // hyperswarm 0.1.0 never dials a key twice: this one is the node's redial.
+    node.stderr_line(&dialed);
+    node.stop();
+}
+
+#[test]
 fn a_dht_request_that_panics_hyperdht_does_not_stop_the_node() {
     let root = tempfile::tempdir().unwrap();
     let gws = group(root.path(), 2);

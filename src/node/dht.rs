@@ -27,7 +27,7 @@
 //! DHT saw it at.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt, io,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     pin::Pin,
@@ -36,9 +36,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{FutureExt, Sink, Stream, StreamExt};
+use futures::{FutureExt, Sink, Stream, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use hypercore_handshake::CipherEvent;
-use hyperswarm::{Connection, JoinOpts, Swarm, SwarmConfig, Topic};
+use hyperswarm::{Connection, JoinOpts, PublicKey, Swarm, SwarmConfig, Topic};
 use multifeed::{
     PreAuth,
     replicate::preauth::{ConnectionSlots, PeerAdmissions, PeerSlots, PreAuthLimits, SlotLimits},
@@ -69,6 +69,15 @@ const RESTART_MAX: Duration = Duration::from_secs(60);
 const REJOIN_FIRST: Duration = Duration::from_secs(2);
 /// Longest wait between joins (the wait doubles from [`REJOIN_FIRST`]).
 const REJOIN_MAX: Duration = Duration::from_secs(300);
+/// First wait before a peer we dialed is dialed again after its connection ended:
+/// hyperswarm 0.1.0 never dials a key twice.
+const REDIAL_FIRST: Duration = Duration::from_secs(1);
+/// Redials of one peer in a row before giving up (1 s doubling: about a minute).
+const MAX_REDIALS: u32 = 6;
+/// A connection that lasted this long worked: its peer's redials start over.
+const REDIAL_RESET_AFTER: Duration = Duration::from_secs(60);
+/// Ended connections waiting to be considered for a redial (more are not redialed).
+const ENDED_QUEUE: usize = 64;
 /// How often the swarm is polled. dht-rpc 0.0.2 wakes its task again on every
 /// poll (a busy loop, marked as such in its `MessageDataStream`): polled on wake-up
 /// it keeps a core at 100 %. Polled on this tick instead, each DHT message waits
@@ -198,24 +207,61 @@ impl LiveKeys {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The slot for `key`, unless a connection to it is live.
-    fn claim(&self, key: [u8; 32]) -> Option<LiveSlot> {
+    /// The slot for `key`, unless a connection to it is live. `ended` hears when
+    /// it ends, and how long it lasted.
+    fn claim(&self, key: [u8; 32], ended: Option<mpsc::Sender<Ended>>) -> Option<LiveSlot> {
         self.lock().insert(key).then(|| LiveSlot {
             keys: self.clone(),
             key,
+            ended,
+            since: Instant::now(),
         })
     }
 }
+
+/// A connection we dialed ended: the remote key, and how long it lasted.
+type Ended = ([u8; 32], Duration);
 
 /// Frees its key when the connection holding it is dropped.
 struct LiveSlot {
     keys: LiveKeys,
     key: [u8; 32],
+    ended: Option<mpsc::Sender<Ended>>,
+    since: Instant,
 }
 
 impl Drop for LiveSlot {
     fn drop(&mut self) {
         self.keys.lock().remove(&self.key);
+        if let Some(ended) = &self.ended {
+            // Full or gone: the peer is found again when the topic is next joined.
+            let _ = ended.try_send((self.key, self.since.elapsed()));
+        }
+    }
+}
+
+/// When to dial a peer again after a connection we dialed ended (IO-less).
+#[derive(Debug, Default)]
+struct Redials {
+    /// Redials in a row per remote key, since its last connection that worked.
+    failures: HashMap<[u8; 32], u32>,
+}
+
+impl Redials {
+    /// The wait before dialing `key` again after a connection that lasted
+    /// `lasted`, or `None`: give up on it.
+    fn ended(&mut self, key: [u8; 32], lasted: Duration) -> Option<Duration> {
+        let failures = self.failures.entry(key).or_default();
+        if lasted >= REDIAL_RESET_AFTER {
+            *failures = 0;
+        }
+        if *failures >= MAX_REDIALS {
+            self.failures.remove(&key);
+            return None;
+        }
+        let delay = REDIAL_FIRST * 2u32.pow(*failures);
+        *failures += 1;
+        Some(delay)
     }
 }
 
@@ -387,6 +433,9 @@ async fn run_swarm(
     let mut tick = tokio::time::interval(SWARM_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let own_key = swarm.public_key().0;
+    let (ended_tx, mut ended) = mpsc::channel(ENDED_QUEUE);
+    let mut redials = Redials::default();
+    let mut dialing: FuturesUnordered<BoxFuture<'static, Redialed>> = FuturesUnordered::new();
     tracing::info!(
         local = ?swarm.local_addr().ok(),
         key = %hex::encode(swarm.public_key().0),
@@ -402,17 +451,32 @@ async fn run_swarm(
                 rejoin.as_mut().reset(tokio::time::Instant::now() + rejoin_every);
             }
             _ = tick.tick() => {
+                while let Ok((key, lasted)) = ended.try_recv() {
+                    redial(&swarm, &mut redials, &mut dialing, key, lasted);
+                }
                 // With a no-op waker: the swarm's own wake-ups would spin (see SWARM_TICK).
-                while let Some(event) = connections.next().now_or_never() {
-                    let peer = match event {
-                        Some(Ok(event)) => accept(event, own_key, &live),
-                        Some(Err(e)) => {
-                            tracing::debug!("a DHT connection failed: {e}");
-                            None
+                let mut found = Vec::new();
+                while let Some(Some((key, result))) = dialing.next().now_or_never() {
+                    match result {
+                        Ok(connection) => found.push((connection, key, true)),
+                        Err(e) => {
+                            tracing::debug!(remote = %hex::encode(key), "redial failed: {e}");
+                            redial(&swarm, &mut redials, &mut dialing, key, Duration::ZERO);
                         }
+                    }
+                }
+                while let Some(event) = connections.next().now_or_never() {
+                    match event {
+                        Some(Ok(event)) => found.push((event.connection, event.remote_public_key.0, event.client)),
+                        Some(Err(e)) => tracing::debug!("a DHT connection failed: {e}"),
                         None => return Err(SwarmError::Ended),
+                    }
+                }
+                for (connection, remote, we_dialed) in found {
+                    let ended = we_dialed.then(|| ended_tx.clone());
+                    let Some(peer) = accept(connection, remote, we_dialed, own_key, &live, ended) else {
+                        continue;
                     };
-                    let Some(peer) = peer else { continue };
                     tokio::select! {
                         () = cancel.cancelled() => return Ok(()),
                         sent = peers.send(peer) => if sent.is_err() {
@@ -425,19 +489,43 @@ async fn run_swarm(
     }
 }
 
+/// A redial's outcome: the remote key and the connection.
+type Redialed = ([u8; 32], hyperswarm::Result<Connection>);
+
+/// Dials `key` again after a wait, unless it was dialed often enough in a row.
+fn redial(
+    swarm: &Swarm,
+    redials: &mut Redials,
+    dialing: &mut FuturesUnordered<BoxFuture<'static, Redialed>>,
+    key: [u8; 32],
+    lasted: Duration,
+) {
+    let Some(delay) = redials.ended(key, lasted) else {
+        tracing::debug!(remote = %hex::encode(key), "gave up redialing a DHT peer");
+        return;
+    };
+    let swarm = swarm.clone();
+    dialing.push(Box::pin(async move {
+        tokio::time::sleep(delay).await;
+        (key, swarm.connect(PublicKey::from(key)).await)
+    }));
+}
+
 /// The peer a new connection reaches, unless it is ourselves or a key with a live
 /// connection already.
 fn accept(
-    event: hyperswarm::ConnectionEvent,
+    connection: Connection,
+    remote: [u8; 32],
+    we_dialed: bool,
     own_key: [u8; 32],
     live: &LiveKeys,
+    ended: Option<mpsc::Sender<Ended>>,
 ) -> Option<DhtPeer> {
-    let remote = event.remote_public_key.0;
     // hyperswarm 0.1.0 finds its own announcement and dials it.
     if remote == own_key {
         return None;
     }
-    let Some(slot) = live.claim(remote) else {
+    let Some(slot) = live.claim(remote, ended) else {
         tracing::debug!(
             remote = %hex::encode(remote),
             "dropped a second DHT connection to a peer already connected"
@@ -446,19 +534,19 @@ fn accept(
     };
     // A server-side connection polls the DHT's RPC on every read, and that poll
     // wakes its task again at once (see SWARM_TICK): the swarm's tick polls it instead.
-    if let Ok(mut inner) = event.connection.inner.write() {
+    if let Ok(mut inner) = connection.inner.write() {
         inner.rpc = None;
     }
     tracing::debug!(
         remote = %hex::encode(remote),
-        we_dialed = event.client,
+        we_dialed,
         "connection over the DHT"
     );
     Some(DhtPeer {
         remote_public_key: remote,
-        initiator: event.client,
+        initiator: we_dialed,
         stream: DhtStream {
-            connection: event.connection,
+            connection,
             unread: Vec::new(),
             read_at: 0,
             unflushed: 0,
@@ -535,16 +623,50 @@ mod tests {
     #[test]
     fn one_live_slot_per_key_until_dropped() {
         let live = LiveKeys::default();
-        let first = live.claim([1; 32]).expect("a free key is claimed");
+        let first = live.claim([1; 32], None).expect("a free key is claimed");
         assert!(
-            live.claim([1; 32]).is_none(),
+            live.claim([1; 32], None).is_none(),
             "a second connection is refused"
         );
-        assert!(live.claim([2; 32]).is_some(), "another key is independent");
+        assert!(
+            live.claim([2; 32], None).is_some(),
+            "another key is independent"
+        );
         drop(first);
         assert!(
-            live.claim([1; 32]).is_some(),
+            live.claim([1; 32], None).is_some(),
             "the key is free once dropped"
+        );
+    }
+
+    #[test]
+    fn a_dialed_connection_that_ends_is_reported_with_its_key() {
+        let live = LiveKeys::default();
+        let (tx, mut rx) = mpsc::channel(1);
+        drop(live.claim([3; 32], Some(tx)).unwrap());
+        let (key, _lasted) = rx.try_recv().expect("the end is reported");
+        assert_eq!(key, [3; 32]);
+    }
+
+    #[test]
+    fn redials_back_off_give_up_and_start_over_after_a_working_connection() {
+        let mut redials = Redials::default();
+        let key = [4; 32];
+        let delays: Vec<_> = (0..MAX_REDIALS)
+            .map(|_| redials.ended(key, Duration::ZERO))
+            .collect();
+        let expected: Vec<_> = (0..MAX_REDIALS)
+            .map(|n| Some(REDIAL_FIRST * 2u32.pow(n)))
+            .collect();
+        assert_eq!(delays, expected);
+        assert_eq!(redials.ended(key, Duration::ZERO), None, "gives up");
+        assert!(redials.failures.is_empty(), "forgets a peer it gave up on");
+        redials.ended(key, Duration::ZERO);
+        redials.ended(key, Duration::ZERO);
+        assert_eq!(
+            redials.ended(key, REDIAL_RESET_AFTER),
+            Some(REDIAL_FIRST),
+            "a connection that worked starts the waits over"
         );
     }
 

@@ -7,8 +7,9 @@
 //     more DHT nodes joined through it, prints `BOOTSTRAP 127.0.0.1:<port>`, and runs
 //     until killed (or 120 s).
 //
-//   node swarm.js peer <host:port> <topic-hex> <count>
-//     Joins <topic-hex> (announce and look up) through the bootstrap node, prints
+//   node swarm.js peer <host:port> <topic-hex> <count> [server]
+//     Joins <topic-hex> (announce and look up; with `server` only announce, so it
+//     never dials) through the bootstrap node, prints
 //     `KEY <own public key hex>`, then `PEER <remote public key hex> <ms>` for each
 //     new remote key that connects (ms since start), and exits 0 once <count>
 //     distinct keys connected (or 1 after 120 s).
@@ -71,7 +72,7 @@ async function testnet(extra) {
   setInterval(() => {}, 1000)
 }
 
-async function peer(bootstrap, topicHex, count) {
+async function peer(bootstrap, topicHex, count, serverOnly) {
   const started = Date.now()
   const topic = Buffer.from(topicHex, 'hex')
   if (topic.length !== 32) fail(`bad topic: ${topicHex}`)
@@ -90,7 +91,7 @@ async function peer(bootstrap, topicHex, count) {
     }
   })
   out(`KEY ${swarm.keyPair.publicKey.toString('hex')}`)
-  await swarm.join(topic, { server: true, client: true }).flushed()
+  await swarm.join(topic, { server: true, client: !serverOnly }).flushed()
   process.stderr.write(`swarm.js: announced after ${Date.now() - started} ms\n`)
 }
 
@@ -119,7 +120,7 @@ if (cmd === 'testnet') {
 } else if (cmd === 'peer') {
   const count = Number(args[2])
   if (!Number.isSafeInteger(count) || count < 1) fail(`bad count: ${args[2]}`)
-  peer(args[0], args[1], count)
+  peer(args[0], args[1], count, args[3] === 'server')
 } else if (cmd === 'holepunch') {
   holepunch(args[0], args[1])
 } else {
