@@ -123,7 +123,7 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
         && !dht_enabled(&config)
     {
         anyhow::bail!(
-            "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, --http ADDR for the local API, --mqtt-listen ADDR for MQTT clients, or --mqtt-broker URL"
+            "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, --discover dht to find them, --http ADDR for the local API, --mqtt-listen ADDR for MQTT clients, or --mqtt-broker URL"
         );
     }
     let store = store::open_as(global, config.name.as_deref(), &config.caps).await?;

@@ -108,11 +108,15 @@ pub enum DhtConfigError {
         #[source]
         source: io::Error,
     },
-    #[error("--dht-bind {addr} is no local address: {source}")]
+    #[error("--dht-bind {addr} is not an IPv4 address with a port (e.g. 0.0.0.0:49737)")]
+    BindAddress { addr: String },
+    #[error(
+        "cannot bind the DHT's UDP socket on {addr} ({source}); pick another --dht-bind, or port 0 for any free one"
+    )]
     Bind {
-        addr: String,
+        addr: SocketAddr,
         #[source]
-        source: std::net::AddrParseError,
+        source: io::Error,
     },
 }
 
@@ -149,11 +153,17 @@ impl DhtConfig {
                 source: io::Error::new(io::ErrorKind::NotFound, "no IPv4 address"),
             });
         }
-        let bind = bind.unwrap_or("0.0.0.0:0");
-        let bind = bind.parse().map_err(|source| DhtConfigError::Bind {
-            addr: bind.to_string(),
-            source,
-        })?;
+        let bind_text = bind.unwrap_or("0.0.0.0:0");
+        let bind: SocketAddr = bind_text
+            .parse()
+            .ok()
+            .filter(SocketAddr::is_ipv4)
+            .ok_or_else(|| DhtConfigError::BindAddress {
+                addr: bind_text.to_string(),
+            })?;
+        // Refused here rather than by the swarm, which would retry it forever.
+        std::net::UdpSocket::bind(bind)
+            .map_err(|source| DhtConfigError::Bind { addr: bind, source })?;
         Ok(Self {
             bootstrap: addrs,
             bind,
@@ -165,7 +175,7 @@ impl DhtConfig {
 /// Why a swarm stopped (it is started again).
 #[derive(Debug, thiserror::Error)]
 enum SwarmError {
-    #[error("cannot bind the DHT socket on {addr}: {source}")]
+    #[error("cannot bind the DHT's UDP socket on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -685,5 +695,19 @@ mod tests {
         assert_eq!(config.bootstrap, vec!["127.0.0.1:49737".parse().unwrap()]);
         assert_eq!(config.bind, "0.0.0.0:0".parse().unwrap());
         assert_eq!(config.max_peers, 1);
+    }
+
+    #[tokio::test]
+    async fn a_bind_address_that_cannot_be_bound_is_refused_at_start() {
+        let bootstrap = ["127.0.0.1:49737".to_string()];
+        let e = DhtConfig::new(&bootstrap, false, Some("localhost"), 8)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DhtConfigError::BindAddress { .. }), "{e}");
+        // TEST-NET-3: no interface of this machine holds it.
+        let e = DhtConfig::new(&bootstrap, false, Some("203.0.113.7:0"), 8)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("pick another --dht-bind"), "{e}");
     }
 }
