@@ -106,6 +106,16 @@ enum Command {
         /// every loss, with backoff. Repeatable.
         #[arg(long = "peer", value_name = "ADDR")]
         peers: Vec<String>,
+        /// Find the group's peers by the shared key alone and dial them: `lan` announces
+        /// this node (its --listen port) over mDNS and looks for the others on the local
+        /// network; `dht` announces and looks up the group's topic on the Hyperswarm
+        /// DHT (needs --bootstrap, or --dht-public). Repeatable.
+        #[arg(long, value_enum, value_name = "HOW")]
+        discover: Vec<DiscoverHow>,
+        /// The UDP port of mDNS for --discover lan [default: 5353]; another port keeps a
+        /// set of nodes apart from the LAN's mDNS (all of them must use the same).
+        #[arg(long, value_name = "PORT")]
+        mdns_port: Option<u16>,
         /// Serve the HTTP API here, e.g. 127.0.0.1:8080. Off loopback it requires the
         /// group's token (the file `<DIR>.token` written by init/join).
         #[arg(long, value_name = "ADDR")]
@@ -160,20 +170,9 @@ enum Command {
     },
 }
 
-/// How a node finds peers by the group alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Discover {
-    /// The Hyperswarm DHT (builds with the cargo feature `dht`).
-    Dht,
-}
-
 /// `serve`'s discovery flags.
 #[derive(Debug, clap::Args)]
 struct DiscoveryFlags {
-    /// Find peers by the group alone. `dht`: announce and look up the group's topic
-    /// on the Hyperswarm DHT (needs --bootstrap, or --dht-public).
-    #[arg(long = "discover", value_name = "HOW", value_enum)]
-    discover: Vec<Discover>,
     /// A DHT node to join through, HOST:PORT (one you run, or one you trust).
     /// Repeatable.
     #[arg(long = "bootstrap", value_name = "HOST:PORT")]
@@ -188,8 +187,12 @@ struct DiscoveryFlags {
 
 impl DiscoveryFlags {
     #[cfg(feature = "dht")]
-    async fn dht(&self, max_peers: usize) -> anyhow::Result<Option<node::dht::DhtConfig>> {
-        if !self.discover.contains(&Discover::Dht) {
+    async fn dht(
+        &self,
+        discover: &[DiscoverHow],
+        max_peers: usize,
+    ) -> anyhow::Result<Option<node::dht::DhtConfig>> {
+        if !discover.contains(&DiscoverHow::Dht) {
             if !self.bootstrap.is_empty() || self.dht_public || self.dht_bind.is_some() {
                 anyhow::bail!(
                     "--bootstrap, --dht-public and --dht-bind are for the DHT: add --discover dht"
@@ -208,8 +211,8 @@ impl DiscoveryFlags {
     }
 
     #[cfg(not(feature = "dht"))]
-    fn refuse_dht(&self) -> anyhow::Result<()> {
-        if self.discover.contains(&Discover::Dht) {
+    fn refuse_dht(&self, discover: &[DiscoverHow]) -> anyhow::Result<()> {
+        if discover.contains(&DiscoverHow::Dht) {
             anyhow::bail!(
                 "this multifeed was built without DHT support; build it with `cargo build --release --features dht`"
             );
@@ -302,6 +305,8 @@ async fn main() {
         Command::Serve {
             listen,
             peers,
+            discover,
+            mdns_port,
             http,
             max_peers,
             timeout,
@@ -321,19 +326,31 @@ async fn main() {
                 ),
                 ..caps.caps(file.caps())
             };
+            let discover = if discover.is_empty() {
+                file.discover
+            } else {
+                discover
+            };
             let max_peers = pick(max_peers, file.max_peers, 256);
             #[cfg(feature = "dht")]
-            let dht = match discovery.dht(max_peers).await {
+            let dht = match discovery.dht(&discover, max_peers).await {
                 Ok(dht) => dht,
                 Err(e) => exit_with(global.json, &e),
             };
             #[cfg(not(feature = "dht"))]
-            if let Err(e) = discovery.refuse_dht() {
+            if let Err(e) = discovery.refuse_dht(&discover) {
                 exit_with(global.json, &e);
             }
+            let lan =
+                discover
+                    .contains(&DiscoverHow::Lan)
+                    .then(|| node::discovery::lan::LanConfig {
+                        mdns_port: pick(mdns_port, file.mdns_port, node::discovery::lan::MDNS_PORT),
+                    });
             let node = node::NodeConfig {
                 listen: listen.or(file.listen),
                 peers: if peers.is_empty() { file.peers } else { peers },
+                lan,
                 http: http.or(file.http),
                 token: None,
                 max_peers,
@@ -479,6 +496,17 @@ fn cap_help(text: &str, default: usize) -> String {
 }
 
 /// A cap's flag when given, else the file's, else the library's default.
+/// A way of finding peers (`serve --discover`).
+#[derive(clap::ValueEnum, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiscoverHow {
+    /// mDNS/DNS-SD on the local network.
+    Lan,
+    /// The Hyperswarm DHT (a build with the cargo feature `dht`; needs --bootstrap,
+    /// or --dht-public).
+    Dht,
+}
+
 fn pick_cap(flag: Option<NonZeroUsize>, file: Option<NonZeroUsize>, default: usize) -> usize {
     flag.or(file).map_or(default, NonZeroUsize::get)
 }

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cli_common::{Gw, Running, WAIT, group, poll_until, publish, read_all};
+use cli_common::{Gw, Running, WAIT, group, http, poll_until, publish, read_all};
 use multifeed::SharedKey;
 
 /// Upper bound for `npm ci`.
@@ -293,6 +293,16 @@ fn two_nodes_and_a_js_peer_meet_by_topic_and_the_nodes_replicate() {
         node0.stderr_so_far()
     );
     let replicated = started.elapsed();
+
+    // `/peers` says the session came over the DHT.
+    let rows = http(&http0, "GET", "/peers", &[], b"")
+        .map(|a| a.json()["peers"].as_array().cloned().unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        rows.iter()
+            .any(|row| row["source"] == "dht" && row["state"] == "connected"),
+        "{rows:?}"
+    );
     eprintln!(
         "DHT figures (loopback testnet): first authenticated peer after {first0:.2?} (gw0) and {first1:.2?} (gw1) from the nodes' start; the JS peer met both after {js_met_both:.2?}; both messages replicated after {replicated:.2?}"
     );

@@ -339,7 +339,7 @@ fn the_page_charts_readings_published_on_a_peer_and_shows_the_peer() {
             && series(s, "env", "hum")["points"] == 10
             && s["peers"].as_array().is_some_and(|rows| {
                 rows.iter()
-                    .any(|r| r[0] == pa.as_str() && r[2] == "connected")
+                    .any(|r| r[0] == pa.as_str() && r[2] == "configured" && r[3] == "connected")
             })
     });
     assert_eq!(series(&state, "temp", "value")["last"], temps[24]);

@@ -48,6 +48,10 @@ pub struct ServeConfig {
     /// `--peer`, repeatable on the command line.
     #[serde(default, alias = "peer")]
     pub peers: Vec<String>,
+    /// `--discover`, repeatable on the command line.
+    #[serde(default)]
+    pub discover: Vec<crate::DiscoverHow>,
+    pub mdns_port: Option<u16>,
     pub http: Option<String>,
     pub max_peers: Option<usize>,
     pub timeout: Option<u64>,
@@ -196,6 +200,19 @@ mod tests {
         assert_eq!(config.serve.max_peers, Some(64));
         assert_eq!(config.serve.peers, ["10.0.0.2:7000"]);
         assert_eq!(config.sync.timeout, Some(30));
+    }
+
+    #[test]
+    fn discovery_parses_and_an_unknown_way_is_refused() {
+        let config =
+            ConfigFile::parse("[serve]\ndiscover = [\"lan\"]\nmdns-port = 5454\n").unwrap();
+        assert_eq!(config.serve.discover, [crate::DiscoverHow::Lan]);
+        assert_eq!(config.serve.mdns_port, Some(5454));
+        let refused = ConfigFile::parse("[serve]\ndiscover = [\"carrier-pigeon\"]\n").unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("carrier-pigeon"),
+            "{refused:#}"
+        );
     }
 
     #[test]

@@ -88,6 +88,7 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
                 ..Default::default()
             },
             caps: AdmissionCaps::default(),
+            lan: None,
             #[cfg(feature = "dht")]
             dht: None,
         };

@@ -50,7 +50,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Quiet, Shared, serve_peer};
+use super::{Quiet, Shared, discovery::Source, serve_peer};
 
 /// Connections waiting for [`run_dht`] to pick them up.
 const PEER_QUEUE: usize = 16;
@@ -606,6 +606,7 @@ pub async fn run_dht(shared: Arc<Shared>, config: DhtConfig, cancel: Cancellatio
                     shared.clone(),
                     peer.stream,
                     label,
+                    Source::Dht,
                     peer.initiator,
                     pre_auth,
                     admissions.account(address),

@@ -296,6 +296,15 @@ async fn health(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value
         "feeds": shared.group.feeds().len(),
         "peers": peers.len(),
         "peers_connected": connected,
+        "discovery": shared
+            .metrics
+            .discovery
+            .lines()
+            .into_iter()
+            .map(|(name, _, _, value)| {
+                (name.trim_start_matches("multifeed_discovery_").to_owned(), json!(value))
+            })
+            .collect::<serde_json::Map<_, _>>(),
         "mqtt": shared.mqtt.then(|| {
             shared
                 .metrics
@@ -379,6 +388,9 @@ async fn metrics(State(Api { shared, .. }): State<Api>) -> impl IntoResponse {
         m.http_errors.load(Ordering::Relaxed),
     );
     for (name, kind, help, value) in m.mqtt.lines() {
+        metric(name, kind, help, value);
+    }
+    for (name, kind, help, value) in m.discovery.lines() {
         metric(name, kind, help, value);
     }
     // Replication lag: blocks this node knows exist (signed lengths it has seen)

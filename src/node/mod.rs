@@ -12,10 +12,12 @@
 //! store, which releases its lock. Channels are bounded; the session and dialer
 //! events the tasks consume are advisory and never hold replication back.
 //!
-//! Two nodes that dial each other keep one session: see [`peers`].
+//! Two nodes that dial each other keep one session: see [`peers`]. Peers found
+//! by the group alone (`--discover lan`) are dialed as [`discovery`] decides.
 
 #[cfg(feature = "dht")]
 pub mod dht;
+pub mod discovery;
 pub mod http;
 pub mod mqtt;
 pub mod peers;
@@ -52,7 +54,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use self::peers::{Direction, NodeId, PeerState, PeerTable, Registry};
+use self::{
+    discovery::{Action, Discovery, PeerBook, Source, lan::LanConfig},
+    peers::{Direction, NodeId, PeerState, PeerTable, Registry},
+};
 use crate::cli::{
     remote,
     report::{end_reason, say, summary_json, summary_text},
@@ -90,6 +95,8 @@ pub struct NodeConfig {
     pub mqtt: mqtt::MqttConfig,
     /// What peers' offers may cost (`--max-unproven-feeds` and the like).
     pub caps: AdmissionCaps,
+    /// Find peers of the group on the local network (`--discover lan`).
+    pub lan: Option<LanConfig>,
     /// Find peers on the Hyperswarm DHT (`--discover dht`).
     #[cfg(feature = "dht")]
     pub dht: Option<dht::DhtConfig>,
@@ -142,6 +149,7 @@ pub struct Metrics {
     pub published_bytes: std::sync::atomic::AtomicU64,
     pub http_errors: std::sync::atomic::AtomicU64,
     pub mqtt: Arc<mqtt::MqttMetrics>,
+    pub discovery: discovery::DiscoveryMetrics,
 }
 
 /// Compares secrets without leaking where the first difference is.
@@ -230,7 +238,14 @@ impl Node {
     /// Binds what `config` asks for; [`Bound::start`] then starts every task.
     /// On error the store is closed again.
     pub async fn bind(store: Store, config: NodeConfig) -> anyhow::Result<Bound> {
-        match Self::bind_sockets(&config).await {
+        let sockets = if config.lan.is_some() && config.listen.is_none() {
+            Err(anyhow::anyhow!(
+                "--discover lan announces this node's replication port: add --listen ADDR (e.g. 0.0.0.0:7000)"
+            ))
+        } else {
+            Self::bind_sockets(&config).await
+        };
+        match sockets {
             Ok((listener, http, mqtt)) => {
                 // Before anyone hears the node is up: the CLI finds its API by this file.
                 if let Some(addr) = http.as_ref().and_then(|l| l.local_addr().ok())
@@ -359,6 +374,7 @@ impl Node {
         } = bound;
         let cancel = CancellationToken::new();
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        let listen_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
         let shared = Arc::new(Shared {
             gateway: store.name.clone(),
             group: store.group.clone(),
@@ -389,7 +405,33 @@ impl Node {
             ));
         }
         for addr in config.peers {
-            tasks.spawn(dial_peer(shared.clone(), addr, cancel.clone()));
+            let target = DialTarget {
+                label: addr.clone(),
+                addrs: vec![addr],
+                source: Source::Configured,
+                node: None,
+                lost: CancellationToken::new(),
+            };
+            let (shared, cancel) = (shared.clone(), cancel.clone());
+            tasks.spawn(async move {
+                dial_peer(shared, target, cancel).await;
+            });
+        }
+        if let (Some(lan), Some(listen)) = (config.lan.clone(), listen_addr) {
+            let (found, discoveries) = tokio::sync::mpsc::channel(64);
+            let topic = store.group.shared_key().discovery_topic();
+            let (own, stop) = (shared.registry.own(), cancel.clone());
+            tasks.spawn(async move {
+                if let Err(e) = discovery::lan::run(topic, own, listen, lan, found, stop).await {
+                    tracing::warn!("{e}; peers are not looked for on the local network");
+                }
+            });
+            tasks.spawn(discover(
+                shared.clone(),
+                discoveries,
+                config.max_peers.max(1),
+                cancel.clone(),
+            ));
         }
         if let Some(http) = http {
             tasks.spawn(http::serve(shared.clone(), http, cancel.clone()));
@@ -556,6 +598,7 @@ async fn accept_peers(
                     shared.clone(),
                     socket,
                     peer,
+                    Source::Inbound,
                     false,
                     pre_auth,
                     admissions.account(peer.ip()),
@@ -677,6 +720,7 @@ async fn serve_peer<S>(
     shared: Arc<Shared>,
     socket: S,
     peer: impl std::fmt::Display,
+    source: Source,
     initiator: bool,
     pre_auth: PreAuth,
     admission_account: AdmissionAccount,
@@ -722,11 +766,16 @@ async fn serve_peer<S>(
     }
     // Holds the peer slot for as long as the session runs.
     let _pre_auth = pre_auth;
+    let direction = if initiator {
+        Direction::Dialed
+    } else {
+        Direction::Accepted
+    };
     shared
         .peers
-        .insert(&peer, Direction::Accepted, PeerState::Connected);
+        .insert(&peer, direction, source, PeerState::Connected);
     shared.peers.update(&peer, |row| row.sessions = 1);
-    say_connected(&shared, &peer, Direction::Accepted);
+    say_connected(&shared, &peer, direction);
     let (duplicate_tx, mut duplicate_rx) = watch::channel(false);
     let mut _registered = None;
     let mut received = Totals::default();
@@ -799,41 +848,162 @@ async fn serve_peer<S>(
     shared.peers.remove(&peer);
 }
 
-/// Connects to `addr` within `timeout`.
-async fn connect(addr: &str, timeout: Duration) -> io::Result<(TcpStream, Option<SocketAddr>)> {
-    let attempt = connect_tcp(addr);
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no connection within {timeout:?}"),
-            ))
-        })
+/// Connects to the first of `addrs` that answers, each within `timeout`.
+async fn connect(
+    addrs: &[String],
+    timeout: Duration,
+) -> io::Result<(TcpStream, Option<SocketAddr>)> {
+    let mut last = io::Error::new(io::ErrorKind::AddrNotAvailable, "no address to dial");
+    for addr in addrs {
+        let attempt = tokio::time::timeout(timeout, connect_tcp(addr)).await;
+        match attempt {
+            Ok(Ok(connected)) => return Ok(connected),
+            Ok(Err(e)) => last = e,
+            Err(_) => {
+                last = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {timeout:?}"),
+                )
+            }
+        }
+    }
+    Err(last)
 }
 
-/// One configured peer: dial, replicate live, and after any loss dial again
-/// with backoff, until the node stops or the peer refuses us for good.
-async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken) {
+/// A peer to dial and keep dialing.
+struct DialTarget {
+    /// Its row in `/peers`: the configured address, or the first one found.
+    label: String,
+    /// Tried in turn at each attempt.
+    addrs: Vec<String>,
+    source: Source,
+    /// The node announced there, for a discovered peer: its session is only
+    /// added where no other session with that node runs, and yields to others.
+    node: Option<NodeId>,
+    /// Cancelled when the peer's announcement was withdrawn: the dialer ends
+    /// once no session runs.
+    lost: CancellationToken,
+}
+
+/// Keeps the discovered peers dialed as the [`PeerBook`] decides: one dialer per
+/// remote node, none after a refusal, at most `max_dialers` at once.
+async fn discover(
+    shared: Arc<Shared>,
+    mut discoveries: tokio::sync::mpsc::Receiver<Discovery>,
+    max_dialers: usize,
+    cancel: CancellationToken,
+) {
+    let mut book = PeerBook::new(shared.registry.own(), max_dialers);
+    let metrics = &shared.metrics.discovery;
+    let mut dialers: JoinSet<(NodeId, bool)> = JoinSet::new();
+    let mut lost: HashMap<NodeId, CancellationToken> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let now = tokio::time::Instant::now();
+        let actions = tokio::select! {
+            () = cancel.cancelled() => break,
+            discovery = discoveries.recv() => match discovery {
+                Some(discovery) => {
+                    let counter = match discovery {
+                        Discovery::Found { .. } => &metrics.announcements,
+                        Discovery::Lost { .. } => &metrics.withdrawals,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    book.on_discovery(discovery, now)
+                }
+                None => break,
+            },
+            Some(ended) = dialers.join_next() => match ended {
+                Ok((node, refused)) => {
+                    lost.remove(&node);
+                    metrics.dialers.fetch_sub(1, Ordering::Relaxed);
+                    if refused {
+                        metrics.refusals.fetch_add(1, Ordering::Relaxed);
+                    }
+                    book.dial_ended(node, refused, now)
+                }
+                Err(e) => {
+                    tracing::warn!("a discovered peer's dialer failed: {e}");
+                    Vec::new()
+                }
+            },
+            _ = tick.tick() => book.tick(now, |node| shared.registry.has_session(node)),
+        };
+        for action in actions {
+            match action {
+                Action::Dial {
+                    node,
+                    addrs,
+                    source,
+                } => {
+                    let token = CancellationToken::new();
+                    lost.insert(node, token.clone());
+                    metrics.dialers.fetch_add(1, Ordering::Relaxed);
+                    let target = DialTarget {
+                        label: addrs.first().map(|a| a.to_string()).unwrap_or_default(),
+                        addrs: addrs.iter().map(|a| a.to_string()).collect(),
+                        source,
+                        node: Some(node),
+                        lost: token,
+                    };
+                    let (shared, cancel) = (shared.clone(), cancel.clone());
+                    dialers.spawn(async move {
+                        let refused = dial_peer(shared.clone(), target, cancel).await;
+                        (node, refused)
+                    });
+                }
+                Action::Stop { node } => {
+                    if let Some(token) = lost.get(&node) {
+                        token.cancel();
+                    }
+                }
+            }
+        }
+    }
+    while let Some(ended) = dialers.join_next().await {
+        if let Err(e) = ended {
+            tracing::warn!("a discovered peer's dialer failed while stopping: {e}");
+        }
+    }
+}
+
+/// One peer: dial, replicate live, and after any loss dial again with backoff,
+/// until the node stops, the peer's announcement is withdrawn (with no session
+/// up), or the peer refuses us for good. Returns whether it refused us.
+async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: CancellationToken) -> bool {
+    let DialTarget {
+        label: addr,
+        addrs,
+        source,
+        node: announced,
+        lost,
+    } = target;
     shared
         .peers
-        .insert(&addr, Direction::Dialed, PeerState::Connecting);
+        .insert(&addr, Direction::Dialed, source, PeerState::Connecting);
     // The node at `addr`, once a session told us; it decides standby.
-    let target: Arc<Mutex<Option<NodeId>>> = Arc::new(Mutex::new(None));
+    let target: Arc<Mutex<Option<NodeId>>> = Arc::new(Mutex::new(announced));
+    let discovered = announced.is_some();
+    let addrs = Arc::new(addrs);
     let connect_once = {
         let (shared, target, addr) = (shared.clone(), target.clone(), addr.clone());
         move || {
-            let (shared, target, addr) = (shared.clone(), target.clone(), addr.clone());
+            let (shared, target, addr, addrs) =
+                (shared.clone(), target.clone(), addr.clone(), addrs.clone());
             async move {
                 let remote = *target.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(remote) = remote
-                    && shared.registry.must_stand_by(remote)
-                {
-                    shared.peers.set_state(&addr, PeerState::Standby);
-                    shared.registry.stand_by(remote).await;
+                if let Some(remote) = remote {
+                    if discovered && shared.registry.has_session(remote) {
+                        shared.peers.set_state(&addr, PeerState::Standby);
+                        shared.registry.until_no_session(remote).await;
+                    } else if shared.registry.must_stand_by(remote) {
+                        shared.peers.set_state(&addr, PeerState::Standby);
+                        shared.registry.stand_by(remote).await;
+                    }
                 }
                 shared.peers.set_state(&addr, PeerState::Connecting);
-                connect(&addr, shared.timeout).await
+                connect(&addrs, shared.timeout).await
             }
         }
     };
@@ -848,8 +1018,16 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
     // The same running totals for what we send.
     let mut sent = Totals::default();
     let mut stopping = false;
+    let (mut connected, mut withdrawn, mut refused) = (false, false, false);
+    // Set when a discovered session yields to another session with its node.
+    let (yield_switch, mut must_yield) = watch::channel(false);
     loop {
         let event = tokio::select! {
+            Ok(()) = must_yield.changed(), if !stopping && *must_yield.borrow() => {
+                dialer.stop();
+                stopping = true;
+                continue;
+            }
             event = dialer.next_event() => match event {
                 Some(event) => event,
                 None => break,
@@ -857,6 +1035,15 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
             () = cancel.cancelled(), if !stopping => {
                 dialer.stop();
                 stopping = true;
+                continue;
+            }
+            () = lost.cancelled(), if !stopping && !withdrawn => {
+                // A live session runs to its end; no new attempt after it.
+                withdrawn = true;
+                if !connected {
+                    dialer.stop();
+                    stopping = true;
+                }
                 continue;
             }
         };
@@ -873,6 +1060,7 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                 });
             }
             DialEvent::Connected { .. } => {
+                connected = true;
                 received = Totals::default();
                 sent = Totals::default();
                 shared.peers.set_state(&addr, PeerState::Connected);
@@ -885,7 +1073,17 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                     shared
                         .peers
                         .update(&addr, |row| row.node = Some(remote.to_string()));
-                    if remote != shared.registry.own() {
+                    let own = remote == shared.registry.own();
+                    if !own && discovered {
+                        registered = shared
+                            .registry
+                            .dialed_discovered(remote, yield_switch.clone());
+                        if registered.is_none() && !stopping {
+                            // Another session with that node is up already.
+                            dialer.stop();
+                            stopping = true;
+                        }
+                    } else if !own {
                         registered = Some(shared.registry.dialed(remote));
                     }
                 }
@@ -911,6 +1109,11 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                 result, retry_in, ..
             } => {
                 registered = None;
+                connected = false;
+                if withdrawn && !stopping {
+                    dialer.stop();
+                    stopping = true;
+                }
                 let state = if retry_in.is_some() {
                     PeerState::Retrying
                 } else {
@@ -933,6 +1136,7 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
                 say_disconnected(&shared, &addr, result, None);
             }
             DialEvent::GaveUp { error } => {
+                refused = true;
                 shared.peers.set_state(&addr, PeerState::Refused);
                 shared
                     .peers
@@ -952,7 +1156,13 @@ async fn dial_peer(shared: Arc<Shared>, addr: String, cancel: CancellationToken)
         } else {
             say!("gave up dialing {addr}: {e}");
         }
+        refused = true;
     }
+    // A discovered peer's row goes with its dialer, unless it shows a refusal.
+    if source != Source::Configured && !refused {
+        shared.peers.remove(&addr);
+    }
+    refused
 }
 
 #[cfg(test)]

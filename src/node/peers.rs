@@ -13,7 +13,10 @@
 //!   smaller node dialed is up, and dials again once it ends.
 //!
 //! A node only ever ends sessions it accepted, so no dialer is torn down from
-//! outside.
+//! outside, with one exception: a session to a *discovered* peer
+//! ([`Registry::dialed_discovered`]) yields to any other session with that node
+//! (a configured dial, or an accepted one the peer's rule keeps). Discovery only
+//! adds sessions where none exists.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -24,6 +27,8 @@ use std::{
 
 use serde::Serialize;
 use tokio::sync::watch;
+
+pub use super::discovery::Source;
 
 /// Prefix of the handshake `user_data` that carries a node id.
 const NODE_ID_PREFIX: &str = "multifeed-node:";
@@ -45,10 +50,19 @@ impl NodeId {
     /// The id a peer's handshake announced, if it is a node (a `sync` client is not).
     pub fn from_hello(user_data: Option<&[u8]>) -> Option<Self> {
         let text = std::str::from_utf8(user_data?).ok()?;
-        let hex_id = text.strip_prefix(NODE_ID_PREFIX)?;
+        Self::parse(text.strip_prefix(NODE_ID_PREFIX)?)
+    }
+
+    /// An id from its 32 hex characters.
+    pub fn parse(hex_id: &str) -> Option<Self> {
         let mut id = [0u8; 16];
         hex::decode_to_slice(hex_id, &mut id).ok()?;
         Some(Self(id))
+    }
+
+    #[cfg(test)]
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
     }
 }
 
@@ -69,6 +83,8 @@ struct Sessions {
     accepted: HashMap<NodeId, HashMap<u64, watch::Sender<bool>>>,
     /// Dialed sessions that are up, by remote node id.
     dialed: HashMap<NodeId, usize>,
+    /// The dialed sessions to discovered peers among them: a stop switch each.
+    discovered: HashMap<NodeId, HashMap<u64, watch::Sender<bool>>>,
     next_session: u64,
 }
 
@@ -108,10 +124,17 @@ impl Registry {
         let mut sessions = self.lock();
         let id = sessions.next_session;
         sessions.next_session += 1;
-        if sessions.dialed.get(&remote).copied().unwrap_or(0) > 0
-            && keeps_own_dial(self.own, remote)
-        {
-            let _ = stop.send(true);
+        let discovered_only = sessions.discovered.get(&remote).map_or(0, HashMap::len)
+            == sessions.dialed.get(&remote).copied().unwrap_or(0);
+        if sessions.dialed.get(&remote).copied().unwrap_or(0) > 0 {
+            if keeps_own_dial(self.own, remote) {
+                let _ = stop.send(true);
+            } else if discovered_only {
+                // The peer's dial is the one kept: our discovered session yields.
+                for yielding in sessions.discovered.get(&remote).into_iter().flatten() {
+                    let _ = yielding.1.send(true);
+                }
+            }
         }
         sessions
             .accepted
@@ -132,6 +155,10 @@ impl Registry {
     pub fn dialed(self: &Arc<Self>, remote: NodeId) -> DialedGuard {
         let mut sessions = self.lock();
         *sessions.dialed.entry(remote).or_default() += 1;
+        // A configured peer's session is kept over a discovered one.
+        for yielding in sessions.discovered.get(&remote).into_iter().flatten() {
+            let _ = yielding.1.send(true);
+        }
         if keeps_own_dial(self.own, remote)
             && let Some(accepted) = sessions.accepted.get(&remote)
         {
@@ -144,7 +171,52 @@ impl Registry {
         DialedGuard {
             registry: self.clone(),
             remote,
+            discovered: None,
         }
+    }
+
+    /// A session to the discovered peer `remote` is up: registered (and `None`
+    /// returned) only if no other session with `remote` is, else the caller ends
+    /// it. `stop` ends it later if another session comes that is kept over it.
+    pub fn dialed_discovered(
+        self: &Arc<Self>,
+        remote: NodeId,
+        stop: watch::Sender<bool>,
+    ) -> Option<DialedGuard> {
+        let mut sessions = self.lock();
+        let busy = sessions.dialed.contains_key(&remote)
+            || sessions
+                .accepted
+                .get(&remote)
+                .is_some_and(|s| !s.is_empty());
+        if busy {
+            return None;
+        }
+        *sessions.dialed.entry(remote).or_default() += 1;
+        let id = sessions.next_session;
+        sessions.next_session += 1;
+        sessions
+            .discovered
+            .entry(remote)
+            .or_default()
+            .insert(id, stop);
+        drop(sessions);
+        self.bump();
+        Some(DialedGuard {
+            registry: self.clone(),
+            remote,
+            discovered: Some(id),
+        })
+    }
+
+    /// Whether a session with `remote` is up, in either direction.
+    pub fn has_session(&self, remote: NodeId) -> bool {
+        let sessions = self.lock();
+        sessions.dialed.contains_key(&remote)
+            || sessions
+                .accepted
+                .get(&remote)
+                .is_some_and(|s| !s.is_empty())
     }
 
     /// Whether a dialer to `remote` must stand by: `remote` dialed us, and its
@@ -156,6 +228,16 @@ impl Registry {
                 .accepted
                 .get(&remote)
                 .is_some_and(|sessions| !sessions.is_empty())
+    }
+
+    /// Waits until no session with `remote` is up (at once if none is).
+    pub async fn until_no_session(&self, remote: NodeId) {
+        let mut changed = self.changed.subscribe();
+        while self.has_session(remote) {
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Waits until a dialer to `remote` may dial (at once if it may now).
@@ -194,6 +276,8 @@ impl Drop for AcceptedGuard {
 pub struct DialedGuard {
     registry: Arc<Registry>,
     remote: NodeId,
+    /// Its id among the discovered sessions, if it is one.
+    discovered: Option<u64>,
 }
 
 impl Drop for DialedGuard {
@@ -205,6 +289,14 @@ impl Drop for DialedGuard {
                 sessions.dialed.remove(&self.remote);
             }
         }
+        if let Some(id) = self.discovered
+            && let Some(discovered) = sessions.discovered.get_mut(&self.remote)
+        {
+            discovered.remove(&id);
+            if discovered.is_empty() {
+                sessions.discovered.remove(&self.remote);
+            }
+        }
         drop(sessions);
         self.registry.bump();
     }
@@ -214,7 +306,7 @@ impl Drop for DialedGuard {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
-    /// Configured with `--peer`: this node dials it.
+    /// This node dials it (configured with `--peer`, or discovered).
     Dialed,
     /// It connected to `--listen`.
     Accepted,
@@ -240,6 +332,8 @@ pub enum PeerState {
 pub struct PeerStatus {
     pub address: String,
     pub direction: Direction,
+    /// How it was found.
+    pub source: Source,
     pub state: PeerState,
     /// When the state last changed, in ms since the Unix epoch.
     pub since_ms: u64,
@@ -271,12 +365,13 @@ impl PeerTable {
         self.rows.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn insert(&self, address: &str, direction: Direction, state: PeerState) {
+    pub fn insert(&self, address: &str, direction: Direction, source: Source, state: PeerState) {
         self.lock().insert(
             address.to_owned(),
             PeerStatus {
                 address: address.to_owned(),
                 direction,
+                source,
                 state,
                 since_ms: now_ms(),
                 node: None,
@@ -376,6 +471,44 @@ mod tests {
         let _dialed = node.dialed(id(7));
         assert!(!*stopped.borrow());
         assert!(!node.must_stand_by(id(9)), "9 > 5: our own dial is kept");
+    }
+
+    #[test]
+    fn a_discovered_session_is_added_only_where_none_is_and_yields_to_others() {
+        let node = Registry::new(id(5));
+        // Where a session is up already, none is added.
+        let (stop, _) = watch::channel(false);
+        let configured = node.dialed(id(7));
+        assert!(node.dialed_discovered(id(7), stop).is_none());
+        drop(configured);
+
+        // A configured dial coming later is kept over the discovered one.
+        let (stop, stopped) = watch::channel(false);
+        let _discovered = node
+            .dialed_discovered(id(7), stop)
+            .expect("the only session");
+        let _configured = node.dialed(id(7));
+        assert!(*stopped.borrow());
+
+        // The smaller peer dials us: its session is kept, ours yields.
+        let (stop, stopped) = watch::channel(false);
+        let _discovered = node
+            .dialed_discovered(id(2), stop)
+            .expect("the only session");
+        let (accepted_stop, accepted_stopped) = watch::channel(false);
+        let _accepted = node.accepted(id(2), accepted_stop);
+        assert!(*stopped.borrow());
+        assert!(!*accepted_stopped.borrow());
+
+        // The larger peer dials us: our discovered session is kept.
+        let (stop, stopped) = watch::channel(false);
+        let _discovered = node
+            .dialed_discovered(id(9), stop)
+            .expect("the only session");
+        let (accepted_stop, accepted_stopped) = watch::channel(false);
+        let _accepted = node.accepted(id(9), accepted_stop);
+        assert!(!*stopped.borrow());
+        assert!(*accepted_stopped.borrow());
     }
 
     #[tokio::test]

@@ -268,6 +268,7 @@ function renderPeers(peers) {
     const tr = el("tr", { data: { address: String(p.address), state: String(p.state) } },
       el("td", { class: "mono" }, p.address),
       el("td", {}, p.direction),
+      el("td", { class: "source" }, p.source || ""),
       el("td", { class: "state" }, p.state),
       el("td", {}, p.since || ""),
       el("td", { class: "mono" }, p.node ? String(p.node).slice(0, 12) : "–"),
@@ -278,7 +279,7 @@ function renderPeers(peers) {
       el("td", {}, p.last_error || ""));
     return tr;
   });
-  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "10", class: "empty" }, "no peers")));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "11", class: "empty" }, "no peers")));
   body.replaceChildren(...rows);
 }
 
