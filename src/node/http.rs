@@ -281,6 +281,17 @@ async fn authorize(
     Ok(response)
 }
 
+/// Metric lines as a JSON object, each named without `prefix`.
+fn counters<'a>(
+    lines: impl IntoIterator<Item = (&'a str, &'a str, &'a str, u64)>,
+    prefix: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    lines
+        .into_iter()
+        .map(|(name, _, _, value)| (name.trim_start_matches(prefix).to_owned(), json!(value)))
+        .collect()
+}
+
 async fn health(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value> {
     let peers = shared.peers.snapshot();
     let connected = peers
@@ -296,26 +307,10 @@ async fn health(State(Api { shared, .. }): State<Api>) -> Json<serde_json::Value
         "feeds": shared.group.feeds().len(),
         "peers": peers.len(),
         "peers_connected": connected,
-        "discovery": shared
-            .metrics
-            .discovery
-            .lines()
-            .into_iter()
-            .map(|(name, _, _, value)| {
-                (name.trim_start_matches("multifeed_discovery_").to_owned(), json!(value))
-            })
-            .collect::<serde_json::Map<_, _>>(),
-        "mqtt": shared.mqtt.then(|| {
-            shared
-                .metrics
-                .mqtt
-                .lines()
-                .into_iter()
-                .map(|(name, _, _, value)| {
-                    (name.trim_start_matches("multifeed_mqtt_").to_owned(), json!(value))
-                })
-                .collect::<serde_json::Map<_, _>>()
-        }),
+        "discovery": counters(shared.metrics.discovery.lines(), "multifeed_discovery_"),
+        "mqtt": shared
+            .mqtt
+            .then(|| counters(shared.metrics.mqtt.lines(), "multifeed_mqtt_")),
     }))
 }
 

@@ -773,7 +773,7 @@ async fn serve_peer<S>(
     };
     shared
         .peers
-        .insert(&peer, direction, source, PeerState::Connected);
+        .insert(&peer, &peer, direction, source, PeerState::Connected);
     shared.peers.update(&peer, |row| row.sessions = 1);
     say_connected(&shared, &peer, direction);
     let (duplicate_tx, mut duplicate_rx) = watch::channel(false);
@@ -979,30 +979,40 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
         node: announced,
         lost,
     } = target;
-    shared
-        .peers
-        .insert(&addr, Direction::Dialed, source, PeerState::Connecting);
+    // Its row in `/peers`: a discovered node's is its own, apart from a
+    // configured peer's at the same address.
+    let row = match announced {
+        Some(node) => format!("{source:?} {node}"),
+        None => addr.clone(),
+    };
+    shared.peers.insert(
+        &row,
+        &addr,
+        Direction::Dialed,
+        source,
+        PeerState::Connecting,
+    );
     // The node at `addr`, once a session told us; it decides standby.
     let target: Arc<Mutex<Option<NodeId>>> = Arc::new(Mutex::new(announced));
     let discovered = announced.is_some();
     let addrs = Arc::new(addrs);
     let connect_once = {
-        let (shared, target, addr) = (shared.clone(), target.clone(), addr.clone());
+        let (shared, target, row) = (shared.clone(), target.clone(), row.clone());
         move || {
-            let (shared, target, addr, addrs) =
-                (shared.clone(), target.clone(), addr.clone(), addrs.clone());
+            let (shared, target, row, addrs) =
+                (shared.clone(), target.clone(), row.clone(), addrs.clone());
             async move {
                 let remote = *target.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(remote) = remote {
                     if discovered && shared.registry.has_session(remote) {
-                        shared.peers.set_state(&addr, PeerState::Standby);
+                        shared.peers.set_state(&row, PeerState::Standby);
                         shared.registry.until_no_session(remote).await;
                     } else if shared.registry.must_stand_by(remote) {
-                        shared.peers.set_state(&addr, PeerState::Standby);
+                        shared.peers.set_state(&row, PeerState::Standby);
                         shared.registry.stand_by(remote).await;
                     }
                 }
-                shared.peers.set_state(&addr, PeerState::Connecting);
+                shared.peers.set_state(&row, PeerState::Connecting);
                 connect(&addrs, shared.timeout).await
             }
         }
@@ -1051,8 +1061,8 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
             // The connect step itself says connecting or standby.
             DialEvent::Connecting { .. } => {}
             DialEvent::ConnectFailed { error, retry_in } => {
-                shared.peers.set_state(&addr, PeerState::Retrying);
-                shared.peers.update(&addr, |row| {
+                shared.peers.set_state(&row, PeerState::Retrying);
+                shared.peers.update(&row, |row| {
                     row.last_error = Some(format!(
                         "cannot connect: {error}; retrying in {:.1} s",
                         retry_in.as_secs_f64()
@@ -1063,8 +1073,8 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
                 connected = true;
                 received = Totals::default();
                 sent = Totals::default();
-                shared.peers.set_state(&addr, PeerState::Connected);
-                shared.peers.update(&addr, |row| row.sessions += 1);
+                shared.peers.set_state(&row, PeerState::Connected);
+                shared.peers.update(&row, |row| row.sessions += 1);
                 say_connected(&shared, &addr, Direction::Dialed);
             }
             DialEvent::Replication(ReplicationEvent::Handshake { remote_user_data }) => {
@@ -1072,7 +1082,7 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
                     *target.lock().unwrap_or_else(|e| e.into_inner()) = Some(remote);
                     shared
                         .peers
-                        .update(&addr, |row| row.node = Some(remote.to_string()));
+                        .update(&row, |row| row.node = Some(remote.to_string()));
                     let own = remote == shared.registry.own();
                     if !own && discovered {
                         registered = shared
@@ -1093,14 +1103,14 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
             }
             DialEvent::Replication(ReplicationEvent::Progress { key, blocks, bytes }) => {
                 let (blocks, bytes) = received.on_progress(key, blocks, bytes);
-                shared.peers.update(&addr, |row| {
+                shared.peers.update(&row, |row| {
                     row.blocks_received += blocks;
                     row.bytes_received += bytes;
                 });
             }
             DialEvent::Replication(ReplicationEvent::Uploaded { key, blocks, bytes }) => {
                 let (blocks, bytes) = sent.on_progress(key, blocks, bytes);
-                shared.peers.update(&addr, |row| {
+                shared.peers.update(&row, |row| {
                     row.blocks_sent += blocks;
                     row.bytes_sent += bytes;
                 });
@@ -1119,12 +1129,12 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
                 } else {
                     PeerState::Stopped
                 };
-                shared.peers.set_state(&addr, state);
+                shared.peers.set_state(&row, state);
                 let result = result.as_ref().map_err(|e| e.as_ref());
                 let (_, words) = end_reason(result);
                 // What the live reports did not count yet (a last batch).
                 let (counted_blocks, counted_bytes) = sent.total();
-                shared.peers.update(&addr, |row| {
+                shared.peers.update(&row, |row| {
                     if let Ok(summary) = result {
                         row.blocks_sent += summary.blocks_sent.saturating_sub(counted_blocks);
                         row.bytes_sent += summary.bytes_sent.saturating_sub(counted_bytes);
@@ -1137,10 +1147,10 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
             }
             DialEvent::GaveUp { error } => {
                 refused = true;
-                shared.peers.set_state(&addr, PeerState::Refused);
+                shared.peers.set_state(&row, PeerState::Refused);
                 shared
                     .peers
-                    .update(&addr, |row| row.last_error = Some(error.to_string()));
+                    .update(&row, |row| row.last_error = Some(error.to_string()));
             }
             other => tracing::debug!(peer = %addr, ?other, "dialer"),
         }
@@ -1160,7 +1170,7 @@ async fn dial_peer(shared: Arc<Shared>, target: DialTarget, cancel: Cancellation
     }
     // A discovered peer's row goes with its dialer, unless it shows a refusal.
     if source != Source::Configured && !refused {
-        shared.peers.remove(&addr);
+        shared.peers.remove(&row);
     }
     refused
 }

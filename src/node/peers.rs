@@ -353,8 +353,10 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Every peer's status, by address. Accepted peers leave it when they disconnect
-/// (their number is bounded by `--max-peers`); dialed ones stay.
+/// Every peer's status, by row key (its address, or a discovered node's own
+/// key). Accepted peers leave it when they disconnect (their number is bounded
+/// by `--max-peers`); configured ones stay; discovered ones stay while dialed,
+/// or to show a refusal.
 #[derive(Default)]
 pub struct PeerTable {
     rows: Mutex<BTreeMap<String, PeerStatus>>,
@@ -365,9 +367,18 @@ impl PeerTable {
         self.rows.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn insert(&self, address: &str, direction: Direction, source: Source, state: PeerState) {
+    /// Adds (or replaces) the row `key`: a configured address, an accepted
+    /// peer's address, or a discovered node's own key.
+    pub fn insert(
+        &self,
+        key: &str,
+        address: &str,
+        direction: Direction,
+        source: Source,
+        state: PeerState,
+    ) {
         self.lock().insert(
-            address.to_owned(),
+            key.to_owned(),
             PeerStatus {
                 address: address.to_owned(),
                 direction,
