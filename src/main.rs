@@ -108,7 +108,8 @@ enum Command {
         peers: Vec<String>,
         /// Find the group's peers by the shared key alone and dial them: `lan` announces
         /// this node (its --listen port) over mDNS and looks for the others on the local
-        /// network. Repeatable.
+        /// network; `dht` announces and looks up the group's topic on the Hyperswarm
+        /// DHT (needs --bootstrap, or --dht-public). Repeatable.
         #[arg(long, value_enum, value_name = "HOW")]
         discover: Vec<DiscoverHow>,
         /// The UDP port of mDNS for --discover lan [default: 5353]; another port keeps a
@@ -135,6 +136,8 @@ enum Command {
         caps: CapFlags,
         #[arg(long, value_name = "N", help = cap_help(GROUP_CAP_HELP, node::AdmissionCaps::default().group_max_unproven_feeds))]
         group_max_unproven_feeds: Option<NonZeroUsize>,
+        #[command(flatten)]
+        discovery: DiscoveryFlags,
     },
     /// Replicate with a peer: once (default) or live until Ctrl-C.
     Sync {
@@ -167,6 +170,57 @@ enum Command {
     },
 }
 
+/// `serve`'s discovery flags.
+#[derive(Debug, clap::Args)]
+struct DiscoveryFlags {
+    /// A DHT node to join through, HOST:PORT (one you run, or one you trust).
+    /// Repeatable.
+    #[arg(long = "bootstrap", value_name = "HOST:PORT")]
+    bootstrap: Vec<String>,
+    /// Join the public Hyperswarm DHT through its bootstrap nodes (node1..3.hyperdht.org).
+    #[arg(long)]
+    dht_public: bool,
+    /// The DHT's local UDP address [default: 0.0.0.0:0].
+    #[arg(long, value_name = "ADDR")]
+    dht_bind: Option<String>,
+}
+
+impl DiscoveryFlags {
+    #[cfg(feature = "dht")]
+    async fn dht(
+        &self,
+        discover: &[DiscoverHow],
+        max_peers: usize,
+    ) -> anyhow::Result<Option<node::dht::DhtConfig>> {
+        if !discover.contains(&DiscoverHow::Dht) {
+            if !self.bootstrap.is_empty() || self.dht_public || self.dht_bind.is_some() {
+                anyhow::bail!(
+                    "--bootstrap, --dht-public and --dht-bind are for the DHT: add --discover dht"
+                );
+            }
+            return Ok(None);
+        }
+        let config = node::dht::DhtConfig::new(
+            &self.bootstrap,
+            self.dht_public,
+            self.dht_bind.as_deref(),
+            max_peers,
+        )
+        .await?;
+        Ok(Some(config))
+    }
+
+    #[cfg(not(feature = "dht"))]
+    fn refuse_dht(&self, discover: &[DiscoverHow]) -> anyhow::Result<()> {
+        if discover.contains(&DiscoverHow::Dht) {
+            anyhow::bail!(
+                "this multifeed was built without DHT support; build it with `cargo build --release --features dht`"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Global options every command gets.
 pub struct Global {
     pub dir: Option<PathBuf>,
@@ -177,10 +231,18 @@ pub struct Global {
 fn init_logs(verbose: u8) {
     // The hypercore crates log an ERROR for every ordinary disconnect; we report
     // what matters ourselves. RUST_LOG overrides this.
+    // The DHT crates (`--discover dht`) log every lost packet and trace their framing
+    // at INFO; the node says what matters.
     let default = match verbose {
-        0 => "warn,hypercore=off,hypercore_protocol=off",
-        1 => "info,hypercore=off,hypercore_protocol=off",
-        2 => "debug,hypercore=info,hypercore_protocol=info",
+        0 => {
+            "warn,hypercore=off,hypercore_protocol=off,hypercore_handshake=off,dht_rpc=off,hyperdht=off,hyperswarm=off,udx=off,uint24le_framing=off"
+        }
+        1 => {
+            "info,hypercore=off,hypercore_protocol=off,hypercore_handshake=off,dht_rpc=off,hyperdht=off,hyperswarm=off,udx=off,uint24le_framing=off"
+        }
+        2 => {
+            "debug,hypercore=info,hypercore_protocol=info,hypercore_handshake=info,dht_rpc=info,hyperdht=info,hyperswarm=info,udx=info,uint24le_framing=warn"
+        }
         _ => "trace",
     };
     tracing_subscriber::fmt()
@@ -252,6 +314,7 @@ async fn main() {
             mqtt,
             caps,
             group_max_unproven_feeds,
+            discovery,
         } => {
             let file = config.serve;
             let mqtt = mqtt.config(&file);
@@ -268,6 +331,16 @@ async fn main() {
             } else {
                 discover
             };
+            let max_peers = pick(max_peers, file.max_peers, 256);
+            #[cfg(feature = "dht")]
+            let dht = match discovery.dht(&discover, max_peers).await {
+                Ok(dht) => dht,
+                Err(e) => exit_with(global.json, &e),
+            };
+            #[cfg(not(feature = "dht"))]
+            if let Err(e) = discovery.refuse_dht(&discover) {
+                exit_with(global.json, &e);
+            }
             let lan =
                 discover
                     .contains(&DiscoverHow::Lan)
@@ -280,13 +353,15 @@ async fn main() {
                 lan,
                 http: http.or(file.http),
                 token: None,
-                max_peers: pick(max_peers, file.max_peers, 256),
+                max_peers,
                 timeout: std::time::Duration::from_secs(pick(timeout, file.timeout, 10)),
                 json: global.json,
                 quiet: false,
                 name: name.or(file.name),
                 mqtt,
                 caps,
+                #[cfg(feature = "dht")]
+                dht,
             };
             cli::net::serve(&global, node).await
         }
@@ -427,6 +502,9 @@ fn cap_help(text: &str, default: usize) -> String {
 pub enum DiscoverHow {
     /// mDNS/DNS-SD on the local network.
     Lan,
+    /// The Hyperswarm DHT (a build with the cargo feature `dht`; needs --bootstrap,
+    /// or --dht-public).
+    Dht,
 }
 
 fn pick_cap(flag: Option<NonZeroUsize>, file: Option<NonZeroUsize>, default: usize) -> usize {

@@ -89,6 +89,8 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
             },
             caps: AdmissionCaps::default(),
             lan: None,
+            #[cfg(feature = "dht")]
+            dht: None,
         };
         let bound = Node::bind(store, config).await?;
         let listen = bound.listen_addr().context("the node listens")?.to_string();

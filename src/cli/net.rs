@@ -103,6 +103,16 @@ fn sync_failed(addr: &str, error: multifeed::Error) -> anyhow::Error {
     SyncFailed { words, error }.into()
 }
 
+#[cfg(feature = "dht")]
+fn dht_enabled(config: &NodeConfig) -> bool {
+    config.dht.is_some()
+}
+
+#[cfg(not(feature = "dht"))]
+fn dht_enabled(_: &NodeConfig) -> bool {
+    false
+}
+
 /// Runs the gateway node (see [`crate::node`]) until Ctrl-C or SIGTERM.
 pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()> {
     if config.listen.is_none()
@@ -110,9 +120,10 @@ pub async fn serve(global: &Global, mut config: NodeConfig) -> anyhow::Result<()
         && config.http.is_none()
         && config.mqtt.listen.is_none()
         && config.mqtt.broker.is_none()
+        && !dht_enabled(&config)
     {
         anyhow::bail!(
-            "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, --http ADDR for the local API, --mqtt-listen ADDR for MQTT clients, or --mqtt-broker URL"
+            "nothing to serve: give --listen ADDR to accept peers, --peer ADDR to dial one, --discover dht to find them, --http ADDR for the local API, --mqtt-listen ADDR for MQTT clients, or --mqtt-broker URL"
         );
     }
     let store = store::open_as(global, config.name.as_deref(), &config.caps).await?;

@@ -15,6 +15,8 @@
 //! Two nodes that dial each other keep one session: see [`peers`]. Peers found
 //! by the group alone (`--discover lan`) are dialed as [`discovery`] decides.
 
+#[cfg(feature = "dht")]
+pub mod dht;
 pub mod discovery;
 pub mod http;
 pub mod mqtt;
@@ -95,6 +97,9 @@ pub struct NodeConfig {
     pub caps: AdmissionCaps,
     /// Find peers of the group on the local network (`--discover lan`).
     pub lan: Option<LanConfig>,
+    /// Find peers on the Hyperswarm DHT (`--discover dht`).
+    #[cfg(feature = "dht")]
+    pub dht: Option<dht::DhtConfig>,
 }
 
 /// Caps on what a peer's offer of feeds may cost us: the library's admission
@@ -431,6 +436,10 @@ impl Node {
         if let Some(http) = http {
             tasks.spawn(http::serve(shared.clone(), http, cancel.clone()));
         }
+        #[cfg(feature = "dht")]
+        if let Some(dht) = config.dht.clone() {
+            tasks.spawn(dht::run_dht(shared.clone(), dht, cancel.clone()));
+        }
         if mqtt.is_some() || config.mqtt.broker.is_some() {
             let mut mqtt_config = config.mqtt.clone();
             if let Some(broker) = &mut mqtt_config.broker
@@ -589,6 +598,8 @@ async fn accept_peers(
                     shared.clone(),
                     socket,
                     peer,
+                    Source::Inbound,
+                    false,
                     pre_auth,
                     admissions.account(peer.ip()),
                     quiet.clone(),
@@ -702,21 +713,27 @@ fn local_reason(duplicate: bool, itself: bool) -> Option<(&'static str, String)>
     }
 }
 
-/// One accepted peer's live session, until it ends or the node stops.
-async fn serve_peer(
+/// One accepted peer's live session, until it ends or the node stops. `initiator`:
+/// the Noise role, which a DHT connection decides (an accepted socket responds).
+#[allow(clippy::too_many_arguments)]
+async fn serve_peer<S>(
     shared: Arc<Shared>,
-    socket: TcpStream,
-    peer: SocketAddr,
+    socket: S,
+    peer: impl std::fmt::Display,
+    source: Source,
+    initiator: bool,
     pre_auth: PreAuth,
     admission_account: AdmissionAccount,
     quiet: Arc<Quiet>,
     cancel: CancellationToken,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let peer = peer.to_string();
     let mut replication = shared.group.start_replication(
         socket,
         shared
-            .replicate_options(false)
+            .replicate_options(initiator)
             .pre_auth(pre_auth.clone())
             .admission_account(admission_account),
     );
@@ -749,15 +766,16 @@ async fn serve_peer(
     }
     // Holds the peer slot for as long as the session runs.
     let _pre_auth = pre_auth;
-    shared.peers.insert(
-        &peer,
-        &peer,
-        Direction::Accepted,
-        Source::Inbound,
-        PeerState::Connected,
-    );
+    let direction = if initiator {
+        Direction::Dialed
+    } else {
+        Direction::Accepted
+    };
+    shared
+        .peers
+        .insert(&peer, &peer, direction, source, PeerState::Connected);
     shared.peers.update(&peer, |row| row.sessions = 1);
-    say_connected(&shared, &peer, Direction::Accepted);
+    say_connected(&shared, &peer, direction);
     let (duplicate_tx, mut duplicate_rx) = watch::channel(false);
     let mut _registered = None;
     let mut received = Totals::default();

@@ -106,7 +106,7 @@ pub enum Source {
     /// mDNS on the local network.
     Lan,
     /// The Hyperswarm DHT.
-    #[allow(dead_code)] // found by `--discover dht`, not built yet
+    #[cfg_attr(not(feature = "dht"), allow(dead_code))] // `--discover dht` (feature `dht`)
     Dht,
     /// It connected to us.
     Inbound,
