@@ -303,6 +303,32 @@ fn two_nodes_and_a_js_peer_meet_by_topic_and_the_nodes_replicate() {
             .any(|row| row["source"] == "dht" && row["state"] == "connected"),
         "{rows:?}"
     );
+    // The two Rust nodes reached each other both ways; one session is kept,
+    // seen from both sides.
+    let node_id = |http_addr: &str| {
+        http(http_addr, "GET", "/health", &[], b"")
+            .expect("health")
+            .json()["node"]
+            .as_str()
+            .expect("node id")
+            .to_owned()
+    };
+    let sessions_with = |http_addr: &str, node: &str| {
+        http(http_addr, "GET", "/peers", &[], b"")
+            .map(|a| a.json()["peers"].as_array().cloned().unwrap_or_default())
+            .unwrap_or_default()
+            .iter()
+            .filter(|row| row["node"] == node && row["state"] == "connected")
+            .count()
+    };
+    let (id0, id1) = (node_id(&http0), node_id(&http1));
+    assert!(
+        poll_until(WAIT, || sessions_with(&http0, &id1) == 1
+            && sessions_with(&http1, &id0) == 1),
+        "expected one session between the nodes: gw0 lists {}, gw1 lists {}",
+        sessions_with(&http0, &id1),
+        sessions_with(&http1, &id0)
+    );
     eprintln!(
         "DHT figures (loopback testnet): first authenticated peer after {first0:.2?} (gw0) and {first1:.2?} (gw1) from the nodes' start; the JS peer met both after {js_met_both:.2?}; both messages replicated after {replicated:.2?}"
     );

@@ -801,7 +801,14 @@ async fn serve_peer<S>(
                         replication.stop();
                         break;
                     }
-                    _registered = Some(shared.registry.accepted(remote, duplicate_tx.clone()));
+                    // A session this node opened (over the DHT) counts as dialed: of
+                    // two nodes that reached each other both ways, both keep the one
+                    // the smaller node opened.
+                    _registered = Some(if initiator {
+                        (None, Some(shared.registry.dialed(remote)))
+                    } else {
+                        (Some(shared.registry.accepted(remote, duplicate_tx.clone())), None)
+                    });
                 }
                 Some(ReplicationEvent::FeedSynced { key }) => say_synced(&shared, &peer, key),
                 Some(ReplicationEvent::Progress { key, blocks, bytes }) => {
