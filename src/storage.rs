@@ -266,9 +266,10 @@ struct HeldWrites {
     bytes: usize,
     /// The core's count of writes issued to the OS, bumped as held writes go out.
     issued: Arc<AtomicU64>,
-    /// Tests: held writes never go out, as if the process died first.
+    /// Tests: at most this many more writes go out, then none, as if the
+    /// process died there.
     #[cfg(test)]
-    never_issue: bool,
+    issue_at_most: Option<usize>,
 }
 
 impl HeldWrites {
@@ -308,16 +309,21 @@ impl HeldWrites {
         if self.writes.is_empty() {
             return Ok(());
         }
-        #[cfg(test)]
-        if self.never_issue {
-            return Err(io::Error::other("the process died before its tree writes"));
-        }
         let writes = std::mem::take(&mut self.writes);
         self.bytes = 0;
         let Some(file) = &self.file else {
             return Err(io::Error::other("held tree writes without a file"));
         };
-        let write_run = |(start, buf): (u64, Vec<u8>)| {
+        #[cfg(test)]
+        let issue_at_most = &mut self.issue_at_most;
+        #[cfg_attr(not(test), allow(unused_mut))]
+        let mut write_run = |(start, buf): (u64, Vec<u8>)| {
+            #[cfg(test)]
+            match issue_at_most {
+                Some(0) => return Err(io::Error::other("the process died before this write")),
+                Some(left) => *left -= 1,
+                None => {}
+            }
             file.with(|f| f.write_all_at(&buf, start))?;
             self.issued.fetch_add(1, Ordering::Release);
             io::Result::Ok(())
@@ -1088,17 +1094,18 @@ fn read_open_view(dir: &Path) -> Result<Option<OpenView>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(Error::io(format!("open {}", tree_path.display()), e)),
     };
-    // Asked only after a crash mid-download (see `open_view`): a leaf that cannot
-    // be read counts as missing, so its block is fetched again.
-    let has_leaf = |seq: u64| {
+    // Asked only after a crash mid-download (see `open_view`): a node that cannot
+    // be read counts as missing, so its blocks are fetched again.
+    let has_node = |index: u64| {
         let mut node = [0u8; NODE as usize];
         tree.as_ref().is_some_and(|tree| {
-            seq.checked_mul(2 * NODE)
+            index
+                .checked_mul(NODE)
                 .is_some_and(|at| tree.read_exact_at(&mut node, at).is_ok())
-                && leaf_from_node(seq, &node).is_some()
+                && node.iter().any(|&b| b != 0)
         })
     };
-    Ok(Some(open_view(&oplog, &bitfield, has_leaf)))
+    Ok(Some(open_view(&oplog, &bitfield, has_node)))
 }
 
 /// Creates `dir` (and missing parents); returns whether it did not exist before.
@@ -1310,11 +1317,30 @@ mod tests {
     /// tree nodes of the blocks it marks reached the file (hypercore writes the
     /// bitfield first; their oplog entries are of the kind it cannot replay:
     /// upstream defects 14 and 10). Those blocks must not count as held after a
-    /// reopen (every read of them would fail on a blank node, and sync would
-    /// never fetch them again): they are fetched again, and everything else
-    /// stays readable.
+    /// reopen (every read or proof of them would fail on a blank node, and sync
+    /// would never fetch them again): they are fetched again, and everything
+    /// else stays readable.
     #[tokio::test]
     async fn blocks_whose_leaves_never_reached_the_tree_are_fetched_again() {
+        interrupted_download_then_reopen(0, false).await;
+        interrupted_download_then_reopen(0, true).await;
+    }
+
+    /// As above, killed partway through the tree writes (they go out one run of
+    /// neighbouring nodes at a time): leaves there, nodes their proofs need not.
+    #[tokio::test]
+    async fn blocks_whose_proof_nodes_never_reached_the_tree_are_fetched_again() {
+        for issued_runs in 1..=6 {
+            for spread in [false, true] {
+                interrupted_download_then_reopen(issued_runs, spread).await;
+            }
+        }
+    }
+
+    /// Downloads, then makes the tree writes of one flush stop after
+    /// `issued_runs` writes, reopens, and checks every block the core holds
+    /// reads and proves, and the interrupted ones can be fetched again.
+    async fn interrupted_download_then_reopen(issued_runs: usize, spread: bool) {
         let length = PAGE_BITS + 500;
         let mut source = writer_core(length).await;
         let dir = tempfile::tempdir().unwrap();
@@ -1342,9 +1368,15 @@ mod tests {
         }
 
         // From here the tree writes of hypercore's next flush never go out.
-        lock_held(&set.held).unwrap().never_issue = true;
+        lock_held(&set.held).unwrap().issue_at_most = Some(issued_runs);
         let mut interrupted = Vec::new();
-        for seq in PAGE_BITS..PAGE_BITS + 8 {
+        // Spread out, so their proofs carry nodes far apart in the tree file.
+        let seqs = if spread {
+            [0, 3, 9, 17, 40, 77, 130, 260]
+        } else {
+            [0, 1, 2, 3, 4, 5, 6, 7]
+        };
+        for seq in seqs.map(|n| PAGE_BITS + n) {
             let nodes = copy.missing_nodes(seq).await.unwrap();
             let request = RequestBlock { index: seq, nodes };
             let proof = source
@@ -1372,11 +1404,15 @@ mod tests {
         let mut copy = reopen_core(dir.path(), &pool).await;
         for seq in 0..length {
             if copy.has(seq) {
-                assert_eq!(
-                    copy.get(seq).await.unwrap(),
-                    Some(value(seq)),
-                    "block {seq}"
-                );
+                let what =
+                    format!("block {seq} ({issued_runs} tree writes issued, spread {spread})");
+                assert_eq!(copy.get(seq).await.unwrap(), Some(value(seq)), "{what}");
+                let request = RequestBlock {
+                    index: seq,
+                    nodes: 0,
+                };
+                let proof = copy.create_proof(Some(request), None, None, None).await;
+                assert!(matches!(proof, Ok(Some(_))), "{what}: {proof:?}");
             }
         }
         for &seq in &interrupted {

@@ -15,11 +15,12 @@
 //!
 //! - a download killed between hypercore writing a bitfield page and writing
 //!   the tree nodes of the blocks it marks (hypercore flushes the bitfield
-//!   first; defect 14) leaves blocks marked held whose Merkle leaves are blank.
-//!   Their oplog entries are still there but are of the kind defect 10 cannot
-//!   read, so nothing would restore the leaves, and every later read, proof or
-//!   verify of those blocks fails while sync believes it holds them. Such blocks
-//!   are shown as not held, so the next sync fetches them again.
+//!   first, then the nodes one write at a time; defect 14) leaves blocks marked
+//!   held whose Merkle leaves, or the nodes their proofs need, are blank. Their
+//!   oplog entries are still there but are of the kind defect 10 cannot read, so
+//!   nothing would restore the nodes, and every later read, proof or verify of
+//!   those blocks fails while sync believes it holds them. Such blocks are shown
+//!   as not held, so the next sync fetches them (and the nodes) again.
 //!
 //! Nothing here is ever written: the files on disk keep hypercore's format.
 
@@ -53,13 +54,13 @@ pub(super) struct OpenView {
 const MAX_SUSPECT_BLOCKS: u64 = 1 << 20;
 
 /// The view of a core whose stored oplog is `oplog` and bitfield is `bitfield`.
-/// `has_leaf(seq)` says whether the tree file holds block `seq`'s leaf (not
-/// blank); it is asked only about blocks the oplog marks held in entries
-/// hypercore will not replay.
+/// `has_node(index)` says whether the tree file holds the Merkle node of that
+/// flat-tree index (not blank); it is asked only about the nodes, and the leaves
+/// of the blocks, of oplog entries hypercore will not replay.
 pub(super) fn open_view(
     oplog: &[u8],
     bitfield: &[u8],
-    mut has_leaf: impl FnMut(u64) -> bool,
+    mut has_node: impl FnMut(u64) -> bool,
 ) -> OpenView {
     let current = current_header(oplog);
     let state = current.as_ref().map(|(_, header)| header.tree_state());
@@ -97,17 +98,21 @@ pub(super) fn open_view(
     view[slot..slot + HEADER_SLOT].fill(0);
     view[slot..slot + record.len()].copy_from_slice(&record);
 
-    // Blocks marked in entries hypercore will not replay: held only if their
-    // leaves reached the tree file.
-    let mut leafless = std::collections::BTreeSet::new();
-    for (start, length) in unreplayed_marks(oplog, kept_end, header.length) {
+    // Blocks marked in entries hypercore will not replay are held only if their
+    // leaves reached the tree file, and all of them only if every node those
+    // entries carry did: a node arrives with the first block whose proof needs
+    // it, so a missing one can break any of them.
+    let unreplayed = unreplayed_entries(oplog, kept_end, header.length);
+    let nodes_missing = unreplayed.nodes.iter().any(|&index| !has_node(index));
+    let mut unsound = std::collections::BTreeSet::new();
+    for (start, length) in unreplayed.marks {
         for seq in start..start + length {
-            if bit(bitfield, seq) && !has_leaf(seq) {
-                leafless.insert(seq);
+            if bit(bitfield, seq) && (nodes_missing || !has_node(2 * seq)) {
+                unsound.insert(seq);
             }
         }
     }
-    for (start, length) in without(held_runs(bitfield, header.length), &leafless) {
+    for (start, length) in without(held_runs(bitfield, header.length), &unsound) {
         restate_held(&mut view, &header, start, length);
     }
     view.extend_from_slice(&oplog[OPLOG_ENTRIES_AT.min(kept_end)..kept_end]);
@@ -282,44 +287,59 @@ fn bit(bitfield: &[u8], seq: u64) -> bool {
         .is_some_and(|byte| byte >> (seq % 8) & 1 == 1)
 }
 
-/// The blocks (`start`, `length`, below `limit`, at most [`MAX_SUSPECT_BLOCKS`]
-/// in all) that the intact entries from `from` on mark held: entries hypercore
-/// does not replay, whose tree nodes may not have reached the tree file.
-fn unreplayed_marks(oplog: &[u8], from: usize, limit: u64) -> Vec<(u64, u64)> {
-    let mut marks = Vec::new();
+/// What the intact oplog entries hypercore does not replay hold: their tree
+/// nodes may not have reached the tree file.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Unreplayed {
+    /// Blocks they mark held (`start`, `length`).
+    marks: Vec<(u64, u64)>,
+    /// Flat-tree indexes of the nodes they carry.
+    nodes: Vec<u64>,
+}
+
+/// The [`Unreplayed`] of the entries from `from` on: marks below `limit`, at most
+/// [`MAX_SUSPECT_BLOCKS`] blocks and as many nodes in all.
+fn unreplayed_entries(oplog: &[u8], from: usize, limit: u64) -> Unreplayed {
+    let mut out = Unreplayed::default();
     let mut budget = MAX_SUSPECT_BLOCKS;
     let mut at = from;
     while let Some(record) = record_at(oplog, at) {
-        if let Some((start, length)) = entry_marks(record.payload) {
+        let marks = entry_marks(record.payload, |index| {
+            if out.nodes.len() < MAX_SUSPECT_BLOCKS as usize {
+                out.nodes.push(index);
+            }
+        });
+        if let Some((start, length)) = marks {
             let length = length.min(limit.saturating_sub(start)).min(budget);
             if length > 0 {
-                marks.push((start, length));
+                out.marks.push((start, length));
                 budget -= length;
             }
         }
         at += LEADER + record.payload.len();
     }
-    marks
+    out
 }
 
 /// The blocks an entry marks held (its bitfield update, unless it drops), read
-/// field by field as hypercore writes them, whatever mix of parts it has.
-fn entry_marks(payload: &[u8]) -> Option<(u64, u64)> {
+/// field by field as hypercore writes them, whatever mix of parts it has; the
+/// index of each tree node it carries goes to `node`.
+fn entry_marks(payload: &[u8], mut node: impl FnMut(u64)) -> Option<(u64, u64)> {
     let mut r = Reader::new(payload);
     let flags = r.u8()?;
-    if flags & HAS_BITFIELD == 0 {
-        return None;
-    }
     if flags & HAS_USER_DATA != 0 {
         r.strings()?;
     }
     if flags & HAS_TREE_NODES != 0 {
         let nodes = r.varint()?;
         for _ in 0..nodes {
-            r.varint()?; // index
+            node(r.varint()?);
             r.varint()?; // byte length
             r.take(32)?; // hash
         }
+    }
+    if flags & HAS_BITFIELD == 0 {
+        return None;
     }
     if flags & HAS_UPGRADE != 0 {
         r.varint()?; // fork
@@ -613,19 +633,25 @@ mod tests {
         entry.push(0);
         put_varint(&mut entry, 2);
         put_varint(&mut entry, 1);
-        assert_eq!(entry_marks(&entry), Some((2, 1)));
+        assert_eq!(entry_marks(&entry, |_| {}), Some((2, 1)));
         let mut oplog = vec![0; OPLOG_ENTRIES_AT];
         oplog.extend_from_slice(&leader_and(&entry, false));
         oplog.extend_from_slice(&leader_and(&[0], false)); // marks nothing
-        assert_eq!(unreplayed_marks(&oplog, OPLOG_ENTRIES_AT, 100), [(2, 1)]);
-        assert_eq!(unreplayed_marks(&oplog, OPLOG_ENTRIES_AT, 2), []);
+        let found = unreplayed_entries(&oplog, OPLOG_ENTRIES_AT, 100);
+        assert_eq!(found.marks, [(2, 1)]);
+        assert_eq!(found.nodes, [4]);
+        assert!(
+            unreplayed_entries(&oplog, OPLOG_ENTRIES_AT, 2)
+                .marks
+                .is_empty()
+        );
         let dropped = {
             let mut e = entry.clone();
             let at = e.len() - 3;
             e[at] = 1;
             e
         };
-        assert_eq!(entry_marks(&dropped), None);
+        assert_eq!(entry_marks(&dropped, |_| {}), None);
 
         let gone = [0, 5, 6, 20].into_iter().collect();
         assert_eq!(
