@@ -781,6 +781,11 @@ impl SyncSet {
         self.files().iter().find(|slot| slot.path == path).cloned()
     }
 
+    /// The directory of the core's files, for on-disk storage.
+    pub(crate) fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
     /// Closes the files' descriptors (their core was unloaded); they reopen on use.
     pub(crate) fn release_files(&self) {
         for slot in self.files().iter() {

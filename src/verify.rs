@@ -132,18 +132,35 @@ async fn verify_feed(feed: &Feed) -> Result<FeedReport> {
         Ok(Ok((checked, status))) => {
             report.checked = checked;
             report.status = status;
-            // Our own writer wrote every block of its feed: one it no longer
-            // holds was lost here (a damaged bitfield or a truncated data file),
-            // never just not downloaded yet.
-            if feed.is_local() && report.status == FeedStatus::Ok && checked < info.length {
-                let first = (0..info.length).find(|&seq| !core.has(seq));
-                report.status = FeedStatus::Damaged {
-                    seq: first,
-                    reason: format!(
-                        "this gateway wrote {} blocks to it but holds only {checked}: its bitfield or data file is damaged",
-                        info.length
-                    ),
-                };
+            if report.status == FeedStatus::Ok && checked < info.length {
+                let (unmarked, first) = feed.intact_unmarked(info.length, |seq| core.has(seq))?;
+                if unmarked > 0 {
+                    // The bitfield lost bits of blocks the data file still holds.
+                    let advice = if feed.is_local() {
+                        "restore the feed's directory from a backup (its data file is intact; no peer can send back blocks only this gateway wrote)"
+                    } else {
+                        "the next `multifeed sync` with a peer that holds them fetches them again, or restore the feed's directory from a backup"
+                    };
+                    report.status = FeedStatus::Damaged {
+                        seq: first,
+                        reason: format!(
+                            "its bitfield marks {checked} of {} blocks held, but the data file holds {unmarked} more intact ones (the first is block {}): the bitfield is damaged; {advice}",
+                            info.length,
+                            first.unwrap_or_default()
+                        ),
+                    };
+                } else if feed.is_local() {
+                    // Our own writer wrote every block of its feed: one it no
+                    // longer holds was lost here, never just not downloaded yet.
+                    let first = (0..info.length).find(|&seq| !core.has(seq));
+                    report.status = FeedStatus::Damaged {
+                        seq: first,
+                        reason: format!(
+                            "this gateway wrote {} blocks to it but holds only {checked}: its bitfield or data file is damaged; restore the feed's directory from a backup",
+                            info.length
+                        ),
+                    };
+                }
             }
         }
         Err(_) => {
