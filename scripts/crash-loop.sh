@@ -202,7 +202,8 @@ run_serve() {
     # The receiver, killed mid-download with it, catches up from the restarted node.
     check_store "$receiver" "serve run $i (its receiver)"
     start_serve "$store" "$WORK/node-serve.log"
-    mf "$receiver" sync "$NODE_ADDR" >/dev/null 2>&1 || echo "  serve run $i: the next sync failed"
+    mf "$receiver" sync "$NODE_ADDR" >"$WORK/node-sync.out" 2>&1 \
+      || echo "  serve run $i: the next sync failed: $(tail -c 400 "$WORK/node-sync.out")"
     kill "$NODE_PID" 2>/dev/null || true
     wait "$NODE_PID" 2>/dev/null || true
     local missing
