@@ -206,6 +206,52 @@ impl Feed {
         Ok(value)
     }
 
+    /// Blocks below `length` that `held` says are not held, yet whose bytes the
+    /// data file holds intact (they match their Merkle leaf): the count and the
+    /// first. Some means a damaged bitfield. Walks the leaves from block 0 for
+    /// the offsets, up to the first leaf the tree file lacks (a sparse remote
+    /// feed's offsets past it are unknown). Nothing for in-memory storage.
+    pub(crate) fn intact_unmarked(
+        &self,
+        length: u64,
+        held: impl Fn(u64) -> bool,
+    ) -> Result<(u64, Option<u64>)> {
+        let Some(sync) = &self.inner.sync else {
+            return Ok((0, None));
+        };
+        let Some(dir) = sync.dir() else {
+            return Ok((0, None));
+        };
+        let path = dir.join("data");
+        let io_error = |e| Error::io(format!("read {}", path.display()), e);
+        let data = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, None)),
+            Err(e) => return Err(io_error(e)),
+        };
+        let data_len = data.metadata().map_err(io_error)?.len();
+        let (mut offset, mut count, mut first) = (0u64, 0u64, None);
+        let mut buf = Vec::new();
+        for seq in 0..length {
+            let Some(leaf) = sync.leaf(seq).map_err(io_error)? else {
+                break;
+            };
+            let end = offset.saturating_add(leaf.length);
+            if leaf.length > 0 && end <= data_len && !held(seq) {
+                // Bounded by the data file's length, checked above.
+                buf.resize(leaf.length as usize, 0);
+                std::os::unix::fs::FileExt::read_exact_at(&data, &mut buf, offset)
+                    .map_err(io_error)?;
+                if leaf_hash(&buf) == leaf.hash {
+                    count += 1;
+                    first.get_or_insert(seq);
+                }
+            }
+            offset = end;
+        }
+        Ok((count, first))
+    }
+
     fn damaged(&self, seq: u64, reason: String) -> Error {
         Error::DamagedBlock {
             key: self.key().to_hex(),

@@ -67,6 +67,11 @@ pub struct FeedReport {
     pub checked: u64,
     /// Times the feed was truncated by its writer (hypercore's fork id); 0 normally.
     pub fork: u64,
+    /// Blocks of a remote feed its bitfield does not mark held whose bytes the
+    /// data file holds intact: a damaged bitfield, or downloads a crash cut off
+    /// before they were marked. Not damage (nothing held is wrong, and the next
+    /// sync fetches them again), but a zeroed bitfield shows here.
+    pub unmarked: u64,
     /// The outcome.
     pub status: FeedStatus,
 }
@@ -118,6 +123,7 @@ async fn verify_feed(feed: &Feed) -> Result<FeedReport> {
         length: info.length,
         checked: 0,
         fork: info.fork,
+        unmarked: 0,
         status: FeedStatus::Ok,
     };
     if info.length == 0 {
@@ -132,18 +138,33 @@ async fn verify_feed(feed: &Feed) -> Result<FeedReport> {
         Ok(Ok((checked, status))) => {
             report.checked = checked;
             report.status = status;
-            // Our own writer wrote every block of its feed: one it no longer
-            // holds was lost here (a damaged bitfield or a truncated data file),
-            // never just not downloaded yet.
-            if feed.is_local() && report.status == FeedStatus::Ok && checked < info.length {
-                let first = (0..info.length).find(|&seq| !core.has(seq));
-                report.status = FeedStatus::Damaged {
-                    seq: first,
-                    reason: format!(
-                        "this gateway wrote {} blocks to it but holds only {checked}: its bitfield or data file is damaged",
-                        info.length
-                    ),
-                };
+            if report.status == FeedStatus::Ok && checked < info.length {
+                let (unmarked, first) = feed.intact_unmarked(info.length, |seq| core.has(seq))?;
+                if !feed.is_local() {
+                    // A crash mid-download leaves a few such blocks too: a note.
+                    report.unmarked = unmarked;
+                } else if unmarked > 0 {
+                    // Our own writer's bitfield lost bits of blocks it still holds.
+                    report.status = FeedStatus::Damaged {
+                        seq: first,
+                        reason: format!(
+                            "its bitfield marks {checked} of {} blocks held, but the data file holds {unmarked} more intact ones (the first is block {}): the bitfield is damaged; restore the feed's directory from a backup (no peer can send back blocks only this gateway wrote)",
+                            info.length,
+                            first.unwrap_or_default()
+                        ),
+                    };
+                } else {
+                    // Our own writer wrote every block of its feed: one it no
+                    // longer holds was lost here, never just not downloaded yet.
+                    let first = (0..info.length).find(|&seq| !core.has(seq));
+                    report.status = FeedStatus::Damaged {
+                        seq: first,
+                        reason: format!(
+                            "this gateway wrote {} blocks to it but holds only {checked}: its bitfield or data file is damaged; restore the feed's directory from a backup",
+                            info.length
+                        ),
+                    };
+                }
             }
         }
         Err(_) => {

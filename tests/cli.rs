@@ -376,7 +376,9 @@ fn verify_reports_a_zeroed_bitfield_of_our_own_writer() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("DAMAGED") && stdout.contains("holds only 0"),
+        stdout.contains("DAMAGED")
+            && stdout.contains("marks 0 of 3 blocks held")
+            && stdout.contains("3 more intact"),
         "{stdout}"
     );
 }

@@ -158,6 +158,7 @@ pub fn verify_rows(report: &multifeed::VerifyReport) -> Vec<serde_json::Value> {
         rows.push(
             json!({"key": feed.key.to_hex(), "name": feed.name, "length": feed.length,
                          "checked": feed.checked, "fork": feed.fork, "ok": ok,
+                         "unmarked": feed.unmarked,
                          "damaged_at": seq, "reason": reason}),
         );
     }
@@ -197,12 +198,20 @@ pub fn verify_line(row: &serde_json::Value) -> String {
     }
     if row["ok"].as_bool() == Some(true) {
         let fork = row["fork"].as_u64().unwrap_or(0);
+        let unmarked = row["unmarked"].as_u64().unwrap_or(0);
         format!(
-            "ok       {key}  {name}: {} of {} blocks held and verified{}",
+            "ok       {key}  {name}: {} of {} blocks held and verified{}{}",
             row["checked"].as_u64().unwrap_or(0),
             row["length"].as_u64().unwrap_or(0),
             if fork > 0 {
                 format!(" (truncated by its writer: fork {fork})")
+            } else {
+                String::new()
+            },
+            if unmarked > 0 {
+                format!(
+                    "; note: the data file holds {unmarked} more intact blocks its bitfield does not mark held (a damaged bitfield, or downloads a crash cut off): the next sync fetches them again"
+                )
             } else {
                 String::new()
             }

@@ -13,6 +13,15 @@
 //!   stops before the first other entry. A torn entry (bad checksum) or an entry
 //!   older than the state before it (left behind by defect 11) also ends replay.
 //!
+//! - a download killed between hypercore writing a bitfield page and writing
+//!   the tree nodes of the blocks it marks (hypercore flushes the bitfield
+//!   first, then the nodes one write at a time; defect 14) leaves blocks marked
+//!   held whose Merkle leaves, or the nodes their proofs need, are blank. Their
+//!   oplog entries are still there but are of the kind defect 10 cannot read, so
+//!   nothing would restore the nodes, and every later read, proof or verify of
+//!   those blocks fails while sync believes it holds them. Such blocks are shown
+//!   as not held, so the next sync fetches them (and the nodes) again.
+//!
 //! Nothing here is ever written: the files on disk keep hypercore's format.
 
 /// Where oplog entries start, after the two 4 KiB header slots.
@@ -39,8 +48,20 @@ pub(super) struct OpenView {
     pub(super) kept_entries: u64,
 }
 
+/// Most blocks whose leaves are looked up at open: the blocks marked by the
+/// oplog entries hypercore cannot replay. Hypercore folds its entries into the
+/// tree every fourth operation, so a real oplog names far fewer.
+const MAX_SUSPECT_BLOCKS: u64 = 1 << 20;
+
 /// The view of a core whose stored oplog is `oplog` and bitfield is `bitfield`.
-pub(super) fn open_view(oplog: &[u8], bitfield: &[u8]) -> OpenView {
+/// `has_node(index)` says whether the tree file holds the Merkle node of that
+/// flat-tree index (not blank); it is asked only about the nodes, and the leaves
+/// of the blocks, of oplog entries hypercore will not replay.
+pub(super) fn open_view(
+    oplog: &[u8],
+    bitfield: &[u8],
+    mut has_node: impl FnMut(u64) -> bool,
+) -> OpenView {
     let current = current_header(oplog);
     let state = current.as_ref().map(|(_, header)| header.tree_state());
     let kept_end = replayable_entries_end(oplog, state);
@@ -77,7 +98,21 @@ pub(super) fn open_view(oplog: &[u8], bitfield: &[u8]) -> OpenView {
     view[slot..slot + HEADER_SLOT].fill(0);
     view[slot..slot + record.len()].copy_from_slice(&record);
 
-    for (start, length) in held_runs(bitfield, header.length) {
+    // Blocks marked in entries hypercore will not replay are held only if their
+    // leaves reached the tree file, and all of them only if every node those
+    // entries carry did: a node arrives with the first block whose proof needs
+    // it, so a missing one can break any of them.
+    let unreplayed = unreplayed_entries(oplog, kept_end, header.length);
+    let nodes_missing = unreplayed.nodes.iter().any(|&index| !has_node(index));
+    let mut unsound = std::collections::BTreeSet::new();
+    for (start, length) in unreplayed.marks {
+        for seq in start..start + length {
+            if bit(bitfield, seq) && (nodes_missing || !has_node(2 * seq)) {
+                unsound.insert(seq);
+            }
+        }
+    }
+    for (start, length) in without(held_runs(bitfield, header.length), &unsound) {
         restate_held(&mut view, &header, start, length);
     }
     view.extend_from_slice(&oplog[OPLOG_ENTRIES_AT.min(kept_end)..kept_end]);
@@ -242,6 +277,101 @@ fn decodable_entry(payload: &[u8]) -> Option<Option<TreeState>> {
     }
     // Hypercore reads the next entry where this one's fields end.
     (r.at == payload.len()).then_some(upgrade)
+}
+
+/// Whether bit `seq` of a bitfield file is set.
+fn bit(bitfield: &[u8], seq: u64) -> bool {
+    usize::try_from(seq / 8)
+        .ok()
+        .and_then(|at| bitfield.get(at))
+        .is_some_and(|byte| byte >> (seq % 8) & 1 == 1)
+}
+
+/// What the intact oplog entries hypercore does not replay hold: their tree
+/// nodes may not have reached the tree file.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Unreplayed {
+    /// Blocks they mark held (`start`, `length`).
+    marks: Vec<(u64, u64)>,
+    /// Flat-tree indexes of the nodes they carry.
+    nodes: Vec<u64>,
+}
+
+/// The [`Unreplayed`] of the entries from `from` on: marks below `limit`, at most
+/// [`MAX_SUSPECT_BLOCKS`] blocks and as many nodes in all.
+fn unreplayed_entries(oplog: &[u8], from: usize, limit: u64) -> Unreplayed {
+    let mut out = Unreplayed::default();
+    let mut budget = MAX_SUSPECT_BLOCKS;
+    let mut at = from;
+    while let Some(record) = record_at(oplog, at) {
+        let marks = entry_marks(record.payload, |index| {
+            if out.nodes.len() < MAX_SUSPECT_BLOCKS as usize {
+                out.nodes.push(index);
+            }
+        });
+        if let Some((start, length)) = marks {
+            let length = length.min(limit.saturating_sub(start)).min(budget);
+            if length > 0 {
+                out.marks.push((start, length));
+                budget -= length;
+            }
+        }
+        at += LEADER + record.payload.len();
+    }
+    out
+}
+
+/// The blocks an entry marks held (its bitfield update, unless it drops), read
+/// field by field as hypercore writes them, whatever mix of parts it has; the
+/// index of each tree node it carries goes to `node`.
+fn entry_marks(payload: &[u8], mut node: impl FnMut(u64)) -> Option<(u64, u64)> {
+    let mut r = Reader::new(payload);
+    let flags = r.u8()?;
+    if flags & HAS_USER_DATA != 0 {
+        r.strings()?;
+    }
+    if flags & HAS_TREE_NODES != 0 {
+        let nodes = r.varint()?;
+        for _ in 0..nodes {
+            node(r.varint()?);
+            r.varint()?; // byte length
+            r.take(32)?; // hash
+        }
+    }
+    if flags & HAS_BITFIELD == 0 {
+        return None;
+    }
+    if flags & HAS_UPGRADE != 0 {
+        r.varint()?; // fork
+        r.varint()?; // ancestors
+        r.varint()?; // length
+        r.bytes()?; // signature
+    }
+    let drop = r.u8()? & 1 == 1;
+    let start = r.varint()?;
+    let length = r.varint()?;
+    (!drop).then_some((start, length))
+}
+
+/// `runs` (sorted, disjoint) without the blocks in `gone`.
+fn without(runs: Vec<(u64, u64)>, gone: &std::collections::BTreeSet<u64>) -> Vec<(u64, u64)> {
+    if gone.is_empty() {
+        return runs;
+    }
+    let mut out = Vec::with_capacity(runs.len() + gone.len());
+    for (start, length) in runs {
+        let mut from = start;
+        for &seq in gone.range(start..start + length) {
+            if seq > from {
+                out.push((from, seq - from));
+            }
+            from = seq + 1;
+        }
+        if from < start + length {
+            out.push((from, start + length - from));
+        }
+    }
+    out
 }
 
 /// A Merkle leaf as a core's oplog entry carries it: block `seq`'s byte length
@@ -489,6 +619,45 @@ mod tests {
             assert_eq!(held_runs(&field, limit), model, "{field:?} below {limit}");
         }
         assert_eq!(held_runs(&bits(&[0, 1, 2, 40], 8), 64), [(0, 3), (40, 1)]);
+    }
+
+    /// The blocks an entry marks are read whatever mix of parts it carries, and
+    /// blocks taken out of held runs split them.
+    #[test]
+    fn entries_marks_and_runs_without_blocks() {
+        let mut entry = vec![HAS_TREE_NODES | HAS_BITFIELD];
+        put_varint(&mut entry, 1); // one node
+        put_varint(&mut entry, 4);
+        put_varint(&mut entry, 9);
+        entry.extend_from_slice(&[7; 32]);
+        entry.push(0);
+        put_varint(&mut entry, 2);
+        put_varint(&mut entry, 1);
+        assert_eq!(entry_marks(&entry, |_| {}), Some((2, 1)));
+        let mut oplog = vec![0; OPLOG_ENTRIES_AT];
+        oplog.extend_from_slice(&leader_and(&entry, false));
+        oplog.extend_from_slice(&leader_and(&[0], false)); // marks nothing
+        let found = unreplayed_entries(&oplog, OPLOG_ENTRIES_AT, 100);
+        assert_eq!(found.marks, [(2, 1)]);
+        assert_eq!(found.nodes, [4]);
+        assert!(
+            unreplayed_entries(&oplog, OPLOG_ENTRIES_AT, 2)
+                .marks
+                .is_empty()
+        );
+        let dropped = {
+            let mut e = entry.clone();
+            let at = e.len() - 3;
+            e[at] = 1;
+            e
+        };
+        assert_eq!(entry_marks(&dropped, |_| {}), None);
+
+        let gone = [0, 5, 6, 20].into_iter().collect();
+        assert_eq!(
+            without(vec![(0, 10), (20, 1), (30, 2)], &gone),
+            [(1, 4), (7, 3), (30, 2)]
+        );
     }
 
     #[test]

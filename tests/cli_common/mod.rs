@@ -308,6 +308,13 @@ impl Running {
         assert!(status.success(), "kill -{name} failed");
     }
 
+    /// Whether the child has exited (it is reaped if so).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|child| child.try_wait().ok().flatten().is_some())
+    }
+
     /// SIGKILL, then reaps it.
     pub fn kill9(mut self) {
         if let Some(mut child) = self.child.take() {
