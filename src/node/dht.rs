@@ -39,10 +39,6 @@ use std::{
 use futures::{FutureExt, Sink, Stream, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use hypercore_handshake::CipherEvent;
 use hyperswarm::{Connection, JoinOpts, PublicKey, Swarm, SwarmConfig, Topic};
-use multifeed::{
-    PreAuth,
-    replicate::preauth::{ConnectionSlots, PeerAdmissions, PeerSlots, PreAuthLimits, SlotLimits},
-};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::mpsc,
@@ -50,7 +46,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Quiet, Shared, discovery::Source, serve_peer};
+use super::{Admission, Shared, discovery::Source, serve_peer};
 
 /// Connections waiting for [`run_dht`] to pick them up.
 const PEER_QUEUE: usize = 16;
@@ -579,17 +575,13 @@ pub async fn run_dht(shared: Arc<Shared>, config: DhtConfig, cancel: Cancellatio
     let topic = *shared.group.shared_key().discovery_topic().as_bytes();
     let max_peers = config.max_peers;
     let Discovery { mut peers, task } = Discovery::spawn(topic, config, cancel.clone());
-    let slot_limits = SlotLimits::default();
-    let slots = ConnectionSlots::new(slot_limits);
-    let peer_slots = PeerSlots::new(max_peers);
-    let admissions = PeerAdmissions::new(shared.replicate_options(false).max_unproven_feeds);
-    let quiet = Arc::new(Quiet::default());
-    let mut report_tick = tokio::time::interval(slot_limits.report_interval);
+    let admission = Admission::new(&shared, max_peers);
+    let mut report_tick = admission.report_tick();
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
-            _ = report_tick.tick() => quiet.report(&slots, peer_slots.max(), slot_limits.report_interval),
+            _ = report_tick.tick() => admission.report(),
             Some(done) = sessions.join_next(), if !sessions.is_empty() => {
                 if let Err(e) = done {
                     tracing::warn!("a DHT peer task failed: {e}");
@@ -598,10 +590,8 @@ pub async fn run_dht(shared: Arc<Shared>, config: DhtConfig, cancel: Cancellatio
             peer = peers.recv() => {
                 let Some(peer) = peer else { break };
                 let address = stand_in_address(&peer.remote_public_key);
-                let Ok(slot) = slots.try_admit(address) else { continue };
+                let Some((pre_auth, account)) = admission.admit(address) else { continue };
                 let label = format!("dht:{}", &hex::encode(peer.remote_public_key)[..16]);
-                let pre_auth = PreAuth::with_peer_slots(PreAuthLimits::default(), peer_slots.clone())
-                    .with_slot(slot);
                 sessions.spawn(serve_peer(
                     shared.clone(),
                     peer.stream,
@@ -609,8 +599,8 @@ pub async fn run_dht(shared: Arc<Shared>, config: DhtConfig, cancel: Cancellatio
                     Source::Dht,
                     peer.initiator,
                     pre_auth,
-                    admissions.account(address),
-                    quiet.clone(),
+                    account,
+                    admission.quiet.clone(),
                     cancel.clone(),
                 ));
             }

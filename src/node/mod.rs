@@ -27,7 +27,7 @@ use std::{
     collections::HashMap,
     future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -551,26 +551,66 @@ impl Quiet {
     }
 }
 
+/// What admits peers that connect to us (over TCP or the DHT): strangers wait for
+/// their handshake in slots of their own; a member takes one of the `max_peers`
+/// places only once it proved it holds the key; one address holds at most one
+/// session's worth of the group's places on trial.
+struct Admission {
+    limits: SlotLimits,
+    slots: ConnectionSlots,
+    peer_slots: PeerSlots,
+    admissions: PeerAdmissions,
+    quiet: Arc<Quiet>,
+}
+
+impl Admission {
+    fn new(shared: &Shared, max_peers: usize) -> Self {
+        let limits = SlotLimits::default();
+        Self {
+            limits,
+            slots: ConnectionSlots::new(limits),
+            peer_slots: PeerSlots::new(max_peers),
+            admissions: PeerAdmissions::new(shared.replicate_options(false).max_unproven_feeds),
+            quiet: Arc::new(Quiet::default()),
+        }
+    }
+
+    /// Ticks when refusals and quiet endings are due to be reported.
+    fn report_tick(&self) -> tokio::time::Interval {
+        tokio::time::interval(self.limits.report_interval)
+    }
+
+    fn report(&self) {
+        self.quiet.report(
+            &self.slots,
+            self.peer_slots.max(),
+            self.limits.report_interval,
+        );
+    }
+
+    /// A stranger's slot and its address's account, unless its address has too
+    /// many connections waiting (refusals are counted and reported on the tick).
+    fn admit(&self, address: IpAddr) -> Option<(PreAuth, AdmissionAccount)> {
+        let slot = self.slots.try_admit(address).ok()?;
+        let pre_auth = PreAuth::with_peer_slots(PreAuthLimits::default(), self.peer_slots.clone())
+            .with_slot(slot);
+        Some((pre_auth, self.admissions.account(address)))
+    }
+}
+
 async fn accept_peers(
     shared: Arc<Shared>,
     listener: TcpListener,
     max_peers: usize,
     cancel: CancellationToken,
 ) {
-    // Strangers wait for their handshake in slots of their own; a member takes one of
-    // the `max_peers` places only once it proved it holds the key.
-    let slot_limits = SlotLimits::default();
-    let slots = ConnectionSlots::new(slot_limits);
-    let peer_slots = PeerSlots::new(max_peers);
-    // One address holds at most one session's worth of the group's places on trial.
-    let admissions = PeerAdmissions::new(shared.replicate_options(false).max_unproven_feeds);
-    let quiet = Arc::new(Quiet::default());
-    let mut report_tick = tokio::time::interval(slot_limits.report_interval);
+    let admission = Admission::new(&shared, max_peers);
+    let mut report_tick = admission.report_tick();
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
-            _ = report_tick.tick() => quiet.report(&slots, peer_slots.max(), slot_limits.report_interval),
+            _ = report_tick.tick() => admission.report(),
             Some(done) = sessions.join_next(), if !sessions.is_empty() => {
                 if let Err(e) = done {
                     tracing::warn!("a peer task failed: {e}");
@@ -586,14 +626,11 @@ async fn accept_peers(
                         continue;
                     }
                 };
-                // Refusals are counted by the slots and reported on the tick.
-                let Ok(slot) = slots.try_admit(peer.ip()) else {
+                let Some((pre_auth, account)) = admission.admit(peer.ip()) else {
                     drop(socket);
                     continue;
                 };
                 let _ = socket.set_nodelay(true);
-                let pre_auth = PreAuth::with_peer_slots(PreAuthLimits::default(), peer_slots.clone())
-                    .with_slot(slot);
                 sessions.spawn(serve_peer(
                     shared.clone(),
                     socket,
@@ -601,8 +638,8 @@ async fn accept_peers(
                     Source::Inbound,
                     false,
                     pre_auth,
-                    admissions.account(peer.ip()),
-                    quiet.clone(),
+                    account,
+                    admission.quiet.clone(),
                     cancel.clone(),
                 ));
             }
