@@ -111,6 +111,8 @@ use crate::{
 
 /// Prefix of the local writer name of a topic: topic `T` is written by `topic/T`.
 pub const WRITER_PREFIX: &str = "topic/";
+/// Blocks after a damaged block 0 tried for a feed's topic.
+const TOPIC_PROBE_BLOCKS: u64 = 16;
 
 /// How many messages [`Topics::follow`] reads at a time.
 const FOLLOW_BATCH: usize = 256;
@@ -301,7 +303,10 @@ impl Topics {
     }
 
     /// The topic of a feed, from its block 0; `None` if it is not a topic feed or
-    /// its block 0 is not held yet, or is damaged (then added to `damaged`).
+    /// its block 0 is not held yet. A damaged block 0 does not hide the feed: the
+    /// topic is then our writer's name, else that of the next intact block (every
+    /// block of a topic feed holds its topic); only if neither is known is block 0
+    /// added to `damaged` (a read that reaches it reports it anyway).
     async fn feed_topic(
         &self,
         feed: &Feed,
@@ -311,8 +316,16 @@ impl Topics {
         if let Some(topic) = lock(&self.inner.feed_topics).get(&key) {
             return Ok(topic.clone());
         }
-        let Some(block) = pass_damaged(key, feed.get(0).await, damaged)? else {
-            return Ok(None);
+        let block = match feed.get(0).await {
+            Ok(block) => block,
+            Err(Error::DamagedBlock { seq, reason, .. }) => {
+                let topic = self.topic_past_damaged_block_0(feed).await?;
+                if topic.is_none() {
+                    note_damaged(damaged, key, seq, reason);
+                }
+                return Ok(topic);
+            }
+            Err(e) => return Err(e),
         };
         let Some(block) = block else {
             return Ok(None);
@@ -326,6 +339,31 @@ impl Topics {
         };
         lock(&self.inner.feed_topics).insert(key, topic.clone());
         Ok(topic)
+    }
+
+    /// The topic of a feed whose block 0 is damaged: our writer's name says it;
+    /// else the first intact block among the next few held says it. Not cached
+    /// when it comes from the name alone, so a restored block 0 is read again.
+    async fn topic_past_damaged_block_0(&self, feed: &Feed) -> Result<Option<String>> {
+        if feed.is_local()
+            && let Some(topic) = feed.name().and_then(|n| n.strip_prefix(WRITER_PREFIX))
+        {
+            return Ok(Some(topic.to_owned()));
+        }
+        let held = feed.contiguous_len().await;
+        for seq in 1..held.min(1 + TOPIC_PROBE_BLOCKS) {
+            match feed.get(seq).await {
+                Ok(Some(block)) => {
+                    let topic = block_topic(&block);
+                    lock(&self.inner.feed_topics).insert(feed.key(), topic.clone());
+                    return Ok(topic);
+                }
+                Ok(None) => break,
+                Err(Error::DamagedBlock { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
     }
 
     /// The feeds of `topic`.

@@ -211,6 +211,72 @@ async fn a_topic_read_passes_over_a_damaged_block_and_reports_it() {
     group.close().await.unwrap();
 }
 
+/// Publishes `n` messages `m00..` to topic `t`, one per block.
+async fn publish_t(topics: &Topics, n: u64) {
+    for i in 0..n {
+        topics
+            .publish(Message::new("t", format!("m{i:02}")).with_timestamp_ms(1_000 + i))
+            .await
+            .unwrap();
+    }
+}
+
+/// Flips a byte of block 0's payload in the feed `key` under `dir`.
+fn damage_block_0(dir: &Path, key: FeedKey) {
+    // Block 0's payload "m00" comes last in its bytes, after the topic.
+    let data = feed_file(dir, key, "data");
+    let bytes = std::fs::read(&data).unwrap();
+    let at = bytes.windows(3).position(|w| w == b"m00").unwrap();
+    flip_byte(&data, at + 1);
+}
+
+/// What a read of `t` from the start returns: payloads and damaged runs.
+async fn read_t(topics: &Topics) -> (Vec<String>, Vec<(FeedKey, u64, u64)>) {
+    let read = topics
+        .read_report("t", &Cursor::default(), 1_000)
+        .await
+        .unwrap();
+    let payloads = read
+        .messages
+        .iter()
+        .map(|m| String::from_utf8(m.message.payload.clone()).unwrap())
+        .collect();
+    let damaged = read
+        .damaged
+        .iter()
+        .map(|d| (d.key, d.first, d.last))
+        .collect();
+    (payloads, damaged)
+}
+
+#[tokio::test]
+async fn a_damaged_block_0_does_not_hide_the_topic_of_our_writer_or_a_remote_feed() {
+    let ours = tempfile::tempdir().unwrap();
+    let theirs = tempfile::tempdir().unwrap();
+    let writer_group = open_dir(ours.path()).await;
+    publish_t(&Topics::new(writer_group.clone()), 10).await;
+    let key = writer_group.feeds()[0].key();
+    let reader_group = open_dir(theirs.path()).await;
+    let (a, b) = sync_pair(&writer_group, &reader_group).await;
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(reader_group.feeds()[0].len().await, 10);
+    writer_group.close().await.unwrap();
+    reader_group.close().await.unwrap();
+
+    let expected: Vec<String> = (1..10).map(|i| format!("m{i:02}")).collect();
+    // Our own writer (its topic is in its name) and a copy held as a remote feed
+    // (its topic is in block 1).
+    for dir in [ours.path(), theirs.path()] {
+        damage_block_0(dir, key);
+        let group = open_dir(dir).await;
+        let topics = Topics::new(group.clone());
+        assert_eq!(topics.topics().await.unwrap(), ["t"], "{}", dir.display());
+        assert_eq!(read_t(&topics).await, (expected.clone(), vec![(key, 0, 0)]));
+        group.close().await.unwrap();
+    }
+}
+
 /// Losing the index does not look like an empty store: every feed directory is
 /// reported as unlisted, verify is not ok, and `repair` takes every feed back,
 /// writers under their names (kept in `writer-name`, or recovered from a topic
