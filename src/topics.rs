@@ -55,7 +55,10 @@
 //!
 //! Blocks that cannot be decoded, or that hold another topic's messages, are
 //! passed over with a warning (they are signed by the feed's owner and will never
-//! change, so waiting for them would stall the topic forever).
+//! change, so waiting for them would stall the topic forever). A block *damaged on
+//! disk* is passed over too, but the cursor keeps it ([`Cursor::passed_over`], at
+//! most [`MAX_PASSED_OVER`]) and every later read tries it again, so its messages
+//! are returned, once, when the block is restored or fetched again.
 //!
 //! ## Example
 //!
@@ -83,7 +86,7 @@ mod cursor;
 mod merge;
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -96,7 +99,7 @@ pub use self::{
         MAX_CONTENT_TYPE_LEN, MAX_MESSAGES_PER_BLOCK, MAX_PAYLOAD_LEN, MAX_TOPIC_LEN, Packing,
         topic_problem,
     },
-    cursor::{Cursor, MAX_CURSOR_FEEDS, MessageAddress, ReceivedMessage},
+    cursor::{Cursor, MAX_CURSOR_FEEDS, MAX_PASSED_OVER, MessageAddress, ReceivedMessage},
 };
 use self::{
     codec::{decode_block, pack, validate_message, validate_topic},
@@ -382,8 +385,11 @@ impl Topics {
     /// positions when nothing is unread. See the [module docs](self) for the
     /// order and the guarantee.
     ///
-    /// A block damaged on disk is passed over with a warning, and the cursor moves
-    /// past it; [`Topics::read_report`] returns such blocks instead.
+    /// A block damaged on disk is passed over with a warning: the cursor moves
+    /// past it but keeps it ([`Cursor::passed_over`]), and a later read from that
+    /// cursor returns its messages (first, before the merged ones) once the block
+    /// is intact again, so nothing is lost to the damage. [`Topics::read_report`] returns such blocks instead of
+    /// logging them.
     pub async fn read(
         &self,
         topic: &str,
@@ -412,8 +418,15 @@ impl Topics {
         let cursor = &cursor;
         let mut damaged = Vec::new();
         let feeds = self.topic_feeds(topic, &mut damaged).await?;
-        let mut merge = Merge::new(feeds.iter().map(Feed::key), cursor, limit);
-        let mut messages = Vec::new();
+        let mut next = cursor.clone();
+        // Messages of damaged blocks passed over before, now intact, come first.
+        let mut messages =
+            reread_passed_over(topic, &feeds, &mut next, limit, &mut damaged).await?;
+        let mut merge = Merge::new(
+            feeds.iter().map(Feed::key),
+            cursor,
+            limit.saturating_sub(messages.len()),
+        );
         loop {
             match merge.step() {
                 Step::Done => break,
@@ -421,14 +434,20 @@ impl Topics {
                 Step::Need { feed, key, seq } => {
                     let block = match pass_damaged(key, feeds[feed].get(seq).await, &mut damaged)? {
                         Some(block) => block.map(|bytes| topic_messages(&bytes, topic, &key, seq)),
-                        // A damaged block holds no message this peer can trust.
-                        None => Some(Vec::new()),
+                        // A damaged block holds no message this peer can trust: pass
+                        // over it, keeping it in the cursor to read once intact. When
+                        // the cursor keeps too many, the feed stops here instead.
+                        None => {
+                            let (at, index) = cursor.position(&key);
+                            let index = if at == seq { index } else { 0 };
+                            next.pass_over(MessageAddress { key, seq, index })
+                                .then(Vec::new)
+                        }
                     };
                     merge.supply(feed, block);
                 }
             }
         }
-        let mut next = cursor.clone();
         merge.update_cursor(&mut next);
         Ok(TopicRead {
             messages,
@@ -480,6 +499,9 @@ impl Topics {
     ///
     /// Messages come in the order of successive [`Topics::read`]s. To resume
     /// later, keep a cursor: `cursor.advance(&received.address)` for each item.
+    /// The stream keeps damaged blocks it passed over and yields their messages
+    /// if they become intact while it runs; a cursor kept by `advance` does not
+    /// know them (use [`Topics::read`] to keep them across restarts).
     /// The stream ends after yielding an error, such as [`Error::Closed`] when
     /// it wakes up to find the group closed.
     pub fn follow(
@@ -494,6 +516,7 @@ impl Topics {
             buffer: VecDeque::new(),
             events: self.inner.group.events().boxed(),
             watchers: HashMap::new(),
+            warned: HashSet::new(),
             done: false,
         };
         futures::stream::unfold(state, |mut state| async move {
@@ -572,6 +595,46 @@ impl std::fmt::Display for DamagedBlock {
     }
 }
 
+/// Reads again the damaged blocks `cursor` passed over (of `feeds`, up to `limit`
+/// messages) and marks what it read in `cursor`; blocks still damaged are added
+/// to `damaged`, blocks not held (yet) are left for a later read.
+async fn reread_passed_over(
+    topic: &str,
+    feeds: &[Feed],
+    cursor: &mut Cursor,
+    limit: usize,
+    damaged: &mut Vec<DamagedBlock>,
+) -> Result<Vec<ReceivedMessage>> {
+    let mut read = Vec::new();
+    let blocks: Vec<MessageAddress> = cursor.passed_over().collect();
+    for at in blocks {
+        if read.len() >= limit {
+            break;
+        }
+        let Some(feed) = feeds.iter().find(|f| f.key() == at.key) else {
+            continue;
+        };
+        let Some(Some(bytes)) = pass_damaged(at.key, feed.get(at.seq).await, damaged)? else {
+            continue;
+        };
+        let messages = topic_messages(&bytes, topic, &at.key, at.seq);
+        let mut index = at.index;
+        for message in messages.into_iter().skip(at.index as usize) {
+            if read.len() >= limit {
+                cursor.reread(at.key, at.seq, Some(index));
+                return Ok(read);
+            }
+            read.push(ReceivedMessage {
+                address: MessageAddress { index, ..at },
+                message,
+            });
+            index = index.saturating_add(1);
+        }
+        cursor.reread(at.key, at.seq, None);
+    }
+    Ok(read)
+}
+
 /// `Ok(Some(block))` for a read that worked, `Ok(None)` for a damaged block
 /// (added to `damaged`); any other error as it is.
 fn pass_damaged(
@@ -642,6 +705,8 @@ struct Follow {
     events: BoxStream<'static, Event>,
     /// Length changes of every feed known so far.
     watchers: HashMap<FeedKey, watch::Receiver<u64>>,
+    /// Damaged runs already reported by this stream.
+    warned: HashSet<(FeedKey, u64, u64)>,
     done: bool,
 }
 
@@ -679,13 +744,22 @@ impl Follow {
             }
             match self
                 .topics
-                .read(&self.topic, &self.cursor, FOLLOW_BATCH)
+                .read_report(&self.topic, &self.cursor, FOLLOW_BATCH)
                 .await
             {
-                Ok((messages, cursor)) => {
-                    self.cursor = cursor;
-                    if !messages.is_empty() {
-                        self.buffer.extend(messages);
+                Ok(read) => {
+                    self.cursor = read.cursor;
+                    // Each damaged run once, though every read tries it again.
+                    for run in read.damaged {
+                        if self.warned.len() >= MAX_PASSED_OVER {
+                            self.warned.clear();
+                        }
+                        if self.warned.insert((run.key, run.first, run.last)) {
+                            tracing::warn!("{run}");
+                        }
+                    }
+                    if !read.messages.is_empty() {
+                        self.buffer.extend(read.messages);
                         continue;
                     }
                 }

@@ -7,7 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use multifeed::{Error, Feed, FeedKey, Multifeed, Topics, topics::Cursor, topics::Message};
+use multifeed::{
+    Error, Feed, FeedKey, Multifeed, Topics,
+    topics::{Cursor, MAX_PASSED_OVER, Message, Packing},
+};
 
 /// Blocks of `BLOCK` bytes each, so block `i` sits at `i * BLOCK` in the data file.
 const BLOCK: usize = 100;
@@ -203,11 +206,43 @@ async fn a_topic_read_passes_over_a_damaged_block_and_reports_it() {
         ),
         (key, 20, 20)
     );
-    // Resuming from the returned cursor neither repeats nor reports it again.
-    let again = topics.read_report("t", &read.cursor, 1_000).await.unwrap();
-    assert!(again.messages.is_empty() && again.damaged.is_empty());
+    // The cursor keeps the damaged block (also in its text form): resuming repeats
+    // nothing and reports the block again while it is still damaged.
+    let kept: Vec<_> = read.cursor.passed_over().map(|a| (a.key, a.seq)).collect();
+    assert_eq!(kept, [(key, 20)]);
+    let saved: Cursor = read.cursor.to_string().parse().unwrap();
+    assert_eq!(saved, read.cursor);
+    let again = topics.read_report("t", &saved, 1_000).await.unwrap();
+    assert!(again.messages.is_empty(), "{:?}", again.messages);
+    assert_eq!(again.damaged.len(), 1);
+    assert_eq!(again.cursor, saved);
     let (messages, _) = topics.read("t", &Cursor::default(), 1_000).await.unwrap();
     assert_eq!(messages.len(), 49);
+    group.close().await.unwrap();
+
+    // Restored (the byte flipped back, as a backup would), the block's message is
+    // read from the saved cursor, once.
+    flip_byte(
+        &feed_file(dir.path(), key, "data"),
+        start as usize + within + 1,
+    );
+    let group = open_dir(dir.path()).await;
+    let topics = Topics::new(group.clone());
+    let restored = topics.read_report("t", &saved, 1_000).await.unwrap();
+    let payloads: Vec<&[u8]> = restored
+        .messages
+        .iter()
+        .map(|m| &m.message.payload[..])
+        .collect();
+    assert_eq!(payloads, [b"m20"]);
+    assert_eq!(restored.messages[0].address.seq, 20);
+    assert!(restored.damaged.is_empty());
+    assert_eq!(restored.cursor.passed_over().count(), 0);
+    let after = topics
+        .read_report("t", &restored.cursor, 1_000)
+        .await
+        .unwrap();
+    assert!(after.messages.is_empty() && after.damaged.is_empty());
     group.close().await.unwrap();
 }
 
@@ -275,6 +310,69 @@ async fn a_damaged_block_0_does_not_hide_the_topic_of_our_writer_or_a_remote_fee
         assert_eq!(read_t(&topics).await, (expected.clone(), vec![(key, 0, 0)]));
         group.close().await.unwrap();
     }
+}
+
+/// A cursor keeps at most `MAX_PASSED_OVER` damaged blocks: a read that meets
+/// more stops that feed at the damage instead of passing over it, so nothing
+/// after it is read past; restored, every message is read from the saved cursor.
+#[tokio::test]
+async fn a_read_stops_at_damage_once_the_cursor_keeps_as_many_blocks_as_it_may() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = open_dir(dir.path()).await;
+    let topics = Topics::new(group.clone());
+    let n = MAX_PASSED_OVER as u64 + 100;
+    let messages =
+        (0..n).map(|i| Message::new("t", format!("m{i:05}")).with_timestamp_ms(1_000 + i));
+    topics
+        .publish_batch_with(messages, Packing::one_per_block())
+        .await
+        .unwrap();
+    let feed = group.feeds()[0].clone();
+    let key = feed.key();
+    // Every block but the last 10 is damaged.
+    let mut tail = 0;
+    for seq in n - 10..n {
+        tail += feed.get(seq).await.unwrap().unwrap().len();
+    }
+    group.close().await.unwrap();
+    let data = feed_file(dir.path(), key, "data");
+    let scramble = || {
+        let mut bytes = std::fs::read(&data).unwrap();
+        let end = bytes.len() - tail;
+        bytes[..end].iter_mut().for_each(|b| *b ^= 0x20);
+        std::fs::write(&data, bytes).unwrap();
+    };
+    scramble();
+
+    let group = open_dir(dir.path()).await;
+    let topics = Topics::new(group.clone());
+    let read = topics
+        .read_report("t", &Cursor::default(), 100_000)
+        .await
+        .unwrap();
+    assert!(read.messages.is_empty(), "{} read", read.messages.len());
+    assert_eq!(read.cursor.passed_over().count(), MAX_PASSED_OVER);
+    assert_eq!(read.cursor.next_address(&key).seq, MAX_PASSED_OVER as u64);
+    let saved: Cursor = read.cursor.to_string().parse().unwrap();
+    let again = topics.read_report("t", &saved, 100_000).await.unwrap();
+    assert!(again.messages.is_empty());
+    assert_eq!(again.cursor, saved);
+    group.close().await.unwrap();
+
+    scramble();
+    let group = open_dir(dir.path()).await;
+    let topics = Topics::new(group.clone());
+    let restored = topics.read_report("t", &saved, 100_000).await.unwrap();
+    let payloads: Vec<String> = restored
+        .messages
+        .iter()
+        .map(|m| String::from_utf8(m.message.payload.clone()).unwrap())
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("m{i:05}")).collect();
+    assert_eq!(payloads, expected);
+    assert!(restored.damaged.is_empty());
+    assert_eq!(restored.cursor.passed_over().count(), 0);
+    group.close().await.unwrap();
 }
 
 /// Losing the index does not look like an empty store: every feed directory is

@@ -463,9 +463,13 @@ async fn read_topic(
     }
     if !damaged.is_empty() {
         let count: u64 = damaged.iter().map(|d| d.last - d.first + 1).sum();
-        let blocks = if count == 1 { "block" } else { "blocks" };
+        let (blocks, them, their) = if count == 1 {
+            ("block", "it", "its")
+        } else {
+            ("blocks", "them", "their")
+        };
         bail!(
-            "{count} damaged {blocks} passed over (see above), every intact message printed; run `multifeed verify` to see the extent of the damage"
+            "{count} damaged {blocks} passed over (see above), every intact message printed; run `multifeed verify` to see the extent of the damage; the cursor printed keeps {them}, so a read from it returns {their} messages once restored"
         );
     }
     Ok(())

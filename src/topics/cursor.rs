@@ -16,6 +16,9 @@ const CURSOR_PREFIX_V1: &str = "v1.";
 const SCOPE_LEN: usize = 8;
 /// Most feeds a cursor's text form may list.
 pub const MAX_CURSOR_FEEDS: usize = 65_536;
+/// Most damaged blocks a cursor keeps to read again (see [`Cursor::passed_over`]);
+/// a read that meets more stops that feed at the damage instead of passing over it.
+pub const MAX_PASSED_OVER: usize = 1024;
 /// Longest text form of a cursor that is parsed (4 MiB).
 const MAX_CURSOR_TEXT_LEN: usize = 4 * 1024 * 1024;
 
@@ -60,6 +63,9 @@ pub struct Cursor {
     positions: BTreeMap<FeedKey, (u64, u32)>,
     /// The group and topic it was read from, once it was (see [`Scope`]).
     scope: Option<Scope>,
+    /// Damaged blocks passed over, behind their feed's position: (key, seq) to
+    /// the index of the next unread message in that block.
+    passed_over: BTreeMap<(FeedKey, u64), u32>,
 }
 
 /// A short fingerprint of a group and a topic: a cursor read from one is refused
@@ -118,9 +124,48 @@ impl Cursor {
         self.positions.is_empty()
     }
 
-    /// Whether the message at `address` is behind the cursor (already read).
+    /// Whether the message at `address` is behind the cursor (already read). A
+    /// message of a damaged block that was passed over is not.
     pub fn has_consumed(&self, address: &MessageAddress) -> bool {
+        if let Some(&index) = self.passed_over.get(&(address.key, address.seq)) {
+            return address.index < index;
+        }
         (address.seq, address.index) < self.position(&address.key)
+    }
+
+    /// The blocks damaged on disk that reads passed over, each as the address
+    /// of its next unread message. Every read tries them again first and returns
+    /// their messages once the block is intact (restored from a backup, or
+    /// fetched again from a peer), so damage never makes a consumer lose a
+    /// message for good. At most [`MAX_PASSED_OVER`].
+    pub fn passed_over(&self) -> impl Iterator<Item = MessageAddress> + '_ {
+        self.passed_over
+            .iter()
+            .map(|(&(key, seq), &index)| MessageAddress { key, seq, index })
+    }
+
+    /// Keeps the damaged block at `address` (from its message `index`) to read
+    /// again; false, and nothing kept, when [`MAX_PASSED_OVER`] are kept already.
+    pub(crate) fn pass_over(&mut self, address: MessageAddress) -> bool {
+        let block = (address.key, address.seq);
+        if !self.passed_over.contains_key(&block) && self.passed_over.len() >= MAX_PASSED_OVER {
+            return false;
+        }
+        self.passed_over.insert(block, address.index);
+        true
+    }
+
+    /// Marks a passed-over block as read up to message `next` (the block is read
+    /// whole when `next` is `None`).
+    pub(crate) fn reread(&mut self, key: FeedKey, seq: u64, next: Option<u32>) {
+        match next {
+            Some(index) => {
+                self.passed_over.insert((key, seq), index);
+            }
+            None => {
+                self.passed_over.remove(&(key, seq));
+            }
+        }
     }
 
     /// Moves the cursor past the message at `address` (and so past every earlier
@@ -131,6 +176,11 @@ impl Cursor {
             Some(index) => (address.seq, index),
             None => (address.seq.saturating_add(1), 0),
         };
+        if let Some(index) = self.passed_over.get_mut(&(address.key, address.seq)) {
+            // A message of a passed-over block, read again.
+            *index = (*index).max(next.1);
+            return;
+        }
         if next > self.position(&address.key) {
             self.positions.insert(address.key, next);
         }
@@ -175,6 +225,14 @@ impl Cursor {
                 })
                 .collect(),
             scope: self.scope.map(|scope| scope.0.to_vec()),
+            passed_over: self
+                .passed_over()
+                .map(|address| pb::FeedPosition {
+                    key: address.key.as_bytes().to_vec(),
+                    seq: address.seq,
+                    index: address.index,
+                })
+                .collect(),
         }
     }
 }
@@ -231,6 +289,13 @@ impl FromStr for Cursor {
                 "{listed} feeds, more than the limit of {MAX_CURSOR_FEEDS}"
             )));
         }
+        let passed_over =
+            crate::proto::count_field(&bytes, 3).map_err(|e| invalid(e.to_string()))?;
+        if passed_over > MAX_PASSED_OVER {
+            return Err(invalid(format!(
+                "{passed_over} damaged blocks passed over, more than the limit of {MAX_PASSED_OVER}"
+            )));
+        }
         let decoded =
             pb::Cursor::decode(&bytes[..]).map_err(|e| invalid(format!("malformed: {e}")))?;
         let mut cursor = Cursor::default();
@@ -252,6 +317,21 @@ impl FromStr for Cursor {
                 return Err(invalid(format!("feed {key} is listed twice")));
             }
             cursor.set(key, position.seq, position.index);
+        }
+        for block in decoded.passed_over {
+            let key = FeedKey::from_slice(&block.key).map_err(|_| {
+                invalid(format!(
+                    "a passed-over block's feed key of {} bytes (keys are 32 bytes)",
+                    block.key.len()
+                ))
+            })?;
+            if block.seq >= cursor.position(&key).0 {
+                return Err(invalid(format!(
+                    "block {} of feed {key} is both passed over and unread",
+                    block.seq
+                )));
+            }
+            cursor.passed_over.insert((key, block.seq), block.index);
         }
         Ok(cursor)
     }
@@ -341,6 +421,7 @@ mod tests {
                         index: 0
                     }],
                     scope: None,
+                    passed_over: Vec::new(),
                 }
                 .encode_to_vec()
             )
@@ -348,6 +429,70 @@ mod tests {
         let mut old: Cursor = v1.parse().unwrap();
         assert_eq!(old.next_address(&key(1)), at(1, 0));
         old.check_scope(Scope::new(&group, "u")).unwrap();
+    }
+
+    /// Damaged blocks a read passed over stay unread in the cursor and its text
+    /// form, bounded; reading one again moves through it and then forgets it.
+    #[test]
+    fn passed_over_blocks_stay_unread_bounded_and_survive_the_text_form() {
+        let mut cursor = Cursor::default();
+        cursor.set(key(1), 10, 0);
+        assert!(cursor.pass_over(at(4, 2)));
+        assert!(cursor.has_consumed(&at(4, 1)));
+        assert!(!cursor.has_consumed(&at(4, 2)));
+        assert!(cursor.has_consumed(&at(5, 0)));
+        let parsed: Cursor = cursor.to_string().parse().unwrap();
+        assert_eq!(parsed, cursor);
+        assert_eq!(parsed.passed_over().collect::<Vec<_>>(), [at(4, 2)]);
+        // Advancing through the block marks its messages read, never back.
+        cursor.advance(&at(4, 5));
+        cursor.advance(&at(4, 3));
+        assert!(!cursor.has_consumed(&at(4, 6)));
+        assert_eq!(cursor.next_address(&key(1)), at(10, 0));
+        cursor.reread(key(1), 4, None);
+        assert_eq!(cursor.passed_over().count(), 0);
+
+        for seq in 0..MAX_PASSED_OVER as u64 {
+            assert!(cursor.pass_over(MessageAddress {
+                key: key(2),
+                seq,
+                index: 0
+            }));
+        }
+        assert!(!cursor.pass_over(at(0, 0)), "one over the bound");
+        // Keeping a block already kept is no growth.
+        assert!(cursor.pass_over(MessageAddress {
+            key: key(2),
+            seq: 0,
+            index: 1
+        }));
+    }
+
+    #[test]
+    fn a_cursor_text_with_too_many_or_unread_passed_over_blocks_is_refused() {
+        let position = |seq| pb::FeedPosition {
+            key: vec![1; 32],
+            seq,
+            index: 0,
+        };
+        let enc = |c: &pb::Cursor| format!("v2.{}", URL_SAFE_NO_PAD.encode(c.encode_to_vec()));
+        let scope = Some(vec![0; SCOPE_LEN]);
+        let too_many = pb::Cursor {
+            positions: vec![position(u64::MAX)],
+            scope: scope.clone(),
+            passed_over: (0..=MAX_PASSED_OVER as u64).map(position).collect(),
+        };
+        let unread = pb::Cursor {
+            positions: vec![position(3)],
+            scope,
+            passed_over: vec![position(3)],
+        };
+        for text in [enc(&too_many), enc(&unread)] {
+            assert!(matches!(
+                text.parse::<Cursor>(),
+                Err(Error::InvalidCursor { .. })
+            ));
+        }
     }
 
     #[test]
@@ -362,6 +507,7 @@ mod tests {
                 2
             ],
             scope: None,
+            passed_over: Vec::new(),
         };
         let short = pb::Cursor {
             positions: vec![pb::FeedPosition {
@@ -370,6 +516,7 @@ mod tests {
                 index: 0,
             }],
             scope: None,
+            passed_over: Vec::new(),
         };
         let too_many = pb::Cursor {
             positions: (0..=MAX_CURSOR_FEEDS as u32)
@@ -380,6 +527,7 @@ mod tests {
                 })
                 .collect(),
             scope: None,
+            passed_over: Vec::new(),
         };
         let enc = |c: &pb::Cursor| format!("v1.{}", URL_SAFE_NO_PAD.encode(c.encode_to_vec()));
         for text in [
