@@ -86,11 +86,15 @@ missing_blocks() {
 # A node on `dir`; sets NODE_PID and NODE_ADDR.
 start_serve() {
   local dir=$1 log=$2
+  # Removed here, not only truncated by the child's redirection: the child may
+  # truncate after the first look below, which then read the address of the node
+  # killed before (serve runs 50 and 40 of two 100-run loops: "Connection refused").
+  rm -f "$log"
   "$BIN" --dir "$dir" serve --listen 127.0.0.1:0 >"$log" 2>&1 &
   NODE_PID=$!
   CHILDREN+=("$NODE_PID")
   for _ in $(seq 1 200); do
-    NODE_ADDR=$(sed -n 's/^listening on //p' "$log")
+    NODE_ADDR=$(sed -n 's/^listening on //p' "$log" 2>/dev/null)
     [ -n "$NODE_ADDR" ] && return 0
     sleep 0.05
   done
