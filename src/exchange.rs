@@ -43,6 +43,7 @@ pub(crate) struct Handshake {
 pub(crate) struct OfferedFeed {
     pub(crate) key: FeedKey,
     pub(crate) length: Option<u64>,
+    /// Received: what [`crate::metadata::bounded`] keeps of what the peer sent.
     pub(crate) metadata: BTreeMap<String, String>,
 }
 
@@ -79,13 +80,15 @@ pub(crate) const MAX_METADATA_ENTRIES: usize = 64;
 
 /// Walks the protobuf without decoding it and refuses a message listing more feeds
 /// (manifest entries or requested keys, over every repetition of the body, which
-/// protobuf merges) or more metadata entries per feed than the limits allow. An
-/// entry can be two bytes on the wire and a hundred in memory, so this is what
-/// keeps a maximum-size message from costing more than a small multiple of its size.
+/// protobuf merges) or more metadata entries per feed than the limits allow, or a
+/// feed key that is not 32 bytes. An entry can be two bytes on the wire and a
+/// hundred in memory, so this is what keeps a maximum-size message from costing
+/// more than a small multiple of its size: every entry left carries a whole key.
 fn count_entries(bytes: &[u8], limits: &ExchangeLimits) -> Result<(), DecodeError> {
     const MANIFEST: u32 = 2;
     const REQUEST: u32 = 3;
     const FEED_INFO: u32 = 1;
+    const FEED_KEY: u32 = 1;
     const METADATA: u32 = 3;
     let mut feeds = 0usize;
     for_each_field(bytes, |tag, body| {
@@ -103,18 +106,30 @@ fn count_entries(bytes: &[u8], limits: &ExchangeLimits) -> Result<(), DecodeErro
                     max: limits.max_feeds_per_message,
                 });
             }
-            if tag == MANIFEST {
-                let mut entries = 0usize;
-                for_each_field(feed, |field, _| {
-                    entries += usize::from(field == METADATA);
-                    if entries > MAX_METADATA_ENTRIES {
-                        return Err(DecodeError::TooMuchMetadata {
-                            count: entries,
-                            max: MAX_METADATA_ENTRIES,
-                        });
-                    }
-                    Ok(())
-                })?;
+            if tag == REQUEST {
+                // A requested key is the field's body itself.
+                if feed.len() != 32 {
+                    return Err(DecodeError::BadKey(feed.len()));
+                }
+                return Ok(());
+            }
+            let mut entries = 0usize;
+            let mut key_len = 0;
+            for_each_field(feed, |field, body| {
+                if field == FEED_KEY {
+                    key_len = body.len();
+                }
+                entries += usize::from(field == METADATA);
+                if entries > MAX_METADATA_ENTRIES {
+                    return Err(DecodeError::TooMuchMetadata {
+                        count: entries,
+                        max: MAX_METADATA_ENTRIES,
+                    });
+                }
+                Ok(())
+            })?;
+            if key_len != 32 {
+                return Err(DecodeError::BadKey(key_len));
             }
             Ok(())
         })
@@ -124,28 +139,10 @@ fn count_entries(bytes: &[u8], limits: &ExchangeLimits) -> Result<(), DecodeErro
 /// Calls `f(tag, bytes)` for each field of an encoded message; `bytes` is the body
 /// of a length-delimited field and empty for other wire types.
 fn for_each_field(
-    mut buf: &[u8],
-    mut f: impl FnMut(u32, &[u8]) -> Result<(), DecodeError>,
+    buf: &[u8],
+    f: impl FnMut(u32, &[u8]) -> Result<(), DecodeError>,
 ) -> Result<(), DecodeError> {
-    use prost::encoding::{WireType, decode_key, decode_varint, skip_field};
-    let malformed = |e: prost::DecodeError| DecodeError::Malformed(e.to_string());
-    while !buf.is_empty() {
-        let (tag, wire_type) = decode_key(&mut buf).map_err(malformed)?;
-        if wire_type == WireType::LengthDelimited {
-            let len = decode_varint(&mut buf).map_err(malformed)?;
-            let len = usize::try_from(len)
-                .ok()
-                .filter(|&len| len <= buf.len())
-                .ok_or_else(|| DecodeError::Malformed("a field runs past the message".into()))?;
-            let (body, rest) = buf.split_at(len);
-            buf = rest;
-            f(tag, body)?;
-        } else {
-            skip_field(wire_type, tag, &mut buf, Default::default()).map_err(malformed)?;
-            f(tag, &[])?;
-        }
-    }
-    Ok(())
+    crate::proto::for_each_field(buf, DecodeError::Malformed, f)
 }
 
 fn key_from(bytes: &[u8]) -> Result<FeedKey, DecodeError> {
@@ -184,18 +181,18 @@ impl ExchangeMessage {
     }
 
     pub(crate) fn decode(bytes: &[u8], limits: &ExchangeLimits) -> Result<Self, DecodeError> {
-        use pb::exchange_message::Body;
+        use pb::exchange_message_in::Body;
         if bytes.len() > limits.max_message_len {
             return Err(DecodeError::TooLarge {
                 len: bytes.len(),
                 max: limits.max_message_len,
             });
         }
-        // prost allocates at most what the (already bounded) input holds.
-        // Count before prost allocates a struct per (possibly empty) entry.
+        // Count (and check every key's length) before prost allocates a struct
+        // per entry; a manifest's feeds stay bytes until each is decoded on its own.
         count_entries(bytes, limits)?;
-        let message = pb::ExchangeMessage::decode(bytes)
-            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let malformed = |e: prost::DecodeError| DecodeError::Malformed(e.to_string());
+        let message = pb::ExchangeMessageIn::decode(bytes).map_err(malformed)?;
         let check_count = |count: usize| {
             if count > limits.max_feeds_per_message {
                 Err(DecodeError::TooManyFeeds {
@@ -218,17 +215,17 @@ impl ExchangeMessage {
             }),
             Body::Manifest(m) => {
                 check_count(m.feeds.len())?;
-                let feeds = m
-                    .feeds
-                    .into_iter()
-                    .map(|f| {
-                        Ok(OfferedFeed {
-                            key: key_from(&f.key)?,
-                            length: f.length,
-                            metadata: f.metadata.into_iter().collect(),
-                        })
-                    })
-                    .collect::<Result<_, DecodeError>>()?;
+                let mut feeds = Vec::with_capacity(m.feeds.len());
+                for bytes in m.feeds {
+                    let feed = pb::FeedInfo::decode(&bytes[..]).map_err(malformed)?;
+                    feeds.push(OfferedFeed {
+                        key: key_from(&feed.key)?,
+                        length: feed.length,
+                        // Only what we keep of a peer's labels: a map of up to 64
+                        // one-letter entries costs many times its bytes.
+                        metadata: crate::metadata::bounded(&feed.metadata),
+                    });
+                }
                 ExchangeMessage::Manifest(feeds)
             }
             Body::Request(r) => {
@@ -302,7 +299,9 @@ mod tests {
             assert!(
                 matches!(
                     result,
-                    Err(DecodeError::TooManyFeeds { .. } | DecodeError::TooMuchMetadata { .. })
+                    Err(DecodeError::TooManyFeeds { .. }
+                        | DecodeError::TooMuchMetadata { .. }
+                        | DecodeError::BadKey(_))
                 ),
                 "{name}: {result:?}"
             );
@@ -320,6 +319,209 @@ mod tests {
             "{peak} bytes for {} input bytes",
             at_limit.len()
         );
+    }
+
+    /// What decoding an exchange message may allocate beyond 8 times its size: prost's
+    /// error text, one feed's whole metadata map while it is decoded, and a B-tree
+    /// leaf of 11 slots per labelled feed kept (up to the fuzz's 8 feeds).
+    const EXCHANGE_FIXED_BYTES: usize = 64 * 1024;
+
+    fn check_exchange(
+        bytes: &[u8],
+        limits: &ExchangeLimits,
+    ) -> Result<bool, proptest::test_runner::TestCaseError> {
+        use proptest::prelude::*;
+        let (decoded, peak) =
+            crate::alloc_probe::peak_bytes(|| ExchangeMessage::decode(bytes, limits));
+        prop_assert!(
+            crate::fuzz_support::within_bound(bytes.len(), peak, EXCHANGE_FIXED_BYTES),
+            "{peak} bytes allocated for a message of {}",
+            bytes.len()
+        );
+        let Ok(message) = decoded else {
+            return Ok(false);
+        };
+        match &message {
+            ExchangeMessage::Manifest(feeds) => {
+                prop_assert!(feeds.len() <= limits.max_feeds_per_message);
+                prop_assert!(
+                    feeds
+                        .iter()
+                        .all(|f| f.metadata.len() <= MAX_METADATA_ENTRIES)
+                );
+            }
+            ExchangeMessage::Request(keys) => {
+                prop_assert!(keys.len() <= limits.max_feeds_per_message)
+            }
+            _ => {}
+        }
+        if message != ExchangeMessage::Unknown {
+            prop_assert_eq!(
+                ExchangeMessage::decode(&message.encode(), limits),
+                Ok(message)
+            );
+        }
+        Ok(true)
+    }
+
+    fn arb_exchange() -> proptest::strategy::BoxedStrategy<Vec<u8>> {
+        use proptest::prelude::*;
+        let key = (1u8..6).prop_map(|n| FeedKey::from_bytes([n; 32]));
+        let feed = (
+            key.clone(),
+            proptest::option::of(any::<u64>()),
+            proptest::collection::btree_map("[a-z]{0,6}", "[a-z0-9 -]{0,12}", 0..4),
+        )
+            .prop_map(|(key, length, metadata)| OfferedFeed {
+                key,
+                length,
+                metadata,
+            });
+        let handshake = (
+            "[a-z-]{0,12}",
+            "[0-9.]{0,6}",
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
+            proptest::option::of(any::<u32>()),
+        )
+            .prop_map(|(client, protocol_version, user_data, busy_max_peers)| {
+                ExchangeMessage::Handshake(Handshake {
+                    client,
+                    protocol_version,
+                    user_data,
+                    busy_max_peers,
+                })
+            });
+        prop_oneof![
+            handshake,
+            proptest::collection::vec(feed, 0..5).prop_map(ExchangeMessage::Manifest),
+            proptest::collection::vec(key, 0..5).prop_map(ExchangeMessage::Request),
+            any::<u64>().prop_map(ExchangeMessage::Ping),
+            Just(ExchangeMessage::Done),
+        ]
+        .prop_map(|message| message.encode())
+        .boxed()
+    }
+
+    /// Arbitrary bytes, valid messages of every kind and mutated ones through
+    /// `ExchangeMessage::decode`, with limits low enough for mutations to reach.
+    #[test]
+    fn fuzz_exchange_messages() {
+        let limits = ExchangeLimits {
+            max_message_len: 2048,
+            max_feeds_per_message: 8,
+        };
+        let decoded = std::cell::Cell::new(0u64);
+        let strategy = crate::fuzz_support::hostile_inputs(arb_exchange());
+        let inputs = crate::fuzz_support::fuzz_for("exchange messages", strategy, 1024, |bytes| {
+            decoded.set(decoded.get() + u64::from(check_exchange(&bytes, &limits)?));
+            Ok(())
+        });
+        println!(
+            "exchange messages: {} of {inputs} inputs decoded",
+            decoded.get()
+        );
+        assert!(decoded.get() > 0 && decoded.get() < inputs);
+    }
+
+    /// The hostile maximum-size manifests under the default limits (what a session
+    /// uses), each refused or decoded within 8 times its size; the first one is also
+    /// decoded as plain prost does (all of it, then counted) to show what the count
+    /// before allocating saves.
+    #[test]
+    fn hostile_maximum_size_manifests_under_the_default_limits() {
+        let limits = ExchangeLimits::default();
+        let max = limits.max_message_len;
+        let field = |tag: u8, body: &[u8]| {
+            let mut out = vec![tag];
+            prost::encoding::encode_varint(body.len() as u64, &mut out);
+            out.extend_from_slice(body);
+            out
+        };
+        let manifest_of = |feeds: &[Vec<u8>]| {
+            let mut body = Vec::new();
+            for feed in feeds {
+                if 16 + body.len() + feed.len() > max {
+                    break;
+                }
+                body.extend_from_slice(feed);
+            }
+            field(0x12, &body)
+        };
+        let key = |n: u32| field(0x0a, &[n.to_be_bytes().to_vec(), vec![0; 28]].concat());
+        let empty_feeds = manifest_of(&vec![vec![0x0a, 0x00]; max / 2]);
+        // Valid feeds, each with as many distinct one-letter metadata entries as allowed.
+        let labelled = |n: u32| {
+            let entries: Vec<u8> = (0..MAX_METADATA_ENTRIES as u8)
+                .flat_map(|i| field(0x1a, &field(0x0a, &[b'0' + i])))
+                .collect();
+            field(0x0a, &[key(n), entries].concat())
+        };
+        let labelled_feeds = manifest_of(&(0..max as u32 / 300).map(labelled).collect::<Vec<_>>());
+        // The most feeds, each with one label (what a gateway sends).
+        let one_label = |n: u32| {
+            let label = field(0x1a, &[field(0x0a, b"g"), field(0x12, b"a")].concat());
+            field(0x0a, &[key(n), label].concat())
+        };
+        let one_label_feeds = manifest_of(
+            &(0..limits.max_feeds_per_message as u32)
+                .map(one_label)
+                .collect::<Vec<_>>(),
+        );
+        let keyed_feeds = manifest_of(
+            &(0..limits.max_feeds_per_message as u32)
+                .map(|n| field(0x0a, &key(n)))
+                .collect::<Vec<_>>(),
+        );
+        let requested = {
+            let keys: Vec<u8> = (0..limits.max_feeds_per_message as u32)
+                .flat_map(key)
+                .collect();
+            field(0x1a, &keys)
+        };
+        for (name, bytes) in [
+            ("empty feeds", &empty_feeds),
+            ("feeds with the most metadata entries", &labelled_feeds),
+            ("the most feeds, one label each", &one_label_feeds),
+            ("the most feeds, keys only", &keyed_feeds),
+            ("the most requested keys", &requested),
+        ] {
+            assert!(bytes.len() <= max, "{name}");
+            let (result, peak) =
+                crate::alloc_probe::peak_bytes(|| ExchangeMessage::decode(bytes, &limits));
+            println!(
+                "hostile manifest {name}: {} bytes, {} ({peak} bytes allocated at the peak, {:.2}x)",
+                bytes.len(),
+                match &result {
+                    Ok(_) => "decoded".to_string(),
+                    Err(e) => format!("refused: {e}"),
+                },
+                peak as f64 / bytes.len() as f64
+            );
+            // A feed with a label holds a B-tree leaf of 11 slots (544 bytes) for
+            // it: 20,000 feeds of 44 bytes with one label each cost 15x their size.
+            // Only a smaller map type than `FeedMetadata` would lower that.
+            let bounded = if name == "the most feeds, one label each" {
+                peak <= 16 * bytes.len()
+            } else {
+                crate::fuzz_support::within_hostile_bound(bytes.len(), peak)
+            };
+            assert!(bounded, "{name}: {peak} bytes");
+        }
+        // Without the walk first: prost decodes the whole message (and before this
+        // decoder kept a manifest's feeds as bytes, every feed's whole metadata map).
+        for (name, bytes) in [
+            ("empty feeds", &empty_feeds),
+            ("feeds with the most metadata entries", &labelled_feeds),
+            ("the most feeds, one label each", &one_label_feeds),
+        ] {
+            let (decoded, whole) =
+                crate::alloc_probe::peak_bytes(|| pb::ExchangeMessage::decode(&bytes[..]).is_ok());
+            println!(
+                "hostile manifest {name}, decoded whole by prost: {whole} bytes at the peak, {:.2}x",
+                whole as f64 / bytes.len() as f64
+            );
+            assert!(decoded && whole > 8 * bytes.len(), "{name}: {whole}");
+        }
     }
 
     #[test]

@@ -211,6 +211,120 @@ mod tests {
         assert_eq!(IndexRecord::decode(&record.encode()).unwrap(), record);
     }
 
+    /// What decoding a record may allocate beyond 8 times its size: prost's error text.
+    const RECORD_FIXED_BYTES: usize = 4096;
+
+    fn check_record(bytes: &[u8]) -> Result<bool, proptest::test_runner::TestCaseError> {
+        use proptest::prelude::*;
+        let (decoded, peak) = crate::alloc_probe::peak_bytes(|| IndexRecord::decode(bytes));
+        prop_assert!(
+            crate::fuzz_support::within_bound(bytes.len(), peak, RECORD_FIXED_BYTES),
+            "{peak} bytes allocated for a record of {}",
+            bytes.len()
+        );
+        let Ok(record) = decoded else {
+            return Ok(false);
+        };
+        prop_assert!(
+            record
+                .local_name
+                .as_ref()
+                .is_none_or(|n| n.len() <= MAX_NAME_LEN)
+        );
+        prop_assert_eq!(IndexRecord::decode(&record.encode()), Ok(record));
+        Ok(true)
+    }
+
+    /// Arbitrary bytes, valid records and mutated ones through `IndexRecord::decode`
+    /// (the index is local, but a damaged disk can hand it anything).
+    #[test]
+    fn fuzz_index_records() {
+        use proptest::prelude::*;
+        let valid = (
+            any::<[u8; 32]>(),
+            proptest::option::of(".{0,40}"),
+            any::<u64>(),
+        )
+            .prop_map(|(key, local_name, admitted_at_ms)| {
+                IndexRecord {
+                    key: FeedKey::from_bytes(key),
+                    local_name,
+                    admitted_at_ms,
+                }
+                .encode()
+            })
+            .boxed();
+        let decoded = std::cell::Cell::new(0u64);
+        let strategy = crate::fuzz_support::hostile_inputs(valid);
+        let inputs = crate::fuzz_support::fuzz_for("index records", strategy, 1024, |bytes| {
+            decoded.set(decoded.get() + u64::from(check_record(&bytes)?));
+            Ok(())
+        });
+        println!(
+            "index records: {} of {inputs} inputs decoded",
+            decoded.get()
+        );
+        assert!(decoded.get() > 0 && decoded.get() < inputs);
+    }
+
+    /// Records of the largest accepted size, filled with repeated fields and the
+    /// longest values: refused or decoded within the bound.
+    #[test]
+    fn hostile_maximum_size_records_are_bounded() {
+        let field = |tag: u8, body: &[u8]| {
+            let mut out = vec![tag];
+            prost::encoding::encode_varint(body.len() as u64, &mut out);
+            out.extend_from_slice(body);
+            out
+        };
+        let key = field(0x0a, &[1; 32]);
+        let fill = |unit: Vec<u8>| {
+            let mut bytes = key.clone();
+            while bytes.len() + unit.len() <= MAX_RECORD_LEN {
+                bytes.extend_from_slice(&unit);
+            }
+            bytes
+        };
+        let name = "n".repeat(MAX_NAME_LEN);
+        for (name, bytes, ok) in [
+            ("repeated keys", fill(key.clone()), true),
+            (
+                "repeated longest names",
+                fill(field(0x12, name.as_bytes())),
+                true,
+            ),
+            (
+                "repeated timestamps",
+                fill(vec![0x18, 0xff, 0xff, 0xff, 0xff, 0x0f]),
+                true,
+            ),
+            (
+                "one name of the whole record",
+                [key.clone(), field(0x12, &vec![b'n'; MAX_RECORD_LEN - 40])].concat(),
+                false,
+            ),
+            ("unknown fields", fill(vec![0x20, 0x01]), true),
+            (
+                "one byte too many",
+                [fill(vec![0x20, 0x01]), vec![0; 2]].concat(),
+                false,
+            ),
+        ] {
+            let (result, peak) = crate::alloc_probe::peak_bytes(|| IndexRecord::decode(&bytes));
+            println!(
+                "hostile index record {name}: {} bytes, {} ({peak} bytes allocated at the peak)",
+                bytes.len(),
+                if result.is_ok() { "decoded" } else { "refused" },
+            );
+            assert_eq!(result.is_ok(), ok, "{name}: {result:?}");
+            assert!(
+                crate::fuzz_support::within_hostile_bound(bytes.len(), peak),
+                "{name}: {peak} bytes"
+            );
+            assert!(check_record(&bytes).is_ok(), "{name}");
+        }
+    }
+
     #[test]
     fn garbage_record_is_an_error_not_a_panic() {
         for bytes in [

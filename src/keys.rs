@@ -291,6 +291,68 @@ mod tests {
         assert!(SharedKey::from_hex(&secret).is_ok());
     }
 
+    /// Text typed or pasted as a key (arbitrary, valid hex in either case with
+    /// spaces around, mutated hex) through `FeedKey` and `SharedKey` parsing: a key
+    /// that prints back as the text, or a typed error that never repeats a shared
+    /// key; error text is all they allocate.
+    #[test]
+    fn fuzz_typed_keys() {
+        use proptest::prelude::*;
+        let valid = (any::<[u8; 32]>(), any::<bool>(), "[ \t\n]{0,2}")
+            .prop_map(|(bytes, upper, space)| {
+                let hex = hex::encode(bytes);
+                let hex = if upper { hex.to_uppercase() } else { hex };
+                format!("{space}{hex}{space}").into_bytes()
+            })
+            .boxed();
+        let strategy = prop_oneof![
+            ".{0,100}".prop_map(String::into_bytes),
+            crate::fuzz_support::hostile_inputs(valid),
+        ]
+        .prop_map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .boxed();
+        let parsed = std::cell::Cell::new(0u64);
+        let inputs = crate::fuzz_support::fuzz_for("typed keys", strategy, 1024, |text| {
+            let (feed, peak) = crate::alloc_probe::peak_bytes(|| FeedKey::from_hex(&text));
+            prop_assert!(
+                crate::fuzz_support::within_bound(text.len(), peak, 1024),
+                "{peak} bytes"
+            );
+            let (shared, peak) = crate::alloc_probe::peak_bytes(|| SharedKey::from_hex(&text));
+            prop_assert!(
+                crate::fuzz_support::within_bound(text.len(), peak, 1024),
+                "{peak} bytes"
+            );
+            let trimmed = text.trim();
+            match (feed, shared) {
+                (Ok(feed), Ok(shared)) => {
+                    prop_assert!(feed.to_hex().eq_ignore_ascii_case(trimmed));
+                    prop_assert_eq!(shared.to_hex(), feed.to_hex());
+                    parsed.set(parsed.get() + 1);
+                }
+                (Err(Error::InvalidKey { .. }), Err(Error::InvalidKey { input, reason })) => {
+                    let hexish = trimmed.len() >= 16
+                        && trimmed.chars().take(16).all(|c| c.is_ascii_hexdigit());
+                    if hexish {
+                        let secret = &trimmed[..16];
+                        prop_assert!(!input.contains(secret) && !reason.contains(secret));
+                    }
+                }
+                (feed, shared) => {
+                    return Err(TestCaseError::fail(format!(
+                        "the two parsers disagree: {feed:?} / {}",
+                        shared
+                            .map(|_| "a shared key".to_string())
+                            .unwrap_or_else(|e| e.to_string())
+                    )));
+                }
+            }
+            Ok(())
+        });
+        println!("typed keys: {} of {inputs} inputs parsed", parsed.get());
+        assert!(parsed.get() > 0 && parsed.get() < inputs);
+    }
+
     /// Pinned against an independent BLAKE2b (Python's `hashlib.blake2b(context,
     /// key=key, digest_size=32)`): the topic is part of the wire, other
     /// implementations must find the same peers.

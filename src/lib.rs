@@ -81,6 +81,8 @@ mod alloc_probe;
 mod error;
 mod exchange;
 mod feed;
+#[cfg(test)]
+mod fuzz_support;
 mod index;
 pub mod keys;
 mod metadata;

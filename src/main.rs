@@ -5,7 +5,16 @@
 //! directory). Errors end with one line saying what happened and what to do, and a
 //! non-zero exit; everything already written stays.
 
+// The library's test-only allocator probe and fuzz support, for the binary's own
+// decoders (MQTT packets); the same files, not copies.
+#[cfg(test)]
+#[path = "alloc_probe.rs"]
+mod alloc_probe;
 mod cli;
+#[cfg(test)]
+#[path = "fuzz_support.rs"]
+#[allow(dead_code)] // the binary's tests use part of it
+mod fuzz_support;
 mod node;
 
 use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf};

@@ -52,13 +52,34 @@ pub(crate) fn read_info(dir: &Path, key: &FeedKey) -> Option<FeedMetadata> {
         tracing::warn!(path = %path.display(), "ignoring an oversized feed info file");
         return None;
     }
-    let bytes = std::fs::read(&path).ok()?;
-    let info = pb::FeedInfo::decode(bytes.as_slice()).ok()?;
+    let bytes = read_at_most(&path, MAX_INFO_LEN)?;
+    decode_info(&bytes, key)
+}
+
+/// The metadata an `info` file's bytes hold for feed `key`, bounded; `None` if they
+/// are not a `FeedInfo` of that feed or hold no usable entry.
+fn decode_info(bytes: &[u8], key: &FeedKey) -> Option<FeedMetadata> {
+    let info = pb::FeedInfo::decode(bytes).ok()?;
     if info.key != key.as_bytes() {
         return None;
     }
-    let metadata = bounded(&info.metadata.into_iter().collect());
+    let metadata = bounded(&info.metadata);
     (!metadata.is_empty()).then_some(metadata)
+}
+
+/// The file at `path` if it holds at most `max` bytes: its length is checked while
+/// reading, not only beforehand, so a file that grows (or a special file reporting
+/// no length) is never read whole.
+pub(crate) fn read_at_most(path: &Path, max: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).ok()?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes).ok()?;
+    if bytes.len() as u64 > max {
+        tracing::warn!(path = %path.display(), "ignoring a file larger than {max} bytes");
+        return None;
+    }
+    Some(bytes)
 }
 
 /// Records `metadata` for the feed in `dir`, replacing the file whole (a crash
@@ -92,7 +113,7 @@ pub(crate) fn read_writer_name(dir: &Path) -> Option<String> {
         tracing::warn!(path = %path.display(), "ignoring an oversized writer name file");
         return None;
     }
-    let name = std::fs::read_to_string(&path).ok()?;
+    let name = String::from_utf8(read_at_most(&path, crate::index::MAX_NAME_LEN as u64)?).ok()?;
     (!name.is_empty()).then_some(name)
 }
 
@@ -173,6 +194,152 @@ mod tests {
         assert_eq!(read_info(dir.path(), &FeedKey::from_bytes([4; 32])), None);
         std::fs::write(dir.path().join(INFO_FILE), [0xff; 40]).unwrap();
         assert_eq!(read_info(dir.path(), &key), None);
+    }
+
+    /// What decoding an `info` file may allocate beyond 8 times its size: the map of
+    /// every entry the file lists (B-tree nodes of 11 entries, whatever their size),
+    /// before [`bounded`] keeps a few.
+    const INFO_FIXED_BYTES: usize = 32 * MAX_INFO_LEN as usize;
+
+    fn check_info(
+        bytes: &[u8],
+        key: &FeedKey,
+    ) -> Result<bool, proptest::test_runner::TestCaseError> {
+        use proptest::prelude::*;
+        let (decoded, peak) = crate::alloc_probe::peak_bytes(|| decode_info(bytes, key));
+        prop_assert!(
+            crate::fuzz_support::within_bound(bytes.len(), peak, INFO_FIXED_BYTES),
+            "{peak} bytes allocated for an info file of {}",
+            bytes.len()
+        );
+        let Some(metadata) = decoded else {
+            return Ok(false);
+        };
+        prop_assert!(!metadata.is_empty() && metadata.len() <= MAX_ENTRIES);
+        prop_assert_eq!(&bounded(&metadata), &metadata);
+        let encoded = pb::FeedInfo {
+            key: key.as_bytes().to_vec(),
+            length: None,
+            metadata: metadata.clone(),
+        }
+        .encode_to_vec();
+        prop_assert_eq!(decode_info(&encoded, key), Some(metadata));
+        Ok(true)
+    }
+
+    /// Arbitrary bytes, valid `info` files (the labels a peer offered) and mutated
+    /// ones through what reads them.
+    #[test]
+    fn fuzz_feed_info_files() {
+        use proptest::prelude::*;
+        let key = FeedKey::from_bytes([3; 32]);
+        let valid = (
+            proptest::collection::btree_map(".{0,8}", ".{0,16}", 0..12),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(move |(metadata, length)| {
+                pb::FeedInfo {
+                    key: key.as_bytes().to_vec(),
+                    length,
+                    metadata,
+                }
+                .encode_to_vec()
+            })
+            .boxed();
+        let decoded = std::cell::Cell::new(0u64);
+        let strategy = crate::fuzz_support::hostile_inputs(valid);
+        let inputs = crate::fuzz_support::fuzz_for("feed info files", strategy, 1024, |bytes| {
+            decoded.set(decoded.get() + u64::from(check_info(&bytes, &key)?));
+            Ok(())
+        });
+        println!(
+            "feed info files: {} of {inputs} inputs decoded",
+            decoded.get()
+        );
+        assert!(decoded.get() > 0 && decoded.get() < inputs);
+    }
+
+    /// `info` files of the largest size read, filled with the most entries, and
+    /// larger ones: refused, or decoded within the bound; a file longer than its
+    /// limit is not read whole, even when it says it is empty.
+    #[test]
+    fn hostile_maximum_size_info_files_are_bounded() {
+        let key = FeedKey::from_bytes([3; 32]);
+        let field = |tag: u8, body: &[u8]| {
+            let mut out = vec![tag];
+            prost::encoding::encode_varint(body.len() as u64, &mut out);
+            out.extend_from_slice(body);
+            out
+        };
+        let fill = |entry: &dyn Fn(usize) -> Vec<u8>| {
+            let mut bytes = field(0x0a, key.as_bytes());
+            for i in 0.. {
+                let next = entry(i);
+                if bytes.len() + next.len() > MAX_INFO_LEN as usize {
+                    break;
+                }
+                bytes.extend_from_slice(&next);
+            }
+            bytes
+        };
+        // Distinct short keys with empty values: the most map entries a file holds.
+        let most_entries = fill(&|i| field(0x1a, &field(0x0a, format!("{i:x}").as_bytes())));
+        let empty_entries = fill(&|_| vec![0x1a, 0x00]);
+        let longest_values = fill(&|i| {
+            field(
+                0x1a,
+                &[
+                    field(0x0a, format!("{i:x}").as_bytes()),
+                    field(0x12, &[b'v'; 1000]),
+                ]
+                .concat(),
+            )
+        });
+        for (name, bytes) in [
+            ("most entries", most_entries),
+            ("empty entries", empty_entries),
+            ("longest values", longest_values),
+        ] {
+            assert!(bytes.len() <= MAX_INFO_LEN as usize, "{name}");
+            let (result, peak) = crate::alloc_probe::peak_bytes(|| decode_info(&bytes, &key));
+            println!(
+                "hostile info file {name}: {} bytes, {} ({peak} bytes allocated at the peak, {:.2}x)",
+                bytes.len(),
+                if result.is_some() {
+                    "decoded"
+                } else {
+                    "no metadata"
+                },
+                peak as f64 / bytes.len() as f64
+            );
+            // The file is small enough for its whole map, the fixed allowance.
+            assert!(
+                crate::fuzz_support::within_bound(bytes.len(), peak, INFO_FIXED_BYTES),
+                "{name}: {peak} bytes"
+            );
+            assert!(check_info(&bytes, &key).is_ok(), "{name}");
+        }
+        // A file one byte past the limit is ignored, and so is a special file of
+        // endless bytes that reports no length.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(INFO_FILE);
+        std::fs::write(&path, vec![0x20; MAX_INFO_LEN as usize + 1]).unwrap();
+        assert_eq!(read_info(dir.path(), &key), None);
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        let (read, peak) = crate::alloc_probe::peak_bytes(|| read_info(dir.path(), &key));
+        assert_eq!(read, None);
+        assert!(
+            peak <= 4 * MAX_INFO_LEN as usize,
+            "{peak} bytes read from /dev/zero"
+        );
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join(WRITER_NAME_FILE)).unwrap();
+        let (name, peak) = crate::alloc_probe::peak_bytes(|| read_writer_name(dir.path()));
+        assert_eq!(name, None);
+        assert!(
+            peak <= 4 * crate::index::MAX_NAME_LEN,
+            "{peak} bytes read from /dev/zero"
+        );
     }
 
     #[test]

@@ -128,7 +128,7 @@ pub fn resolve_key(flag: Option<&str>, dir: &Path) -> anyhow::Result<(SharedKey,
         }
     }
     let path = key_file(dir)?;
-    match std::fs::read_to_string(&path) {
+    match read_small_file(&path) {
         Ok(text) => {
             if let Ok(meta) = std::fs::metadata(&path)
                 && meta.permissions().mode() & 0o077 != 0
@@ -154,7 +154,7 @@ pub fn resolve_key(flag: Option<&str>, dir: &Path) -> anyhow::Result<(SharedKey,
 /// Writes the key file with mode 0600; refuses to overwrite one holding another key.
 pub fn write_key_file(dir: &Path, key: &SharedKey) -> anyhow::Result<PathBuf> {
     let path = key_file(dir)?;
-    if let Ok(existing) = std::fs::read_to_string(&path) {
+    if let Ok(existing) = read_small_file(&path) {
         if existing.trim().eq_ignore_ascii_case(&key.to_hex()) {
             return Ok(path);
         }
@@ -178,6 +178,29 @@ pub fn write_key_file(dir: &Path, key: &SharedKey) -> anyhow::Result<PathBuf> {
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write the key file {}", path.display()))?;
     Ok(path)
+}
+
+/// Largest key, token, group-id or gateway-name file read; each holds one short line.
+const MAX_SMALL_FILE: u64 = 4096;
+
+/// A file multifeed keeps one short line in, read with its size bounded while
+/// reading: a file that is much larger (or endless, like a link to /dev/zero) is
+/// not one multifeed wrote, and is refused instead of read whole.
+fn read_small_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    File::open(path)?
+        .take(MAX_SMALL_FILE + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_SMALL_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "it holds more than {MAX_SMALL_FILE} bytes, so it is not the one-line file multifeed wrote; check the path, or restore or remove the file"
+            ),
+        ));
+    }
+    Ok(text)
 }
 
 /// The HTTP API token file of a storage directory: `<dir>.token`, beside the key file.
@@ -212,7 +235,7 @@ pub fn write_token_file(dir: &Path) -> anyhow::Result<PathBuf> {
 /// The HTTP API token, if the token file exists.
 pub fn read_token_file(dir: &Path) -> anyhow::Result<Option<String>> {
     let path = token_file(dir)?;
-    match std::fs::read_to_string(&path) {
+    match read_small_file(&path) {
         Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_owned())),
         Ok(_) => anyhow::bail!(
             "the token file {} is empty; delete it and run `multifeed join <key>` to make a new one",
@@ -238,7 +261,7 @@ pub fn is_group_dir(dir: &Path) -> bool {
 fn check_group_id(dir: &Path, key: &SharedKey, source: KeySource) -> anyhow::Result<bool> {
     let id = group_id(key);
     let id_path = dir.join(GROUP_ID_FILE);
-    match std::fs::read_to_string(&id_path) {
+    match read_small_file(&id_path) {
         Ok(stored) if stored.trim() == id => Ok(true),
         Ok(stored) => bail!(
             "wrong shared key for the group at {} (key from {source}): the group's id is {}, this key's is {}; pass the key the group was created with, or use another --dir",
@@ -416,7 +439,7 @@ const MAX_GATEWAY_NAME: usize = 64;
 
 /// This gateway's name: `<dir>/gateway-name`, else the host name.
 pub fn gateway_name(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join(GATEWAY_NAME_FILE))
+    read_small_file(&dir.join(GATEWAY_NAME_FILE))
         .ok()
         .map(|text| text.trim().to_owned())
         .filter(|name| check_gateway_name(name).is_ok())
@@ -453,4 +476,28 @@ fn write_gateway_name(dir: &Path, name: &str) -> anyhow::Result<()> {
 
 fn short(id: &str) -> &str {
     &id[..id.len().min(16)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key, token, group-id or gateway-name file that is endless (a link to
+    /// /dev/zero reports no length) or too large is refused, never read whole.
+    #[test]
+    fn small_files_are_read_with_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let endless = dir.path().join("group-id");
+        std::os::unix::fs::symlink("/dev/zero", &endless).unwrap();
+        let (result, peak) = crate::alloc_probe::peak_bytes(|| read_small_file(&endless));
+        let error = result.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
+        assert!(peak <= 4 * MAX_SMALL_FILE as usize, "{peak} bytes");
+        let large = dir.path().join("gateway-name");
+        std::fs::write(&large, "g".repeat(MAX_SMALL_FILE as usize + 1)).unwrap();
+        assert!(read_small_file(&large).is_err());
+        std::fs::write(&large, "north-7\n").unwrap();
+        assert_eq!(read_small_file(&large).unwrap(), "north-7\n");
+        assert_eq!(gateway_name(dir.path()), "north-7");
+    }
 }

@@ -8,23 +8,22 @@
 //! decoded by the crate and its reserved capacities are held against the frame's bytes.
 //!
 //! Each test runs for `FUZZ_SECONDS` (default 2) and prints what it ran; `FUZZ_SEED`
-//! replays a run. `scripts/fuzz-frames.sh` runs them for longer.
+//! replays a run. `scripts/fuzz.sh frames` runs them for longer (see `crate::fuzz_support`).
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use hypercore_handshake::state_machine::PUBLIC_KEYLEN;
 use hypercore_handshake::{CipherEvent, CipherTrait};
 use hypercore_protocol::{Event, Protocol, discovery_key};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
 
 use super::{capability, connect_raw, random_key, raw_peer, within};
+use crate::fuzz_support::fuzz_for;
 use crate::replicate::frame_check::{FrameFault, Unit, check_frame};
 use crate::replicate::frame_samples::{arb_frame, decode_as_checked, open_frame};
 use crate::replicate::transport::{
@@ -34,66 +33,6 @@ use crate::replicate::transport::{
 const MAX_CHANNEL_ID: u64 = 65_536;
 /// A `Protocol` that still has work after this many polls of one frame is hung.
 const MAX_POLLS_PER_FRAME: usize = 10_000;
-
-fn fuzz_seconds() -> Duration {
-    let secs = std::env::var("FUZZ_SECONDS")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(2.0);
-    Duration::from_secs_f64(secs)
-}
-
-fn fuzz_seed() -> u64 {
-    std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random)
-}
-
-/// Runs `case` on values of `strategy` in seeded rounds of `per_round` until the time is
-/// up; a failing case is shrunk by proptest and reported with the seed to replay it.
-/// Returns the number of inputs run.
-fn fuzz_for<T: Debug>(
-    name: &str,
-    strategy: BoxedStrategy<T>,
-    per_round: u32,
-    case: impl Fn(T) -> Result<(), TestCaseError>,
-) -> u64 {
-    let seed = fuzz_seed();
-    let started = Instant::now();
-    let inputs = Cell::new(0u64);
-    let mut round = 0u64;
-    while round == 0 || started.elapsed() < fuzz_seconds() {
-        let mut rng_seed = [0u8; 32];
-        rng_seed[..8].copy_from_slice(&seed.to_le_bytes());
-        rng_seed[8..16].copy_from_slice(&round.to_le_bytes());
-        let config = Config {
-            cases: per_round,
-            failure_persistence: None,
-            ..Config::default()
-        };
-        let mut runner =
-            TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &rng_seed));
-        let result = runner.run(&strategy, |value| {
-            inputs.set(inputs.get() + 1);
-            case(value)
-        });
-        match result {
-            Ok(()) => {}
-            Err(TestError::Fail(reason, minimal)) => {
-                panic!("{name}: {reason}\nminimal input: {minimal:?}\nreplay: FUZZ_SEED={seed}")
-            }
-            Err(e) => panic!("{name}: {e}\nreplay: FUZZ_SEED={seed}"),
-        }
-        round += 1;
-    }
-    println!(
-        "{name}: {} inputs in {:.1?} (FUZZ_SEED={seed}); 0 panics, 0 aborts, 0 hangs",
-        inputs.get(),
-        started.elapsed()
-    );
-    inputs.get()
-}
 
 /// A cipher that hands `Protocol` whatever frames are queued, as if decrypted.
 struct FeedCipher {

@@ -327,6 +327,159 @@ mod tests {
         assert!(decode_block(&vec![0; MAX_BLOCK_LEN + 1]).is_err());
     }
 
+    /// What a block may cost in memory beyond 8 times its size: every message of a
+    /// block carries its own copy of the topic, and a record of two bytes is two
+    /// structs (the protobuf one and ours) while it is decoded.
+    const BLOCK_FIXED_BYTES: usize = MAX_MESSAGES_PER_BLOCK
+        * (MAX_TOPIC_LEN
+            + std::mem::size_of::<pb::TopicMessage>()
+            + std::mem::size_of::<Message>())
+        + 4096;
+
+    /// Decodes `bytes` as a block read from a peer's feed, measuring its peak
+    /// allocation: a value within the limits that decodes the same after a round
+    /// trip, or an error; never a panic, never more than the bound.
+    fn check_block(bytes: &[u8]) -> Result<bool, proptest::test_runner::TestCaseError> {
+        use proptest::prelude::*;
+        let (decoded, peak) = crate::alloc_probe::peak_bytes(|| decode_block(bytes));
+        prop_assert!(
+            crate::fuzz_support::within_bound(bytes.len(), peak, BLOCK_FIXED_BYTES),
+            "{peak} bytes allocated for a block of {}",
+            bytes.len()
+        );
+        let Ok((topic, messages)) = decoded else {
+            return Ok(false);
+        };
+        prop_assert!(topic_problem(&topic).is_none());
+        prop_assert!(!messages.is_empty() && messages.len() <= MAX_MESSAGES_PER_BLOCK);
+        for m in &messages {
+            prop_assert_eq!(&m.topic, &topic);
+            prop_assert!(
+                m.content_type
+                    .as_ref()
+                    .is_none_or(|c| c.len() <= MAX_CONTENT_TYPE_LEN)
+            );
+        }
+        let packing = Packing {
+            max_block_bytes: usize::MAX,
+            max_messages: MAX_MESSAGES_PER_BLOCK,
+        };
+        // Packed again (into more than one block if it is near the size limit), the
+        // messages decode the same.
+        let mut again = Vec::new();
+        for (block, _) in pack(&topic, messages.clone(), packing) {
+            match decode_block(&block) {
+                Ok((_, decoded)) => again.extend(decoded),
+                Err(e) => return Err(TestCaseError::fail(format!("repacked: {e}"))),
+            }
+        }
+        prop_assert_eq!(again, messages);
+        Ok(true)
+    }
+
+    fn arb_block() -> proptest::strategy::BoxedStrategy<Vec<u8>> {
+        use proptest::prelude::*;
+        let record = (
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..48),
+            proptest::option::of("[a-z/+.]{0,12}"),
+        );
+        ("[a-z/]{1,16}", proptest::collection::vec(record, 1..8))
+            .prop_map(|(topic, records)| {
+                let messages = records
+                    .into_iter()
+                    .map(|(timestamp_ms, payload, content_type)| Message {
+                        topic: topic.clone(),
+                        timestamp_ms,
+                        payload,
+                        content_type,
+                    })
+                    .collect();
+                let packing = Packing {
+                    max_block_bytes: usize::MAX,
+                    max_messages: MAX_MESSAGES_PER_BLOCK,
+                };
+                pack(&topic, messages, packing).remove(0).0
+            })
+            .boxed()
+    }
+
+    /// Arbitrary bytes, valid blocks and mutated ones (flipped, truncated, huge
+    /// lengths, inserted and repeated bytes) through `decode_block`.
+    #[test]
+    fn fuzz_message_blocks() {
+        let decoded = std::cell::Cell::new(0u64);
+        let strategy = crate::fuzz_support::hostile_inputs(arb_block());
+        let inputs = crate::fuzz_support::fuzz_for("message blocks", strategy, 1024, |bytes| {
+            decoded.set(decoded.get() + u64::from(check_block(&bytes)?));
+            Ok(())
+        });
+        println!(
+            "message blocks: {} of {inputs} inputs decoded",
+            decoded.get()
+        );
+        assert!(decoded.get() > 0 && decoded.get() < inputs);
+    }
+
+    /// Blocks of the largest size a feed's block may have, filled with the worst
+    /// a peer can put there: refused, or decoded within the bound.
+    #[test]
+    fn hostile_maximum_size_blocks_are_bounded() {
+        let field = |tag: u8, body: &[u8]| {
+            let mut out = vec![tag];
+            prost::encoding::encode_varint(body.len() as u64, &mut out);
+            out.extend_from_slice(body);
+            out
+        };
+        let topic = "t".repeat(MAX_TOPIC_LEN);
+        let first = field(0x0a, &field(0x0a, topic.as_bytes()));
+        // Empty records to the brim (more than the count allows).
+        let empty_records = [
+            first.clone(),
+            [0x0a, 0x00].repeat((MAX_BLOCK_LEN - 300) / 2),
+        ]
+        .concat();
+        // As many records as allowed, each naming the longest topic.
+        let longest_topics = first.repeat(MAX_MESSAGES_PER_BLOCK);
+        // As many records as allowed, the rest of the block one payload.
+        let payload = field(0x0a, &field(0x1a, &vec![7; MAX_BLOCK_LEN - 64 * 1024]));
+        let allowed_then_payload = [
+            first.clone(),
+            [0x0a, 0x00].repeat(MAX_MESSAGES_PER_BLOCK - 2),
+            payload,
+        ]
+        .concat();
+        // One record repeating its topic field (protobuf keeps the last).
+        let repeated_topic = field(0x0a, &field(0x0a, b"x").repeat((MAX_BLOCK_LEN - 16) / 3));
+        // A record declaring a length far past the block.
+        let huge_length = [first.clone(), vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f]].concat();
+        // Unknown fields to the brim.
+        let unknown = [first, [0x10, 0x01].repeat((MAX_BLOCK_LEN - 300) / 2)].concat();
+        for (name, bytes, ok) in [
+            ("empty records", empty_records, false),
+            ("longest topics", longest_topics, true),
+            ("allowed records then a payload", allowed_then_payload, true),
+            ("repeated topic field", repeated_topic, true),
+            ("huge declared length", huge_length, false),
+            ("unknown fields", unknown, true),
+        ] {
+            assert!(bytes.len() <= MAX_BLOCK_LEN, "{name}: {}", bytes.len());
+            let (result, peak) = crate::alloc_probe::peak_bytes(|| decode_block(&bytes));
+            println!(
+                "hostile block {name}: {} bytes, {} ({peak} bytes allocated at the peak, {:.2}x)",
+                bytes.len(),
+                if result.is_ok() { "decoded" } else { "refused" },
+                peak as f64 / bytes.len() as f64
+            );
+            assert_eq!(result.is_ok(), ok, "{name}: {:?}", result.err());
+            assert!(
+                crate::fuzz_support::within_hostile_bound(bytes.len(), peak),
+                "{name}: {peak} bytes"
+            );
+            assert!(check_block(&bytes).is_ok(), "{name}");
+        }
+    }
+
     #[test]
     fn oversized_messages_are_refused_at_publish() {
         let mut m = message(1, MAX_PAYLOAD_LEN + 1);

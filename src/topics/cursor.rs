@@ -282,20 +282,37 @@ impl FromStr for Cursor {
         let bytes = URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|e| invalid(format!("not base64url: {e}")))?;
-        // Count before prost allocates a struct per (possibly empty) position.
-        let listed = crate::proto::count_field(&bytes, 1).map_err(|e| invalid(e.to_string()))?;
-        if listed > MAX_CURSOR_FEEDS {
-            return Err(invalid(format!(
-                "{listed} feeds, more than the limit of {MAX_CURSOR_FEEDS}"
-            )));
-        }
-        let passed_over =
-            crate::proto::count_field(&bytes, 3).map_err(|e| invalid(e.to_string()))?;
-        if passed_over > MAX_PASSED_OVER {
-            return Err(invalid(format!(
-                "{passed_over} damaged blocks passed over, more than the limit of {MAX_PASSED_OVER}"
-            )));
-        }
+        // Count, and check every key's length, before prost allocates a struct per
+        // (possibly empty) position: each position left carries a whole key.
+        let (mut listed, mut passed_over) = (0usize, 0usize);
+        let malformed = |e: String| invalid(format!("malformed: {e}"));
+        crate::proto::for_each_field(&bytes, malformed, |field, position| {
+            match field {
+                1 => {
+                    listed += 1;
+                    if listed > MAX_CURSOR_FEEDS {
+                        return Err(invalid(format!(
+                            "more than {MAX_CURSOR_FEEDS} feeds, the limit"
+                        )));
+                    }
+                }
+                3 => {
+                    passed_over += 1;
+                    if passed_over > MAX_PASSED_OVER {
+                        return Err(invalid(format!(
+                            "more than {MAX_PASSED_OVER} damaged blocks passed over, the limit"
+                        )));
+                    }
+                }
+                _ => return Ok(()),
+            }
+            match crate::proto::last_bytes_len(position, 1, malformed)? {
+                32 => Ok(()),
+                len => Err(invalid(format!(
+                    "a feed key of {len} bytes (keys are 32 bytes)"
+                ))),
+            }
+        })?;
         let decoded =
             pb::Cursor::decode(&bytes[..]).map_err(|e| invalid(format!("malformed: {e}")))?;
         let mut cursor = Cursor::default();
@@ -492,6 +509,166 @@ mod tests {
                 text.parse::<Cursor>(),
                 Err(Error::InvalidCursor { .. })
             ));
+        }
+    }
+
+    /// What parsing a cursor may allocate beyond 8 times its text: error text (every
+    /// position is checked to carry a whole key before any is decoded).
+    const CURSOR_FIXED_BYTES: usize = 4096;
+
+    fn check_cursor(text: &str) -> Result<bool, proptest::test_runner::TestCaseError> {
+        use proptest::prelude::*;
+        let (parsed, peak) = crate::alloc_probe::peak_bytes(|| text.parse::<Cursor>());
+        prop_assert!(
+            crate::fuzz_support::within_bound(text.len(), peak, CURSOR_FIXED_BYTES),
+            "{peak} bytes allocated for a cursor of {} characters",
+            text.len()
+        );
+        match parsed {
+            Ok(cursor) => {
+                prop_assert!(cursor.len() <= MAX_CURSOR_FEEDS);
+                prop_assert!(cursor.passed_over().count() <= MAX_PASSED_OVER);
+                prop_assert!(cursor.positions().all(|a| (a.seq, a.index) != (0, 0)));
+                prop_assert_eq!(cursor.to_string().parse::<Cursor>().ok(), Some(cursor));
+                Ok(true)
+            }
+            Err(Error::InvalidCursor { .. }) => Ok(false),
+            Err(other) => Err(TestCaseError::fail(format!("not InvalidCursor: {other}"))),
+        }
+    }
+
+    /// A cursor's protobuf, as `to_pb` makes it.
+    fn arb_cursor_pb() -> proptest::strategy::BoxedStrategy<Vec<u8>> {
+        use proptest::prelude::*;
+        let position = (1u8..8, any::<u64>(), any::<u32>());
+        (
+            proptest::collection::vec(position.clone(), 0..6),
+            proptest::option::of(any::<[u8; SCOPE_LEN]>()),
+            proptest::collection::vec(position, 0..4),
+        )
+            .prop_map(|(positions, scope, passed_over)| {
+                let mut cursor = Cursor::default();
+                for (k, seq, index) in positions {
+                    cursor.set(key(k), seq, index);
+                }
+                for (k, seq, index) in passed_over {
+                    let seq = seq % cursor.position(&key(k)).0.max(1);
+                    if seq < cursor.position(&key(k)).0 {
+                        cursor.pass_over(MessageAddress {
+                            key: key(k),
+                            seq,
+                            index,
+                        });
+                    }
+                }
+                cursor.scope = scope.map(Scope);
+                cursor.to_pb().encode_to_vec()
+            })
+            .boxed()
+    }
+
+    /// Text a user may paste as a cursor: arbitrary, valid, mutated text, and valid
+    /// text around a mutated protobuf, through `Cursor::from_str`.
+    #[test]
+    fn fuzz_cursor_text() {
+        use proptest::prelude::*;
+        let valid_text = arb_cursor_pb()
+            .prop_map(|bytes| format!("v2.{}", URL_SAFE_NO_PAD.encode(bytes)).into_bytes())
+            .boxed();
+        let mutated_pb = (
+            crate::fuzz_support::hostile_inputs(arb_cursor_pb()),
+            prop_oneof![Just(CURSOR_PREFIX), Just(CURSOR_PREFIX_V1)],
+        )
+            .prop_map(|(bytes, prefix)| format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes)));
+        let mutated_text = crate::fuzz_support::hostile_inputs(valid_text)
+            .prop_map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+        let strategy = prop_oneof![mutated_pb, mutated_text].boxed();
+        let parsed = std::cell::Cell::new(0u64);
+        let inputs = crate::fuzz_support::fuzz_for("cursor text", strategy, 1024, |text| {
+            parsed.set(parsed.get() + u64::from(check_cursor(&text)?));
+            Ok(())
+        });
+        println!("cursor text: {} of {inputs} inputs parsed", parsed.get());
+        assert!(parsed.get() > 0 && parsed.get() < inputs);
+    }
+
+    /// Cursor text of the largest accepted length, filled with the worst a pasted
+    /// text can hold: refused, or parsed within the bound.
+    #[test]
+    fn hostile_maximum_size_cursors_are_bounded() {
+        let text = |bytes: &[u8]| format!("v2.{}", URL_SAFE_NO_PAD.encode(bytes));
+        // Base64 of this many protobuf bytes fills the text limit.
+        let room = (MAX_CURSOR_TEXT_LEN - 3) / 4 * 3;
+        let position = |k: u32| pb::FeedPosition {
+            key: [k.to_be_bytes().to_vec(), vec![0; 28]].concat(),
+            seq: 1,
+            index: 1,
+        };
+        let one = pb::Cursor {
+            positions: vec![position(0)],
+            scope: None,
+            passed_over: Vec::new(),
+        }
+        .encode_to_vec();
+        let allowed = pb::Cursor {
+            positions: (0..MAX_CURSOR_FEEDS as u32)
+                .map(|k| pb::FeedPosition {
+                    seq: 2,
+                    ..position(k)
+                })
+                .collect(),
+            scope: Some(vec![1; SCOPE_LEN]),
+            passed_over: (0..MAX_PASSED_OVER as u32).map(position).collect(),
+        }
+        .encode_to_vec();
+        for (name, bytes, ok) in [
+            ("empty positions", [0x0a, 0x00].repeat(room / 2), false),
+            (
+                "as many empty positions as allowed",
+                [0x0a, 0x00].repeat(MAX_CURSOR_FEEDS),
+                false,
+            ),
+            (
+                "the same position repeated",
+                one.repeat(room / one.len()),
+                false,
+            ),
+            (
+                "as many positions and passed-over blocks as allowed",
+                allowed,
+                true,
+            ),
+            (
+                "empty passed-over blocks",
+                [0x1a, 0x00].repeat(room / 2),
+                false,
+            ),
+            (
+                "repeated scope field",
+                [0x12, 0x08, 1, 1, 1, 1, 1, 1, 1, 1].repeat(room / 10),
+                true,
+            ),
+            (
+                "a huge declared length",
+                vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f],
+                false,
+            ),
+        ] {
+            let text = text(&bytes);
+            assert!(text.len() <= MAX_CURSOR_TEXT_LEN, "{name}");
+            let (result, peak) = crate::alloc_probe::peak_bytes(|| text.parse::<Cursor>());
+            println!(
+                "hostile cursor {name}: {} characters, {} ({peak} bytes allocated at the peak, {:.2}x)",
+                text.len(),
+                if result.is_ok() { "parsed" } else { "refused" },
+                peak as f64 / text.len() as f64
+            );
+            assert_eq!(result.is_ok(), ok, "{name}: {:?}", result.err());
+            assert!(
+                crate::fuzz_support::within_hostile_bound(text.len(), peak),
+                "{name}: {peak} bytes"
+            );
+            assert!(check_cursor(&text).is_ok(), "{name}");
         }
     }
 

@@ -380,3 +380,288 @@ fn empty_connack_properties() -> v5::ConnAckProperties {
         authentication_data: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use rumqttc::v5::mqttbytes::v5::{Filter, PublishProperties};
+
+    use super::*;
+
+    /// What decoding a client's packets may allocate beyond 8 times their bytes:
+    /// rumqttc builds a struct per topic filter (three bytes on the wire) and per
+    /// user property (five), up to the packet bound (here the fuzz's small one).
+    const FUZZ_MAX_PACKET: usize = 4096;
+    const MQTT_FIXED_BYTES: usize = 32 * FUZZ_MAX_PACKET;
+
+    /// A CONNECT then packets a client sends, both versions, from rumqttc's encoders.
+    fn arb_session() -> BoxedStrategy<Vec<u8>> {
+        let v4_packet = prop_oneof![
+            (
+                "[a-z/]{1,12}",
+                proptest::collection::vec(any::<u8>(), 0..32),
+                0u8..2
+            )
+                .prop_map(|(topic, payload, qos)| {
+                    let qos = if qos == 0 {
+                        v4bytes::QoS::AtMostOnce
+                    } else {
+                        v4bytes::QoS::AtLeastOnce
+                    };
+                    let mut publish = v4::Publish::new(topic, qos, payload);
+                    publish.pkid = u16::from(qos as u8);
+                    v4::Packet::Publish(publish)
+                }),
+            proptest::collection::vec("[a-z/#+]{1,8}", 1..4).prop_map(|filters| {
+                let mut subscribe = v4::Subscribe::new_many(
+                    filters
+                        .into_iter()
+                        .map(|f| v4::SubscribeFilter::new(f, v4bytes::QoS::AtMostOnce)),
+                );
+                subscribe.pkid = 1;
+                v4::Packet::Subscribe(subscribe)
+            }),
+            "[a-z/]{1,8}".prop_map(|f| {
+                let mut unsubscribe = v4::Unsubscribe::new(f);
+                unsubscribe.pkid = 2;
+                v4::Packet::Unsubscribe(unsubscribe)
+            }),
+            Just(v4::Packet::PingReq),
+            Just(v4::Packet::Disconnect),
+        ];
+        let v5_packet = prop_oneof![
+            (
+                "[a-z/]{1,12}",
+                proptest::collection::vec(any::<u8>(), 0..32),
+                proptest::option::of("[a-z/]{0,8}"),
+                proptest::collection::vec(("[a-z]{0,4}", "[a-z0-9]{0,4}"), 0..3)
+            )
+                .prop_map(|(topic, payload, content_type, user_properties)| {
+                    let properties = PublishProperties {
+                        content_type,
+                        user_properties,
+                        ..Default::default()
+                    };
+                    let mut publish = v5::Publish::new(
+                        topic,
+                        v5bytes::QoS::AtLeastOnce,
+                        payload,
+                        Some(properties),
+                    );
+                    publish.pkid = 1;
+                    v5::Packet::Publish(publish)
+                }),
+            proptest::collection::vec("[a-z/#+]{1,8}", 1..4).prop_map(|filters| {
+                let mut subscribe = v5::Subscribe::new_many(
+                    filters
+                        .into_iter()
+                        .map(|f| Filter::new(f, v5bytes::QoS::AtMostOnce)),
+                    None,
+                );
+                subscribe.pkid = 1;
+                v5::Packet::Subscribe(subscribe)
+            }),
+            "[a-z/]{1,8}".prop_map(|f| {
+                let mut unsubscribe = v5::Unsubscribe::new(f, None);
+                unsubscribe.pkid = 2;
+                v5::Packet::Unsubscribe(unsubscribe)
+            }),
+            Just(v5::Packet::PingReq(v5::PingReq)),
+        ];
+        let v4_session = ("[a-z0-9]{0,12}", proptest::collection::vec(v4_packet, 0..4)).prop_map(
+            |(client_id, packets)| {
+                let mut out = BytesMut::new();
+                v4::Packet::Connect(v4::Connect::new(client_id))
+                    .write(&mut out, usize::MAX)
+                    .expect("encodes");
+                for packet in packets {
+                    packet.write(&mut out, usize::MAX).expect("encodes");
+                }
+                out.to_vec()
+            },
+        );
+        let v5_session = ("[a-z0-9]{0,12}", proptest::collection::vec(v5_packet, 0..4)).prop_map(
+            |(client_id, packets)| {
+                let mut out = BytesMut::new();
+                let connect = v5::Connect {
+                    keep_alive: 30,
+                    client_id,
+                    clean_start: true,
+                    properties: None,
+                };
+                v5::Packet::Connect(connect, None, None)
+                    .write(&mut out, None)
+                    .expect("encodes");
+                for packet in packets {
+                    packet.write(&mut out, None).expect("encodes");
+                }
+                out.to_vec()
+            },
+        );
+        prop_oneof![v4_session, v5_session].boxed()
+    }
+
+    /// Decodes a client's bytes as the listener does, packet by packet, measuring
+    /// the peak allocation; the number of packets decoded.
+    fn decode_all(bytes: &[u8]) -> Result<usize, TestCaseError> {
+        let mut buffer = BytesMut::from(bytes);
+        let mut version = None;
+        let mut packets = 0;
+        let (outcome, peak) = crate::alloc_probe::peak_bytes(|| {
+            loop {
+                let before = buffer.len();
+                match decode(&mut buffer, version, FUZZ_MAX_PACKET) {
+                    Ok(Some(packet)) => {
+                        packets += 1;
+                        if buffer.len() >= before {
+                            return Err("a packet was decoded from no bytes".to_string());
+                        }
+                        if let Incoming::Connect { version: v, .. } = packet {
+                            version = Some(v);
+                        }
+                    }
+                    Ok(None) | Err(_) => return Ok(()),
+                }
+            }
+        });
+        outcome.map_err(TestCaseError::fail)?;
+        prop_assert!(
+            crate::fuzz_support::within_bound(bytes.len(), peak, MQTT_FIXED_BYTES),
+            "{peak} bytes allocated for {} bytes of packets",
+            bytes.len()
+        );
+        Ok(packets)
+    }
+
+    /// Arbitrary bytes, valid MQTT 3.1.1 and 5 sessions and mutated ones through the
+    /// listener's decoder: packets or a typed error, never a panic or a packet of
+    /// no bytes, and allocations within the bound.
+    #[test]
+    fn fuzz_mqtt_packets() {
+        let decoded = std::cell::Cell::new(0u64);
+        let strategy = crate::fuzz_support::hostile_inputs(arb_session());
+        let inputs = crate::fuzz_support::fuzz_for("mqtt packets", strategy, 1024, |bytes| {
+            decoded.set(decoded.get() + decode_all(&bytes)? as u64);
+            Ok(())
+        });
+        println!(
+            "mqtt packets: {} packets decoded from {inputs} inputs",
+            decoded.get()
+        );
+        assert!(decoded.get() > 0);
+    }
+
+    /// Packets of the listener's default maximum size filled with the cheapest
+    /// repeated entries (topic filters, user properties): decoded within 16 times
+    /// their size. rumqttc decodes a packet whole before we can count its entries
+    /// (a 24-byte `String` per 3-byte topic, a 48-byte pair per 5-byte property),
+    /// so this is its bound, not 8x: up to 3.2 MB per client at the 256 KiB default.
+    #[test]
+    fn hostile_maximum_size_packets_are_bounded() {
+        let max = super::super::listener::Limits::default().max_packet;
+        let packet = |byte1: u8, body: &[u8]| {
+            let mut out = BytesMut::new();
+            out.extend_from_slice(&[byte1]);
+            let mut len = body.len();
+            loop {
+                let mut digit = (len % 128) as u8;
+                len /= 128;
+                if len > 0 {
+                    digit |= 0x80;
+                }
+                out.extend_from_slice(&[digit]);
+                if len == 0 {
+                    break;
+                }
+            }
+            out.extend_from_slice(body);
+            out
+        };
+        let connect = |v5: bool| {
+            let mut out = BytesMut::new();
+            if v5 {
+                let connect = v5::Connect {
+                    keep_alive: 30,
+                    client_id: "c".into(),
+                    clean_start: true,
+                    properties: None,
+                };
+                v5::Packet::Connect(connect, None, None)
+                    .write(&mut out, None)
+                    .unwrap();
+            } else {
+                v4::Packet::Connect(v4::Connect::new("c"))
+                    .write(&mut out, usize::MAX)
+                    .unwrap();
+            }
+            out
+        };
+        let room = max - 16;
+        // SUBSCRIBE (pkid 1): one-letter filters, QoS 0.
+        let v4_filters = [&[0, 1][..], &[0, 1, b'a', 0].repeat(room / 4)].concat();
+        // MQTT 5: pkid, no properties, then filters.
+        let v5_filters = [&[0, 1, 0][..], &[0, 1, b'a', 0].repeat(room / 4)].concat();
+        // UNSUBSCRIBE (pkid 2): one-letter topics.
+        let v4_topics = [&[0, 2][..], &[0, 1, b'a'].repeat(room / 3)].concat();
+        // MQTT 5 PUBLISH QoS 0: topic "t", properties of empty user properties.
+        let properties = [0x26, 0, 0, 0, 0].repeat(room / 5);
+        let mut v5_publish = vec![0, 1, b't'];
+        let mut varint = BytesMut::new();
+        let mut len = properties.len();
+        loop {
+            let mut digit = (len % 128) as u8;
+            len /= 128;
+            if len > 0 {
+                digit |= 0x80;
+            }
+            varint.extend_from_slice(&[digit]);
+            if len == 0 {
+                break;
+            }
+        }
+        v5_publish.extend_from_slice(&varint);
+        v5_publish.extend_from_slice(&properties);
+        for (name, v5, packet) in [
+            (
+                "3.1.1 subscribe of one-letter filters",
+                false,
+                packet(0x82, &v4_filters),
+            ),
+            (
+                "5 subscribe of one-letter filters",
+                true,
+                packet(0x82, &v5_filters),
+            ),
+            (
+                "3.1.1 unsubscribe of one-letter topics",
+                false,
+                packet(0xa2, &v4_topics),
+            ),
+            (
+                "5 publish of empty user properties",
+                true,
+                packet(0x30, &v5_publish),
+            ),
+        ] {
+            let mut buffer = connect(v5);
+            decode(&mut buffer, None, max).unwrap().unwrap();
+            let len = packet.len();
+            assert!(len <= max + 5, "{name}: {len}");
+            let mut buffer = packet;
+            let version = Some(if v5 { Version::V5 } else { Version::V4 });
+            let (result, peak) = crate::alloc_probe::peak_bytes(|| {
+                decode(&mut buffer, version, max).map(|p| p.is_some())
+            });
+            println!(
+                "hostile mqtt packet {name}: {len} bytes, {} ({peak} bytes allocated at the peak, {:.2}x)",
+                match &result {
+                    Ok(_) => "decoded".to_string(),
+                    Err(e) => format!("refused: {e}"),
+                },
+                peak as f64 / len as f64
+            );
+            assert!(result.is_ok(), "{name}");
+            assert!(peak <= 16 * len, "{name}: {peak} bytes");
+        }
+    }
+}
