@@ -14,7 +14,7 @@ use super::{
     remote::NodeApi,
     report::{DialReport, tell},
     signal::shutdown_signal,
-    store::{self, Access, KeySource, Store, open_or_node},
+    store::{self, Access, KeySource, Store, Want, open_or_node},
 };
 use crate::Global;
 use crate::node::AdmissionCaps;
@@ -117,7 +117,7 @@ pub async fn write(
     message: Option<String>,
     options: WriteOptions,
 ) -> anyhow::Result<()> {
-    match open_or_node(global).await? {
+    match open_or_node(global, Want::Write).await? {
         Access::Local(store) => {
             let target = Via::Store(&store.topics);
             let result = write_inner(&target, topic, message, &options, global.json).await;
@@ -317,7 +317,13 @@ pub async fn read(
         })?,
         None => Cursor::default(),
     };
-    let store = match open_or_node(global).await? {
+    // Following with a peer replicates into the store.
+    let want = if follow && peer.is_some() {
+        Want::Write
+    } else {
+        Want::Read
+    };
+    let store = match open_or_node(global, want).await? {
         Access::Local(store) => store,
         Access::Node(api) => {
             if peer.is_some() {
@@ -542,7 +548,7 @@ async fn follow_topic(
 }
 
 pub async fn topics(global: &Global) -> anyhow::Result<()> {
-    let topics = match open_or_node(global).await? {
+    let topics = match open_or_node(global, Want::Read).await? {
         Access::Local(store) => {
             let topics = store.topics.topics().await;
             let closed = store.close().await;
@@ -563,7 +569,7 @@ pub async fn topics(global: &Global) -> anyhow::Result<()> {
 }
 
 pub async fn feeds(global: &Global) -> anyhow::Result<()> {
-    let rows = match open_or_node(global).await? {
+    let rows = match open_or_node(global, Want::Read).await? {
         Access::Local(store) => {
             let mut rows = Vec::new();
             for feed in store.group.feeds() {
@@ -588,7 +594,7 @@ pub async fn feeds(global: &Global) -> anyhow::Result<()> {
 }
 
 pub async fn verify(global: &Global) -> anyhow::Result<()> {
-    let (rows, feeds) = match open_or_node(global).await? {
+    let (rows, feeds) = match open_or_node(global, Want::Read).await? {
         Access::Local(store) => {
             let report = store.group.verify().await;
             let closed = store.close().await;
@@ -617,11 +623,23 @@ pub async fn verify(global: &Global) -> anyhow::Result<()> {
         .iter()
         .filter(|r| r["unlisted"].as_bool() == Some(true))
         .count();
+    let refused = rows
+        .iter()
+        .filter(|r| r["access_refused"].as_bool() == Some(true))
+        .count();
     let damaged = rows
         .iter()
         .filter(|r| r["ok"].as_bool() != Some(true))
         .count()
-        - unlisted;
+        - unlisted
+        - refused;
+    if refused > 0 && damaged == 0 {
+        bail!(
+            "{refused} of {} feeds in {} could not be opened because the system refused access to their files (REFUSED above); nothing is known to be damaged: check their owner and permissions and that none is immutable (lsattr shows an 'i'; chattr -i clears it), then run verify again",
+            rows.len() - unlisted,
+            store_dir_display(global)
+        );
+    }
     if unlisted > 0 && damaged == 0 {
         bail!(
             "{unlisted} feed directories in {} are not in the store's index (listed above; a lost or damaged index/, or an interrupted writer creation or download); their data is intact and was not changed: restore index/ from a backup, and keep those directories",
@@ -633,12 +651,14 @@ pub async fn verify(global: &Global) -> anyhow::Result<()> {
             "{damaged} of {} feeds are damaged (listed above) in {}; restore those feeds' directories from a backup; blocks before the damage are intact and nothing was changed{}",
             rows.len() - unlisted,
             store_dir_display(global),
-            if unlisted > 0 {
-                format!(
+            match (unlisted, refused) {
+                (0, 0) => String::new(),
+                (unlisted, 0) => format!(
                     "; {unlisted} feed directories are also not in the store's index (UNLISTED above)"
-                )
-            } else {
-                String::new()
+                ),
+                (_, refused) => format!(
+                    "; {refused} more could not be opened because the system refused access to their files (REFUSED above: check their permissions)"
+                ),
             }
         );
     }
