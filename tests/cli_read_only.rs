@@ -1,13 +1,17 @@
 //! The binary on stores it cannot write (a read-only bind mount, immutable files):
 //! `read`, `feeds`, `topics` and `verify` work with the full data and say writes
 //! are disabled, nothing under the store changes, and `write` fails saying why,
-//! never calling it damage.
+//! never calling it damage. Also: output into a pipe whose reader went away.
 
 mod cli_common;
 #[path = "common/readonly.rs"]
 mod readonly;
 
-use std::path::Path;
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::Stdio,
+};
 
 use cli_common::*;
 use readonly::*;
@@ -160,4 +164,57 @@ fn an_immutable_store_is_read_with_writes_disabled() {
     drop(guard);
     assert_eq!(listing(&a.dir), before, "the store changed");
     assert_ne!(expected, expected_after);
+}
+
+/// Every command that prints a lot stops quietly when its reader goes away:
+/// no panic message, exit code 141 (as for a process ended by SIGPIPE).
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Gw::new(root.path(), "a");
+    a.ok(&["init"]);
+    let lines: String = (0..3000).map(|n| format!("reading number {n}\n")).collect();
+    a.write_stdin("temperature", &lines);
+
+    // `read | head -1`: the reader takes one line and goes.
+    let mut child = a
+        .cmd(&["read", "temperature"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("reading number 0"), "{first}");
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+
+    // A reader gone before anything was printed.
+    for args in [
+        &["read", "temperature"][..],
+        &["--json", "read", "temperature"],
+        &["feeds"],
+        &["--json", "feeds"],
+        &["topics"],
+        &["verify"],
+        &["--json", "verify"],
+    ] {
+        let mut child = a
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+    }
+    // Nothing was lost or changed by it.
+    a.verify();
 }

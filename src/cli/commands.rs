@@ -12,7 +12,7 @@ use tokio::io::AsyncBufReadExt;
 use super::{
     ndjson, net, output,
     remote::NodeApi,
-    report::{DialReport, tell},
+    report::{DialReport, out, say, tell},
     signal::shutdown_signal,
     store::{self, Access, KeySource, Store, Want, open_or_node},
 };
@@ -37,12 +37,12 @@ pub async fn init(global: &Global) -> anyhow::Result<()> {
     let key = SharedKey::generate();
     let key_file = adopt_key(&dir, &key).await?;
     if global.json {
-        println!(
+        out!(
             "{}",
             json!({"key": key.to_hex(), "dir": dir, "key_file": key_file, "group_id": store::group_id(&key)})
         );
     } else {
-        println!("{}", key.to_hex());
+        out!("{}", key.to_hex());
         eprintln!(
             "new group in {}; its shared key (above) is in {} (mode 600).\nGive it to the other gateways: multifeed join <key>. Keep it secret: it admits a peer to the group.",
             dir.display(),
@@ -74,12 +74,12 @@ pub async fn join(global: &Global, key_text: &str) -> anyhow::Result<()> {
     })?;
     let key_file = adopt_key(&dir, &key).await?;
     if global.json {
-        println!(
+        out!(
             "{}",
             json!({"dir": dir, "key_file": key_file, "group_id": store::group_id(&key)})
         );
     } else {
-        println!(
+        out!(
             "joined group {} in {} (key in {})",
             &store::group_id(&key)[..16],
             dir.display(),
@@ -217,11 +217,12 @@ async fn write_inner(
         if quiet {
             return;
         }
+        // A reader of the addresses that went away does not stop the publishing.
         for a in addresses {
             if json {
-                println!("{}", json!({"address": a.to_string()}));
+                say!("{}", json!({"address": a.to_string()}));
             } else {
-                println!("{a}");
+                say!("{a}");
             }
         }
     };
@@ -406,15 +407,15 @@ async fn follow_through_node(
 
 fn print_message(json: bool, m: &ReceivedMessage, gateway: Option<&str>) {
     if json {
-        println!("{}", output::message_json(m, gateway));
+        out!("{}", output::message_json(m, gateway));
     } else {
-        println!("{}", output::message_line(m, gateway));
+        out!("{}", output::message_line(m, gateway));
     }
 }
 
 fn print_cursor(json: bool, cursor: &Cursor) {
     if json {
-        println!("{}", json!({"cursor": cursor.to_string()}));
+        out!("{}", json!({"cursor": cursor.to_string()}));
     } else {
         eprintln!("cursor: {cursor}");
     }
@@ -560,9 +561,9 @@ pub async fn topics(global: &Global) -> anyhow::Result<()> {
     };
     for topic in topics {
         if global.json {
-            println!("{}", json!({"topic": topic}));
+            out!("{}", json!({"topic": topic}));
         } else {
-            println!("{topic}");
+            out!("{topic}");
         }
     }
     Ok(())
@@ -581,13 +582,13 @@ pub async fn feeds(global: &Global) -> anyhow::Result<()> {
         Access::Node(api) => api.feeds().await?,
     };
     if !global.json {
-        println!("{}", output::feeds_heading());
+        out!("{}", output::feeds_heading());
     }
     for row in &rows {
         if global.json {
-            println!("{row}");
+            out!("{row}");
         } else {
-            println!("{}", output::feed_line(row));
+            out!("{}", output::feed_line(row));
         }
     }
     Ok(())
@@ -614,9 +615,9 @@ pub async fn verify(global: &Global) -> anyhow::Result<()> {
     };
     for row in &rows {
         if global.json {
-            println!("{row}");
+            out!("{row}");
         } else {
-            println!("{}", output::verify_line(row));
+            out!("{}", output::verify_line(row));
         }
     }
     let unlisted = rows
@@ -663,7 +664,7 @@ pub async fn verify(global: &Global) -> anyhow::Result<()> {
         );
     }
     if !global.json {
-        println!("all {feeds} feeds verified");
+        out!("all {feeds} feeds verified");
     }
     Ok(())
 }
@@ -701,16 +702,16 @@ pub async fn repair(global: &Global) -> anyhow::Result<()> {
             None => "remote feed".to_owned(),
         };
         if global.json {
-            println!("{}", json!({"relisted": key.to_hex(), "name": name}));
+            out!("{}", json!({"relisted": key.to_hex(), "name": name}));
         } else {
-            println!("relisted {} ({what})", key.to_hex());
+            out!("relisted {} ({what})", key.to_hex());
         }
     }
     for (path, reason) in &report.left {
         if global.json {
-            println!("{}", json!({"left": path, "reason": reason}));
+            out!("{}", json!({"left": path, "reason": reason}));
         } else {
-            println!("left     {}: {reason}", path.display());
+            out!("left     {}: {reason}", path.display());
         }
     }
     if !report.left.is_empty() {
@@ -720,7 +721,7 @@ pub async fn repair(global: &Global) -> anyhow::Result<()> {
         );
     }
     if !global.json {
-        println!(
+        out!(
             "{} feeds taken back into the index; run `multifeed verify` to check them",
             report.relisted.len()
         );
