@@ -110,6 +110,21 @@ fn a_store_on_a_read_only_mount_is_read_with_writes_disabled() {
     let ro = Gw::new(&mount.path, "a");
     reads_with_notice(&ro, &expected, "read-only file system");
     write_refused(&ro, "read-only file system", "remount it read-write");
+
+    // A reader holds a shared lock on LOCK (the same file through the mount):
+    // another reader runs beside it, a writer on the writable path is refused
+    // until it ends.
+    let mut follower = Running::spawn(ro.cmd(&["read", "temperature", "--follow"]));
+    assert!(follower.line().contains("temperature 0"));
+    assert_eq!(ro.ok(&["topics"]), expected[TOPICS.len() + 1]);
+    let out = a.write_stdin_with(&["write", "temperature"], "while a reader runs\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in use by another multifeed process"),
+        "{stderr}"
+    );
+    follower.kill9();
     drop(mount);
     assert_eq!(listing(&source), before, "the store changed");
     // Writable again where it is.
