@@ -62,6 +62,17 @@ pub enum Error {
         key: String,
     },
 
+    /// A change to a group opened with [`Options::read_only`](crate::Options::read_only):
+    /// appends, new writers, replication and repairs are refused before anything
+    /// is written.
+    #[error(
+        "the group was opened read-only, so {what} is refused and nothing was written; open it without the read-only option (on a writable file system, with write permission) to change it"
+    )]
+    ReadOnly {
+        /// What was refused, e.g. "appending to feed 12ab…".
+        what: String,
+    },
+
     /// The multifeed was closed.
     #[error("the multifeed is closed; open it again to keep using it")]
     Closed,
@@ -270,6 +281,7 @@ impl Error {
             Error::WriterKeyMismatch { .. } => "writer_key_mismatch",
             Error::KeyConflict { .. } => "key_conflict",
             Error::NotWritable { .. } => "not_writable",
+            Error::ReadOnly { .. } => "read_only",
             Error::Closed => "closed",
             Error::Io { .. } => "io",
             Error::Core { .. } => "storage",
@@ -308,6 +320,18 @@ impl Error {
                 | Error::InvalidData { .. }
                 | Error::ConnectionLost { .. }
         )
+    }
+
+    /// Whether the operating system refused access to the store's files
+    /// (permissions, an immutable file, a read-only mount): nothing is damaged,
+    /// and opening the group with [`Options::read_only`](crate::Options::read_only)
+    /// may still read it.
+    pub fn is_access_refused(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if crate::storage::is_access_refused(source))
+    }
+
+    pub(crate) fn read_only(what: impl Into<String>) -> Self {
+        Error::ReadOnly { what: what.into() }
     }
 
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
@@ -368,10 +392,10 @@ fn describe_io(error: &io::Error) -> String {
     let advice = match error.kind() {
         io::ErrorKind::StorageFull => "the disk is full; free some space, then try again",
         io::ErrorKind::PermissionDenied => {
-            "permission denied; check the owner and permissions of the store's files"
+            "permission denied (not damage); check the owner and permissions of the store's files and that none is immutable (lsattr shows an 'i'; chattr -i clears it)"
         }
         io::ErrorKind::ReadOnlyFilesystem => {
-            "the file system is read-only; writes need a writable store"
+            "the file system is read-only (not damage); writes need the store on a writable mount, reading works as it is"
         }
         io::ErrorKind::QuotaExceeded => {
             "the disk quota is used up; free some space, then try again"

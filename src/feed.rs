@@ -142,6 +142,12 @@ impl Feed {
                 key: self.key().to_hex(),
             });
         }
+        if self.inner.shared.is_read_only() {
+            return Err(Error::read_only(format!(
+                "appending to feed {}",
+                self.key()
+            )));
+        }
         let (first, length) = {
             let mut core = self.inner.shared.core().await?;
             let first = core.info().length;

@@ -115,7 +115,13 @@ impl IndexCore {
                 let exists = std::fs::metadata(dir.join("oplog"))
                     .map(|m| m.len() > 0)
                     .unwrap_or(false);
-                (storage::open_dir(&dir, true, pool).await?, dir, exists)
+                if pool.is_read_only() && !exists {
+                    // Nothing to create on a read-only store: an empty index in
+                    // memory, so the feed directories show as unlisted.
+                    (storage::open_memory().await?, dir, false)
+                } else {
+                    (storage::open_dir(&dir, true, pool).await?, dir, exists)
+                }
             }
             StorageConfig::Memory => (
                 storage::open_memory().await?,
@@ -128,9 +134,17 @@ impl IndexCore {
             .open(exists)
             .build()
             .await
-            .map_err(|e| Error::Damaged {
-                path: path.clone(),
-                reason: format!("the member index cannot be opened: {e}"),
+            .map_err(|e| match e {
+                // The OS refused (permissions, a read-only mount): not damage.
+                hypercore::HypercoreError::IO { source, .. }
+                    if storage::is_access_refused(&source) =>
+                {
+                    Error::io(format!("open the member index {}", path.display()), source)
+                }
+                e => Error::Damaged {
+                    path: path.clone(),
+                    reason: format!("the member index cannot be opened: {e}"),
+                },
             })?;
         Ok(Self {
             core,

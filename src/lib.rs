@@ -105,7 +105,7 @@ pub use crate::{
     feed::Feed,
     keys::{AsFeedKey, DiscoveryTopic, FeedKey, Keypair, SharedKey},
     metadata::FeedMetadata,
-    multifeed::{AdmissionStats, Event, Multifeed, Options, RepairReport, SkippedFeed},
+    multifeed::{AdmissionStats, Event, Multifeed, Options, RepairReport, SkipKind, SkippedFeed},
     replicate::{
         Backoff, BackoffPolicy, DialEvent, DialOptions, DialSummary, Dialer, PreAuth,
         ReplicateOptions, Replication, ReplicationEvent, ReplicationSummary, SessionEnd,

@@ -48,6 +48,13 @@ pub struct Options {
     /// [`Feed::metadata`]), e.g. `gateway` = this gateway's name. Kept within
     /// small bounds (8 entries, keys ≤ 64 bytes, values ≤ 256). Default: none.
     pub writer_metadata: crate::FeedMetadata,
+    /// Opens the group for reading only (a store on a read-only mount, or files
+    /// this process may not write): nothing on disk is created, written,
+    /// truncated or synced, and the fixes an open would write are made in memory
+    /// only. Appends, new writers, replication and [`Multifeed::repair`] fail
+    /// with [`Error::ReadOnly`]. No other process may write the group meanwhile
+    /// (the CLI holds a shared lock for that). Default: false.
+    pub read_only: bool,
 }
 
 impl Default for Options {
@@ -59,6 +66,7 @@ impl Default for Options {
             max_loaded_feeds: 256,
             max_unproven_feeds: 4096,
             writer_metadata: Default::default(),
+            read_only: false,
         }
     }
 }
@@ -67,6 +75,12 @@ impl Options {
     /// Sets [`Options::writer_metadata`].
     pub fn writer_metadata(mut self, metadata: crate::FeedMetadata) -> Self {
         self.writer_metadata = metadata;
+        self
+    }
+
+    /// Sets [`Options::read_only`].
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
         self
     }
 
@@ -134,6 +148,19 @@ pub struct SkippedFeed {
     pub path: PathBuf,
     /// What was wrong.
     pub reason: String,
+    /// Whether its files are damaged or could not be opened.
+    pub kind: SkipKind,
+}
+
+/// Why a member feed was skipped at open (see [`SkippedFeed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SkipKind {
+    /// Its files are missing, damaged or belong to another feed.
+    Damaged,
+    /// The operating system refused access to its files (permissions, an
+    /// immutable file, a read-only mount): nothing is known to be damaged.
+    AccessRefused,
 }
 
 /// How feeds offered by peers fared: a feed a session asked for is held on
@@ -247,21 +274,24 @@ impl Multifeed {
         shared_key: SharedKey,
         options: Options,
     ) -> Result<Self> {
-        if let StorageConfig::Dir(root) = &storage {
+        let read_only = options.read_only;
+        if let (StorageConfig::Dir(root), false) = (&storage, read_only) {
             std::fs::create_dir_all(feeds_dir(root)).map_err(|e| {
                 Error::io(format!("create storage directory {}", root.display()), e)
             })?;
         }
-        let pool = FilePool::new(options.max_open_files);
+        let pool = FilePool::with_mode(options.max_open_files, read_only);
         let residency = Residency::new(options.max_loaded_feeds);
         let mut index = IndexCore::open(&storage, options.durability, &pool).await?;
         let (records, bad) = index.records().await?;
-        if let StorageConfig::Dir(root) = &storage {
+        let recorded: HashSet<FeedKey> = records.iter().map(|r| r.key).collect();
+        if let (StorageConfig::Dir(root), false) = (&storage, read_only) {
             // Every record readable: a feed on trial that is in none of them was
             // never admitted, and its files can go.
-            let recorded: HashSet<FeedKey> = records.iter().map(|r| r.key).collect();
             clear_trial_leftovers(root, &recorded, bad.is_empty());
         }
+        // Read-only, those leftovers stay: they are no member and no lost feed.
+        let hide_trial_leftovers = read_only && bad.is_empty();
         let mut skipped: Vec<SkippedFeed> = bad
             .into_iter()
             .map(|b| SkippedFeed {
@@ -272,6 +302,7 @@ impl Multifeed {
                     StorageConfig::Memory => PathBuf::new(),
                 },
                 reason: format!("index record {} unreadable: {}", b.seq, b.reason),
+                kind: SkipKind::Damaged,
             })
             .collect();
 
@@ -287,7 +318,9 @@ impl Multifeed {
             }
             match load_feed(&storage, &record, options.durability, &pool, &residency).await {
                 Ok(feed) => {
-                    if let (StorageConfig::Dir(root), Some(name)) = (&storage, feed.name()) {
+                    if let (StorageConfig::Dir(root), Some(name), false) =
+                        (&storage, feed.name(), read_only)
+                    {
                         keep_writer_name(&feed_dir(root, &record.key), name);
                     }
                     let metadata = match (&storage, feed.is_local()) {
@@ -302,7 +335,7 @@ impl Multifeed {
                     }
                     members.insert(feed)
                 }
-                Err(reason) => {
+                Err((reason, kind)) => {
                     let path = match &storage {
                         StorageConfig::Dir(root) => feed_dir(root, &record.key),
                         StorageConfig::Memory => PathBuf::new(),
@@ -313,12 +346,19 @@ impl Multifeed {
                         name: record.local_name.clone(),
                         path,
                         reason,
+                        kind,
                     });
                 }
             }
         }
         let unlisted = match &storage {
-            StorageConfig::Dir(root) => unlisted_feed_dirs(root, &members, &skipped),
+            StorageConfig::Dir(root) => {
+                let mut unlisted = unlisted_feed_dirs(root, &members, &skipped);
+                if hide_trial_leftovers {
+                    unlisted.retain(|dir| !dir.join(ON_TRIAL_MARK).is_file());
+                }
+                unlisted
+            }
             StorageConfig::Memory => Vec::new(),
         };
 
@@ -355,6 +395,19 @@ impl Multifeed {
         &self.inner.storage
     }
 
+    /// Whether the group was opened with [`Options::read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.inner.options.read_only
+    }
+
+    /// [`Error::ReadOnly`] for `what` if the group was opened read-only.
+    fn refuse_if_read_only(&self, what: impl FnOnce() -> String) -> Result<()> {
+        if self.is_read_only() {
+            return Err(Error::read_only(what()));
+        }
+        Ok(())
+    }
+
     /// Members that were recorded but could not be loaded at open.
     pub fn skipped(&self) -> &[SkippedFeed] {
         &self.inner.skipped
@@ -387,6 +440,7 @@ impl Multifeed {
         let StorageConfig::Dir(root) = &self.inner.storage else {
             return Ok(RepairReport::default());
         };
+        self.refuse_if_read_only(|| "repairing the index".into())?;
         let mut index = self.inner.write.lock().await;
         let index = index.as_mut().ok_or(Error::Closed)?;
         let mut report = RepairReport::default();
@@ -450,7 +504,9 @@ impl Multifeed {
             }
         }
         let record = IndexRecord::new(key, name);
-        let feed = load_feed(storage, &record, durability, pool, residency).await?;
+        let feed = load_feed(storage, &record, durability, pool, residency)
+            .await
+            .map_err(|(reason, _)| reason)?;
         let metadata = match &record.local_name {
             Some(name) => {
                 keep_writer_name(dir, name);
@@ -533,6 +589,18 @@ impl Multifeed {
 
     async fn writer_inner(&self, name: &str, keypair: Option<Keypair>) -> Result<Feed> {
         validate_name(name)?;
+        if self.is_read_only() {
+            // An existing writer is still handed out: only its appends are refused.
+            if let Some(existing) =
+                self.read_members(|m| m.by_name.get(name).map(|&i| m.order[i].clone()))
+                && keypair
+                    .as_ref()
+                    .is_none_or(|kp| kp.public_key() == existing.key())
+            {
+                return Ok(existing);
+            }
+            return Err(Error::read_only(format!("creating writer {name:?}")));
+        }
         let mut index = self.inner.write.lock().await;
         let index = index.as_mut().ok_or(Error::Closed)?;
         if let Some(existing) =
@@ -587,6 +655,10 @@ impl Multifeed {
     /// Adds remote feeds, recording the new ones in one index batch (one signature
     /// for a whole batch of keys learnt from a peer). Returns how many were new.
     pub(crate) async fn admit_remotes(&self, keys: &[FeedKey]) -> Result<usize> {
+        if keys.iter().all(|key| self.contains(key)) {
+            return Ok(0);
+        }
+        self.refuse_if_read_only(|| "adding a remote feed".into())?;
         let mut index = self.inner.write.lock().await;
         let index = index.as_mut().ok_or(Error::Closed)?;
         let mut created = Vec::new();
@@ -645,6 +717,7 @@ impl Multifeed {
     /// (files, no index record) by the first holder. Returns the keys held. Fails
     /// with [`Error::TooManyUnprovenFeeds`] past [`Options::max_unproven_feeds`].
     pub(crate) async fn hold_candidates(&self, keys: &[FeedKey]) -> Result<Vec<FeedKey>> {
+        self.refuse_if_read_only(|| "taking feeds from a peer".into())?;
         let _write = self.inner.write.lock().await;
         if _write.is_none() {
             return Err(Error::Closed);
@@ -967,6 +1040,14 @@ impl Multifeed {
     /// Makes everything written so far, in every feed and the index, survive a
     /// power loss (one round of fsyncs per feed).
     pub async fn flush(&self) -> Result<()> {
+        if self.is_read_only() {
+            // Nothing was written, so nothing is synced.
+            return if self.is_closed() {
+                Err(Error::Closed)
+            } else {
+                Ok(())
+            };
+        }
         // The write lock only for the snapshot: held across the fsyncs, it would
         // stall `writer()` and replication's admissions for as long as they take.
         let index = {
@@ -1074,15 +1155,22 @@ async fn load_feed(
     durability: Durability,
     pool: &Arc<FilePool>,
     residency: &Arc<Residency>,
-) -> std::result::Result<Feed, String> {
+) -> std::result::Result<Feed, (String, SkipKind)> {
+    let damaged = |reason: &str| (reason.to_owned(), SkipKind::Damaged);
     let StorageConfig::Dir(root) = storage else {
-        return Err("in-memory storage does not survive a reopen".into());
+        return Err(damaged("in-memory storage does not survive a reopen"));
     };
     let dir = feed_dir(root, &record.key);
     match std::fs::metadata(dir.join("oplog")) {
         Ok(m) if m.len() > 0 => {}
-        Ok(_) => return Err("its oplog is empty".into()),
-        Err(_) => return Err("its directory or oplog is missing".into()),
+        Ok(_) => return Err(damaged("its oplog is empty")),
+        Err(e) if crate::storage::is_access_refused(&e) => {
+            return Err((
+                format!("its directory cannot be read ({e})"),
+                SkipKind::AccessRefused,
+            ));
+        }
+        Err(_) => return Err(damaged("its directory or oplog is missing")),
     }
     let source = CoreSource {
         sync: SyncSet::for_dir(&dir),
@@ -1094,8 +1182,9 @@ async fn load_feed(
     let core = residency::load(&source, record.key, local)
         .await
         .map_err(|e| match e {
-            Error::Damaged { reason, .. } => reason,
-            other => other.to_string(),
+            Error::Damaged { reason, .. } => (reason, SkipKind::Damaged),
+            other if other.is_access_refused() => (other.to_string(), SkipKind::AccessRefused),
+            other => (other.to_string(), SkipKind::Damaged),
         })?;
     let sync = source.sync.clone();
     let shared = SharedFeed::new(record.key, local, core, Some(source)).await;

@@ -103,6 +103,13 @@ impl SharedFeed {
         feed
     }
 
+    /// Whether its files are opened for reading only (a group opened read-only).
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.source
+            .as_ref()
+            .is_some_and(|source| source.pool.is_read_only())
+    }
+
     /// The feed's lengths as of the last completed operation; never loads the core.
     pub(crate) fn info(&self) -> CoreInfo {
         *self.info.lock().unwrap_or_else(|e| e.into_inner())
@@ -146,6 +153,7 @@ impl SharedFeed {
         };
         if let Some(core) = slot.as_mut()
             && !self.local
+            && !source.pool.is_read_only()
         {
             settle_downloads(core, &source.sync).await;
         }
@@ -201,6 +209,15 @@ pub(crate) async fn load(source: &CoreSource, key: FeedKey, local: bool) -> Resu
         .await;
     let core = match opened {
         Ok(Ok(core)) => core,
+        // The OS refused (permissions, a read-only mount): not damage.
+        Ok(Err(hypercore::HypercoreError::IO { source: e, .. }))
+            if storage::is_access_refused(&e) =>
+        {
+            return Err(Error::io(
+                format!("open the feed files in {}", source.dir.display()),
+                e,
+            ));
+        }
         Ok(Err(e)) => return Err(damaged(format!("cannot open: {e}"))),
         Err(_) => return Err(damaged("cannot open: its files are damaged".into())),
     };

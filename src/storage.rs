@@ -68,6 +68,9 @@ pub enum Durability {
 pub(crate) struct FilePool {
     max_open: usize,
     open: StdMutex<PoolState>,
+    /// Files are opened for reading only and none is created (see
+    /// [`Options::read_only`](crate::Options::read_only)).
+    read_only: bool,
 }
 
 #[derive(Debug, Default)]
@@ -77,11 +80,24 @@ struct PoolState {
 }
 
 impl FilePool {
+    #[cfg(test)]
     pub(crate) fn new(max_open: usize) -> Arc<Self> {
+        Self::with_mode(max_open, false)
+    }
+
+    /// A pool whose files are opened for reading only: nothing is created,
+    /// written, truncated or synced through it.
+    pub(crate) fn with_mode(max_open: usize, read_only: bool) -> Arc<Self> {
         Arc::new(Self {
             max_open: max_open.max(8),
             open: StdMutex::new(PoolState::default()),
+            read_only,
         })
+    }
+
+    /// Whether the pool's files are opened for reading only.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// Records that `slot` just opened its file, closing others if over the limit.
@@ -125,6 +141,13 @@ enum SlotFile {
     Closed,
 }
 
+/// Why a file is open for reading only.
+#[derive(Debug, Clone)]
+struct WriteRefusal {
+    kind: io::ErrorKind,
+    why: String,
+}
+
 /// One file of a core, open or not, shared by the core's storage and its [`SyncSet`].
 #[derive(Debug)]
 struct FileSlot {
@@ -132,13 +155,87 @@ struct FileSlot {
     file: RwLock<SlotFile>,
     referenced: AtomicBool,
     pool: Arc<FilePool>,
+    /// Set when the file can only be read: the pool is read-only, or the OS
+    /// refused to open it for writing (an immutable file, a read-only mount).
+    /// Reads still work; writes fail with this.
+    write_refused: std::sync::OnceLock<WriteRefusal>,
 }
 
 fn closed_error() -> io::Error {
     io::Error::other("the multifeed was closed")
 }
 
+/// Whether the OS refused access (permissions, an immutable file, a read-only
+/// mount) rather than found something wrong with the file.
+pub(crate) fn is_access_refused(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+    )
+}
+
 impl FileSlot {
+    fn new(path: PathBuf, file: SlotFile, pool: &Arc<FilePool>) -> Arc<Self> {
+        let write_refused = std::sync::OnceLock::new();
+        if pool.read_only {
+            let _ = write_refused.set(WriteRefusal {
+                kind: io::ErrorKind::Other,
+                why: "the store was opened read-only".into(),
+            });
+        }
+        Arc::new(FileSlot {
+            path,
+            file: RwLock::new(file),
+            referenced: AtomicBool::new(true),
+            pool: pool.clone(),
+            write_refused,
+        })
+    }
+
+    /// Opens the file for reading and writing; for reading only if the pool is
+    /// read-only or the OS refuses writing (then later writes fail with why).
+    fn open_file(&self) -> io::Result<File> {
+        if self.pool.read_only {
+            return OpenOptions::new().read(true).open(&self.path);
+        }
+        match OpenOptions::new().read(true).write(true).open(&self.path) {
+            Ok(file) => Ok(file),
+            Err(refused) if is_access_refused(&refused) => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .open(&self.path)
+                    .map_err(|_| io::Error::new(refused.kind(), refused.to_string()))?;
+                let _ = self.write_refused.set(WriteRefusal {
+                    kind: refused.kind(),
+                    why: refused.to_string(),
+                });
+                Ok(file)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`FileSlot::with`] for a change to the file: fails without touching it
+    /// when the file can only be read.
+    fn with_write<T>(self: &Arc<Self>, f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
+        if let Some(refusal) = self.write_refused.get() {
+            return Err(io::Error::new(
+                refusal.kind,
+                format!("cannot write {}: {}", self.path.display(), refusal.why),
+            ));
+        }
+        self.with(|file| {
+            // The OS may have refused writing only when this call opened it.
+            match self.write_refused.get() {
+                Some(refusal) => Err(io::Error::new(
+                    refusal.kind,
+                    format!("cannot write {}: {}", self.path.display(), refusal.why),
+                )),
+                None => f(file),
+            }
+        })
+    }
+
     fn with<T>(self: &Arc<Self>, f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
         self.referenced.store(true, Ordering::Relaxed);
         {
@@ -157,7 +254,7 @@ impl FileSlot {
             .write()
             .map_err(|_| io::Error::other("file lock poisoned"))?;
         if matches!(*guard, SlotFile::Evicted) {
-            let file = OpenOptions::new().read(true).write(true).open(&self.path)?;
+            let file = self.open_file()?;
             *guard = SlotFile::Open(file);
             self.pool.register(self);
         }
@@ -324,7 +421,7 @@ impl HeldWrites {
                 Some(left) => *left -= 1,
                 None => {}
             }
-            file.with(|f| f.write_all_at(&buf, start))?;
+            file.with_write(|f| f.write_all_at(&buf, start))?;
             self.issued.fetch_add(1, Ordering::Release);
             io::Result::Ok(())
         };
@@ -556,7 +653,7 @@ impl RandomAccess for PlainFile {
         } else {
             // An oplog write is the barrier: held tree writes go first.
             self.flush_held()?;
-            self.file.with(|f| f.write_all_at(data, offset))?;
+            self.file.with_write(|f| f.write_all_at(data, offset))?;
             self.writes.fetch_add(1, Ordering::Release);
         }
         if let Some(cache) = &mut self.cache {
@@ -674,7 +771,7 @@ impl RandomAccess for PlainFile {
         let end = offset + length;
         while at < end {
             let n = CHUNK.min(end - at) as usize;
-            self.file.with(|f| f.write_all_at(&zeros[..n], at))?;
+            self.file.with_write(|f| f.write_all_at(&zeros[..n], at))?;
             at += n as u64;
         }
         self.writes.fetch_add(1, Ordering::Release);
@@ -694,7 +791,7 @@ impl RandomAccess for PlainFile {
         }
         let length = self.file_offset(length);
         self.flush_held()?;
-        self.file.with(|f| f.set_len(length))?;
+        self.file.with_write(|f| f.set_len(length))?;
         if let Some(cache) = &mut self.cache {
             cache.pages.clear();
         }
@@ -721,6 +818,10 @@ impl RandomAccess for PlainFile {
 
     async fn sync_all(&mut self) -> Result<(), RandomAccessError> {
         self.flush_held()?;
+        if self.file.pool.read_only {
+            // Nothing was written: nothing to make durable.
+            return Ok(());
+        }
         self.file.with(|f| f.sync_data())?;
         Ok(())
     }
@@ -981,6 +1082,8 @@ pub(crate) async fn open_dir_with(
     pool: &Arc<FilePool>,
     set: &Arc<SyncSet>,
 ) -> Result<Storage> {
+    // A read-only store creates nothing.
+    let create = create && !pool.read_only;
     // A directory made just now holds no files: they need no stat (four system
     // calls per feed, a twentieth of the time taken to learn 10,000 new feeds).
     let fresh = create && make_dir(dir)?;
@@ -1072,9 +1175,15 @@ pub(crate) async fn open_dir_with(
         false,
     )
     .await
-    .map_err(|e| Error::Damaged {
-        path: dir.to_path_buf(),
-        reason: e.to_string(),
+    .map_err(|e| match e {
+        // The OS refused (permissions, a read-only mount): not damage.
+        hypercore::HypercoreError::IO { source, .. } if is_access_refused(&source) => {
+            Error::io(format!("open the feed files in {}", dir.display()), source)
+        }
+        e => Error::Damaged {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        },
     })
 }
 
@@ -1135,6 +1244,15 @@ fn new_slot(
 ) -> std::result::Result<Arc<FileSlot>, RandomAccessError> {
     let file = if exists {
         SlotFile::Evicted
+    } else if pool.read_only {
+        return Err(io_err(
+            "create",
+            &path,
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "the file is missing, and a store opened read-only creates none",
+            ),
+        ));
     } else {
         SlotFile::Open(
             OpenOptions::new()
@@ -1146,12 +1264,7 @@ fn new_slot(
                 .map_err(|e| io_err("create", &path, e))?,
         )
     };
-    let slot = Arc::new(FileSlot {
-        path,
-        file: RwLock::new(file),
-        referenced: AtomicBool::new(true),
-        pool: pool.clone(),
-    });
+    let slot = FileSlot::new(path, file, pool);
     if !exists {
         pool.register(&slot);
     }
@@ -1521,12 +1634,7 @@ mod tests {
 
     fn slot(pool: &Arc<FilePool>, path: &Path) -> Arc<FileSlot> {
         std::fs::write(path, b"").unwrap();
-        Arc::new(FileSlot {
-            path: path.to_path_buf(),
-            file: RwLock::new(SlotFile::Evicted),
-            referenced: AtomicBool::new(true),
-            pool: pool.clone(),
-        })
+        FileSlot::new(path.to_path_buf(), SlotFile::Evicted, pool)
     }
 
     /// Random writes, reads and truncates of a tree file against a model of its

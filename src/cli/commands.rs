@@ -12,9 +12,9 @@ use tokio::io::AsyncBufReadExt;
 use super::{
     ndjson, net, output,
     remote::NodeApi,
-    report::{DialReport, tell},
+    report::{DialReport, out, say, tell},
     signal::shutdown_signal,
-    store::{self, Access, KeySource, Store, open_or_node},
+    store::{self, Access, KeySource, Store, Want, open_or_node},
 };
 use crate::Global;
 use crate::node::AdmissionCaps;
@@ -37,12 +37,12 @@ pub async fn init(global: &Global) -> anyhow::Result<()> {
     let key = SharedKey::generate();
     let key_file = adopt_key(&dir, &key).await?;
     if global.json {
-        println!(
+        out!(
             "{}",
             json!({"key": key.to_hex(), "dir": dir, "key_file": key_file, "group_id": store::group_id(&key)})
         );
     } else {
-        println!("{}", key.to_hex());
+        out!("{}", key.to_hex());
         eprintln!(
             "new group in {}; its shared key (above) is in {} (mode 600).\nGive it to the other gateways: multifeed join <key>. Keep it secret: it admits a peer to the group.",
             dir.display(),
@@ -74,12 +74,12 @@ pub async fn join(global: &Global, key_text: &str) -> anyhow::Result<()> {
     })?;
     let key_file = adopt_key(&dir, &key).await?;
     if global.json {
-        println!(
+        out!(
             "{}",
             json!({"dir": dir, "key_file": key_file, "group_id": store::group_id(&key)})
         );
     } else {
-        println!(
+        out!(
             "joined group {} in {} (key in {})",
             &store::group_id(&key)[..16],
             dir.display(),
@@ -117,7 +117,7 @@ pub async fn write(
     message: Option<String>,
     options: WriteOptions,
 ) -> anyhow::Result<()> {
-    match open_or_node(global).await? {
+    match open_or_node(global, Want::Write).await? {
         Access::Local(store) => {
             let target = Via::Store(&store.topics);
             let result = write_inner(&target, topic, message, &options, global.json).await;
@@ -217,11 +217,12 @@ async fn write_inner(
         if quiet {
             return;
         }
+        // A reader of the addresses that went away does not stop the publishing.
         for a in addresses {
             if json {
-                println!("{}", json!({"address": a.to_string()}));
+                say!("{}", json!({"address": a.to_string()}));
             } else {
-                println!("{a}");
+                say!("{a}");
             }
         }
     };
@@ -317,7 +318,13 @@ pub async fn read(
         })?,
         None => Cursor::default(),
     };
-    let store = match open_or_node(global).await? {
+    // Following with a peer replicates into the store.
+    let want = if follow && peer.is_some() {
+        Want::Write
+    } else {
+        Want::Read
+    };
+    let store = match open_or_node(global, want).await? {
         Access::Local(store) => store,
         Access::Node(api) => {
             if peer.is_some() {
@@ -400,15 +407,15 @@ async fn follow_through_node(
 
 fn print_message(json: bool, m: &ReceivedMessage, gateway: Option<&str>) {
     if json {
-        println!("{}", output::message_json(m, gateway));
+        out!("{}", output::message_json(m, gateway));
     } else {
-        println!("{}", output::message_line(m, gateway));
+        out!("{}", output::message_line(m, gateway));
     }
 }
 
 fn print_cursor(json: bool, cursor: &Cursor) {
     if json {
-        println!("{}", json!({"cursor": cursor.to_string()}));
+        out!("{}", json!({"cursor": cursor.to_string()}));
     } else {
         eprintln!("cursor: {cursor}");
     }
@@ -546,7 +553,7 @@ async fn follow_topic(
 }
 
 pub async fn topics(global: &Global) -> anyhow::Result<()> {
-    let topics = match open_or_node(global).await? {
+    let topics = match open_or_node(global, Want::Read).await? {
         Access::Local(store) => {
             let topics = store.topics.topics().await;
             let closed = store.close().await;
@@ -558,16 +565,16 @@ pub async fn topics(global: &Global) -> anyhow::Result<()> {
     };
     for topic in topics {
         if global.json {
-            println!("{}", json!({"topic": topic}));
+            out!("{}", json!({"topic": topic}));
         } else {
-            println!("{topic}");
+            out!("{topic}");
         }
     }
     Ok(())
 }
 
 pub async fn feeds(global: &Global) -> anyhow::Result<()> {
-    let rows = match open_or_node(global).await? {
+    let rows = match open_or_node(global, Want::Read).await? {
         Access::Local(store) => {
             let mut rows = Vec::new();
             for feed in store.group.feeds() {
@@ -579,20 +586,20 @@ pub async fn feeds(global: &Global) -> anyhow::Result<()> {
         Access::Node(api) => api.feeds().await?,
     };
     if !global.json {
-        println!("{}", output::feeds_heading());
+        out!("{}", output::feeds_heading());
     }
     for row in &rows {
         if global.json {
-            println!("{row}");
+            out!("{row}");
         } else {
-            println!("{}", output::feed_line(row));
+            out!("{}", output::feed_line(row));
         }
     }
     Ok(())
 }
 
 pub async fn verify(global: &Global) -> anyhow::Result<()> {
-    let (rows, feeds) = match open_or_node(global).await? {
+    let (rows, feeds) = match open_or_node(global, Want::Read).await? {
         Access::Local(store) => {
             let report = store.group.verify().await;
             let closed = store.close().await;
@@ -612,20 +619,32 @@ pub async fn verify(global: &Global) -> anyhow::Result<()> {
     };
     for row in &rows {
         if global.json {
-            println!("{row}");
+            out!("{row}");
         } else {
-            println!("{}", output::verify_line(row));
+            out!("{}", output::verify_line(row));
         }
     }
     let unlisted = rows
         .iter()
         .filter(|r| r["unlisted"].as_bool() == Some(true))
         .count();
+    let refused = rows
+        .iter()
+        .filter(|r| r["access_refused"].as_bool() == Some(true))
+        .count();
     let damaged = rows
         .iter()
         .filter(|r| r["ok"].as_bool() != Some(true))
         .count()
-        - unlisted;
+        - unlisted
+        - refused;
+    if refused > 0 && damaged == 0 {
+        bail!(
+            "{refused} of {} feeds in {} could not be opened because the system refused access to their files (REFUSED above); nothing is known to be damaged: check their owner and permissions and that none is immutable (lsattr shows an 'i'; chattr -i clears it), then run verify again",
+            rows.len() - unlisted,
+            store_dir_display(global)
+        );
+    }
     if unlisted > 0 && damaged == 0 {
         bail!(
             "{unlisted} feed directories in {} are not in the store's index (listed above; a lost or damaged index/, or an interrupted writer creation or download); their data is intact and was not changed: restore index/ from a backup, and keep those directories",
@@ -637,17 +656,19 @@ pub async fn verify(global: &Global) -> anyhow::Result<()> {
             "{damaged} of {} feeds are damaged (listed above) in {}; restore those feeds' directories from a backup; blocks before the damage are intact and nothing was changed{}",
             rows.len() - unlisted,
             store_dir_display(global),
-            if unlisted > 0 {
-                format!(
+            match (unlisted, refused) {
+                (0, 0) => String::new(),
+                (unlisted, 0) => format!(
                     "; {unlisted} feed directories are also not in the store's index (UNLISTED above)"
-                )
-            } else {
-                String::new()
+                ),
+                (_, refused) => format!(
+                    "; {refused} more could not be opened because the system refused access to their files (REFUSED above: check their permissions)"
+                ),
             }
         );
     }
     if !global.json {
-        println!("all {feeds} feeds verified");
+        out!("all {feeds} feeds verified");
     }
     Ok(())
 }
@@ -685,16 +706,16 @@ pub async fn repair(global: &Global) -> anyhow::Result<()> {
             None => "remote feed".to_owned(),
         };
         if global.json {
-            println!("{}", json!({"relisted": key.to_hex(), "name": name}));
+            out!("{}", json!({"relisted": key.to_hex(), "name": name}));
         } else {
-            println!("relisted {} ({what})", key.to_hex());
+            out!("relisted {} ({what})", key.to_hex());
         }
     }
     for (path, reason) in &report.left {
         if global.json {
-            println!("{}", json!({"left": path, "reason": reason}));
+            out!("{}", json!({"left": path, "reason": reason}));
         } else {
-            println!("left     {}: {reason}", path.display());
+            out!("left     {}: {reason}", path.display());
         }
     }
     if !report.left.is_empty() {
@@ -704,7 +725,7 @@ pub async fn repair(global: &Global) -> anyhow::Result<()> {
         );
     }
     if !global.json {
-        println!(
+        out!(
             "{} feeds taken back into the index; run `multifeed verify` to check them",
             report.relisted.len()
         );

@@ -167,8 +167,10 @@ pub fn verify_rows(report: &multifeed::VerifyReport) -> Vec<serde_json::Value> {
             .key
             .map(|k| k.to_hex())
             .unwrap_or_else(|| "?".into());
+        let access_refused = skipped.kind == multifeed::SkipKind::AccessRefused;
         rows.push(
             json!({"key": key, "name": skipped.name, "ok": false, "skipped": true,
+                         "access_refused": access_refused,
                          "path": skipped.path, "reason": skipped.reason}),
         );
     }
@@ -187,6 +189,12 @@ pub fn verify_line(row: &serde_json::Value) -> String {
     if row["unlisted"].as_bool() == Some(true) {
         return format!(
             "UNLISTED {key}: the store's index does not list the feed directory {}: its blocks are kept but neither read nor replicated",
+            row["path"].as_str().unwrap_or("?")
+        );
+    }
+    if row["access_refused"].as_bool() == Some(true) {
+        return format!(
+            "REFUSED  {key}  {name}: the system refused access to its files ({}): {reason}",
             row["path"].as_str().unwrap_or("?")
         );
     }

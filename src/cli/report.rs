@@ -18,6 +18,41 @@ macro_rules! say {
 }
 pub(crate) use say;
 
+/// Prints a line on stdout for a command whose output is its result (read,
+/// feeds, topics, verify, ...). When the reader went away (`multifeed read t |
+/// head -1`), the command stops there quietly with exit code 141, as a shell
+/// reports a process ended by SIGPIPE, where println! would panic.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::report::print_result_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use out;
+
+/// Exit code of a command whose output reader went away: 128 + SIGPIPE, what
+/// a shell shows for `seq 1000000 | head -1` under `set -o pipefail`.
+pub const BROKEN_PIPE_EXIT: i32 = 141;
+
+/// See [`out!`].
+pub fn print_result_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"));
+    match written {
+        Ok(()) => {}
+        // Nothing is pending: every change a command made is written before it prints.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            std::process::exit(BROKEN_PIPE_EXIT)
+        }
+        Err(e) => {
+            tell!("error: cannot write the output: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
 /// Prints a line on stderr, never panicking.
 macro_rules! tell {
     ($($arg:tt)*) => {{

@@ -7,7 +7,11 @@
 //! - `<dir>/group-id`: the group's public fingerprint (the hypercore discovery key
 //!   of the shared key, which every peer sees on the wire anyway), so a wrong key
 //!   is refused before anything is written.
-//! - `<dir>/LOCK`: an exclusive lock held while a command has the group open.
+//! - `<dir>/LOCK`: an exclusive lock held while a command has the group open for
+//!   writing. `read`, `feeds`, `topics` and `verify` on a store this process cannot
+//!   write (a read-only mount, permissions, immutable files) open it read-only
+//!   under a shared lock instead: readers coexist, and a writer is refused while
+//!   any runs (and they while a writer runs), so nobody reads a store half-written.
 
 use std::{
     fs::{File, OpenOptions},
@@ -18,11 +22,12 @@ use std::{
 
 use anyhow::{Context, bail};
 use fs4::fs_std::FileExt;
-use multifeed::{Multifeed, Options, SharedKey, StorageConfig, Topics};
+use multifeed::{Multifeed, Options, SharedKey, SkipKind, StorageConfig, Topics};
 
 use super::{
     output,
     remote::{self, NodeApi},
+    report::tell,
 };
 use crate::Global;
 use crate::node::AdmissionCaps;
@@ -30,6 +35,102 @@ use crate::node::AdmissionCaps;
 /// Opens the group of the global options.
 pub async fn open(global: &Global) -> anyhow::Result<Store> {
     open_as(global, None, &AdmissionCaps::default()).await
+}
+
+/// What a command does with the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// It may change the store: opened for writing or not at all.
+    Write,
+    /// It only reads: a store this process cannot write is opened read-only.
+    Read,
+}
+
+/// Opens the group of the global options for a command that only reads: for
+/// writing if it can be written (as every command did before), else read-only
+/// under a shared lock, with one line on stderr saying so and why.
+pub async fn open_for_reading(global: &Global) -> anyhow::Result<Store> {
+    let dir = resolve_dir(global.dir.as_deref())?;
+    let why = match open(global).await {
+        Ok(store) => match store.access_refused_member() {
+            // A member whose files refused writing: read-only, everything reads.
+            Some(why) => {
+                store.close().await?;
+                why
+            }
+            None => return Ok(store),
+        },
+        Err(error) => match access_refused(&error) {
+            Some(why) => why,
+            None => return Err(error),
+        },
+    };
+    let (key, source) = resolve_key(global.key.as_deref(), &dir)?;
+    let store = Store::open_read_only(&dir, key, source).await?;
+    tell!(
+        "note: the store at {} cannot be written here ({why}), so it is opened read-only and writes are disabled",
+        dir.display()
+    );
+    Ok(store)
+}
+
+/// How the OS refused access, if `error` comes from such a refusal (permissions,
+/// an immutable file, a read-only mount) rather than from damage or a bad key.
+pub fn access_refused(error: &anyhow::Error) -> Option<&'static str> {
+    error.chain().find_map(|cause| {
+        let kind = if let Some(e) = cause.downcast_ref::<std::io::Error>() {
+            e.kind()
+        } else if let Some(multifeed::Error::Io { source, .. }) =
+            cause.downcast_ref::<multifeed::Error>()
+        {
+            source.kind()
+        } else {
+            return None;
+        };
+        refusal_words(kind)
+    })
+}
+
+fn refusal_words(kind: std::io::ErrorKind) -> Option<&'static str> {
+    match kind {
+        std::io::ErrorKind::ReadOnlyFilesystem => Some("read-only file system"),
+        std::io::ErrorKind::PermissionDenied => {
+            Some("permission denied: file permissions or an immutable file")
+        }
+        _ => None,
+    }
+}
+
+/// The store cannot be written: opening it for a command that changes it failed
+/// because the OS refused (not because anything is damaged).
+#[derive(Debug)]
+pub struct NotWritable {
+    pub dir: PathBuf,
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+impl std::fmt::Display for NotWritable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what_to_do = if self.source.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+            "remount it read-write or copy it to a writable place"
+        } else {
+            "check the owner and permissions of its files and that none is immutable (lsattr shows an 'i'; chattr -i clears it)"
+        };
+        write!(
+            f,
+            "the store at {} cannot be written ({} on {}); this command changes the store, so {what_to_do}. Nothing is damaged: read, feeds, topics and verify work on it as it is",
+            self.dir.display(),
+            refusal_words(self.source.kind()).unwrap_or("refused"),
+            self.path.display(),
+        )
+    }
+}
+
+impl std::error::Error for NotWritable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
 }
 
 /// [`open`], renaming the gateway to `name` when given, with the group's cap
@@ -284,7 +385,7 @@ impl std::fmt::Display for InUse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the group at {} is in use by another multifeed process (sync --live or read --follow); stop it first, or talk to it over the network with `sync`",
+            "the group at {} is in use by another multifeed process (sync --live, read --follow, or a reader of a store it cannot write); stop it first, or talk to it over the network with `sync`",
             self.dir.display()
         )
     }
@@ -298,11 +399,16 @@ pub enum Access {
     Node(NodeApi),
 }
 
-/// Opens the group of the global options, or, while a node holds it, reaches
+/// Opens the group of the global options (read-only for a command that only
+/// reads, when the store cannot be written), or, while a node holds it, reaches
 /// the node's API instead (after checking the key against the store's group id,
 /// as opening would).
-pub async fn open_or_node(global: &Global) -> anyhow::Result<Access> {
-    let error = match open(global).await {
+pub async fn open_or_node(global: &Global, want: Want) -> anyhow::Result<Access> {
+    let opened = match want {
+        Want::Write => open(global).await,
+        Want::Read => open_for_reading(global).await,
+    };
+    let error = match opened {
         Ok(store) => return Ok(Access::Local(store)),
         Err(error) => error,
     };
@@ -332,7 +438,8 @@ pub struct Store {
     pub name: String,
     pub group: Multifeed,
     pub topics: Topics,
-    _lock: File,
+    /// `None` when opened read-only and no `LOCK` file could be had.
+    _lock: Option<File>,
 }
 
 impl Store {
@@ -364,7 +471,16 @@ impl Store {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+            .map_err(|e| match refusal_words(e.kind()) {
+                Some(_) => anyhow::Error::new(NotWritable {
+                    dir: dir.to_path_buf(),
+                    path: lock_path.clone(),
+                    source: e,
+                }),
+                None => {
+                    anyhow::Error::new(e).context(format!("cannot open {}", lock_path.display()))
+                }
+            })?;
         if !lock
             .try_lock_exclusive()
             .with_context(|| format!("cannot lock {}", lock_path.display()))?
@@ -395,26 +511,52 @@ impl Store {
         let group = Multifeed::open(StorageConfig::dir(dir), key, options)
             .await
             .with_context(|| format!("cannot open the group at {}", dir.display()))?;
-        for skipped in group.skipped() {
-            tracing::warn!(
-                "damaged member feed {} skipped ({}): {}; run `multifeed verify`, then restore it from a backup or delete its directory to re-sync it from peers",
-                skipped
-                    .key
-                    .map(|k| k.to_hex())
-                    .unwrap_or_else(|| "?".into()),
-                skipped.path.display(),
-                skipped.reason
-            );
-        }
-        let unlisted = group.unlisted_feed_dirs();
-        if !unlisted.is_empty() {
-            // Not an empty store: feeds it holds are missing from what it shows.
-            tracing::warn!(
-                "{} feed directories under {} are not in the store's index, so their messages are neither read nor replicated (a lost or damaged index/, or an interrupted writer creation or download); run `multifeed verify` for the list",
-                unlisted.len(),
-                dir.join("feeds").display()
-            );
-        }
+        warn_about_members(dir, &group);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            name,
+            topics: Topics::new(group.clone()),
+            group,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Opens the group in `dir` read-only: nothing in the directory is created
+    /// or changed. Holds a shared lock on `LOCK` when it exists, so readers
+    /// coexist while a writer (which locks it exclusively) is kept out.
+    pub async fn open_read_only(
+        dir: &Path,
+        key: SharedKey,
+        source: KeySource,
+    ) -> anyhow::Result<Self> {
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = match File::open(&lock_path) {
+            Ok(lock) => {
+                if !FileExt::try_lock_shared(&lock)
+                    .with_context(|| format!("cannot lock {}", lock_path.display()))?
+                {
+                    return Err(InUse {
+                        dir: dir.to_path_buf(),
+                    }
+                    .into());
+                }
+                Some(lock)
+            }
+            // Never opened for writing here, so no writer can be running on it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open {}", lock_path.display()));
+            }
+        };
+        check_group_id(dir, &key, source)?;
+        let name = gateway_name(dir);
+        // In memory only: what our own writers' messages are labelled with.
+        let metadata = [(output::GATEWAY.to_owned(), name.clone())].into();
+        let options = Options::default().writer_metadata(metadata).read_only(true);
+        let group = Multifeed::open(StorageConfig::dir(dir), key, options)
+            .await
+            .with_context(|| format!("cannot open the group at {} read-only", dir.display()))?;
+        warn_about_members(dir, &group);
         Ok(Self {
             dir: dir.to_path_buf(),
             name,
@@ -424,12 +566,60 @@ impl Store {
         })
     }
 
+    /// Why a member feed could not be opened, if the OS refused access to its files.
+    fn access_refused_member(&self) -> Option<&'static str> {
+        self.group
+            .skipped()
+            .iter()
+            .filter(|skipped| skipped.kind == SkipKind::AccessRefused)
+            .find_map(|skipped| {
+                if skipped.reason.contains("Read-only file system") {
+                    Some("read-only file system")
+                } else {
+                    refusal_words(std::io::ErrorKind::PermissionDenied)
+                }
+            })
+    }
+
     /// Flushes and closes the group (the lock is released on drop).
     pub async fn close(self) -> anyhow::Result<()> {
         self.group
             .close()
             .await
             .with_context(|| format!("closing the group at {}", self.dir.display()))
+    }
+}
+
+/// Warns about members that could not be loaded and feed directories the index
+/// does not list.
+fn warn_about_members(dir: &Path, group: &Multifeed) {
+    for skipped in group.skipped() {
+        let key = skipped
+            .key
+            .map(|k| k.to_hex())
+            .unwrap_or_else(|| "?".into());
+        if skipped.kind == SkipKind::AccessRefused {
+            tracing::warn!(
+                "member feed {key} skipped: the system refused access to its files in {} ({}); nothing is known to be damaged: check their owner and permissions and that none is immutable (lsattr shows an 'i'; chattr -i clears it)",
+                skipped.path.display(),
+                skipped.reason
+            );
+            continue;
+        }
+        tracing::warn!(
+            "damaged member feed {key} skipped ({}): {}; run `multifeed verify`, then restore it from a backup or delete its directory to re-sync it from peers",
+            skipped.path.display(),
+            skipped.reason
+        );
+    }
+    let unlisted = group.unlisted_feed_dirs();
+    if !unlisted.is_empty() {
+        // Not an empty store: feeds it holds are missing from what it shows.
+        tracing::warn!(
+            "{} feed directories under {} are not in the store's index, so their messages are neither read nor replicated (a lost or damaged index/, or an interrupted writer creation or download); run `multifeed verify` for the list",
+            unlisted.len(),
+            dir.join("feeds").display()
+        );
     }
 }
 

@@ -150,7 +150,7 @@ impl Backoff {
 
 /// Whether retrying cannot heal `error`: the peer refuses us for what we are
 /// (another group, an incompatible version or client), or this side cannot go on
-/// (the group is closed, its storage is damaged). Everything else (lost
+/// (the group is closed or read-only, its storage is damaged). Everything else (lost
 /// connections, timeouts, stalls, a peer's protocol fault, a local I/O error
 /// such as a full disk or too many open files) may heal, and is retried.
 pub fn is_fatal(error: &Error) -> bool {
@@ -171,6 +171,8 @@ fn fatal_copy(error: &Error) -> Option<Error> {
             theirs: theirs.clone(),
         }),
         Error::Closed => Some(Error::Closed),
+        // A read-only group stays read-only however often it is retried.
+        Error::ReadOnly { what } => Some(Error::ReadOnly { what: what.clone() }),
         Error::Damaged { path, reason } => Some(Error::Damaged {
             path: path.clone(),
             reason: reason.clone(),

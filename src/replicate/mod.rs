@@ -369,7 +369,12 @@ impl Multifeed {
     {
         let (events_tx, events) = mpsc::channel(1024);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(session::run(self.clone(), io, options, events_tx, stop_rx));
+        let task = if self.is_read_only() {
+            // Replication writes what it receives (and admits new feeds).
+            tokio::spawn(async { Err(Error::read_only("replicating")) })
+        } else {
+            tokio::spawn(session::run(self.clone(), io, options, events_tx, stop_rx))
+        };
         Replication { events, stop, task }
     }
 }
@@ -387,6 +392,9 @@ impl crate::Feed {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        if self.inner.shared.is_read_only() {
+            return Err(Error::read_only(format!("replicating feed {}", self.key())));
+        }
         session::run_single(self.clone(), io, options).await
     }
 }

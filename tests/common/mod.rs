@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod readonly;
 pub mod rogue;
 
 use std::{path::Path, time::Duration};
