@@ -144,7 +144,11 @@ fn qos_0_and_1_publishes_land_in_the_topic_read_through_the_node_and_on_a_replic
         }),
         "gateway 2 did not receive every acknowledged message"
     );
-    assert_eq!(read_json(&b.http, "sensors/raw").len(), 1);
+    // Its own feed, which may replicate after the readings' one.
+    assert!(
+        poll_until(WAIT, || read_json(&b.http, "sensors/raw").len() == 1),
+        "gateway 2 did not receive the binary message"
+    );
 
     assert_eq!(metric(&a.http, "multifeed_mqtt_acked_total"), 301);
     assert_eq!(
