@@ -208,12 +208,15 @@ pub async fn run(dir: Option<PathBuf>, stay: bool) -> anyhow::Result<()> {
     refuse_another_version(&dir, &key, &gateways[0]).await?;
 
     if stay {
+        // Installed before the line that invites it: a Ctrl-C right after that
+        // line stops the nodes cleanly instead of killing the process.
+        let stop = shutdown_signal();
         println!("\nThe nodes stay up; open a web page:");
         for g in &gateways {
             println!("  {:<10}  {}", g.name, g.page);
         }
         println!("Ctrl-C stops them.");
-        shutdown_signal().await;
+        stop.await;
     }
     for g in gateways {
         g.node.shutdown().await?;
