@@ -121,10 +121,14 @@ pub struct SyncConfig {
     pub max_waiting_feeds: Option<NonZeroUsize>,
 }
 
+/// Largest config file read (1 MiB); a real one is a few hundred bytes.
+const MAX_CONFIG_FILE: u64 = 1 << 20;
+
 impl ConfigFile {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| {
+        let text = super::store::read_bounded(path, MAX_CONFIG_FILE, "a multifeed config file")
+            .with_context(|| {
             format!(
                 "cannot read the config file {}; check the path given to --config or {CONFIG_ENV}",
                 path.display()
@@ -181,6 +185,19 @@ pub fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An endless config file (a link to /dev/zero reports 0 bytes) is refused
+    /// after its bound, not read until memory runs out.
+    #[test]
+    fn an_endless_config_file_is_refused_after_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("multifeed.toml");
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        let (result, peak) = crate::alloc_probe::peak_bytes(|| ConfigFile::load(&path));
+        let error = format!("{:#}", result.unwrap_err());
+        assert!(error.contains("not a multifeed config file"), "{error}");
+        assert!(peak <= 4 * MAX_CONFIG_FILE as usize, "{peak} bytes");
+    }
 
     #[test]
     fn the_readme_example_parses() {

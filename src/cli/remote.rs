@@ -73,11 +73,14 @@ pub struct NodeApi {
     client: reqwest::Client,
 }
 
+/// Largest node API file read; the node writes one short JSON line.
+const MAX_API_FILE: u64 = 4096;
+
 impl NodeApi {
     /// The API of the node holding the store at `dir`, if its file names one.
     pub fn find(dir: &Path, token: Option<String>) -> anyhow::Result<Option<Self>> {
         let path = dir.join(NODE_API_FILE);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match super::store::read_bounded(&path, MAX_API_FILE, "a node's API file") {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
@@ -400,6 +403,17 @@ impl JsonOrDefault for reqwest::Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An endless API file is refused after its bound, with what to do.
+    #[test]
+    fn an_endless_api_file_is_refused_after_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join(NODE_API_FILE)).unwrap();
+        let (result, peak) = crate::alloc_probe::peak_bytes(|| NodeApi::find(dir.path(), None));
+        let error = format!("{:#}", result.err().expect("refused"));
+        assert!(error.contains("not a node's API file"), "{error}");
+        assert!(peak <= 4 * MAX_API_FILE as usize, "{peak} bytes");
+    }
 
     #[test]
     fn topics_are_escaped_in_paths() {

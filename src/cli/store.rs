@@ -288,16 +288,21 @@ const MAX_SMALL_FILE: u64 = 4096;
 /// reading: a file that is much larger (or endless, like a link to /dev/zero) is
 /// not one multifeed wrote, and is refused instead of read whole.
 fn read_small_file(path: &Path) -> std::io::Result<String> {
+    read_bounded(path, MAX_SMALL_FILE, "the one-line file multifeed wrote")
+}
+
+/// The text of `path` if it holds at most `max` bytes, read with that bound
+/// enforced while reading (a link to /dev/zero reports a size of 0); `what` says
+/// what the file should be, for the error.
+pub(crate) fn read_bounded(path: &Path, max: u64, what: &str) -> std::io::Result<String> {
     use std::io::Read;
     let mut text = String::new();
-    File::open(path)?
-        .take(MAX_SMALL_FILE + 1)
-        .read_to_string(&mut text)?;
-    if text.len() as u64 > MAX_SMALL_FILE {
+    File::open(path)?.take(max + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
-                "it holds more than {MAX_SMALL_FILE} bytes, so it is not the one-line file multifeed wrote; check the path, or restore or remove the file"
+                "it holds more than {max} bytes, so it is not {what}; check the path, or restore or remove the file"
             ),
         ));
     }
