@@ -516,14 +516,20 @@ impl Store {
         let group = Multifeed::open(StorageConfig::dir(dir), key, options)
             .await
             .with_context(|| format!("cannot open the group at {}", dir.display()))?;
+        Ok(Self::opened(dir, name, group, Some(lock)))
+    }
+
+    /// The store over an opened `group`, after warning about members it could
+    /// not load.
+    fn opened(dir: &Path, name: String, group: Multifeed, lock: Option<File>) -> Self {
         warn_about_members(dir, &group);
-        Ok(Self {
+        Self {
             dir: dir.to_path_buf(),
             name,
             topics: Topics::new(group.clone()),
             group,
-            _lock: Some(lock),
-        })
+            _lock: lock,
+        }
     }
 
     /// Opens the group in `dir` read-only: nothing in the directory is created
@@ -561,14 +567,7 @@ impl Store {
         let group = Multifeed::open(StorageConfig::dir(dir), key, options)
             .await
             .with_context(|| format!("cannot open the group at {} read-only", dir.display()))?;
-        warn_about_members(dir, &group);
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            name,
-            topics: Topics::new(group.clone()),
-            group,
-            _lock: lock,
-        })
+        Ok(Self::opened(dir, name, group, lock))
     }
 
     /// Why a member feed could not be opened, if the OS refused access to its files.
