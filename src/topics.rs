@@ -388,8 +388,8 @@ impl Topics {
     /// A block damaged on disk is passed over with a warning: the cursor moves
     /// past it but keeps it ([`Cursor::passed_over`]), and a later read from that
     /// cursor returns its messages (first, before the merged ones) once the block
-    /// is intact again, so nothing is lost to the damage. [`Topics::read_report`] returns such blocks instead of
-    /// logging them.
+    /// is intact again, so nothing is lost to the damage.
+    /// [`Topics::read_report`] returns such blocks instead of logging them.
     pub async fn read(
         &self,
         topic: &str,
@@ -621,7 +621,8 @@ async fn reread_passed_over(
         let mut index = at.index;
         for message in messages.into_iter().skip(at.index as usize) {
             if read.len() >= limit {
-                cursor.reread(at.key, at.seq, Some(index));
+                // Still kept, from its next unread message.
+                cursor.pass_over(MessageAddress { index, ..at });
                 return Ok(read);
             }
             read.push(ReceivedMessage {
@@ -630,7 +631,7 @@ async fn reread_passed_over(
             });
             index = index.saturating_add(1);
         }
-        cursor.reread(at.key, at.seq, None);
+        cursor.forget_passed_over(at.key, at.seq);
     }
     Ok(read)
 }

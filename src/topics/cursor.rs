@@ -155,17 +155,9 @@ impl Cursor {
         true
     }
 
-    /// Marks a passed-over block as read up to message `next` (the block is read
-    /// whole when `next` is `None`).
-    pub(crate) fn reread(&mut self, key: FeedKey, seq: u64, next: Option<u32>) {
-        match next {
-            Some(index) => {
-                self.passed_over.insert((key, seq), index);
-            }
-            None => {
-                self.passed_over.remove(&(key, seq));
-            }
-        }
+    /// Forgets a passed-over block once it was read whole.
+    pub(crate) fn forget_passed_over(&mut self, key: FeedKey, seq: u64) {
+        self.passed_over.remove(&(key, seq));
     }
 
     /// Moves the cursor past the message at `address` (and so past every earlier
@@ -466,7 +458,7 @@ mod tests {
         cursor.advance(&at(4, 3));
         assert!(!cursor.has_consumed(&at(4, 6)));
         assert_eq!(cursor.next_address(&key(1)), at(10, 0));
-        cursor.reread(key(1), 4, None);
+        cursor.forget_passed_over(key(1), 4);
         assert_eq!(cursor.passed_over().count(), 0);
 
         for seq in 0..MAX_PASSED_OVER as u64 {
