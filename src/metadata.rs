@@ -46,13 +46,7 @@ pub(crate) fn bounded(metadata: &FeedMetadata) -> FeedMetadata {
 /// The metadata recorded for a remote feed in `dir`, if any. A file that cannot
 /// be read is treated as none: metadata is only a label.
 pub(crate) fn read_info(dir: &Path, key: &FeedKey) -> Option<FeedMetadata> {
-    let path = dir.join(INFO_FILE);
-    let len = std::fs::metadata(&path).ok()?.len();
-    if len > MAX_INFO_LEN {
-        tracing::warn!(path = %path.display(), "ignoring an oversized feed info file");
-        return None;
-    }
-    let bytes = read_at_most(&path, MAX_INFO_LEN)?;
+    let bytes = read_at_most(&dir.join(INFO_FILE), MAX_INFO_LEN)?;
     decode_info(&bytes, key)
 }
 
@@ -108,11 +102,6 @@ const WRITER_NAME_FILE: &str = "writer-name";
 /// the index's own limit on names.
 pub(crate) fn read_writer_name(dir: &Path) -> Option<String> {
     let path = dir.join(WRITER_NAME_FILE);
-    let len = std::fs::metadata(&path).ok()?.len();
-    if len > crate::index::MAX_NAME_LEN as u64 {
-        tracing::warn!(path = %path.display(), "ignoring an oversized writer name file");
-        return None;
-    }
     let name = String::from_utf8(read_at_most(&path, crate::index::MAX_NAME_LEN as u64)?).ok()?;
     (!name.is_empty()).then_some(name)
 }
@@ -265,12 +254,7 @@ mod tests {
     #[test]
     fn hostile_maximum_size_info_files_are_bounded() {
         let key = FeedKey::from_bytes([3; 32]);
-        let field = |tag: u8, body: &[u8]| {
-            let mut out = vec![tag];
-            prost::encoding::encode_varint(body.len() as u64, &mut out);
-            out.extend_from_slice(body);
-            out
-        };
+        let field = crate::fuzz_support::length_delimited;
         let fill = |entry: &dyn Fn(usize) -> Vec<u8>| {
             let mut bytes = field(0x0a, key.as_bytes());
             for i in 0.. {

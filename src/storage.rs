@@ -218,21 +218,25 @@ impl FileSlot {
     /// [`FileSlot::with`] for a change to the file: fails without touching it
     /// when the file can only be read.
     fn with_write<T>(self: &Arc<Self>, f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
-        if let Some(refusal) = self.write_refused.get() {
-            return Err(io::Error::new(
-                refusal.kind,
-                format!("cannot write {}: {}", self.path.display(), refusal.why),
-            ));
+        if let Some(refused) = self.write_refusal() {
+            return Err(refused);
         }
         self.with(|file| {
             // The OS may have refused writing only when this call opened it.
-            match self.write_refused.get() {
-                Some(refusal) => Err(io::Error::new(
-                    refusal.kind,
-                    format!("cannot write {}: {}", self.path.display(), refusal.why),
-                )),
+            match self.write_refusal() {
+                Some(refused) => Err(refused),
                 None => f(file),
             }
+        })
+    }
+
+    /// The error a write gets when the file can only be read.
+    fn write_refusal(&self) -> Option<io::Error> {
+        self.write_refused.get().map(|refusal| {
+            io::Error::new(
+                refusal.kind,
+                format!("cannot write {}: {}", self.path.display(), refusal.why),
+            )
         })
     }
 
