@@ -431,12 +431,7 @@ mod tests {
     fn hostile_maximum_size_manifests_under_the_default_limits() {
         let limits = ExchangeLimits::default();
         let max = limits.max_message_len;
-        let field = |tag: u8, body: &[u8]| {
-            let mut out = vec![tag];
-            prost::encoding::encode_varint(body.len() as u64, &mut out);
-            out.extend_from_slice(body);
-            out
-        };
+        let field = crate::fuzz_support::length_delimited;
         let manifest_of = |feeds: &[Vec<u8>]| {
             let mut body = Vec::new();
             for feed in feeds {

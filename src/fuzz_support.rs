@@ -195,3 +195,11 @@ pub(crate) fn within_hostile_bound(input_len: usize, peak: usize) -> bool {
 pub(crate) fn within_bound(input_len: usize, peak: usize, fixed: usize) -> bool {
     peak <= 8 * input_len + fixed
 }
+
+/// A length-delimited protobuf field: the key byte `tag`, the length, `body`.
+pub(crate) fn length_delimited(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    prost::encoding::encode_varint(body.len() as u64, &mut out);
+    out.extend_from_slice(body);
+    out
+}

@@ -285,12 +285,7 @@ mod tests {
     /// longest values: refused or decoded within the bound.
     #[test]
     fn hostile_maximum_size_records_are_bounded() {
-        let field = |tag: u8, body: &[u8]| {
-            let mut out = vec![tag];
-            prost::encoding::encode_varint(body.len() as u64, &mut out);
-            out.extend_from_slice(body);
-            out
-        };
+        let field = crate::fuzz_support::length_delimited;
         let key = field(0x0a, &[1; 32]);
         let fill = |unit: Vec<u8>| {
             let mut bytes = key.clone();
