@@ -188,7 +188,11 @@ fn output_into_a_closed_pipe_ends_quietly() {
     let root = tempfile::tempdir().unwrap();
     let a = Gw::new(root.path(), "a");
     a.ok(&["init"]);
-    let lines: String = (0..3000).map(|n| format!("reading number {n}\n")).collect();
+    // Far more output than a pipe buffers (64 KiB), so `read` is still printing
+    // when its reader goes.
+    let lines: String = (0..20_000)
+        .map(|n| format!("reading number {n}\n"))
+        .collect();
     a.write_stdin("temperature", &lines);
 
     // `read | head -1`: the reader takes one line and goes.
