@@ -656,15 +656,17 @@ pub async fn verify(global: &Global) -> anyhow::Result<()> {
             "{damaged} of {} feeds are damaged (listed above) in {}; restore those feeds' directories from a backup; blocks before the damage are intact and nothing was changed{}",
             rows.len() - unlisted,
             store_dir_display(global),
-            match (unlisted, refused) {
-                (0, 0) => String::new(),
-                (unlisted, 0) => format!(
+            [
+                (unlisted > 0).then(|| format!(
                     "; {unlisted} feed directories are also not in the store's index (UNLISTED above)"
-                ),
-                (_, refused) => format!(
+                )),
+                (refused > 0).then(|| format!(
                     "; {refused} more could not be opened because the system refused access to their files (REFUSED above: check their permissions)"
-                ),
-            }
+                )),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<String>()
         );
     }
     if !global.json {
